@@ -1,0 +1,45 @@
+# Set-up and everyday commands. Every target installs what it needs into .venv.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU wheel of this version is what these machines carry; override for CUDA builds.
+TORCH  ?= torch==2.13.0
+
+.PHONY: install run test lint format bench proto clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+# Start a local cluster (etcd, controller, 2 PS, 2 agents), train the reference
+# job, print its final loss and checkpoint, and stop everything.
+run: install
+	$(BIN)/elasticd up --ps 2 --agents 2 --submit examples/charlm.yaml --stop-when-done
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: install lint
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+bench: install
+	$(BIN)/python -m bench membership --json
+	$(BIN)/python -m bench ps --json
+	$(BIN)/python -m bench allreduce --json
+
+# Regenerate the committed gRPC modules from proto/.
+proto: install
+	$(BIN)/python -m elasticd.rpc.generate
+
+clean:
+	rm -rf $(VENV) .elasticd build *.egg-info
