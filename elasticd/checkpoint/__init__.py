@@ -1,0 +1,40 @@
+"""Sharded checkpoints in object storage (fsspec): safe shard bytes, manifests, the store.
+
+A checkpoint exists only when its manifest exists; see ``store`` for how the
+manifest is committed last and atomically, and ``serialize`` for the pickle-free
+shard format.
+"""
+
+from elasticd.checkpoint.manifest import (
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    CheckpointError,
+    CheckpointExists,
+    CheckpointManifest,
+    CorruptShard,
+    ManifestError,
+    ShardRecord,
+    StaleGeneration,
+    choose_checkpoint,
+)
+from elasticd.checkpoint.serialize import ShardFormatError, decode_shard, encode_shard
+from elasticd.checkpoint.store import CheckpointStore, StorageBackend, register_backend
+
+__all__ = [
+    "MANIFEST_FORMAT",
+    "MANIFEST_NAME",
+    "CheckpointError",
+    "CheckpointExists",
+    "CheckpointManifest",
+    "CheckpointStore",
+    "CorruptShard",
+    "ManifestError",
+    "ShardFormatError",
+    "ShardRecord",
+    "StaleGeneration",
+    "StorageBackend",
+    "choose_checkpoint",
+    "decode_shard",
+    "encode_shard",
+    "register_backend",
+]

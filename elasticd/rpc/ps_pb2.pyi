@@ -1,8 +1,10 @@
-from google.protobuf.internal import containers as _containers
+from collections.abc import Iterable as _Iterable
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar
+
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from google.protobuf.internal import containers as _containers
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -12,7 +14,7 @@ class Fence(_message.Message):
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     generation: int
-    def __init__(self, job_id: _Optional[str] = ..., generation: _Optional[int] = ...) -> None: ...
+    def __init__(self, job_id: str | None = ..., generation: int | None = ...) -> None: ...
 
 class TensorMeta(_message.Message):
     __slots__ = ("key", "dtype", "shape")
@@ -22,7 +24,12 @@ class TensorMeta(_message.Message):
     key: str
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, key: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(
+        self,
+        key: str | None = ...,
+        dtype: str | None = ...,
+        shape: _Iterable[int] | None = ...,
+    ) -> None: ...
 
 class OptimizerConfig(_message.Message):
     __slots__ = ("name", "kwargs_json")
@@ -30,7 +37,7 @@ class OptimizerConfig(_message.Message):
     KWARGS_JSON_FIELD_NUMBER: _ClassVar[int]
     name: str
     kwargs_json: str
-    def __init__(self, name: _Optional[str] = ..., kwargs_json: _Optional[str] = ...) -> None: ...
+    def __init__(self, name: str | None = ..., kwargs_json: str | None = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("index", "offset", "data")
@@ -40,21 +47,36 @@ class Chunk(_message.Message):
     index: int
     offset: int
     data: bytes
-    def __init__(self, index: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    def __init__(
+        self,
+        index: int | None = ...,
+        offset: int | None = ...,
+        data: bytes | None = ...,
+    ) -> None: ...
 
 class InitShardHeader(_message.Message):
-    __slots__ = ("fence", "tensors", "optimizer", "max_staleness", "workers")
+    __slots__ = ("fence", "tensors", "optimizer", "max_staleness", "workers", "max_version")
     FENCE_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     MAX_STALENESS_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_VERSION_FIELD_NUMBER: _ClassVar[int]
     fence: Fence
     tensors: _containers.RepeatedCompositeFieldContainer[TensorMeta]
     optimizer: OptimizerConfig
     max_staleness: int
     workers: int
-    def __init__(self, fence: _Optional[_Union[Fence, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., max_staleness: _Optional[int] = ..., workers: _Optional[int] = ...) -> None: ...
+    max_version: int
+    def __init__(
+        self,
+        fence: Fence | _Mapping | None = ...,
+        tensors: _Iterable[TensorMeta | _Mapping] | None = ...,
+        optimizer: OptimizerConfig | _Mapping | None = ...,
+        max_staleness: int | None = ...,
+        workers: int | None = ...,
+        max_version: int | None = ...,
+    ) -> None: ...
 
 class InitShardRequest(_message.Message):
     __slots__ = ("header", "chunk")
@@ -62,7 +84,11 @@ class InitShardRequest(_message.Message):
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     header: InitShardHeader
     chunk: Chunk
-    def __init__(self, header: _Optional[_Union[InitShardHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+    def __init__(
+        self,
+        header: InitShardHeader | _Mapping | None = ...,
+        chunk: Chunk | _Mapping | None = ...,
+    ) -> None: ...
 
 class InitShardReply(_message.Message):
     __slots__ = ("created", "version")
@@ -70,7 +96,7 @@ class InitShardReply(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     created: bool
     version: int
-    def __init__(self, created: _Optional[bool] = ..., version: _Optional[int] = ...) -> None: ...
+    def __init__(self, created: bool | None = ..., version: int | None = ...) -> None: ...
 
 class PullRequest(_message.Message):
     __slots__ = ("fence", "worker_id")
@@ -78,7 +104,9 @@ class PullRequest(_message.Message):
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     fence: Fence
     worker_id: str
-    def __init__(self, fence: _Optional[_Union[Fence, _Mapping]] = ..., worker_id: _Optional[str] = ...) -> None: ...
+    def __init__(
+        self, fence: Fence | _Mapping | None = ..., worker_id: str | None = ...
+    ) -> None: ...
 
 class PullHeader(_message.Message):
     __slots__ = ("version", "tensors")
@@ -86,7 +114,11 @@ class PullHeader(_message.Message):
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     version: int
     tensors: _containers.RepeatedCompositeFieldContainer[TensorMeta]
-    def __init__(self, version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ...) -> None: ...
+    def __init__(
+        self,
+        version: int | None = ...,
+        tensors: _Iterable[TensorMeta | _Mapping] | None = ...,
+    ) -> None: ...
 
 class PullReply(_message.Message):
     __slots__ = ("header", "chunk")
@@ -94,7 +126,11 @@ class PullReply(_message.Message):
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     header: PullHeader
     chunk: Chunk
-    def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+    def __init__(
+        self,
+        header: PullHeader | _Mapping | None = ...,
+        chunk: Chunk | _Mapping | None = ...,
+    ) -> None: ...
 
 class PushHeader(_message.Message):
     __slots__ = ("fence", "worker_id", "base_version", "compression")
@@ -106,7 +142,13 @@ class PushHeader(_message.Message):
     worker_id: str
     base_version: int
     compression: str
-    def __init__(self, fence: _Optional[_Union[Fence, _Mapping]] = ..., worker_id: _Optional[str] = ..., base_version: _Optional[int] = ..., compression: _Optional[str] = ...) -> None: ...
+    def __init__(
+        self,
+        fence: Fence | _Mapping | None = ...,
+        worker_id: str | None = ...,
+        base_version: int | None = ...,
+        compression: str | None = ...,
+    ) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("header", "chunk")
@@ -114,7 +156,11 @@ class PushRequest(_message.Message):
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     header: PushHeader
     chunk: Chunk
-    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+    def __init__(
+        self,
+        header: PushHeader | _Mapping | None = ...,
+        chunk: Chunk | _Mapping | None = ...,
+    ) -> None: ...
 
 class PushReply(_message.Message):
     __slots__ = ("version", "applied", "staleness")
@@ -124,17 +170,30 @@ class PushReply(_message.Message):
     version: int
     applied: bool
     staleness: int
-    def __init__(self, version: _Optional[int] = ..., applied: _Optional[bool] = ..., staleness: _Optional[int] = ...) -> None: ...
+    def __init__(
+        self,
+        version: int | None = ...,
+        applied: bool | None = ...,
+        staleness: int | None = ...,
+    ) -> None: ...
 
 class SnapshotRequest(_message.Message):
-    __slots__ = ("fence", "url", "name")
+    __slots__ = ("fence", "url", "name", "step")
     FENCE_FIELD_NUMBER: _ClassVar[int]
     URL_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
     fence: Fence
     url: str
     name: str
-    def __init__(self, fence: _Optional[_Union[Fence, _Mapping]] = ..., url: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+    step: int
+    def __init__(
+        self,
+        fence: Fence | _Mapping | None = ...,
+        url: str | None = ...,
+        name: str | None = ...,
+        step: int | None = ...,
+    ) -> None: ...
 
 class SnapshotReply(_message.Message):
     __slots__ = ("path", "sha256", "size", "version")
@@ -146,13 +205,19 @@ class SnapshotReply(_message.Message):
     sha256: str
     size: int
     version: int
-    def __init__(self, path: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
+    def __init__(
+        self,
+        path: str | None = ...,
+        sha256: str | None = ...,
+        size: int | None = ...,
+        version: int | None = ...,
+    ) -> None: ...
 
 class ShardInfoRequest(_message.Message):
     __slots__ = ("job_id",)
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     job_id: str
-    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, job_id: str | None = ...) -> None: ...
 
 class ShardInfoReply(_message.Message):
     __slots__ = ("exists", "generation", "version", "bytes", "tensors")
@@ -166,7 +231,14 @@ class ShardInfoReply(_message.Message):
     version: int
     bytes: int
     tensors: _containers.RepeatedCompositeFieldContainer[TensorMeta]
-    def __init__(self, exists: _Optional[bool] = ..., generation: _Optional[int] = ..., version: _Optional[int] = ..., bytes: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ...) -> None: ...
+    def __init__(
+        self,
+        exists: bool | None = ...,
+        generation: int | None = ...,
+        version: int | None = ...,
+        bytes: int | None = ...,
+        tensors: _Iterable[TensorMeta | _Mapping] | None = ...,
+    ) -> None: ...
 
 class AdvanceGenerationRequest(_message.Message):
     __slots__ = ("fence", "workers")
@@ -174,13 +246,13 @@ class AdvanceGenerationRequest(_message.Message):
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     fence: Fence
     workers: int
-    def __init__(self, fence: _Optional[_Union[Fence, _Mapping]] = ..., workers: _Optional[int] = ...) -> None: ...
+    def __init__(self, fence: Fence | _Mapping | None = ..., workers: int | None = ...) -> None: ...
 
 class DropShardRequest(_message.Message):
     __slots__ = ("fence",)
     FENCE_FIELD_NUMBER: _ClassVar[int]
     fence: Fence
-    def __init__(self, fence: _Optional[_Union[Fence, _Mapping]] = ...) -> None: ...
+    def __init__(self, fence: Fence | _Mapping | None = ...) -> None: ...
 
 class DropShardReply(_message.Message):
     __slots__ = ()

@@ -1,0 +1,5 @@
+import sys
+
+from elasticd.cli import main
+
+sys.exit(main())

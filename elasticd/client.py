@@ -1,0 +1,138 @@
+"""The gRPC client of the job service, as used by the CLI and by programs.
+
+The client finds the leading controller through etcd (the value the leader
+published in its election key) unless given an address, and follows a
+leader change: a call refused with UNAVAILABLE is retried against whoever
+leads now, with backoff, up to ``retry_deadline_s``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+import grpc
+
+from elasticd.coord.election import observe_leader
+from elasticd.coord.etcd import EtcdClient, EtcdError
+from elasticd.coord.keys import DEFAULT_PREFIX, Keys
+from elasticd.jobspec import load_spec_yaml
+from elasticd.retry import Backoff
+from elasticd.rpc import job_pb2, job_pb2_grpc
+
+TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED")
+CALL_TIMEOUT_S = 30.0
+RETRY_DEADLINE_S = 30.0  # how long a call follows a controller fail-over
+
+
+class JobClient:
+    def __init__(
+        self,
+        controller: str | None = None,
+        etcd: str | None = None,
+        prefix: str = DEFAULT_PREFIX,
+        retry_deadline_s: float = RETRY_DEADLINE_S,
+    ) -> None:
+        if controller is None and etcd is None:
+            raise ValueError("give a controller address or etcd endpoints to find one")
+        self._fixed = controller
+        self._etcd = EtcdClient(etcd) if etcd else None
+        self._keys = Keys(prefix)
+        self._retry_deadline = retry_deadline_s
+        self._channel: grpc.Channel | None = None
+        self._address = ""
+
+    def _stub(self) -> job_pb2_grpc.JobServiceStub:
+        address = self._fixed or self._leader()
+        if address != self._address or self._channel is None:
+            if self._channel is not None:
+                self._channel.close()
+            self._channel = grpc.insecure_channel(address)
+            self._address = address
+        return job_pb2_grpc.JobServiceStub(self._channel)
+
+    def _leader(self) -> str:
+        assert self._etcd is not None
+        try:
+            value = observe_leader(self._etcd, self._keys.election)
+        except EtcdError as exc:
+            raise ConnectionError(f"cannot reach etcd to find the controller: {exc}") from exc
+        if value is None:
+            raise ConnectionError("no controller is leading (is `elasticd controller` running?)")
+        return value.decode()
+
+    def _call(self, method: str, request):
+        backoff = Backoff(initial=0.2, maximum=2.0, deadline=self._retry_deadline)
+        while True:
+            try:
+                return getattr(self._stub(), method)(request, timeout=CALL_TIMEOUT_S)
+            except (grpc.RpcError, ConnectionError) as exc:
+                code = exc.code() if isinstance(exc, grpc.RpcError) else grpc.StatusCode.UNAVAILABLE
+                if code != grpc.StatusCode.UNAVAILABLE or not backoff.sleep():
+                    raise
+                self._address = ""  # ask etcd who leads now
+
+    def submit_yaml(self, text: str, base_dir: str = "") -> str:
+        return self._call(
+            "SubmitJob", job_pb2.SubmitJobRequest(spec_yaml=text, base_dir=base_dir)
+        ).job_id
+
+    def submit_file(self, path: str) -> str:
+        """Submit a spec file; it is validated here first so errors name the field at once."""
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        base_dir = os.path.dirname(os.path.abspath(path))
+        load_spec_yaml(text, base_dir)
+        return self.submit_yaml(text, base_dir)
+
+    def get(self, job_id: str) -> job_pb2.JobStatus:
+        return self._call("GetJob", job_pb2.GetJobRequest(job_id=job_id))
+
+    def list(self) -> list[job_pb2.JobStatus]:
+        return list(self._call("ListJobs", job_pb2.ListJobsRequest()).jobs)
+
+    def cancel(self, job_id: str) -> job_pb2.JobStatus:
+        return self._call("CancelJob", job_pb2.CancelJobRequest(job_id=job_id))
+
+    def switch(self, job_id: str, mode: str) -> job_pb2.JobStatus:
+        return self._call("SwitchMode", job_pb2.SwitchModeRequest(job_id=job_id, mode=mode))
+
+    def wait(
+        self,
+        job_id: str,
+        timeout: float,
+        on_update: Callable[[job_pb2.JobStatus], None] | None = None,
+        interval: float = 1.0,
+    ) -> job_pb2.JobStatus:
+        """Poll until the job ends or ``timeout``; ``on_update`` sees every status."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.get(job_id)
+            if on_update is not None:
+                on_update(status)
+            if status.state in TERMINAL_STATES:
+                return status
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {status.state} after {timeout}s")
+            time.sleep(interval)
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+        if self._etcd is not None:
+            self._etcd.close()
+
+
+def format_status(s: job_pb2.JobStatus) -> str:
+    loss = "-" if s.loss != s.loss else f"{s.loss:.4f}"
+    workers = len(s.workers)
+    line = (
+        f"{s.job_id}  {s.state:<9} mode={s.mode} gen={s.generation} workers={workers} "
+        f"step={s.step}/{s.total_steps} loss={loss}"
+    )
+    if s.checkpoint:
+        line += f" checkpoint={s.checkpoint}"
+    if s.message and s.state not in ("RUNNING", "COMPLETED"):
+        line += f"  ({s.message})"
+    return line

@@ -1,0 +1,93 @@
+"""Leader election on etcd, as etcd's concurrency.Election does it.
+
+Each candidate puts a key under the election prefix on its session's lease.
+The candidate whose key has the lowest create revision leads; the others wait.
+When the leader dies its lease expires, its key vanishes and the next oldest
+candidate leads. Leadership is lost the moment the candidate's own key is gone
+(its lease expired during an etcd outage or partition), and the holder must
+stop acting as leader then.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from elasticd.coord.cache import PrefixCache
+from elasticd.coord.etcd import EtcdClient, EtcdError
+from elasticd.coord.session import Session
+
+log = logging.getLogger(__name__)
+
+
+def leader_of(candidates: dict[str, tuple[int, bytes]]) -> tuple[str, bytes] | None:
+    """(key, value) of the candidate with the lowest create revision."""
+    if not candidates:
+        return None
+    key = min(candidates, key=lambda k: candidates[k][0])
+    return key, candidates[key][1]
+
+
+class Election:
+    def __init__(self, session: Session, prefix: str, value: bytes) -> None:
+        self.session = session
+        self.client: EtcdClient = session.client
+        self.prefix = prefix.rstrip("/") + "/"
+        self.value = value
+        self._changed = threading.Event()
+        self._cache = PrefixCache(self.client, self.prefix, on_change=self._changed.set)
+
+    @property
+    def my_key(self) -> str:
+        return f"{self.prefix}{self.session.lease_id:x}"
+
+    def start(self) -> Election:
+        self.session.put(self.my_key, self.value)
+        self._cache.start()
+        return self
+
+    def candidates(self) -> dict[str, tuple[int, bytes]]:
+        kvs, _ = self.client.get_prefix(self.prefix)
+        return {kv.key: (kv.create_revision, kv.value) for kv in kvs}
+
+    def is_leader(self) -> bool:
+        """Ask etcd (not the cache) whether this candidate leads right now."""
+        try:
+            lead = leader_of(self.candidates())
+        except EtcdError:
+            return False
+        if lead is None or lead[0] != self.my_key:
+            # Our key may be gone with an expired lease: stand again.
+            if self.my_key not in self.candidates():
+                self.session.put(self.my_key, self.value)
+            return False
+        return True
+
+    def wait_for_change(self, timeout: float) -> None:
+        self._changed.wait(timeout)
+        self._changed.clear()
+
+    def leader_value(self) -> bytes | None:
+        items = self._cache.items()
+        if not items:
+            return None
+        # The cache has no revisions; ask etcd for the authoritative answer.
+        try:
+            lead = leader_of(self.candidates())
+        except EtcdError:
+            return None
+        return None if lead is None else lead[1]
+
+    def resign(self) -> None:
+        self._cache.stop()
+        try:
+            self.session.forget(self.my_key)
+        except EtcdError as exc:
+            log.info("event=resign_failed error=%s", exc)
+
+
+def observe_leader(client: EtcdClient, prefix: str) -> bytes | None:
+    """The value the current leader published, or None if nobody leads."""
+    kvs, _ = client.get_prefix(prefix.rstrip("/") + "/")
+    lead = leader_of({kv.key: (kv.create_revision, kv.value) for kv in kvs})
+    return None if lead is None else lead[1]

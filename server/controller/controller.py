@@ -1,0 +1,581 @@
+"""The controller: admits jobs, seals membership generations, orders checkpoints.
+
+State lives in etcd; this object holds caches of it and the training progress
+that workers report over gRPC (kept in memory: progress is per step, and etcd
+carries control, never per-step data). Only the leader acts; a standby keeps
+its caches warm and takes over with nothing to reload but what etcd holds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import torch
+
+from elasticd.checkpoint import (
+    CheckpointError,
+    CheckpointExists,
+    CheckpointManifest,
+    CheckpointStore,
+)
+from elasticd.checkpoint.manifest import ShardRecord
+from elasticd.coord.cache import PrefixCache
+from elasticd.coord.etcd import Compare, Delete, EtcdClient, EtcdError, Put
+from elasticd.coord.keys import Keys
+from elasticd.jobspec import JobSpec
+from elasticd.membership import Generation, NodeInfo, WorkerReport, assign_ranks
+from elasticd.placement import ShardPlacement, TensorSpec, place
+from elasticd.ps_client import PSTier
+from elasticd.server.controller.planning import (
+    ClusterSnapshot,
+    Complete,
+    Fail,
+    JobSnapshot,
+    Seal,
+    Wait,
+    decide,
+)
+from elasticd.server.controller.records import (
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    PENDING,
+    RUNNING,
+    TERMINAL,
+    WAITING,
+    JobRecord,
+)
+from elasticd.task import TaskError, load_task
+from elasticd.wire import dtype_name
+
+log = logging.getLogger(__name__)
+
+JOIN_WINDOW_S = 1.0  # a changed membership must hold this long before it is sealed
+RECONCILE_INTERVAL_S = 0.5  # reconcile at least this often, and on every change
+
+
+class JobNotFound(KeyError):
+    pass
+
+
+class NotLeader(RuntimeError):
+    pass
+
+
+@dataclass
+class Progress:
+    generation: int
+    step: int
+    loss: float
+    finished: bool
+    at: float
+
+
+def tensor_specs(spec: JobSpec) -> list[TensorSpec]:
+    """The job's parameters, built on the meta device: shapes without memory.
+
+    Raises TaskError when the task cannot be imported or built with its arguments.
+    """
+    try:
+        task = load_task(spec.task, spec.batch_size, spec.seed, spec.task_args)
+        with torch.device("meta"):
+            model = task.build_model()
+    except TaskError:
+        raise
+    except Exception as exc:
+        raise TaskError(
+            f"task {spec.task!r} cannot be built with task_args {spec.task_args}: {exc}"
+        ) from exc
+    return [
+        TensorSpec(name, dtype_name(p.dtype), tuple(p.shape))
+        for name, p in model.named_parameters()
+    ]
+
+
+class Controller:
+    def __init__(
+        self,
+        client: EtcdClient,
+        keys: Keys,
+        address: str,
+        checkpoint_url: str,
+        join_window_s: float = JOIN_WINDOW_S,
+    ) -> None:
+        self.client = client
+        self.keys = keys
+        self.address = address
+        self.checkpoint_url = checkpoint_url
+        self.join_window_s = join_window_s
+        self._wake = threading.Event()
+        self.nodes = PrefixCache(client, keys.nodes, self._wake.set)
+        self.ps = PrefixCache(client, keys.ps_servers, self._wake.set)
+        self.jobs = PrefixCache(client, keys.jobs, self._wake.set)
+        self._progress: dict[str, dict[str, Progress]] = {}
+        self._lock = threading.Lock()
+        self._pending: dict[str, tuple[tuple[str, ...], float]] = {}
+        self._busy: set[str] = set()
+        self._is_leader = False
+        self._adopted: set[str] = set()
+        self._first_losses: dict[str, float] = {}
+
+    def start(self) -> Controller:
+        for cache in (self.nodes, self.ps, self.jobs):
+            cache.start()
+        for cache in (self.nodes, self.ps, self.jobs):
+            cache.wait_synced()
+        return self
+
+    def stop(self) -> None:
+        for cache in (self.nodes, self.ps, self.jobs):
+            cache.stop()
+
+    # -- reading state --------------------------------------------------------
+
+    def _job_items(self, job_id: str) -> dict[str, bytes]:
+        prefix = f"{job_id}/"
+        return {k[len(prefix) :]: v for k, v in self.jobs.items().items() if k.startswith(prefix)}
+
+    def job_ids(self) -> list[str]:
+        return sorted({k.split("/", 1)[0] for k in self.jobs.items()})
+
+    def snapshot(self, job_id: str) -> JobSnapshot:
+        items = self._job_items(job_id)
+        if "spec" not in items or "status" not in items:
+            raise JobNotFound(job_id)
+        gen = Generation.from_json(items["generation"]) if "generation" in items else None
+        workers = {
+            k.split("/", 1)[1]: WorkerReport.from_json(v)
+            for k, v in items.items()
+            if k.startswith("workers/")
+        }
+        return JobSnapshot(
+            JobSpec.from_json(items["spec"]), JobRecord.from_json(items["status"]), gen, workers
+        )
+
+    def cluster(self) -> ClusterSnapshot:
+        nodes = {k: NodeInfo.from_json(v) for k, v in self.nodes.items().items()}
+        ps = {k: json.loads(v)["address"] for k, v in self.ps.items().items()}
+        taken: dict[str, dict[str, int]] = {}
+        for job_id in self.job_ids():
+            try:
+                snap = self.snapshot(job_id)
+            except JobNotFound:
+                continue
+            if snap.record.state in TERMINAL or snap.generation is None:
+                continue
+            per_node: dict[str, int] = {}
+            for m in snap.generation.members:
+                per_node[m.node_id] = per_node.get(m.node_id, 0) + 1
+            taken[job_id] = per_node
+        return ClusterSnapshot(nodes, ps, taken)
+
+    def status(self, job_id: str) -> tuple[JobRecord, Generation | None, dict[str, Progress]]:
+        snap = self.snapshot(job_id)
+        with self._lock:
+            progress = dict(self._progress.get(job_id, {}))
+        return self._live(snap.record, progress), snap.generation, progress
+
+    def _live(self, record: JobRecord, progress: dict[str, Progress]) -> JobRecord:
+        """The stored record, brought up to date with reported progress."""
+        if record.state in TERMINAL or not progress:
+            return record
+        current = [p for p in progress.values() if p.generation == record.generation] or list(
+            progress.values()
+        )
+        losses = [p.loss for p in current if not math.isnan(p.loss)]
+        return record.evolve(
+            step=max(record.step, max(p.step for p in progress.values())),
+            loss=sum(losses) / len(losses) if losses else record.loss,
+            first_loss=record.first_loss
+            if not math.isnan(record.first_loss)
+            else self._first_loss(record.job_id),
+        )
+
+    # -- user requests --------------------------------------------------------
+
+    def submit(self, spec: JobSpec) -> str:
+        self._require_leader()
+        if spec.mode == "ps-async":
+            tensor_specs(spec)  # a task that cannot be built is refused now, not at placement
+        job_id = f"{spec.name}-{uuid.uuid4().hex[:6]}"
+        now = time.time()
+        record = JobRecord(
+            job_id=job_id,
+            name=spec.name,
+            mode=spec.mode,
+            state=PENDING,
+            total_steps=spec.steps,
+            submitted_at=now,
+            updated_at=now,
+        )
+        ok, revision = self.client.transaction(
+            [Compare(self.keys.job_spec(job_id), "version", "==", 0)],
+            [
+                Put(self.keys.job_spec(job_id), spec.to_json().encode()),
+                Put(self.keys.job_status(job_id), record.to_json()),
+            ],
+        )
+        if not ok:
+            raise RuntimeError(f"job id {job_id} already taken; submit again")
+        self.jobs.wait_for_revision(revision)  # the submitter may ask for it right away
+        log.info("event=job_submitted job=%s mode=%s steps=%d", job_id, spec.mode, spec.steps)
+        self._wake.set()
+        return job_id
+
+    def cancel(self, job_id: str) -> JobRecord:
+        self._require_leader()
+        snap = self.snapshot(job_id)
+        if snap.record.state in TERMINAL:
+            return snap.record
+        self._finish(snap, snap.record.evolve(state=CANCELLED, message="cancelled by user"))
+        return self.snapshot(job_id).record
+
+    def report(
+        self, job_id: str, worker: str, generation: int, step: int, loss: float, finished: bool
+    ) -> bool:
+        """Record a worker's progress; True tells the worker its job is over."""
+        with self._lock:
+            per_job = self._progress.setdefault(job_id, {})
+            before = per_job.get(worker)
+            if math.isnan(loss) and before is not None:
+                loss = before.loss  # a report without a loss keeps the last one
+            per_job[worker] = Progress(generation, step, loss, finished, time.time())
+            first = job_id not in self._first_losses and not math.isnan(loss)
+            if first:
+                self._first_losses[job_id] = loss
+        if first:
+            log.info(
+                "event=first_loss job=%s worker=%s step=%d loss=%.4f", job_id, worker, step, loss
+            )
+        try:
+            snap = self.snapshot(job_id)
+        except JobNotFound:
+            return True
+        every = snap.spec.checkpoint.every_steps
+        if every and step - snap.record.checkpoint_step >= every and self._is_leader:
+            self._in_background(job_id, lambda: self._checkpoint(job_id))
+        return snap.record.state in TERMINAL
+
+    def _first_loss(self, job_id: str) -> float:
+        with self._lock:
+            return self._first_losses.get(job_id, float("nan"))
+
+    # -- leadership and the reconcile loop ------------------------------------
+
+    def _require_leader(self) -> None:
+        if not self._is_leader:
+            raise NotLeader("this controller is a standby; ask the leader")
+
+    def set_leader(self, leader: bool) -> None:
+        if leader and not self._is_leader:
+            log.info("event=leadership_acquired address=%s", self.address)
+            self._adopted.clear()
+        if not leader and self._is_leader:
+            log.warning("event=leadership_lost address=%s", self.address)
+        self._is_leader = leader
+
+    def wait(self, timeout: float = RECONCILE_INTERVAL_S) -> None:
+        self._wake.wait(timeout)
+        self._wake.clear()
+
+    def reconcile(self) -> None:
+        """One pass over every job. Called by the leader only."""
+        cluster = self.cluster()
+        for job_id in self.job_ids():
+            if job_id in self._busy:
+                continue
+            try:
+                snap = self.snapshot(job_id)
+                if snap.record.state in TERMINAL:
+                    continue
+                if job_id not in self._adopted and snap.generation is not None:
+                    self._adopt(snap, cluster)
+                self._act(snap, cluster)
+            except JobNotFound:
+                continue
+            except EtcdError as exc:
+                log.warning("event=reconcile_failed job=%s error=%s", job_id, exc)
+            except Exception as exc:
+                # One job's broken task must not stop the controller for the others.
+                log.exception("event=job_error job=%s", job_id)
+                try:
+                    snap = self.snapshot(job_id)
+                    self._finish(
+                        snap, snap.record.evolve(state=FAILED, message=f"controller error: {exc}")
+                    )
+                except Exception:
+                    log.exception("event=job_fail_failed job=%s", job_id)
+
+    def _act(self, snap: JobSnapshot, cluster: ClusterSnapshot) -> None:
+        job_id = snap.record.job_id
+        action = decide(snap, cluster)
+        if isinstance(action, Seal):
+            pending = self._pending.get(job_id)
+            now = time.monotonic()
+            if pending is None or pending[0] != action.workers:
+                self._pending[job_id] = (action.workers, now)
+                self._wake_later(self.join_window_s)
+                return
+            if now - pending[1] < self.join_window_s:
+                self._wake_later(self.join_window_s - (now - pending[1]))
+                return
+            self._pending.pop(job_id, None)
+            self._seal(snap, cluster, action)
+        else:
+            self._pending.pop(job_id, None)
+        if isinstance(action, Complete):
+            self._in_background(job_id, lambda: self._complete(job_id))
+        elif isinstance(action, Fail):
+            live = self._live(snap.record, self._progress.get(job_id, {}))
+            self._finish(snap, live.evolve(state=FAILED, message=action.message))
+        elif isinstance(action, Wait) and (
+            snap.record.state != WAITING or snap.record.message != action.message
+        ):
+            self._put_record(snap.record.evolve(state=WAITING, message=action.message))
+
+    def _wake_later(self, delay: float) -> None:
+        timer = threading.Timer(max(delay, 0.01), self._wake.set)
+        timer.daemon = True
+        timer.start()
+
+    def _in_background(self, job_id: str, fn) -> None:
+        with self._lock:
+            if job_id in self._busy:
+                return
+            self._busy.add(job_id)
+
+        def run():
+            try:
+                fn()
+            except Exception:
+                log.exception("event=job_task_failed job=%s", job_id)
+            finally:
+                with self._lock:
+                    self._busy.discard(job_id)
+                self._wake.set()
+
+        threading.Thread(target=run, name=f"job-{job_id}", daemon=True).start()
+
+    # -- effects ----------------------------------------------------------------
+
+    def _put_record(self, record: JobRecord) -> None:
+        self.client.put(
+            self.keys.job_status(record.job_id), record.evolve(updated_at=time.time()).to_json()
+        )
+
+    def _placement(self, snap: JobSnapshot, cluster: ClusterSnapshot) -> ShardPlacement | None:
+        if snap.spec.mode != "ps-async":
+            return None
+        items = self._job_items(snap.record.job_id)
+        if "placement" in items:
+            return ShardPlacement.from_json(items["placement"])
+        placement = place(tensor_specs(snap.spec), sorted(cluster.ps))
+        self.client.put(self.keys.placement(snap.record.job_id), placement.to_json().encode())
+        log.info(
+            "event=placed job=%s slices=%d bytes_per_ps=%s",
+            snap.record.job_id,
+            len(placement.slices),
+            placement.bytes_per_ps(),
+        )
+        return placement
+
+    def assignment(
+        self,
+        snap: JobSnapshot,
+        gen: Generation,
+        placement: ShardPlacement | None,
+        cluster: ClusterSnapshot,
+        node_id: str,
+    ) -> bytes:
+        return json.dumps(
+            {
+                "job_id": snap.record.job_id,
+                "generation": gen.number,
+                "world_size": gen.world_size,
+                "members": [m.__dict__ for m in gen.on_node(node_id)],
+                "spec": snap.spec.to_dict(),
+                "placement": json.loads(placement.to_json()) if placement else None,
+                "ps": {p: cluster.ps[p] for p in placement.ps_ids} if placement else {},
+                "controller": self.address,
+            }
+        ).encode()
+
+    def _seal(self, snap: JobSnapshot, cluster: ClusterSnapshot, action: Seal) -> None:
+        job_id = snap.record.job_id
+        gen_key = self.keys.generation(job_id)
+        current = self.client.get(gen_key)
+        seen = snap.generation.number if snap.generation else 0
+        number = Generation.from_json(current.value).number if current else 0
+        if number != seen:
+            return  # our cache is behind; the next pass sees the new generation
+        placement = self._placement(snap, cluster)
+        gen = assign_ranks(job_id, number + 1, action.workers)
+        state = RUNNING if gen.members else WAITING
+        record = snap.record.evolve(
+            state=state, generation=gen.number, message=action.reason, updated_at=time.time()
+        )
+        ops: list[Put | Delete] = [
+            Put(gen_key, gen.to_json()),
+            Put(self.keys.job_status(job_id), record.to_json()),
+        ]
+        for node in gen.nodes:
+            ops.append(
+                Put(
+                    self.keys.assignment(node, job_id),
+                    self.assignment(snap, gen, placement, cluster, node),
+                )
+            )
+        old_nodes = set(snap.generation.nodes) if snap.generation else set()
+        for node in old_nodes - set(gen.nodes):
+            ops.append(Delete(self.keys.assignment(node, job_id)))
+        compare = [Compare(gen_key, "mod", "==", current.mod_revision if current else 0)]
+        ok, revision = self.client.transaction(compare, ops)
+        if not ok:
+            log.info("event=seal_lost job=%s generation=%d", job_id, gen.number)
+            return
+        self._adopted.add(job_id)
+        log.info(
+            "event=generation_sealed job=%s generation=%d world=%d revision=%d %s",
+            job_id,
+            gen.number,
+            gen.world_size,
+            revision,
+            action.reason,
+        )
+        if placement is not None:
+            self._fence_ps(job_id, gen, placement, cluster)
+
+    def _fence_ps(
+        self, job_id: str, gen: Generation, placement: ShardPlacement, cluster: ClusterSnapshot
+    ) -> None:
+        """Tell the PS tier about the new generation so the old one is fenced off."""
+        try:
+            tier = PSTier(job_id, gen.number, placement, cluster.ps)
+        except Exception as exc:
+            log.warning("event=fence_skipped job=%s error=%s", job_id, exc)
+            return
+        try:
+            info = tier.info()
+            if all(i.exists for i in info.values()):
+                tier.advance(max(gen.world_size, 1))
+        except Exception as exc:
+            log.info("event=fence_deferred job=%s generation=%d error=%s", job_id, gen.number, exc)
+        finally:
+            tier.close()
+
+    def _adopt(self, snap: JobSnapshot, cluster: ClusterSnapshot) -> None:
+        """A new leader points the running generation's workers at itself."""
+        gen = snap.generation
+        placement = self._placement(snap, cluster) if gen.members else None
+        ops = [
+            Put(
+                self.keys.assignment(node, snap.record.job_id),
+                self.assignment(snap, gen, placement, cluster, node),
+            )
+            for node in gen.nodes
+        ]
+        ok, _ = self.client.transaction(
+            [Compare(self.keys.generation(snap.record.job_id), "value", "==", gen.to_json())], ops
+        )
+        if ok:
+            self._adopted.add(snap.record.job_id)
+            log.info("event=job_adopted job=%s generation=%d", snap.record.job_id, gen.number)
+
+    def _checkpoint(self, job_id: str) -> CheckpointManifest | None:
+        snap = self.snapshot(job_id)
+        gen = snap.generation
+        items = self._job_items(job_id)
+        if gen is None or "placement" not in items:
+            return None
+        placement = ShardPlacement.from_json(items["placement"])
+        cluster = self.cluster()
+        tier = PSTier(job_id, gen.number, placement, cluster.ps)
+        try:
+            step = max(i.version for i in tier.info().values())
+            if step <= snap.record.checkpoint_step and snap.record.checkpoint:
+                return None
+            url = snap.spec.checkpoint.url or self.checkpoint_url
+            replies = tier.snapshot(url, step)
+        finally:
+            tier.close()
+        live = self._live(snap.record, self._progress.get(job_id, {}))
+        manifest = CheckpointManifest(
+            job_id=job_id,
+            step=step,
+            generation=gen.number,
+            created_at=time.time(),
+            shards=tuple(
+                ShardRecord(p, r.path, r.sha256, r.size) for p, r in sorted(replies.items())
+            ),
+            extra={
+                "mode": snap.spec.mode,
+                "loss": live.loss,
+                "versions": {p: r.version for p, r in replies.items()},
+                "placement": json.loads(placement.to_json()),
+            },
+        )
+        store = CheckpointStore(url)
+        try:
+            where = store.commit(manifest)
+        except CheckpointExists:
+            return None
+        except CheckpointError as exc:
+            log.warning("event=checkpoint_refused job=%s step=%d error=%s", job_id, step, exc)
+            return None
+        fresh = self.snapshot(job_id).record
+        self._put_record(
+            fresh.evolve(checkpoint=where, checkpoint_step=step, step=max(fresh.step, step))
+        )
+        log.info(
+            "event=checkpoint_committed job=%s step=%d generation=%d url=%s",
+            job_id,
+            step,
+            gen.number,
+            where,
+        )
+        return manifest
+
+    def _complete(self, job_id: str) -> None:
+        self._checkpoint(job_id)
+        snap = self.snapshot(job_id)
+        with self._lock:
+            progress = dict(self._progress.get(job_id, {}))
+        live = self._live(snap.record, progress)
+        self._finish(snap, live.evolve(state=COMPLETED, message="completed"))
+
+    def _finish(self, snap: JobSnapshot, record: JobRecord) -> None:
+        """Move a job to a terminal state, withdraw its assignments, free its shards."""
+        job_id = record.job_id
+        ops: list[Put | Delete] = [
+            Put(self.keys.job_status(job_id), record.evolve(updated_at=time.time()).to_json())
+        ]
+        if snap.generation:
+            ops += [Delete(self.keys.assignment(n, job_id)) for n in snap.generation.nodes]
+        self.client.transaction([], ops)
+        log.info(
+            "event=job_finished job=%s state=%s step=%d loss=%.4f",
+            job_id,
+            record.state,
+            record.step,
+            record.loss,
+        )
+        items = self._job_items(job_id)
+        if "placement" in items and snap.generation:
+            tier = PSTier(
+                job_id,
+                snap.generation.number,
+                ShardPlacement.from_json(items["placement"]),
+                self.cluster().ps,
+            )
+            try:
+                tier.drop()
+            except Exception as exc:
+                log.info("event=drop_shards_failed job=%s error=%s", job_id, exc)
+            finally:
+                tier.close()

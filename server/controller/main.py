@@ -1,0 +1,94 @@
+"""`elasticd controller`: the job service, elected through etcd."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import threading
+
+from elasticd.coord.election import Election
+from elasticd.coord.etcd import EtcdClient, EtcdError
+from elasticd.coord.keys import DEFAULT_PREFIX, Keys
+from elasticd.coord.session import DEFAULT_TTL_S, Session
+from elasticd.rpc import job_pb2_grpc
+from elasticd.server.controller.controller import JOIN_WINDOW_S, Controller
+from elasticd.server.controller.service import (
+    JobServiceServicer,
+    TrainingCoordinatorServicer,
+)
+from elasticd.serving import (
+    advertised_host,
+    configure_logging,
+    start_grpc_server,
+    wait_for_stop_signal,
+)
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--etcd", default="127.0.0.1:2379", help="etcd endpoints, host:port[,host:port]")
+    p.add_argument("--prefix", default=DEFAULT_PREFIX, help="etcd key prefix of this cluster")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=0, help="port to listen on (0: any free port)")
+    p.add_argument("--lease-ttl", type=int, default=DEFAULT_TTL_S, help="etcd lease TTL, seconds")
+    p.add_argument(
+        "--checkpoint-url",
+        default=os.path.abspath(".elasticd/checkpoints"),
+        help="where checkpoints go when a job spec names no checkpoint.url (fsspec URL or path)",
+    )
+    p.add_argument(
+        "--join-window",
+        type=float,
+        default=JOIN_WINDOW_S,
+        help="seconds a membership change must hold before it is sealed (gathers bursts of joins)",
+    )
+
+
+def lead(controller: Controller, election: Election, stop: threading.Event) -> None:
+    """Reconcile while leading; stand by otherwise."""
+    while not stop.is_set():
+        leader = election.is_leader()
+        controller.set_leader(leader)
+        if leader:
+            try:
+                controller.reconcile()
+            except EtcdError as exc:
+                log.warning("event=reconcile_failed error=%s", exc)
+            controller.wait()
+        else:
+            election.wait_for_change(timeout=0.5)
+
+
+def run(args: argparse.Namespace) -> int:
+    configure_logging("controller")
+    stop = wait_for_stop_signal()
+    keys = Keys(args.prefix)
+    client = EtcdClient(args.etcd)
+    controller = Controller(client, keys, "", args.checkpoint_url, join_window_s=args.join_window)
+
+    def add(server) -> None:
+        job_pb2_grpc.add_JobServiceServicer_to_server(JobServiceServicer(controller), server)
+        job_pb2_grpc.add_TrainingCoordinatorServicer_to_server(
+            TrainingCoordinatorServicer(controller), server
+        )
+
+    server, port = start_grpc_server(add, args.host, args.port)
+    controller.address = f"{advertised_host(args.host)}:{port}"
+    controller.start()
+    session = Session(client, ttl=args.lease_ttl, name="controller").start()
+    election = Election(session, keys.election, controller.address.encode()).start()
+    log.info("event=controller_ready address=%s", controller.address)
+    print(f"controller listening on {controller.address}", flush=True)
+    loop = threading.Thread(target=lead, args=(controller, election, stop), daemon=True)
+    loop.start()
+    stop.wait()
+    controller.set_leader(False)
+    loop.join(timeout=5)
+    election.resign()
+    session.close()
+    controller.stop()
+    server.stop(grace=2).wait()
+    client.close()
+    return 0

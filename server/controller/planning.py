@@ -1,0 +1,120 @@
+"""What the controller should do next for a job: a pure function of a snapshot.
+
+The reconcile loop reads a :class:`JobSnapshot` and a :class:`ClusterSnapshot`
+from its etcd caches, asks :func:`decide` for one action, and applies it.
+Nothing here touches etcd, gRPC or storage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from elasticd.jobspec import JobSpec
+from elasticd.membership import Generation, NodeInfo, WorkerReport, choose_workers
+from elasticd.server.controller.records import FAILED, TERMINAL, JobRecord
+
+
+@dataclass(frozen=True)
+class JobSnapshot:
+    spec: JobSpec
+    record: JobRecord
+    generation: Generation | None
+    workers: Mapping[str, WorkerReport] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ClusterSnapshot:
+    nodes: Mapping[str, NodeInfo]
+    ps: Mapping[str, str]  # ps_id -> address
+    # slots each other active job holds per node
+    taken: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+
+    def taken_except(self, job_id: str) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for other, per_node in self.taken.items():
+            if other == job_id:
+                continue
+            for node, n in per_node.items():
+                out[node] = out.get(node, 0) + n
+        return out
+
+
+@dataclass(frozen=True)
+class Nothing:
+    pass
+
+
+@dataclass(frozen=True)
+class Seal:
+    """Seal the next generation with exactly these workers."""
+
+    workers: tuple[str, ...]
+    reason: str
+
+
+@dataclass(frozen=True)
+class Complete:
+    pass
+
+
+@dataclass(frozen=True)
+class Fail:
+    message: str
+
+
+@dataclass(frozen=True)
+class Wait:
+    message: str
+
+
+Action = Nothing | Seal | Complete | Fail | Wait
+
+
+def decide(job: JobSnapshot, cluster: ClusterSnapshot) -> Action:
+    rec, spec, gen = job.record, job.spec, job.generation
+    if rec.state in TERMINAL:
+        return Nothing()
+    current = gen.worker_ids if gen else frozenset()
+    reports = {w: r for w, r in job.workers.items() if gen and r.generation == gen.number}
+
+    if (
+        gen
+        and current
+        and all(reports.get(w) is not None and reports[w].state == "SUCCEEDED" for w in current)
+    ):
+        return Complete()
+    for w in sorted(current):
+        r = reports.get(w)
+        if r is not None and r.state == FAILED:
+            return Fail(
+                f"worker {w} failed {r.restarts} times (last exit code {r.exit_code}); "
+                f"max_restarts is {spec.max_restarts}: see its log with `elasticd logs`"
+            )
+    if spec.mode == "ps-async" and not cluster.ps:
+        return Wait("waiting for a parameter server to register")
+
+    failed = [w for w, r in job.workers.items() if r.state == FAILED]
+    desired = choose_workers(
+        cluster.nodes,
+        cluster.taken_except(spec_job_id(job)),
+        current,
+        failed,
+        spec.workers.max,
+    )
+    if len(desired) < spec.workers.min:
+        if current and set(desired) != current:
+            # Below the minimum: end the running generation; the job waits.
+            return Seal((), f"{len(desired)} of at least {spec.workers.min} workers available")
+        return Wait(f"waiting for workers: {len(desired)} of at least {spec.workers.min} available")
+    if set(desired) != current:
+        lost = sorted(current - set(desired))
+        joined = sorted(set(desired) - current)
+        return Seal(
+            tuple(desired), f"lost={','.join(lost) or '-'} joined={','.join(joined) or '-'}"
+        )
+    return Nothing()
+
+
+def spec_job_id(job: JobSnapshot) -> str:
+    return job.record.job_id

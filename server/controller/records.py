@@ -1,0 +1,45 @@
+"""What the controller keeps in etcd about each job, as plain records."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+
+PENDING = "PENDING"
+WAITING = "WAITING"
+RUNNING = "RUNNING"
+COMPLETED = "COMPLETED"
+FAILED = "FAILED"
+CANCELLED = "CANCELLED"
+TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED})
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A job's status: written on events (admission, seal, checkpoint, end), never per step."""
+
+    job_id: str
+    name: str
+    mode: str
+    state: str = PENDING
+    generation: int = 0
+    step: int = 0
+    total_steps: int = 0
+    loss: float = float("nan")
+    first_loss: float = float("nan")
+    checkpoint: str = ""
+    checkpoint_step: int = 0
+    message: str = ""
+    submitted_at: float = 0.0
+    updated_at: float = 0.0
+
+    def evolve(self, **changes) -> JobRecord:
+        return replace(self, **changes)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> JobRecord:
+        d = json.loads(data)
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})

@@ -1,0 +1,133 @@
+"""JobService and TrainingCoordinator servicers: validate, call the controller, map errors."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import grpc
+
+from elasticd.coord.etcd import EtcdError
+from elasticd.jobspec import MODES, SpecError, load_spec_yaml
+from elasticd.rpc import job_pb2, job_pb2_grpc
+from elasticd.server.controller.controller import Controller, JobNotFound, NotLeader
+from elasticd.task import TaskError
+
+log = logging.getLogger(__name__)
+
+MAX_SPEC_BYTES = 1 << 20
+
+
+def _abort_for(context, exc: Exception):
+    if isinstance(exc, JobNotFound):
+        context.abort(grpc.StatusCode.NOT_FOUND, f"no job with id {exc.args[0]!r}")
+    if isinstance(exc, NotLeader):
+        context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+    if isinstance(exc, EtcdError):
+        context.abort(grpc.StatusCode.UNAVAILABLE, f"etcd unreachable: {exc}")
+    raise exc
+
+
+def status_message(controller: Controller, job_id: str) -> job_pb2.JobStatus:
+    record, gen, progress = controller.status(job_id)
+    workers = []
+    if gen is not None:
+        for m in gen.members:
+            p = progress.get(m.worker_id)
+            workers.append(
+                job_pb2.WorkerStatus(
+                    worker_id=m.worker_id,
+                    node_id=m.node_id,
+                    rank=m.rank,
+                    state="RUNNING" if p and not p.finished else ("FINISHED" if p else "STARTING"),
+                    step=p.step if p else 0,
+                    loss=p.loss if p else math.nan,
+                )
+            )
+    return job_pb2.JobStatus(
+        job_id=record.job_id,
+        name=record.name,
+        state=record.state,
+        mode=record.mode,
+        generation=record.generation,
+        workers=workers,
+        step=record.step,
+        total_steps=record.total_steps,
+        loss=record.loss,
+        first_loss=record.first_loss,
+        checkpoint=record.checkpoint,
+        message=record.message,
+        submitted_at=record.submitted_at,
+        updated_at=record.updated_at,
+    )
+
+
+class JobServiceServicer(job_pb2_grpc.JobServiceServicer):
+    def __init__(self, controller: Controller) -> None:
+        self.controller = controller
+
+    def SubmitJob(self, request, context):
+        if len(request.spec_yaml) > MAX_SPEC_BYTES:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "spec: larger than 1 MiB")
+        try:
+            spec = load_spec_yaml(request.spec_yaml, request.base_dir or None)
+        except SpecError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid job spec: {exc}")
+        try:
+            job_id = self.controller.submit(spec)
+        except TaskError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid job spec: task: {exc}")
+        except Exception as exc:
+            _abort_for(context, exc)
+        return job_pb2.SubmitJobReply(job_id=job_id)
+
+    def GetJob(self, request, context):
+        try:
+            return status_message(self.controller, request.job_id)
+        except Exception as exc:
+            _abort_for(context, exc)
+
+    def ListJobs(self, request, context):
+        jobs = []
+        for job_id in self.controller.job_ids():
+            try:
+                jobs.append(status_message(self.controller, job_id))
+            except JobNotFound:
+                continue
+        return job_pb2.ListJobsReply(jobs=jobs)
+
+    def CancelJob(self, request, context):
+        try:
+            self.controller.cancel(request.job_id)
+            return status_message(self.controller, request.job_id)
+        except Exception as exc:
+            _abort_for(context, exc)
+
+    def SwitchMode(self, request, context):
+        if request.mode not in MODES:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"mode: must be one of {', '.join(MODES)}, got {request.mode!r}",
+            )
+        context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, "switching modes of a running job is not supported yet"
+        )
+
+
+class TrainingCoordinatorServicer(job_pb2_grpc.TrainingCoordinatorServicer):
+    def __init__(self, controller: Controller) -> None:
+        self.controller = controller
+
+    def ReportProgress(self, request, context):
+        try:
+            stop = self.controller.report(
+                request.job_id,
+                request.worker_id,
+                request.generation,
+                request.step,
+                request.loss,
+                request.finished,
+            )
+        except Exception as exc:
+            _abort_for(context, exc)
+        return job_pb2.ProgressAck(stop=stop)

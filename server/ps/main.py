@@ -1,0 +1,55 @@
+"""`elasticd ps`: serve parameter shards and register in etcd."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import uuid
+
+from elasticd.coord.etcd import EtcdClient
+from elasticd.coord.keys import DEFAULT_PREFIX, Keys
+from elasticd.coord.session import DEFAULT_TTL_S, Session
+from elasticd.rpc import ps_pb2_grpc
+from elasticd.server.ps.service import ParameterServerServicer
+from elasticd.serving import (
+    advertised_host,
+    configure_logging,
+    start_grpc_server,
+    wait_for_stop_signal,
+)
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--etcd", default="127.0.0.1:2379", help="etcd endpoints, host:port[,host:port]")
+    p.add_argument("--prefix", default=DEFAULT_PREFIX, help="etcd key prefix of this cluster")
+    p.add_argument("--id", dest="ps_id", default=None, help="PS id (default: random)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=0, help="port to listen on (0: any free port)")
+    p.add_argument("--lease-ttl", type=int, default=DEFAULT_TTL_S, help="etcd lease TTL, seconds")
+
+
+def run(args: argparse.Namespace) -> int:
+    ps_id = args.ps_id or f"ps-{uuid.uuid4().hex[:8]}"
+    configure_logging(f"ps:{ps_id}")
+    stop = wait_for_stop_signal()
+    servicer = ParameterServerServicer(ps_id)
+    server, port = start_grpc_server(
+        lambda s: ps_pb2_grpc.add_ParameterServerServicer_to_server(servicer, s),
+        args.host,
+        args.port,
+    )
+    address = f"{advertised_host(args.host)}:{port}"
+    keys = Keys(args.prefix)
+    client = EtcdClient(args.etcd)
+    session = Session(client, ttl=args.lease_ttl, name=ps_id).start()
+    session.put(keys.ps(ps_id), json.dumps({"ps_id": ps_id, "address": address}).encode())
+    log.info("event=ps_ready ps=%s address=%s", ps_id, address)
+    print(f"ps {ps_id} listening on {address}", flush=True)
+    stop.wait()
+    session.close()
+    server.stop(grace=2).wait()
+    client.close()
+    return 0

@@ -1,0 +1,234 @@
+"""The ParameterServer gRPC servicer: validate, call the shard, map errors.
+
+Business logic lives in :mod:`elasticd.server.ps.shard`; this module only
+turns requests into calls and domain errors into status codes with messages a
+person can act on. A bad request never changes a shard and never stops the
+server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterator
+
+import grpc
+
+from elasticd.checkpoint.store import CheckpointStore
+from elasticd.optimizers import OptimizerError, validate_optimizer
+from elasticd.rpc import ps_pb2, ps_pb2_grpc
+from elasticd.server.ps.shard import (
+    BadRequest,
+    ParameterShard,
+    ShardConfig,
+    ShardError,
+    StaleGeneration,
+    StalePush,
+)
+from elasticd.wire import Assembler, TensorHeader, WireError, as_bytes, chunk
+
+log = logging.getLogger(__name__)
+
+MAX_SHARD_BYTES = 64 << 30  # refuse shards announcing more than this
+
+_STATUS = {
+    StaleGeneration: grpc.StatusCode.FAILED_PRECONDITION,
+    StalePush: grpc.StatusCode.ABORTED,
+    BadRequest: grpc.StatusCode.INVALID_ARGUMENT,
+}
+
+
+def _headers(metas) -> list[TensorHeader]:
+    headers = [TensorHeader(m.key, m.dtype, tuple(m.shape)) for m in metas]
+    for h in headers:
+        h.validate()
+    return headers
+
+
+def _metas(headers: list[TensorHeader]) -> list[ps_pb2.TensorMeta]:
+    return [ps_pb2.TensorMeta(key=h.key, dtype=h.dtype, shape=h.shape) for h in headers]
+
+
+class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
+    def __init__(self, ps_id: str) -> None:
+        self.ps_id = ps_id
+        self._shards: dict[str, ParameterShard] = {}
+        self._lock = threading.Lock()
+
+    # -- lookup and error mapping -----------------------------------------
+
+    def shard(self, job_id: str) -> ParameterShard | None:
+        with self._lock:
+            return self._shards.get(job_id)
+
+    def _require(self, job_id: str, context) -> ParameterShard:
+        shard = self.shard(job_id)
+        if shard is None:
+            context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"ps {self.ps_id} holds no shard of job {job_id!r}: unknown job, "
+                "or the shard was never initialised",
+            )
+        return shard
+
+    @staticmethod
+    def _abort(context, exc: Exception):
+        if isinstance(exc, WireError):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        context.abort(_STATUS.get(type(exc), grpc.StatusCode.INTERNAL), str(exc))
+
+    @staticmethod
+    def _first(requests: Iterator, context, what: str):
+        first = next(requests, None)
+        if first is None or not first.HasField("header"):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{what} must start with a header")
+        return first.header
+
+    # -- RPCs -------------------------------------------------------------
+
+    def InitShard(self, request_iterator, context):
+        header = self._first(request_iterator, context, "InitShard")
+        job_id = header.fence.job_id
+        if not job_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "fence.job_id is empty")
+        try:
+            headers = _headers(header.tensors)
+            kwargs = validate_optimizer(
+                header.optimizer.name, json.loads(header.optimizer.kwargs_json or "{}")
+            )
+        except (WireError, OptimizerError, json.JSONDecodeError) as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad shard header: {exc}")
+        if sum(h.nbytes for h in headers) > MAX_SHARD_BYTES:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "shard larger than this PS accepts")
+        existing = self.shard(job_id)
+        if existing is not None:
+            # Keep the first; drain the stream so the caller sees a clean reply.
+            for _ in request_iterator:
+                pass
+            return ps_pb2.InitShardReply(created=False, version=existing.version)
+        assembler = Assembler(headers)
+        try:
+            for req in request_iterator:
+                if not req.HasField("chunk"):
+                    raise WireError("only chunks may follow the header")
+                assembler.add(req.chunk.index, req.chunk.offset, req.chunk.data)
+            tensors = assembler.finish()
+        except WireError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        config = ShardConfig(
+            job_id=job_id,
+            optimizer=header.optimizer.name,
+            optimizer_kwargs=kwargs,
+            max_staleness=header.max_staleness,
+            workers=max(header.workers, 1),
+            max_version=header.max_version,
+        )
+        shard = ParameterShard(config, header.fence.generation, headers, tensors)
+        with self._lock:
+            winner = self._shards.setdefault(job_id, shard)
+        created = winner is shard
+        if created:
+            log.info(
+                "event=shard_created ps=%s job=%s generation=%d tensors=%d bytes=%d",
+                self.ps_id,
+                job_id,
+                header.fence.generation,
+                len(headers),
+                shard.nbytes,
+            )
+        return ps_pb2.InitShardReply(created=created, version=winner.version)
+
+    def Pull(self, request, context):
+        shard = self._require(request.fence.job_id, context)
+        try:
+            version, tensors = shard.read(request.fence.generation)
+        except ShardError as exc:
+            self._abort(context, exc)
+        yield ps_pb2.PullReply(
+            header=ps_pb2.PullHeader(version=version, tensors=_metas(shard.headers))
+        )
+        for index, tensor in enumerate(tensors):
+            for offset, piece in chunk(as_bytes(tensor)):
+                yield ps_pb2.PullReply(
+                    chunk=ps_pb2.Chunk(index=index, offset=offset, data=bytes(piece))
+                )
+
+    def Push(self, request_iterator, context):
+        header = self._first(request_iterator, context, "Push")
+        shard = self._require(header.fence.job_id, context)
+        if header.compression not in ("", "none"):
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"unknown compression {header.compression!r}"
+            )
+        try:
+            with shard.lock:
+                shard.fence(header.fence.generation)
+            assembler = Assembler(shard.headers)
+            for req in request_iterator:
+                if not req.HasField("chunk"):
+                    raise WireError("only chunks may follow the header")
+                assembler.add(req.chunk.index, req.chunk.offset, req.chunk.data)
+            grads = assembler.finish()
+            result = shard.apply(header.fence.generation, header.base_version, grads)
+        except (ShardError, WireError) as exc:
+            self._abort(context, exc)
+        return ps_pb2.PushReply(
+            version=result.version, applied=result.applied, staleness=result.staleness
+        )
+
+    def Snapshot(self, request, context):
+        shard = self._require(request.fence.job_id, context)
+        try:
+            data, version = shard.snapshot(request.fence.generation)
+        except ShardError as exc:
+            self._abort(context, exc)
+        store = CheckpointStore(request.url)
+        record = store.write_shard(request.fence.job_id, request.step, request.name, data)
+        log.info(
+            "event=shard_snapshot ps=%s job=%s step=%d version=%d bytes=%d",
+            self.ps_id,
+            request.fence.job_id,
+            request.step,
+            version,
+            record.size,
+        )
+        return ps_pb2.SnapshotReply(
+            path=record.path, sha256=record.sha256, size=record.size, version=version
+        )
+
+    def ShardInfo(self, request, context):
+        shard = self.shard(request.job_id)
+        if shard is None:
+            return ps_pb2.ShardInfoReply(exists=False)
+        return self._info(shard)
+
+    def AdvanceGeneration(self, request, context):
+        shard = self._require(request.fence.job_id, context)
+        try:
+            shard.advance(request.fence.generation, request.workers or None)
+        except ShardError as exc:
+            self._abort(context, exc)
+        return self._info(shard)
+
+    def DropShard(self, request, context):
+        shard = self._require(request.fence.job_id, context)
+        try:
+            with shard.lock:
+                shard.fence(request.fence.generation)
+        except ShardError as exc:
+            self._abort(context, exc)
+        with self._lock:
+            self._shards.pop(request.fence.job_id, None)
+        log.info("event=shard_dropped ps=%s job=%s", self.ps_id, request.fence.job_id)
+        return ps_pb2.DropShardReply()
+
+    @staticmethod
+    def _info(shard: ParameterShard) -> ps_pb2.ShardInfoReply:
+        return ps_pb2.ShardInfoReply(
+            exists=True,
+            generation=shard.generation,
+            version=shard.version,
+            bytes=shard.nbytes,
+            tensors=_metas(shard.headers),
+        )

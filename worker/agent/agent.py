@@ -1,0 +1,231 @@
+"""The node agent: advertises the node, runs what is assigned to it, reports states.
+
+It registers ``<prefix>/nodes/<node_id>`` on its session lease, watches its
+assignments, and makes the running processes match them:
+
+* a member of a new generation that has no process gets one;
+* a running process whose generation changed is told the new assignment on
+  its control pipe and carries on (its state stays in memory);
+* a process no longer assigned is stopped;
+* a process that exits non-zero is restarted, up to the job's max_restarts;
+  after that it is reported FAILED and the controller decides.
+
+Worker states go to ``<prefix>/jobs/<job>/workers/<worker>`` on the agent's
+lease, written when they change, so they vanish with the agent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from elasticd.coord.cache import PrefixCache
+from elasticd.coord.etcd import EtcdClient, EtcdError
+from elasticd.coord.keys import Keys
+from elasticd.coord.session import Session
+from elasticd.membership import NodeInfo, WorkerReport
+from elasticd.worker.agent.api import FAILED, RUNNING, SUCCEEDED, Exited, ProcessSpec
+from elasticd.worker.agent.supervisor import ProcessSupervisor
+
+log = logging.getLogger(__name__)
+
+
+def node_capacity(node_id: str, slots: int) -> NodeInfo:
+    gpus = 0
+    try:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:
+        gpus = 0
+    return NodeInfo(
+        node_id=node_id,
+        slots=slots,
+        cpus=psutil.cpu_count() or 0,
+        memory_bytes=psutil.virtual_memory().total,
+        gpus=gpus,
+        hostname=socket.gethostname(),
+    )
+
+
+@dataclass
+class Slot:
+    """What the agent knows about one worker of one job on this node."""
+
+    job_id: str
+    worker_id: str
+    generation: int
+    assignment: dict
+    restarts: int = 0
+    state: str = RUNNING
+    exit_code: int | None = None
+
+
+class NodeAgent:
+    def __init__(
+        self,
+        client: EtcdClient,
+        keys: Keys,
+        node_id: str,
+        slots: int,
+        log_dir: str,
+        lease_ttl: int,
+    ) -> None:
+        self.client = client
+        self.keys = keys
+        self.node_id = node_id
+        self.slots = slots
+        self.log_dir = Path(log_dir)
+        self.session = Session(client, ttl=lease_ttl, name=f"agent-{node_id}")
+        self._wake = threading.Event()
+        self.assignments = PrefixCache(client, keys.assignments(node_id), self._wake.set)
+        self.supervisor = ProcessSupervisor(self._on_exit)
+        self._slots: dict[tuple[str, str], Slot] = {}
+        self._lock = threading.RLock()
+
+    def start(self) -> NodeAgent:
+        self.session.start()
+        self.session.put(
+            self.keys.node(self.node_id), node_capacity(self.node_id, self.slots).to_json()
+        )
+        self.assignments.start()
+        return self
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                self.reconcile()
+            except EtcdError as exc:
+                log.warning("event=agent_reconcile_failed node=%s error=%s", self.node_id, exc)
+            self._wake.wait(1.0)
+            self._wake.clear()
+
+    def shutdown(self) -> None:
+        self.assignments.stop()
+        self.supervisor.stop_all()
+        self.session.close()
+
+    # -- reconcile ------------------------------------------------------------
+
+    def reconcile(self) -> None:
+        wanted: dict[tuple[str, str], dict] = {}
+        for job_id, raw in self.assignments.items().items():
+            assignment = json.loads(raw)
+            for member in assignment["members"]:
+                wanted[(job_id, member["worker_id"])] = {
+                    **assignment,
+                    "worker_id": member["worker_id"],
+                }
+        with self._lock:
+            for key in list(self._slots):
+                if key not in wanted:
+                    self._withdraw(key)
+            for key, assignment in wanted.items():
+                slot = self._slots.get(key)
+                if slot is None:
+                    self._launch(key, assignment)
+                elif slot.generation != assignment["generation"] or slot.assignment != assignment:
+                    self._update(slot, assignment)
+
+    def _launch(self, key: tuple[str, str], assignment: dict, restarts: int = 0) -> None:
+        job_id, wid = key
+        slot = Slot(job_id, wid, assignment["generation"], assignment, restarts=restarts)
+        self._slots[key] = slot
+        spec = ProcessSpec(
+            job_id=job_id,
+            worker_id=wid,
+            argv=(sys.executable, "-m", "elasticd.worker.runtime"),
+            env={
+                "ELASTICD_JOB_ID": job_id,
+                "ELASTICD_WORKER_ID": wid,
+                "ELASTICD_RESTART_COUNT": str(restarts),
+                "PYTHONUNBUFFERED": "1",
+            },
+            log_path=str(self.log_dir / job_id / f"{wid}.log"),
+        )
+        try:
+            pid = self.supervisor.start(spec, first_message={"assignment": assignment})
+        except OSError as exc:
+            log.error("event=launch_failed job=%s worker=%s error=%s", job_id, wid, exc)
+            slot.state, slot.exit_code = FAILED, -1
+            self._report(slot)
+            return
+        log.info(
+            "event=worker_launched job=%s generation=%d node=%s worker=%s pid=%d restarts=%d",
+            job_id,
+            slot.generation,
+            self.node_id,
+            wid,
+            pid,
+            restarts,
+        )
+        self._report(slot, pid)
+
+    def _update(self, slot: Slot, assignment: dict) -> None:
+        slot.generation = assignment["generation"]
+        slot.assignment = assignment
+        if slot.state == RUNNING:
+            self.supervisor.send((slot.job_id, slot.worker_id), {"assignment": assignment})
+        self._report(slot)
+
+    def _withdraw(self, key: tuple[str, str]) -> None:
+        slot = self._slots.pop(key)
+        threading.Thread(target=self.supervisor.stop, args=(key,), daemon=True).start()
+        try:
+            self.session.forget(self.keys.worker(slot.job_id, slot.worker_id))
+        except EtcdError:
+            pass
+
+    def _on_exit(self, event: Exited) -> None:
+        with self._lock:
+            slot = self._slots.get(event.key)
+            if slot is None:
+                return  # withdrawn: we stopped it
+            slot.exit_code = event.code
+            max_restarts = int(slot.assignment["spec"].get("max_restarts", 0))
+            if event.code == 0:
+                slot.state = SUCCEEDED
+            elif slot.restarts < max_restarts:
+                log.warning(
+                    "event=worker_restart job=%s worker=%s code=%d restart=%d",
+                    slot.job_id,
+                    slot.worker_id,
+                    event.code,
+                    slot.restarts + 1,
+                )
+                self._slots.pop(event.key)
+                self._launch(event.key, slot.assignment, restarts=slot.restarts + 1)
+                return
+            else:
+                slot.state = FAILED
+            self._report(slot)
+
+    def _report(self, slot: Slot, pid: int | None = None) -> None:
+        report = WorkerReport(
+            worker_id=slot.worker_id,
+            node_id=self.node_id,
+            generation=slot.generation,
+            state=slot.state,
+            restarts=slot.restarts,
+            exit_code=slot.exit_code,
+            pid=pid or self.supervisor.pid((slot.job_id, slot.worker_id)) or 0,
+        )
+        try:
+            self.session.put(self.keys.worker(slot.job_id, slot.worker_id), report.to_json())
+        except EtcdError as exc:
+            # Kept in the session: it is put again when etcd is back.
+            log.warning(
+                "event=report_deferred job=%s worker=%s error=%s", slot.job_id, slot.worker_id, exc
+            )
+
+
+def default_node_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"

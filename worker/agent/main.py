@@ -1,0 +1,44 @@
+"""`elasticd agent`: one per node; runs the training processes assigned to it."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from elasticd.coord.etcd import EtcdClient
+from elasticd.coord.keys import DEFAULT_PREFIX, Keys
+from elasticd.coord.session import DEFAULT_TTL_S
+from elasticd.serving import configure_logging, wait_for_stop_signal
+from elasticd.worker.agent.agent import NodeAgent, default_node_id
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--etcd", default="127.0.0.1:2379", help="etcd endpoints, host:port[,host:port]")
+    p.add_argument("--prefix", default=DEFAULT_PREFIX, help="etcd key prefix of this cluster")
+    p.add_argument("--node-id", default=None, help="node id (default: <hostname>-<pid>)")
+    p.add_argument("--slots", type=int, default=1, help="training processes this node runs at once")
+    p.add_argument("--lease-ttl", type=int, default=DEFAULT_TTL_S, help="etcd lease TTL, seconds")
+    p.add_argument(
+        "--log-dir",
+        default=os.path.abspath(".elasticd/logs"),
+        help="directory for training process logs (<log-dir>/<job>/<worker>.log)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    node_id = args.node_id or default_node_id()
+    configure_logging(f"agent:{node_id}")
+    stop = wait_for_stop_signal()
+    agent = NodeAgent(
+        EtcdClient(args.etcd), Keys(args.prefix), node_id, args.slots, args.log_dir, args.lease_ttl
+    ).start()
+    log.info("event=agent_ready node=%s slots=%d", node_id, args.slots)
+    print(f"agent {node_id} ready with {args.slots} slot(s)", flush=True)
+    try:
+        agent.run(stop)
+    finally:
+        agent.shutdown()
+    return 0

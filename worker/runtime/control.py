@@ -1,0 +1,76 @@
+"""The training process's side of the agent's control pipe.
+
+The agent writes JSON lines on the process's stdin: the first carries the
+assignment to start with, later ones a new assignment (a new generation) to
+adopt at the next step boundary. End of input means the agent is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Assignment:
+    job_id: str
+    worker_id: str
+    generation: int
+    world_size: int
+    rank: int
+    local_rank: int
+    spec: dict[str, Any]
+    placement: list | None
+    ps: dict[str, str]
+    controller: str
+
+    @classmethod
+    def from_message(cls, message: dict[str, Any]) -> Assignment:
+        a = message["assignment"]
+        me = next(m for m in a["members"] if m["worker_id"] == a["worker_id"])
+        return cls(
+            job_id=a["job_id"],
+            worker_id=a["worker_id"],
+            generation=int(a["generation"]),
+            world_size=int(a["world_size"]),
+            rank=int(me["rank"]),
+            local_rank=int(me["local_rank"]),
+            spec=a["spec"],
+            placement=a.get("placement"),
+            ps=a.get("ps", {}),
+            controller=a["controller"],
+        )
+
+
+class ControlChannel:
+    def __init__(self, stream=None) -> None:
+        # The raw descriptor, not sys.stdin: a daemon thread blocked in a
+        # buffered read holds its lock and aborts interpreter shutdown.
+        self._stream = stream if stream is not None else open(0, "rb", buffering=0, closefd=False)  # noqa: SIM115
+        self._latest: Assignment | None = None
+        self._lock = threading.Lock()
+        self.closed = threading.Event()
+
+    def first(self) -> Assignment:
+        line = self._stream.readline()
+        if not line:
+            raise SystemExit("control pipe closed before an assignment arrived")
+        assignment = Assignment.from_message(json.loads(line))
+        threading.Thread(target=self._read, name="control", daemon=True).start()
+        return assignment
+
+    def _read(self) -> None:
+        for line in self._stream:
+            message = json.loads(line)
+            if "assignment" in message:
+                with self._lock:
+                    self._latest = Assignment.from_message(message)
+        self.closed.set()
+
+    def poll(self) -> Assignment | None:
+        """The newest assignment received since the last poll, if any."""
+        with self._lock:
+            latest, self._latest = self._latest, None
+            return latest

@@ -1,0 +1,66 @@
+"""Reporting training progress to the controller over gRPC (never through etcd)."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import grpc
+
+from elasticd.rpc import job_pb2, job_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+REPORT_TIMEOUT_S = 5.0
+
+
+class ProgressReporter:
+    def __init__(self, controller: str, job_id: str, worker_id: str, rank: int) -> None:
+        self.job_id = job_id
+        self.worker_id = worker_id
+        self.rank = rank
+        self._address = ""
+        self._channel: grpc.Channel | None = None
+        self.retarget(controller)
+
+    def retarget(self, controller: str) -> None:
+        if controller == self._address:
+            return
+        if self._channel is not None:
+            self._channel.close()
+        self._address = controller
+        self._channel = grpc.insecure_channel(controller)
+        self._stub = job_pb2_grpc.TrainingCoordinatorStub(self._channel)
+
+    def report(self, generation: int, step: int, loss: float, finished: bool = False) -> bool:
+        """Send one report; True if the controller says this job is over.
+
+        A controller that does not answer (fail-over in progress) costs a
+        warning, never the training run.
+        """
+        try:
+            ack = self._stub.ReportProgress(
+                job_pb2.ProgressReport(
+                    job_id=self.job_id,
+                    generation=generation,
+                    worker_id=self.worker_id,
+                    rank=self.rank,
+                    step=step,
+                    loss=loss if not math.isnan(loss) else float("nan"),
+                    finished=finished,
+                ),
+                timeout=REPORT_TIMEOUT_S,
+            )
+            return ack.stop
+        except grpc.RpcError as exc:
+            log.warning(
+                "event=report_failed job=%s worker=%s code=%s",
+                self.job_id,
+                self.worker_id,
+                exc.code(),
+            )
+            return False
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
