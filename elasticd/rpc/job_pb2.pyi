@@ -1,10 +1,8 @@
-from collections.abc import Iterable as _Iterable
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
-
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from google.protobuf.internal import containers as _containers
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -14,13 +12,13 @@ class SubmitJobRequest(_message.Message):
     BASE_DIR_FIELD_NUMBER: _ClassVar[int]
     spec_yaml: str
     base_dir: str
-    def __init__(self, spec_yaml: str | None = ..., base_dir: str | None = ...) -> None: ...
+    def __init__(self, spec_yaml: _Optional[str] = ..., base_dir: _Optional[str] = ...) -> None: ...
 
 class SubmitJobReply(_message.Message):
     __slots__ = ("job_id",)
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     job_id: str
-    def __init__(self, job_id: str | None = ...) -> None: ...
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
     __slots__ = ("worker_id", "node_id", "rank", "state", "step", "loss")
@@ -36,33 +34,10 @@ class WorkerStatus(_message.Message):
     state: str
     step: int
     loss: float
-    def __init__(
-        self,
-        worker_id: str | None = ...,
-        node_id: str | None = ...,
-        rank: int | None = ...,
-        state: str | None = ...,
-        step: int | None = ...,
-        loss: float | None = ...,
-    ) -> None: ...
+    def __init__(self, worker_id: _Optional[str] = ..., node_id: _Optional[str] = ..., rank: _Optional[int] = ..., state: _Optional[str] = ..., step: _Optional[int] = ..., loss: _Optional[float] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = (
-        "job_id",
-        "name",
-        "state",
-        "mode",
-        "generation",
-        "workers",
-        "step",
-        "total_steps",
-        "loss",
-        "first_loss",
-        "checkpoint",
-        "message",
-        "submitted_at",
-        "updated_at",
-    )
+    __slots__ = ("job_id", "name", "state", "mode", "generation", "workers", "step", "total_steps", "loss", "first_loss", "checkpoint", "message", "submitted_at", "updated_at")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -91,29 +66,13 @@ class JobStatus(_message.Message):
     message: str
     submitted_at: float
     updated_at: float
-    def __init__(
-        self,
-        job_id: str | None = ...,
-        name: str | None = ...,
-        state: str | None = ...,
-        mode: str | None = ...,
-        generation: int | None = ...,
-        workers: _Iterable[WorkerStatus | _Mapping] | None = ...,
-        step: int | None = ...,
-        total_steps: int | None = ...,
-        loss: float | None = ...,
-        first_loss: float | None = ...,
-        checkpoint: str | None = ...,
-        message: str | None = ...,
-        submitted_at: float | None = ...,
-        updated_at: float | None = ...,
-    ) -> None: ...
+    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., mode: _Optional[str] = ..., generation: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., first_loss: _Optional[float] = ..., checkpoint: _Optional[str] = ..., message: _Optional[str] = ..., submitted_at: _Optional[float] = ..., updated_at: _Optional[float] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("job_id",)
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     job_id: str
-    def __init__(self, job_id: str | None = ...) -> None: ...
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
     __slots__ = ()
@@ -123,13 +82,13 @@ class ListJobsReply(_message.Message):
     __slots__ = ("jobs",)
     JOBS_FIELD_NUMBER: _ClassVar[int]
     jobs: _containers.RepeatedCompositeFieldContainer[JobStatus]
-    def __init__(self, jobs: _Iterable[JobStatus | _Mapping] | None = ...) -> None: ...
+    def __init__(self, jobs: _Optional[_Iterable[_Union[JobStatus, _Mapping]]] = ...) -> None: ...
 
 class CancelJobRequest(_message.Message):
     __slots__ = ("job_id",)
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     job_id: str
-    def __init__(self, job_id: str | None = ...) -> None: ...
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class SwitchModeRequest(_message.Message):
     __slots__ = ("job_id", "mode")
@@ -137,7 +96,7 @@ class SwitchModeRequest(_message.Message):
     MODE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     mode: str
-    def __init__(self, job_id: str | None = ..., mode: str | None = ...) -> None: ...
+    def __init__(self, job_id: _Optional[str] = ..., mode: _Optional[str] = ...) -> None: ...
 
 class ProgressReport(_message.Message):
     __slots__ = ("job_id", "generation", "worker_id", "rank", "step", "loss", "finished")
@@ -155,19 +114,10 @@ class ProgressReport(_message.Message):
     step: int
     loss: float
     finished: bool
-    def __init__(
-        self,
-        job_id: str | None = ...,
-        generation: int | None = ...,
-        worker_id: str | None = ...,
-        rank: int | None = ...,
-        step: int | None = ...,
-        loss: float | None = ...,
-        finished: bool | None = ...,
-    ) -> None: ...
+    def __init__(self, job_id: _Optional[str] = ..., generation: _Optional[int] = ..., worker_id: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., loss: _Optional[float] = ..., finished: _Optional[bool] = ...) -> None: ...
 
 class ProgressAck(_message.Message):
     __slots__ = ("stop",)
     STOP_FIELD_NUMBER: _ClassVar[int]
     stop: bool
-    def __init__(self, stop: bool | None = ...) -> None: ...
+    def __init__(self, stop: _Optional[bool] = ...) -> None: ...

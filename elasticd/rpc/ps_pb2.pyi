@@ -1,10 +1,8 @@
-from collections.abc import Iterable as _Iterable
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
-
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from google.protobuf.internal import containers as _containers
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -14,7 +12,7 @@ class Fence(_message.Message):
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     generation: int
-    def __init__(self, job_id: str | None = ..., generation: int | None = ...) -> None: ...
+    def __init__(self, job_id: _Optional[str] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class TensorMeta(_message.Message):
     __slots__ = ("key", "dtype", "shape")
@@ -24,12 +22,7 @@ class TensorMeta(_message.Message):
     key: str
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(
-        self,
-        key: str | None = ...,
-        dtype: str | None = ...,
-        shape: _Iterable[int] | None = ...,
-    ) -> None: ...
+    def __init__(self, key: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class OptimizerConfig(_message.Message):
     __slots__ = ("name", "kwargs_json")
@@ -37,7 +30,7 @@ class OptimizerConfig(_message.Message):
     KWARGS_JSON_FIELD_NUMBER: _ClassVar[int]
     name: str
     kwargs_json: str
-    def __init__(self, name: str | None = ..., kwargs_json: str | None = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., kwargs_json: _Optional[str] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("index", "offset", "data")
@@ -47,12 +40,7 @@ class Chunk(_message.Message):
     index: int
     offset: int
     data: bytes
-    def __init__(
-        self,
-        index: int | None = ...,
-        offset: int | None = ...,
-        data: bytes | None = ...,
-    ) -> None: ...
+    def __init__(self, index: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class InitShardHeader(_message.Message):
     __slots__ = ("fence", "tensors", "optimizer", "max_staleness", "workers", "max_version")
@@ -68,15 +56,7 @@ class InitShardHeader(_message.Message):
     max_staleness: int
     workers: int
     max_version: int
-    def __init__(
-        self,
-        fence: Fence | _Mapping | None = ...,
-        tensors: _Iterable[TensorMeta | _Mapping] | None = ...,
-        optimizer: OptimizerConfig | _Mapping | None = ...,
-        max_staleness: int | None = ...,
-        workers: int | None = ...,
-        max_version: int | None = ...,
-    ) -> None: ...
+    def __init__(self, fence: _Optional[_Union[Fence, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., max_staleness: _Optional[int] = ..., workers: _Optional[int] = ..., max_version: _Optional[int] = ...) -> None: ...
 
 class InitShardRequest(_message.Message):
     __slots__ = ("header", "chunk")
@@ -84,11 +64,7 @@ class InitShardRequest(_message.Message):
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     header: InitShardHeader
     chunk: Chunk
-    def __init__(
-        self,
-        header: InitShardHeader | _Mapping | None = ...,
-        chunk: Chunk | _Mapping | None = ...,
-    ) -> None: ...
+    def __init__(self, header: _Optional[_Union[InitShardHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class InitShardReply(_message.Message):
     __slots__ = ("created", "version")
@@ -96,7 +72,7 @@ class InitShardReply(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     created: bool
     version: int
-    def __init__(self, created: bool | None = ..., version: int | None = ...) -> None: ...
+    def __init__(self, created: _Optional[bool] = ..., version: _Optional[int] = ...) -> None: ...
 
 class PullRequest(_message.Message):
     __slots__ = ("fence", "worker_id")
@@ -104,9 +80,7 @@ class PullRequest(_message.Message):
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     fence: Fence
     worker_id: str
-    def __init__(
-        self, fence: Fence | _Mapping | None = ..., worker_id: str | None = ...
-    ) -> None: ...
+    def __init__(self, fence: _Optional[_Union[Fence, _Mapping]] = ..., worker_id: _Optional[str] = ...) -> None: ...
 
 class PullHeader(_message.Message):
     __slots__ = ("version", "tensors")
@@ -114,11 +88,7 @@ class PullHeader(_message.Message):
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     version: int
     tensors: _containers.RepeatedCompositeFieldContainer[TensorMeta]
-    def __init__(
-        self,
-        version: int | None = ...,
-        tensors: _Iterable[TensorMeta | _Mapping] | None = ...,
-    ) -> None: ...
+    def __init__(self, version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ...) -> None: ...
 
 class PullReply(_message.Message):
     __slots__ = ("header", "chunk")
@@ -126,11 +96,7 @@ class PullReply(_message.Message):
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     header: PullHeader
     chunk: Chunk
-    def __init__(
-        self,
-        header: PullHeader | _Mapping | None = ...,
-        chunk: Chunk | _Mapping | None = ...,
-    ) -> None: ...
+    def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class PushHeader(_message.Message):
     __slots__ = ("fence", "worker_id", "base_version", "compression")
@@ -142,13 +108,7 @@ class PushHeader(_message.Message):
     worker_id: str
     base_version: int
     compression: str
-    def __init__(
-        self,
-        fence: Fence | _Mapping | None = ...,
-        worker_id: str | None = ...,
-        base_version: int | None = ...,
-        compression: str | None = ...,
-    ) -> None: ...
+    def __init__(self, fence: _Optional[_Union[Fence, _Mapping]] = ..., worker_id: _Optional[str] = ..., base_version: _Optional[int] = ..., compression: _Optional[str] = ...) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("header", "chunk")
@@ -156,11 +116,7 @@ class PushRequest(_message.Message):
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     header: PushHeader
     chunk: Chunk
-    def __init__(
-        self,
-        header: PushHeader | _Mapping | None = ...,
-        chunk: Chunk | _Mapping | None = ...,
-    ) -> None: ...
+    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class PushReply(_message.Message):
     __slots__ = ("version", "applied", "staleness")
@@ -170,12 +126,7 @@ class PushReply(_message.Message):
     version: int
     applied: bool
     staleness: int
-    def __init__(
-        self,
-        version: int | None = ...,
-        applied: bool | None = ...,
-        staleness: int | None = ...,
-    ) -> None: ...
+    def __init__(self, version: _Optional[int] = ..., applied: _Optional[bool] = ..., staleness: _Optional[int] = ...) -> None: ...
 
 class SnapshotRequest(_message.Message):
     __slots__ = ("fence", "url", "name", "step")
@@ -187,13 +138,7 @@ class SnapshotRequest(_message.Message):
     url: str
     name: str
     step: int
-    def __init__(
-        self,
-        fence: Fence | _Mapping | None = ...,
-        url: str | None = ...,
-        name: str | None = ...,
-        step: int | None = ...,
-    ) -> None: ...
+    def __init__(self, fence: _Optional[_Union[Fence, _Mapping]] = ..., url: _Optional[str] = ..., name: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
 
 class SnapshotReply(_message.Message):
     __slots__ = ("path", "sha256", "size", "version")
@@ -205,19 +150,13 @@ class SnapshotReply(_message.Message):
     sha256: str
     size: int
     version: int
-    def __init__(
-        self,
-        path: str | None = ...,
-        sha256: str | None = ...,
-        size: int | None = ...,
-        version: int | None = ...,
-    ) -> None: ...
+    def __init__(self, path: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ShardInfoRequest(_message.Message):
     __slots__ = ("job_id",)
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     job_id: str
-    def __init__(self, job_id: str | None = ...) -> None: ...
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class ShardInfoReply(_message.Message):
     __slots__ = ("exists", "generation", "version", "bytes", "tensors")
@@ -231,14 +170,7 @@ class ShardInfoReply(_message.Message):
     version: int
     bytes: int
     tensors: _containers.RepeatedCompositeFieldContainer[TensorMeta]
-    def __init__(
-        self,
-        exists: bool | None = ...,
-        generation: int | None = ...,
-        version: int | None = ...,
-        bytes: int | None = ...,
-        tensors: _Iterable[TensorMeta | _Mapping] | None = ...,
-    ) -> None: ...
+    def __init__(self, exists: _Optional[bool] = ..., generation: _Optional[int] = ..., version: _Optional[int] = ..., bytes: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ...) -> None: ...
 
 class AdvanceGenerationRequest(_message.Message):
     __slots__ = ("fence", "workers")
@@ -246,13 +178,13 @@ class AdvanceGenerationRequest(_message.Message):
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     fence: Fence
     workers: int
-    def __init__(self, fence: Fence | _Mapping | None = ..., workers: int | None = ...) -> None: ...
+    def __init__(self, fence: _Optional[_Union[Fence, _Mapping]] = ..., workers: _Optional[int] = ...) -> None: ...
 
 class DropShardRequest(_message.Message):
     __slots__ = ("fence",)
     FENCE_FIELD_NUMBER: _ClassVar[int]
     fence: Fence
-    def __init__(self, fence: Fence | _Mapping | None = ...) -> None: ...
+    def __init__(self, fence: _Optional[_Union[Fence, _Mapping]] = ...) -> None: ...
 
 class DropShardReply(_message.Message):
     __slots__ = ()

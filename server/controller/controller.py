@@ -214,16 +214,16 @@ class Controller:
             submitted_at=now,
             updated_at=now,
         )
-        ok, revision = self.client.transaction(
-            [Compare(self.keys.job_spec(job_id), "version", "==", 0)],
-            [
+        # _write waits for our cache: the submitter may ask for the job right away.
+        ok, _ = self._write(
+            compare=[Compare(self.keys.job_spec(job_id), "version", "==", 0)],
+            ops=[
                 Put(self.keys.job_spec(job_id), spec.to_json().encode()),
                 Put(self.keys.job_status(job_id), record.to_json()),
             ],
         )
         if not ok:
             raise RuntimeError(f"job id {job_id} already taken; submit again")
-        self.jobs.wait_for_revision(revision)  # the submitter may ask for it right away
         log.info("event=job_submitted job=%s mode=%s steps=%d", job_id, spec.mode, spec.steps)
         self._wake.set()
         return job_id
@@ -364,10 +364,18 @@ class Controller:
 
     # -- effects ----------------------------------------------------------------
 
+    def _write(
+        self, ops: list[Put | Delete], compare: list[Compare] | None = None
+    ) -> tuple[bool, int]:
+        """Run a transaction, then wait until our own cache has seen it (read your writes)."""
+        ok, revision = self.client.transaction(compare or [], ops)
+        if ok:
+            self.jobs.wait_for_revision(revision)
+        return ok, revision
+
     def _put_record(self, record: JobRecord) -> None:
-        self.client.put(
-            self.keys.job_status(record.job_id), record.evolve(updated_at=time.time()).to_json()
-        )
+        status = record.evolve(updated_at=time.time()).to_json()
+        self._write([Put(self.keys.job_status(record.job_id), status)])
 
     def _placement(self, snap: JobSnapshot, cluster: ClusterSnapshot) -> ShardPlacement | None:
         if snap.spec.mode != "ps-async":
@@ -435,7 +443,7 @@ class Controller:
         for node in old_nodes - set(gen.nodes):
             ops.append(Delete(self.keys.assignment(node, job_id)))
         compare = [Compare(gen_key, "mod", "==", current.mod_revision if current else 0)]
-        ok, revision = self.client.transaction(compare, ops)
+        ok, revision = self._write(ops, compare)
         if not ok:
             log.info("event=seal_lost job=%s generation=%d", job_id, gen.number)
             return
@@ -557,7 +565,7 @@ class Controller:
         ]
         if snap.generation:
             ops += [Delete(self.keys.assignment(n, job_id)) for n in snap.generation.nodes]
-        self.client.transaction([], ops)
+        self._write(ops)
         log.info(
             "event=job_finished job=%s state=%s step=%d loss=%.4f",
             job_id,
