@@ -116,7 +116,7 @@ def parse_spec(data: Any, base_dir: str | None = None) -> JobSpec:
     _reject_unknown(data, {f for f in JobSpec.__dataclass_fields__}, "")
 
     name = data.get("name")
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise SpecError(f"name: must be 1-40 lowercase letters, digits or '-', got {name!r}")
     mode = data.get("mode")
     if mode not in MODES:

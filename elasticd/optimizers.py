@@ -43,9 +43,11 @@ def _plain(value: Any) -> bool:
 
 
 def validate_optimizer(name: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Check ``name`` and ``kwargs``; returns the kwargs with lists turned to tuples."""
-    if name not in OPTIMIZERS:
+    """Check ``name`` and ``kwargs``; returns JSON-able kwargs (tuples become lists)."""
+    if not isinstance(name, str) or name not in OPTIMIZERS:
         raise OptimizerError("name", f"must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+    if not isinstance(kwargs, dict):
+        raise OptimizerError("kwargs", f"must be a mapping, got {type(kwargs).__name__}")
     params = inspect.signature(OPTIMIZERS[name].__init__).parameters
     allowed = {p for p in params if p not in _RESERVED and p != "self"}
     out: dict[str, Any] = {}

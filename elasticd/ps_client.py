@@ -18,7 +18,8 @@ import torch
 
 from elasticd.placement import ShardPlacement, Slice
 from elasticd.rpc import ps_pb2, ps_pb2_grpc
-from elasticd.wire import GRPC_OPTIONS, Assembler, TensorHeader, as_bytes, chunk, header_of
+from elasticd.rpc.limits import GRPC_OPTIONS
+from elasticd.wire import Assembler, TensorHeader, as_bytes, chunk, header_of
 
 RPC_TIMEOUT_S = 60.0  # one pull/push of a whole shard
 

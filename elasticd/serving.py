@@ -13,7 +13,7 @@ from concurrent import futures
 
 import grpc
 
-from elasticd.wire import GRPC_OPTIONS
+from elasticd.rpc.limits import GRPC_OPTIONS
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 
 CHUNK_BYTES = 1 << 20  # 1 MiB: grpcio moved 1-16 MB messages fastest here
-MAX_MESSAGE_BYTES = 8 << 20  # explicit gRPC message limit, on both sides
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -32,11 +31,6 @@ DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
-
-GRPC_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-]
 
 
 # torch.frombuffer warns on read-only buffers (gRPC's bytes); elasticd only reads them.

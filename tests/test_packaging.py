@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -23,9 +24,16 @@ def test_generated_stubs_match_the_protos(tmp_path):
 
 
 def test_wheel_installs_server_and_worker_inside_elasticd(tmp_path):
+    # Build from a copy: a build in the checkout would leave build/ behind.
+    src = tmp_path / "src"
+    shutil.copytree(
+        ROOT,
+        src,
+        ignore=shutil.ignore_patterns(".venv", ".git", ".elasticd", "build", "*.egg-info"),
+    )
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path), str(ROOT)],
+         "-w", str(tmp_path), str(src)],
         check=True,
         timeout=300,
     )  # fmt: skip

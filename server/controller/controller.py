@@ -37,9 +37,11 @@ from elasticd.server.controller.planning import (
     Complete,
     Fail,
     JobSnapshot,
+    PendingChange,
     Seal,
     Wait,
     decide,
+    last_call,
 )
 from elasticd.server.controller.records import (
     CANCELLED,
@@ -57,6 +59,8 @@ from elasticd.wire import dtype_name
 log = logging.getLogger(__name__)
 
 JOIN_WINDOW_S = 1.0  # a changed membership must hold this long before it is sealed
+# ...unless changes keep coming for this many join windows: then seal anyway.
+JOIN_WINDOW_MAX_FACTOR = 10
 RECONCILE_INTERVAL_S = 0.5  # reconcile at least this often, and on every change
 
 
@@ -118,7 +122,7 @@ class Controller:
         self.jobs = PrefixCache(client, keys.jobs, self._wake.set)
         self._progress: dict[str, dict[str, Progress]] = {}
         self._lock = threading.Lock()
-        self._pending: dict[str, tuple[tuple[str, ...], float]] = {}
+        self._pending: dict[str, PendingChange] = {}
         self._busy: set[str] = set()
         self._is_leader = False
         self._adopted: set[str] = set()
@@ -316,14 +320,16 @@ class Controller:
         job_id = snap.record.job_id
         action = decide(snap, cluster)
         if isinstance(action, Seal):
-            pending = self._pending.get(job_id)
-            now = time.monotonic()
-            if pending is None or pending[0] != action.workers:
-                self._pending[job_id] = (action.workers, now)
-                self._wake_later(self.join_window_s)
-                return
-            if now - pending[1] < self.join_window_s:
-                self._wake_later(self.join_window_s - (now - pending[1]))
+            pending, wait = last_call(
+                self._pending.get(job_id),
+                action.workers,
+                time.monotonic(),
+                self.join_window_s,
+                self.join_window_s * JOIN_WINDOW_MAX_FACTOR,
+            )
+            self._pending[job_id] = pending
+            if wait > 0:
+                self._wake_later(wait)
                 return
             self._pending.pop(job_id, None)
             self._seal(snap, cluster, action)

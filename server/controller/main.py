@@ -11,12 +11,6 @@ from elasticd.coord.election import Election
 from elasticd.coord.etcd import EtcdClient, EtcdError
 from elasticd.coord.keys import DEFAULT_PREFIX, Keys
 from elasticd.coord.session import DEFAULT_TTL_S, Session
-from elasticd.rpc import job_pb2_grpc
-from elasticd.server.controller.controller import JOIN_WINDOW_S, Controller
-from elasticd.server.controller.service import (
-    JobServiceServicer,
-    TrainingCoordinatorServicer,
-)
 from elasticd.serving import (
     advertised_host,
     configure_logging,
@@ -25,6 +19,8 @@ from elasticd.serving import (
 )
 
 log = logging.getLogger(__name__)
+
+JOIN_WINDOW_S = 1.0  # a changed membership must hold this long before it is sealed
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def lead(controller: Controller, election: Election, stop: threading.Event) -> None:
+def lead(controller, election: Election, stop: threading.Event) -> None:
     """Reconcile while leading; stand by otherwise."""
     while not stop.is_set():
         leader = election.is_leader()
@@ -62,6 +58,14 @@ def lead(controller: Controller, election: Election, stop: threading.Event) -> N
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here: `elasticd --help` and the other roles need no torch.
+    from elasticd.rpc import job_pb2_grpc
+    from elasticd.server.controller.controller import Controller
+    from elasticd.server.controller.service import (
+        JobServiceServicer,
+        TrainingCoordinatorServicer,
+    )
+
     configure_logging("controller")
     stop = wait_for_stop_signal()
     keys = Keys(args.prefix)

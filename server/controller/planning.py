@@ -118,3 +118,34 @@ def decide(job: JobSnapshot, cluster: ClusterSnapshot) -> Action:
 
 def spec_job_id(job: JobSnapshot) -> str:
     return job.record.job_id
+
+
+@dataclass(frozen=True)
+class PendingChange:
+    """A membership change waiting for its last call."""
+
+    workers: tuple[str, ...]
+    seen_at: float  # when this exact set was first wanted
+    began_at: float  # when the membership first started to differ
+
+
+def last_call(
+    pending: PendingChange | None,
+    workers: tuple[str, ...],
+    now: float,
+    window: float,
+    max_wait: float,
+) -> tuple[PendingChange, float]:
+    """Gather a burst of joins (or losses) into one generation.
+
+    A change is sealed once the wanted set has held still for ``window``
+    seconds, or once changes have kept coming for ``max_wait`` seconds.
+    Returns the updated pending change and how long to wait before sealing
+    (0: seal now).
+    """
+    if pending is None:
+        pending = PendingChange(workers, now, now)
+    elif pending.workers != workers:
+        pending = PendingChange(workers, now, pending.began_at)
+    wait = min(pending.seen_at + window, pending.began_at + max_wait) - now
+    return pending, max(wait, 0.0)

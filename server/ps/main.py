@@ -10,8 +10,6 @@ import uuid
 from elasticd.coord.etcd import EtcdClient
 from elasticd.coord.keys import DEFAULT_PREFIX, Keys
 from elasticd.coord.session import DEFAULT_TTL_S, Session
-from elasticd.rpc import ps_pb2_grpc
-from elasticd.server.ps.service import ParameterServerServicer
 from elasticd.serving import (
     advertised_host,
     configure_logging,
@@ -32,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from elasticd.rpc import ps_pb2_grpc
+    from elasticd.server.ps.service import ParameterServerServicer
+
     ps_id = args.ps_id or f"ps-{uuid.uuid4().hex[:8]}"
     configure_logging(f"ps:{ps_id}")
     stop = wait_for_stop_signal()

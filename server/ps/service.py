@@ -162,8 +162,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, f"unknown compression {header.compression!r}"
             )
         try:
-            with shard.lock:
-                shard.fence(header.fence.generation)
+            shard.check_fence(header.fence.generation)
             assembler = Assembler(shard.headers)
             for req in request_iterator:
                 if not req.HasField("chunk"):

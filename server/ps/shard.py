@@ -95,11 +95,7 @@ class ParameterShard:
 
         Must be called with the lock held.
         """
-        if generation < self.generation:
-            raise StaleGeneration(
-                f"job {self.config.job_id}: generation {generation} is stale, "
-                f"the job is at generation {self.generation}"
-            )
+        self.check_fence(generation)
         if generation > self.generation:
             log.info(
                 "event=generation_advanced job=%s from=%d to=%d",
@@ -108,6 +104,18 @@ class ParameterShard:
                 generation,
             )
             self.generation = generation
+
+    def check_fence(self, generation: int) -> None:
+        """Raise if ``generation`` is stale, without admitting a newer one.
+
+        Used before a request's payload is validated, so that a malformed
+        request from a newer generation changes nothing.
+        """
+        if generation < self.generation:
+            raise StaleGeneration(
+                f"job {self.config.job_id}: generation {generation} is stale, "
+                f"the job is at generation {self.generation}"
+            )
 
     def advance(self, generation: int, workers: int | None = None) -> None:
         with self.lock:

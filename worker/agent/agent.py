@@ -38,14 +38,22 @@ from elasticd.worker.agent.supervisor import ProcessSupervisor
 log = logging.getLogger(__name__)
 
 
-def node_capacity(node_id: str, slots: int) -> NodeInfo:
-    gpus = 0
-    try:
-        import torch
+def gpu_count() -> int:
+    """GPUs this node offers, without importing torch (an agent stays light).
 
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception:
-        gpus = 0
+    CUDA_VISIBLE_DEVICES narrows what the driver lists, as it does for CUDA.
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    try:
+        return len(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        return 0
+
+
+def node_capacity(node_id: str, slots: int) -> NodeInfo:
+    gpus = gpu_count()
     return NodeInfo(
         node_id=node_id,
         slots=slots,

@@ -1,0 +1,323 @@
+"""Membership and the controller's decisions, as pure functions of snapshots.
+
+Invariant 3: membership is a sequence of sealed generations with ranks derived
+deterministically from the set of workers. No etcd, no gRPC: these are the
+plain functions the reconcile loop calls.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Sequence
+
+import pytest
+
+from elasticd.jobspec import parse_spec
+from elasticd.membership import (
+    Generation,
+    NodeInfo,
+    WorkerReport,
+    assign_ranks,
+    choose_workers,
+    split_worker_id,
+    worker_id,
+)
+from elasticd.server.controller.planning import (
+    ClusterSnapshot,
+    Complete,
+    Fail,
+    JobSnapshot,
+    Nothing,
+    Seal,
+    Wait,
+    decide,
+)
+from elasticd.server.controller.records import (
+    COMPLETED,
+    FAILED,
+    RUNNING,
+    WAITING,
+    JobRecord,
+)
+
+JOB = "job-1"
+
+
+def nodes(**slots: int) -> dict[str, NodeInfo]:
+    return {n: NodeInfo(n, s) for n, s in slots.items()}
+
+
+# -- worker ids and ranks ------------------------------------------------------
+
+
+def test_worker_id_round_trip() -> None:
+    assert worker_id("node-a", 3) == "node-a.3"
+    assert split_worker_id("node-a.3") == ("node-a", 3)
+    # Node ids may themselves contain dots (host names).
+    assert split_worker_id(worker_id("host.example.com", 12)) == ("host.example.com", 12)
+
+
+def test_ranks_deterministic_from_the_set_alone() -> None:
+    wids = ["b.1", "a.0", "c.0", "a.2", "b.0", "a.10", "a.1"]
+    reference = assign_ranks(JOB, 4, wids)
+    rng = random.Random(7)
+    for _ in range(50):
+        shuffled = wids[:]
+        rng.shuffle(shuffled)
+        assert assign_ranks(JOB, 4, shuffled) == reference
+    assert assign_ranks(JOB, 4, set(wids)) == reference
+    assert assign_ranks(JOB, 4, iter(wids)) == reference
+    # Ranks follow (node, numeric slot): a.10 comes after a.2.
+    assert [m.worker_id for m in reference.members] == [
+        "a.0",
+        "a.1",
+        "a.2",
+        "a.10",
+        "b.0",
+        "b.1",
+        "c.0",
+    ]
+    assert [m.rank for m in reference.members] == list(range(7))
+    assert reference.world_size == 7
+    assert reference.number == 4 and reference.job_id == JOB
+
+
+def test_local_ranks_count_per_node() -> None:
+    gen = assign_ranks(JOB, 1, ["n2.1", "n1.3", "n2.0", "n1.0", "n3.5"])
+    local = {m.worker_id: (m.node_id, m.local_rank) for m in gen.members}
+    assert local == {
+        "n1.0": ("n1", 0),
+        "n1.3": ("n1", 1),
+        "n2.0": ("n2", 0),
+        "n2.1": ("n2", 1),
+        "n3.5": ("n3", 0),
+    }
+    assert gen.nodes == ["n1", "n2", "n3"]
+    assert [m.worker_id for m in gen.on_node("n2")] == ["n2.0", "n2.1"]
+
+
+def test_generation_json_round_trip() -> None:
+    gen = assign_ranks(JOB, 9, ["x.0", "y.0", "x.1"])
+    assert Generation.from_json(gen.to_json()) == gen
+    assert gen.worker_ids == frozenset({"x.0", "y.0", "x.1"})
+
+
+def test_records_json_round_trip() -> None:
+    info = NodeInfo("n1", 4, cpus=8, memory_bytes=1 << 30, gpus=1, hostname="h")
+    assert NodeInfo.from_json(info.to_json()) == info
+    report = WorkerReport("n1.0", "n1", 3, "FAILED", restarts=2, exit_code=1, pid=42)
+    assert WorkerReport.from_json(report.to_json()) == report
+    rec = JobRecord(JOB, "j", "ps-async", state=RUNNING, generation=2)
+    assert JobRecord.from_json(rec.to_json()).generation == 2
+
+
+# -- choose_workers --------------------------------------------------------------
+
+
+def test_choose_fills_up_to_max_in_node_order() -> None:
+    chosen = choose_workers(nodes(b=2, a=2), {}, [], [], max_workers=3)
+    assert chosen == ["a.0", "a.1", "b.0"]
+    assert choose_workers(nodes(a=2, b=2), {}, [], [], max_workers=10) == [
+        "a.0",
+        "a.1",
+        "b.0",
+        "b.1",
+    ]
+
+
+def test_choose_keeps_current_members() -> None:
+    # Without the current set this would pick a.0; with it, b.1 stays (no churn).
+    assert choose_workers(nodes(a=2, b=2), {}, ["b.1"], [], max_workers=1) == ["b.1"]
+    chosen = choose_workers(nodes(a=2, b=2), {}, ["b.1", "a.1"], [], max_workers=3)
+    assert set(chosen) >= {"b.1", "a.1"}
+    assert len(chosen) == 3
+    assert chosen == sorted(chosen, key=split_worker_id)
+
+
+def test_choose_keeps_current_before_filling_when_full() -> None:
+    chosen = choose_workers(nodes(a=1, b=1, c=1), {}, ["c.0", "b.0"], [], max_workers=2)
+    assert chosen == ["b.0", "c.0"]
+
+
+def test_choose_skips_failed_workers() -> None:
+    chosen = choose_workers(nodes(a=2, b=1), {}, ["a.0", "b.0"], ["a.0"], max_workers=3)
+    assert "a.0" not in chosen
+    assert chosen == ["a.1", "b.0"]
+
+
+def test_choose_drops_members_of_gone_nodes() -> None:
+    chosen = choose_workers(nodes(a=1), {}, ["a.0", "gone.0"], [], max_workers=2)
+    assert chosen == ["a.0"]
+
+
+def test_choose_drops_slots_a_node_no_longer_has() -> None:
+    chosen = choose_workers(nodes(a=1), {}, ["a.0", "a.1"], [], max_workers=2)
+    assert chosen == ["a.0"]
+
+
+def test_choose_respects_slots_taken_by_other_jobs() -> None:
+    assert choose_workers(nodes(a=2, b=2), {"a": 2}, [], [], max_workers=4) == ["b.0", "b.1"]
+    assert choose_workers(nodes(a=2, b=2), {"a": 1, "b": 2}, [], [], max_workers=4) == ["a.0"]
+    # The job's own members count against the node's free slots.
+    assert choose_workers(nodes(a=2), {"a": 1}, ["a.1"], [], max_workers=2) == ["a.1"]
+
+
+def test_choose_is_independent_of_input_order() -> None:
+    cluster = nodes(a=3, b=2, c=1)
+    current = ["c.0", "a.2"]
+    reference = choose_workers(cluster, {"b": 1}, current, ["a.0"], max_workers=4)
+    for perm in itertools.permutations(current):
+        shuffled = dict(reversed(list(cluster.items())))
+        assert choose_workers(shuffled, {"b": 1}, list(perm), ["a.0"], 4) == reference
+
+
+# -- decide ------------------------------------------------------------------------
+
+
+def make_spec(mode: str = "ps-async", wmin: int = 1, wmax: int = 2):
+    return parse_spec(
+        {
+            "name": "job",
+            "mode": mode,
+            "task": "linreg.py",
+            "steps": 10,
+            "workers": {"min": wmin, "max": wmax},
+        }
+    )
+
+
+def snapshot(
+    members: list[str] | None,
+    *,
+    gen_number: int = 1,
+    reports: Sequence[WorkerReport] = (),
+    mode: str = "ps-async",
+    wmin: int = 1,
+    wmax: int = 2,
+    state: str = RUNNING,
+) -> JobSnapshot:
+    gen = None if members is None else assign_ranks(JOB, gen_number, members)
+    record = JobRecord(JOB, "job", mode, state=state, generation=gen_number if gen else 0)
+    return JobSnapshot(
+        spec=make_spec(mode, wmin, wmax),
+        record=record,
+        generation=gen,
+        workers={r.worker_id: r for r in reports},
+    )
+
+
+def report(wid: str, state: str, generation: int = 1, **kw) -> WorkerReport:
+    return WorkerReport(wid, split_worker_id(wid)[0], generation, state, **kw)
+
+
+PS = {"ps-0": "127.0.0.1:1"}
+
+
+def test_seal_when_a_members_node_vanished() -> None:
+    job = snapshot(["a.0", "b.0"], reports=[report("a.0", "RUNNING"), report("b.0", "RUNNING")])
+    action = decide(job, ClusterSnapshot(nodes(a=1), PS))
+    assert isinstance(action, Seal)
+    assert action.workers == ("a.0",)
+    assert "lost=b.0" in action.reason
+
+
+def test_seal_with_new_worker_when_node_joins() -> None:
+    job = snapshot(["a.0"], reports=[report("a.0", "RUNNING")])
+    action = decide(job, ClusterSnapshot(nodes(a=1, b=1), PS))
+    assert isinstance(action, Seal)
+    assert action.workers == ("a.0", "b.0")
+    assert "joined=b.0" in action.reason
+
+
+def test_no_seal_when_a_node_joins_at_max() -> None:
+    job = snapshot(["a.0", "b.0"], wmax=2)
+    assert decide(job, ClusterSnapshot(nodes(a=1, b=1, c=1), PS)) == Nothing()
+
+
+def test_nothing_when_nothing_changed() -> None:
+    job = snapshot(["a.0", "b.0"], reports=[report("a.0", "RUNNING"), report("b.0", "STARTING")])
+    assert decide(job, ClusterSnapshot(nodes(a=1, b=1), PS)) == Nothing()
+
+
+def test_first_generation_is_sealed() -> None:
+    job = snapshot(None, state=WAITING)
+    action = decide(job, ClusterSnapshot(nodes(a=1, b=1), PS))
+    assert isinstance(action, Seal)
+    assert action.workers == ("a.0", "b.0")
+
+
+def test_wait_below_min_workers() -> None:
+    job = snapshot(None, wmin=3, wmax=4, state=WAITING)
+    action = decide(job, ClusterSnapshot(nodes(a=1, b=1), PS))
+    assert isinstance(action, Wait)
+    assert "2 of at least 3" in action.message
+
+
+def test_running_generation_ends_when_it_falls_below_min() -> None:
+    job = snapshot(["a.0", "b.0"], wmin=2, wmax=2)
+    action = decide(job, ClusterSnapshot(nodes(a=1), PS))
+    assert isinstance(action, Seal)
+    assert action.workers == ()
+
+
+def test_slots_of_other_jobs_are_not_used() -> None:
+    job = snapshot(None, wmin=1, wmax=2, state=WAITING)
+    cluster = ClusterSnapshot(nodes(a=1, b=1), PS, taken={"other": {"a": 1}, JOB: {"b": 1}})
+    action = decide(job, cluster)
+    # The job's own entry in `taken` does not count against it; the other job's does.
+    assert isinstance(action, Seal)
+    assert action.workers == ("b.0",)
+
+
+def test_wait_without_ps_in_ps_async_mode() -> None:
+    job = snapshot(None, state=WAITING)
+    action = decide(job, ClusterSnapshot(nodes(a=1), {}))
+    assert isinstance(action, Wait)
+    assert "parameter server" in action.message
+    # All-reduce needs no PS.
+    job = snapshot(None, mode="allreduce", state=WAITING)
+    assert decide(job, ClusterSnapshot(nodes(a=1), {})) == Seal(("a.0",), "lost=- joined=a.0")
+
+
+def test_complete_when_all_members_succeeded() -> None:
+    reports = [report("a.0", "SUCCEEDED", 2), report("b.0", "SUCCEEDED", 2)]
+    job = snapshot(["a.0", "b.0"], gen_number=2, reports=reports)
+    assert decide(job, ClusterSnapshot(nodes(a=1, b=1), PS)) == Complete()
+    # Even when the nodes are already gone: the work is done.
+    assert decide(job, ClusterSnapshot({}, {})) == Complete()
+
+
+def test_not_complete_while_a_member_runs() -> None:
+    reports = [report("a.0", "SUCCEEDED"), report("b.0", "RUNNING")]
+    job = snapshot(["a.0", "b.0"], reports=reports)
+    assert decide(job, ClusterSnapshot(nodes(a=1, b=1), PS)) == Nothing()
+
+
+def test_success_in_an_older_generation_does_not_complete() -> None:
+    reports = [report("a.0", "SUCCEEDED", 1), report("b.0", "SUCCEEDED", 1)]
+    job = snapshot(["a.0", "b.0"], gen_number=2, reports=reports)
+    assert decide(job, ClusterSnapshot(nodes(a=1, b=1), PS)) == Nothing()
+
+
+def test_fail_when_a_member_reports_failed() -> None:
+    reports = [report("a.0", "RUNNING"), report("b.0", FAILED, restarts=3, exit_code=2)]
+    job = snapshot(["a.0", "b.0"], reports=reports)
+    action = decide(job, ClusterSnapshot(nodes(a=1, b=1), PS))
+    assert isinstance(action, Fail)
+    assert "b.0" in action.message and "exit code 2" in action.message
+
+
+def test_failed_worker_of_an_older_generation_is_replaced_not_fatal() -> None:
+    # c.0 failed for good in generation 1 and is no longer a member: never re-chosen.
+    reports = [report("a.0", "RUNNING", 2), report("c.0", FAILED, 1)]
+    job = snapshot(["a.0"], gen_number=2, reports=reports, wmax=3)
+    action = decide(job, ClusterSnapshot(nodes(a=1, b=1, c=1), PS))
+    assert isinstance(action, Seal)
+    assert action.workers == ("a.0", "b.0")
+
+
+@pytest.mark.parametrize("state", [COMPLETED, FAILED, "CANCELLED"])
+def test_terminal_jobs_do_nothing(state: str) -> None:
+    job = snapshot(["a.0"], state=state)
+    assert decide(job, ClusterSnapshot(nodes(b=4), PS)) == Nothing()

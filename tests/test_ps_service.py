@@ -1,0 +1,692 @@
+"""The parameter server over real gRPC on loopback, driven through PSTier and the raw stub.
+
+Pins: the PS applies exactly torch.optim's update (so state can move between a
+PS shard and a worker replica), bounded staleness, generation fencing
+(invariant 3), bad input rejected with a status and no change (invariant 8),
+and snapshots that load back without pickle (invariant 7).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from torch import nn
+
+from elasticd.checkpoint import decode_shard
+from elasticd.optimizers import build_optimizer
+from elasticd.placement import ShardPlacement, TensorSpec, place
+from elasticd.ps_client import Fenced, PSTier, StaleGradient, slice_view
+from elasticd.rpc import ps_pb2, ps_pb2_grpc
+from elasticd.server.ps.service import ParameterServerServicer
+from elasticd.serving import start_grpc_server
+from elasticd.wire import as_bytes, dtype_name
+
+pytestmark = pytest.mark.filterwarnings("ignore:The given buffer is not writable")
+
+JOB = "job-ps"
+STEPS = 10
+
+
+# -- fixtures ------------------------------------------------------------------------
+
+
+@dataclass
+class PS:
+    ps_id: str
+    address: str
+    servicer: ParameterServerServicer
+    server: grpc.Server
+
+
+@dataclass
+class PSCluster:
+    """Parameter servers on loopback ports, and the clients a test opens to them."""
+
+    servers: list[PS] = field(default_factory=list)
+    tiers: list[PSTier] = field(default_factory=list)
+    channels: list[grpc.Channel] = field(default_factory=list)
+
+    def start(self, n: int) -> list[PS]:
+        out = []
+        for _ in range(n):
+            ps_id = f"ps-{len(self.servers)}"
+            servicer = ParameterServerServicer(ps_id)
+            server, port = start_grpc_server(
+                lambda s, sv=servicer: ps_pb2_grpc.add_ParameterServerServicer_to_server(sv, s),
+                "127.0.0.1",
+                0,
+            )
+            ps = PS(ps_id, f"127.0.0.1:{port}", servicer, server)
+            self.servers.append(ps)
+            out.append(ps)
+        return out
+
+    def tier(
+        self, servers: list[PS], placement: ShardPlacement, generation: int = 1, job: str = JOB
+    ) -> PSTier:
+        tier = PSTier(
+            job, generation, placement, {s.ps_id: s.address for s in servers}, worker_id="w.0"
+        )
+        self.tiers.append(tier)
+        return tier
+
+    def stub(self, ps: PS) -> ps_pb2_grpc.ParameterServerStub:
+        channel = grpc.insecure_channel(ps.address)
+        self.channels.append(channel)
+        return ps_pb2_grpc.ParameterServerStub(channel)
+
+    def close(self) -> None:
+        for tier in self.tiers:
+            tier.close()
+        for channel in self.channels:
+            channel.close()
+        for ps in self.servers:
+            ps.server.stop(None).wait()
+
+
+@pytest.fixture
+def cluster() -> Iterator[PSCluster]:
+    c = PSCluster()
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+# -- a small deterministic model -------------------------------------------------------
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(7, 33), nn.Tanh(), nn.Linear(33, 3))
+
+
+def batch(index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + index)
+    return torch.randn(16, 7, generator=g), torch.randn(16, 3, generator=g)
+
+
+def loss_of(model: nn.Module, index: int) -> torch.Tensor:
+    x, y = batch(index)
+    return nn.functional.mse_loss(model(x), y)
+
+
+def specs(model: nn.Module) -> list[TensorSpec]:
+    return [TensorSpec(n, dtype_name(p.dtype), tuple(p.shape)) for n, p in model.named_parameters()]
+
+
+def placement_for(model: nn.Module, servers: list[PS]) -> ShardPlacement:
+    # A small split threshold: the first layer's weight is cut by rows across two servers.
+    return place(specs(model), [s.ps_id for s in servers], min_split_bytes=256)
+
+
+def weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+def grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+def ps_step(model: nn.Module, tier: PSTier, index: int) -> dict:
+    """One worker step through the PS: pull, forward/backward, push."""
+    versions = tier.pull_into(weights(model))
+    model.zero_grad(set_to_none=True)
+    loss_of(model, index).backward()
+    return tier.push(grads(model), versions)
+
+
+def pulled(tier: PSTier, like: nn.Module) -> dict[str, torch.Tensor]:
+    out = {n: torch.full_like(p, float("nan")) for n, p in like.named_parameters()}
+    with torch.no_grad():
+        tier.pull_into(out)
+    return out
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and bytes(as_bytes(a)) == bytes(as_bytes(b))
+
+
+# -- torch.optim equivalence -----------------------------------------------------------
+
+OPTIMIZER_CASES = [
+    ("sgd", {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4}),
+    ("adam", {"lr": 0.01}),
+    ("adamw", {"lr": 0.01, "weight_decay": 0.05}),
+    ("adagrad", {"lr": 0.1}),
+]
+
+
+@pytest.mark.parametrize(("name", "kwargs"), OPTIMIZER_CASES, ids=[c[0] for c in OPTIMIZER_CASES])
+def test_ps_training_equals_local_torch_optim(cluster: PSCluster, name: str, kwargs: dict) -> None:
+    servers = cluster.start(2)
+    worker = mlp()
+    placement = placement_for(worker, servers)
+    assert any(not s.whole for s in placement.slices), "no tensor was split by rows"
+    assert len(placement.ps_ids) == 2
+    tier = cluster.tier(servers, placement)
+    created = tier.init(weights(worker), name, kwargs, max_staleness=-1, workers=1, max_version=0)
+    assert created == {"ps-0": True, "ps-1": True}
+
+    local = mlp()
+    opt = build_optimizer(name, kwargs, local.parameters())
+    initial = {n: p.detach().clone() for n, p in local.named_parameters()}
+
+    for i in range(STEPS):
+        outcomes = ps_step(worker, tier, i)
+        assert {o.version for o in outcomes.values()} == {i + 1}
+        assert all(o.applied and o.staleness == 0 for o in outcomes.values())
+        opt.zero_grad(set_to_none=True)
+        loss_of(local, i).backward()
+        opt.step()
+
+    remote = pulled(tier, local)
+    for n, p in local.named_parameters():
+        assert not torch.equal(p.detach(), initial[n]), f"{n} never trained"
+        # Bitwise: the PS runs the same per-tensor torch.optim arithmetic on row slices.
+        assert bitwise_equal(remote[n], p.detach()), (
+            f"{name}: {n} differs by {(remote[n] - p.detach()).abs().max().item()}"
+        )
+
+    # The optimizer state on the shards is the local state, row slice by row slice.
+    local_params = dict(local.named_parameters())
+    for ps in servers:
+        shard = ps.servicer.shard(JOB)
+        assert shard.version == STEPS
+        for s, shard_param in zip(placement.for_ps(ps.ps_id), shard.params, strict=True):
+            full = local_params[s.param]
+            mine, theirs = opt.state[full], shard.optimizer.state[shard_param]
+            assert set(mine) == set(theirs) and mine, f"{name}: state keys of {s.key}"
+            for key, value in mine.items():
+                expected = value
+                if value.dim() and value.shape == full.shape:
+                    expected = slice_view(value, s)
+                assert bitwise_equal(theirs[key], expected), f"{name}: state {key} of {s.key}"
+
+
+# -- staleness -------------------------------------------------------------------------
+
+
+def shard_state(ps: PS, job: str = JOB) -> tuple[int, list[torch.Tensor], dict]:
+    shard = ps.servicer.shard(job)
+    state = {
+        (i, k): v.clone()
+        for i, s in shard.optimizer.state_dict()["state"].items()
+        for k, v in s.items()
+    }
+    return shard.version, [p.detach().clone() for p in shard.params], state
+
+
+def assert_same_state(before: tuple, after: tuple) -> None:
+    assert after[0] == before[0], f"version moved from {before[0]} to {after[0]}"
+    assert len(after[1]) == len(before[1])
+    for a, b in zip(before[1], after[1], strict=True):
+        assert bitwise_equal(a, b)
+    assert set(after[2]) == set(before[2])
+    for k in before[2]:
+        assert bitwise_equal(before[2][k], after[2][k]), f"optimizer state {k} changed"
+
+
+def test_push_beyond_max_staleness_is_rejected(cluster: PSCluster) -> None:
+    (ps,) = cluster.start(1)
+    worker = mlp()
+    tier = cluster.tier([ps], placement_for(worker, [ps]))
+    tier.init(weights(worker), "sgd", {"lr": 0.1, "momentum": 0.9}, 1, 1, 0)
+
+    base = tier.pull_into(weights(worker))  # version 0
+    worker.zero_grad(set_to_none=True)
+    loss_of(worker, 0).backward()
+    old_grads = {n: g.clone() for n, g in grads(worker).items()}
+    ps_step(worker, tier, 1)  # version 1
+    ps_step(worker, tier, 2)  # version 2
+    before = shard_state(ps)
+    assert before[0] == 2
+
+    with pytest.raises(StaleGradient, match="2 versions old; the job allows 1"):
+        tier.push(old_grads, base)
+    assert_same_state(before, shard_state(ps))
+    assert tier.info()[ps.ps_id].version == 2
+    assert ps.servicer.shard(JOB).pushes_rejected == 1
+
+    # Exactly at the bound is accepted.
+    outcome = tier.push(old_grads, {ps.ps_id: 1})[ps.ps_id]
+    assert (outcome.version, outcome.applied, outcome.staleness) == (3, True, 1)
+
+
+def test_unbounded_staleness_accepts_old_gradients(cluster: PSCluster) -> None:
+    (ps,) = cluster.start(1)
+    worker = mlp()
+    tier = cluster.tier([ps], placement_for(worker, [ps]))
+    tier.init(weights(worker), "sgd", {"lr": 0.1}, -1, 1, 0)
+    base = tier.pull_into(weights(worker))
+    for i in range(3):
+        ps_step(worker, tier, i)
+    worker.zero_grad(set_to_none=True)
+    loss_of(worker, 9).backward()
+    outcome = tier.push(grads(worker), base)[ps.ps_id]
+    assert (outcome.version, outcome.applied, outcome.staleness) == (4, True, 3)
+
+
+def test_pushes_stop_at_max_version(cluster: PSCluster) -> None:
+    (ps,) = cluster.start(1)
+    worker = mlp()
+    tier = cluster.tier([ps], placement_for(worker, [ps]))
+    tier.init(weights(worker), "sgd", {"lr": 0.1}, -1, 1, 2)
+    ps_step(worker, tier, 0)
+    ps_step(worker, tier, 1)
+    before = shard_state(ps)
+    outcome = ps_step(worker, tier, 2)[ps.ps_id]
+    assert (outcome.version, outcome.applied) == (2, False)
+    assert_same_state(before, shard_state(ps))
+
+
+# -- fencing -----------------------------------------------------------------------------
+
+
+def test_old_generation_is_fenced_after_advance(cluster: PSCluster, tmp_path: Path) -> None:
+    servers = cluster.start(2)
+    worker = mlp()
+    placement = placement_for(worker, servers)
+    gen1 = cluster.tier(servers, placement, generation=1)
+    gen1.init(weights(worker), "adam", {"lr": 0.01}, -1, 1, 0)
+    ps_step(worker, gen1, 0)
+
+    gen2 = cluster.tier(servers, placement, generation=2)
+    infos = gen2.advance(workers=2)
+    assert {i.generation for i in infos.values()} == {2}
+    before = [shard_state(ps) for ps in servers]
+
+    worker.zero_grad(set_to_none=True)
+    loss_of(worker, 1).backward()
+    with pytest.raises(Fenced, match="generation 1 is stale, the job is at generation 2"):
+        gen1.push(grads(worker), {p: 1 for p in gen1.ps_ids})
+    with pytest.raises(Fenced):
+        gen1.pull_into(weights(worker))
+    with pytest.raises(Fenced):
+        gen1.snapshot(str(tmp_path), 1)
+    with pytest.raises(Fenced):
+        gen1.advance(workers=1)
+    with pytest.raises(Fenced):
+        gen1.drop()
+    for ps, b in zip(servers, before, strict=True):
+        assert_same_state(b, shard_state(ps))
+        assert ps.servicer.shard(JOB).generation == 2
+    assert not list(tmp_path.iterdir()), "a fenced snapshot wrote something"
+
+    # The new generation trains on.
+    outcomes = ps_step(worker, gen2, 1)
+    assert {o.version for o in outcomes.values()} == {2}
+
+
+def test_newer_generation_push_advances_the_fence(cluster: PSCluster) -> None:
+    (ps,) = cluster.start(1)
+    worker = mlp()
+    placement = placement_for(worker, [ps])
+    gen1 = cluster.tier([ps], placement, generation=1)
+    gen1.init(weights(worker), "sgd", {"lr": 0.1}, -1, 1, 0)
+    gen3 = cluster.tier([ps], placement, generation=3)
+    ps_step(worker, gen3, 0)
+    assert ps.servicer.shard(JOB).generation == 3
+    with pytest.raises(Fenced):
+        gen1.pull_into(weights(worker))
+
+
+# -- malformed requests -------------------------------------------------------------------
+
+W_BYTES = 3 * 4 * 4  # "w": float32 (3, 4)
+B_BYTES = 4 * 4  # "b": float32 (4,)
+
+
+def tiny_tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    return {"w": torch.randn(3, 4, generator=g), "b": torch.randn(4, generator=g)}
+
+
+def tiny_placement(ps: PS) -> ShardPlacement:
+    return place([TensorSpec("w", "float32", (3, 4)), TensorSpec("b", "float32", (4,))], [ps.ps_id])
+
+
+@pytest.fixture
+def tiny(cluster: PSCluster) -> tuple[PS, PSTier]:
+    """One PS holding job JOB ("w", "b"; SGD with momentum) after one applied push."""
+    (ps,) = cluster.start(1)
+    tier = cluster.tier([ps], tiny_placement(ps))
+    tier.init(tiny_tensors(), "sgd", {"lr": 0.1, "momentum": 0.9}, -1, 1, 0)
+    ones = {k: torch.ones_like(v) for k, v in tiny_tensors().items()}
+    tier.push(ones, {ps.ps_id: 0})
+    return ps, tier
+
+
+def push_header(job: str = JOB, base: int = 1, compression: str = "") -> ps_pb2.PushRequest:
+    return ps_pb2.PushRequest(
+        header=ps_pb2.PushHeader(
+            fence=ps_pb2.Fence(job_id=job, generation=1),
+            worker_id="w.0",
+            base_version=base,
+            compression=compression,
+        )
+    )
+
+
+def push_chunk(index: int, offset: int, data: bytes) -> ps_pb2.PushRequest:
+    return ps_pb2.PushRequest(chunk=ps_pb2.Chunk(index=index, offset=offset, data=data))
+
+
+def grad_bytes() -> tuple[bytes, bytes]:
+    return bytes(W_BYTES), bytes(as_bytes(torch.full((4,), 0.5)))
+
+
+def good_chunks() -> list[ps_pb2.PushRequest]:
+    w, b = grad_bytes()
+    return [push_chunk(0, 0, w), push_chunk(1, 0, b)]
+
+
+def malformed_push(case: str) -> list[ps_pb2.PushRequest]:
+    w, b = grad_bytes()
+    return {
+        "unknown-job": [push_header(job="no-such-job"), *good_chunks()],
+        "too-few-bytes": [push_header(), push_chunk(0, 0, w[:40]), push_chunk(1, 0, b)],
+        "too-many-bytes": [push_header(), push_chunk(0, 0, w + bytes(4)), push_chunk(1, 0, b)],
+        "too-many-bytes-in-second-chunk": [
+            push_header(),
+            push_chunk(0, 0, w[:32]),
+            push_chunk(0, 32, w[32:] + bytes(1)),
+            push_chunk(1, 0, b),
+        ],
+        "tensor-missing": [push_header(), push_chunk(0, 0, w)],
+        "unknown-tensor-index": [push_header(), *good_chunks(), push_chunk(2, 0, b)],
+        "out-of-order-offsets": [
+            push_header(),
+            push_chunk(0, 24, w[24:]),
+            push_chunk(0, 0, w[:24]),
+            push_chunk(1, 0, b),
+        ],
+        "repeated-chunk": [push_header(), *good_chunks(), push_chunk(1, 0, b)],
+        "no-header": good_chunks(),
+        "empty-stream": [],
+        "second-header": [push_header(), push_header(), *good_chunks()],
+        "unknown-compression": [push_header(compression="zstd"), *good_chunks()],
+        "future-base-version": [push_header(base=7), *good_chunks()],
+    }[case]
+
+
+MALFORMED = [
+    ("unknown-job", grpc.StatusCode.NOT_FOUND, "no shard of job 'no-such-job'"),
+    ("too-few-bytes", grpc.StatusCode.INVALID_ARGUMENT, "40 bytes received, expected 48"),
+    ("too-many-bytes", grpc.StatusCode.INVALID_ARGUMENT, "52 bytes sent, shape and dtype need 48"),
+    ("too-many-bytes-in-second-chunk", grpc.StatusCode.INVALID_ARGUMENT, "49 bytes sent"),
+    ("tensor-missing", grpc.StatusCode.INVALID_ARGUMENT, "'b': 0 bytes received, expected 16"),
+    ("unknown-tensor-index", grpc.StatusCode.INVALID_ARGUMENT, "chunk for tensor #2"),
+    ("out-of-order-offsets", grpc.StatusCode.INVALID_ARGUMENT, "chunk at byte 24, expected byte 0"),
+    ("repeated-chunk", grpc.StatusCode.INVALID_ARGUMENT, "chunk at byte 0, expected byte 16"),
+    ("no-header", grpc.StatusCode.INVALID_ARGUMENT, "Push must start with a header"),
+    ("empty-stream", grpc.StatusCode.INVALID_ARGUMENT, "Push must start with a header"),
+    ("second-header", grpc.StatusCode.INVALID_ARGUMENT, "only chunks may follow the header"),
+    ("unknown-compression", grpc.StatusCode.INVALID_ARGUMENT, "unknown compression 'zstd'"),
+    ("future-base-version", grpc.StatusCode.INVALID_ARGUMENT, "base_version 7 is not a version"),
+]
+
+
+@pytest.mark.parametrize(("case", "code", "message"), MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_malformed_push_is_rejected_and_changes_nothing(
+    cluster: PSCluster, tiny: tuple[PS, PSTier], case: str, code: grpc.StatusCode, message: str
+) -> None:
+    ps, tier = tiny
+    stub = cluster.stub(ps)
+    before = shard_state(ps)
+    values_before = tier.pull_into(dict(tiny_tensors()))  # a pull works before
+
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Push(iter(malformed_push(case)), timeout=10)
+    assert err.value.code() == code, err.value.details()
+    assert message in err.value.details()
+
+    assert_same_state(before, shard_state(ps))
+    # The server still serves: a normal pull returns the unchanged parameters...
+    out = {k: torch.full_like(v, float("nan")) for k, v in tiny_tensors().items()}
+    assert tier.pull_into(out) == values_before == {ps.ps_id: 1}
+    for k, p in zip(("w", "b"), before[1], strict=True):
+        assert bitwise_equal(out[k], p)
+    # ...and a well-formed push on the same stub still applies.
+    reply = stub.Push(iter([push_header(), *good_chunks()]), timeout=10)
+    assert (reply.version, reply.applied) == (2, True)
+
+
+def init_request(
+    job: str, metas: list[ps_pb2.TensorMeta], optimizer: str = "sgd", kwargs: str = '{"lr": 0.1}'
+) -> ps_pb2.InitShardRequest:
+    return ps_pb2.InitShardRequest(
+        header=ps_pb2.InitShardHeader(
+            fence=ps_pb2.Fence(job_id=job, generation=1),
+            tensors=metas,
+            optimizer=ps_pb2.OptimizerConfig(name=optimizer, kwargs_json=kwargs),
+            max_staleness=-1,
+            workers=1,
+        )
+    )
+
+
+def init_chunk(index: int, offset: int, data: bytes) -> ps_pb2.InitShardRequest:
+    return ps_pb2.InitShardRequest(chunk=ps_pb2.Chunk(index=index, offset=offset, data=data))
+
+
+META_W = ps_pb2.TensorMeta(key="w", dtype="float32", shape=[3, 4])
+
+MALFORMED_INIT = [
+    (
+        "unknown-dtype",
+        [init_request("job-new", [ps_pb2.TensorMeta(key="w", dtype="complex32", shape=[2])])],
+        "unknown dtype 'complex32'",
+    ),
+    (
+        "negative-shape",
+        [init_request("job-new", [ps_pb2.TensorMeta(key="w", dtype="float32", shape=[-3])])],
+        "negative dimension",
+    ),
+    (
+        "unknown-optimizer",
+        [init_request("job-new", [META_W], optimizer="lbfgs"), init_chunk(0, 0, bytes(48))],
+        "name: must be one of sgd, adam, adamw, adagrad",
+    ),
+    (
+        "unknown-optimizer-argument",
+        [init_request("job-new", [META_W], kwargs='{"lr": 0.1, "foo": 1}')],
+        "foo: not an argument of sgd",
+    ),
+    (
+        "kwargs-not-a-mapping",
+        [init_request("job-new", [META_W], kwargs="[0.1]")],
+        "kwargs: must be a mapping",
+    ),
+    (
+        "kwargs-not-json",
+        [init_request("job-new", [META_W], kwargs="{lr: 0.1")],
+        "bad shard header",
+    ),
+    (
+        "missing-bytes",
+        [init_request("job-new", [META_W]), init_chunk(0, 0, bytes(40))],
+        "40 bytes received, expected 48",
+    ),
+    ("no-header", [init_chunk(0, 0, bytes(48))], "InitShard must start with a header"),
+    ("empty-job-id", [init_request("", [META_W])], "fence.job_id is empty"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "requests", "message"), MALFORMED_INIT, ids=[m[0] for m in MALFORMED_INIT]
+)
+def test_malformed_init_is_rejected(
+    cluster: PSCluster, tiny: tuple[PS, PSTier], case: str, requests: list, message: str
+) -> None:
+    ps, tier = tiny
+    stub = cluster.stub(ps)
+    before = shard_state(ps)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.InitShard(iter(requests), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert message in err.value.details()
+    assert not stub.ShardInfo(ps_pb2.ShardInfoRequest(job_id="job-new")).exists
+    # The existing job is untouched and still served.
+    assert_same_state(before, shard_state(ps))
+    assert tier.pull_into(dict(tiny_tensors())) == {ps.ps_id: 1}
+
+
+def test_bad_header_for_an_existing_job_is_still_rejected(
+    cluster: PSCluster, tiny: tuple[PS, PSTier]
+) -> None:
+    ps, _ = tiny
+    before = shard_state(ps)
+    with pytest.raises(grpc.RpcError) as err:
+        cluster.stub(ps).InitShard(iter([init_request(JOB, [META_W], optimizer="rmsprop")]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert_same_state(before, shard_state(ps))
+
+
+@pytest.mark.parametrize("rpc", ["Pull", "Snapshot", "AdvanceGeneration", "DropShard"])
+def test_unknown_job_is_not_found(
+    cluster: PSCluster, tiny: tuple[PS, PSTier], rpc: str, tmp_path: Path
+) -> None:
+    ps, _ = tiny
+    stub = cluster.stub(ps)
+    fence = ps_pb2.Fence(job_id="ghost", generation=1)
+    request = {
+        "Pull": ps_pb2.PullRequest(fence=fence),
+        "Snapshot": ps_pb2.SnapshotRequest(fence=fence, url=str(tmp_path), name="s", step=1),
+        "AdvanceGeneration": ps_pb2.AdvanceGenerationRequest(fence=fence),
+        "DropShard": ps_pb2.DropShardRequest(fence=fence),
+    }[rpc]
+    with pytest.raises(grpc.RpcError) as err:
+        result = getattr(stub, rpc)(request, timeout=10)
+        if rpc == "Pull":
+            list(result)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "'ghost'" in err.value.details()
+    assert stub.ShardInfo(ps_pb2.ShardInfoRequest(job_id=JOB)).version == 1
+
+
+# -- InitShard is create-once ----------------------------------------------------------------
+
+
+def test_init_shard_is_create_once(cluster: PSCluster, tiny: tuple[PS, PSTier]) -> None:
+    ps, tier = tiny
+    before = shard_state(ps)
+    other = {k: v + 100 for k, v in tiny_tensors().items()}
+
+    # Through the client: it sees the shard and keeps it.
+    assert tier.init(other, "adam", {"lr": 0.5}, 0, 1, 0) == {ps.ps_id: False}
+    # Through the raw stub: the servicer itself keeps the first shard.
+    w, b = bytes(as_bytes(other["w"])), bytes(as_bytes(other["b"]))
+    metas = [META_W, ps_pb2.TensorMeta(key="b", dtype="float32", shape=[4])]
+    reply = cluster.stub(ps).InitShard(
+        iter(
+            [
+                init_request(JOB, metas, optimizer="adam", kwargs='{"lr": 0.5}'),
+                init_chunk(0, 0, w),
+                init_chunk(1, 0, b),
+            ]
+        ),
+        timeout=10,
+    )
+    assert (reply.created, reply.version) == (False, 1)
+
+    assert_same_state(before, shard_state(ps))
+    shard = ps.servicer.shard(JOB)
+    assert shard.config.optimizer == "sgd"
+    assert isinstance(shard.optimizer, torch.optim.SGD)
+    out = dict(tiny_tensors())
+    tier.pull_into(out)
+    assert not torch.equal(out["w"], other["w"])
+
+
+def test_init_shard_creates_with_the_sent_values(cluster: PSCluster) -> None:
+    (ps,) = cluster.start(1)
+    values = tiny_tensors()
+    tier = cluster.tier([ps], tiny_placement(ps))
+    assert tier.init(values, "adagrad", {"lr": 0.1}, 3, 2, 50) == {ps.ps_id: True}
+    shard = ps.servicer.shard(JOB)
+    assert (shard.config.max_staleness, shard.config.workers, shard.config.max_version) == (
+        3,
+        2,
+        50,
+    )
+    assert [h.key for h in shard.headers] == ["w", "b"]
+    out = {k: torch.zeros_like(v) for k, v in values.items()}
+    assert tier.pull_into(out) == {ps.ps_id: 0}
+    for k in values:
+        assert bitwise_equal(out[k], values[k])
+    info = tier.info()[ps.ps_id]
+    assert (info.exists, info.version, info.bytes) == (True, 0, W_BYTES + B_BYTES)
+
+
+# -- snapshot ---------------------------------------------------------------------------------
+
+
+def test_snapshot_writes_loadable_shards(cluster: PSCluster, tmp_path: Path) -> None:
+    servers = cluster.start(2)
+    worker = mlp()
+    placement = placement_for(worker, servers)
+    kwargs = {"lr": 0.01, "betas": [0.8, 0.95]}
+    tier = cluster.tier(servers, placement)
+    tier.init(weights(worker), "adam", kwargs, -1, 1, 0)
+    for i in range(3):
+        ps_step(worker, tier, i)
+    current = pulled(tier, worker)
+
+    replies = tier.snapshot(str(tmp_path), 3)
+    assert set(replies) == {"ps-0", "ps-1"}
+
+    # One more step on the PS tier, to check a loaded optimizer continues identically.
+    worker.zero_grad(set_to_none=True)
+    loss_of(worker, 3).backward()
+    next_grads = {n: g.clone() for n, g in grads(worker).items()}
+    tier.push(next_grads, dict.fromkeys(tier.ps_ids, 3))
+    after = pulled(tier, worker)
+
+    step_dir = tmp_path / JOB / f"{3:012d}"
+    assert sorted(p.name for p in step_dir.iterdir()) == sorted(r.path for r in replies.values())
+    for ps_id, reply in replies.items():
+        data = (step_dir / reply.path).read_bytes()
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (reply.size, reply.sha256)
+        assert reply.version == 3
+        tensors, opt_state, meta = decode_shard(data)
+        slices = placement.for_ps(ps_id)
+        assert meta["keys"] == [s.key for s in slices]
+        assert (meta["version"], meta["job_id"], meta["optimizer"]) == (3, JOB, "adam")
+        assert set(tensors) == {s.key for s in slices}
+        for s in slices:
+            assert bitwise_equal(tensors[s.key], slice_view(current[s.param], s))
+
+        params = [nn.Parameter(tensors[k].clone()) for k in meta["keys"]]
+        opt = build_optimizer("adam", kwargs, params)
+        opt.load_state_dict(opt_state)
+        assert opt.param_groups[0]["betas"] == (0.8, 0.95)
+        assert len(opt.state) == len(params)
+        for p, s in zip(params, slices, strict=True):
+            p.grad = slice_view(next_grads[s.param], s).clone()
+        opt.step()
+        for p, s in zip(params, slices, strict=True):
+            assert bitwise_equal(p.detach(), slice_view(after[s.param], s)), s.key
+
+
+def test_snapshot_reads_no_pickle(cluster: PSCluster, tmp_path: Path) -> None:
+    (ps,) = cluster.start(1)
+    tier = cluster.tier([ps], tiny_placement(ps))
+    tier.init(tiny_tensors(), "sgd", {"lr": 0.1}, -1, 1, 0)
+    (reply,) = tier.snapshot(str(tmp_path), 0).values()
+    data = (tmp_path / JOB / f"{0:012d}" / reply.path).read_bytes()
+    # A safetensors document: an 8-byte header length, then a JSON header.
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    assert "t/w" in header and "t/b" in header
+    tensors, _, _ = decode_shard(data)
+    for k, v in tiny_tensors().items():
+        assert bitwise_equal(tensors[k], v)
