@@ -10,28 +10,22 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 
 import torch
 
 from elasticd.checkpoint import (
-    CheckpointError,
-    CheckpointExists,
     CheckpointManifest,
-    CheckpointStore,
 )
-from elasticd.checkpoint.manifest import ShardRecord
-from elasticd.coord.cache import PrefixCache
 from elasticd.coord.etcd import Compare, Delete, EtcdClient, EtcdError, Put
 from elasticd.coord.keys import Keys
 from elasticd.jobspec import JobSpec
-from elasticd.membership import Generation, NodeInfo, WorkerReport, assign_ranks
+from elasticd.membership import Generation, assign_ranks
 from elasticd.placement import ShardPlacement, TensorSpec, place
 from elasticd.ps_client import PSTier
+from elasticd.server.controller.checkpoints import checkpoint_ps_job
 from elasticd.server.controller.planning import (
     ClusterSnapshot,
     Complete,
@@ -43,6 +37,7 @@ from elasticd.server.controller.planning import (
     decide,
     last_call,
 )
+from elasticd.server.controller.progress import Progress, ProgressBook
 from elasticd.server.controller.records import (
     CANCELLED,
     COMPLETED,
@@ -53,6 +48,7 @@ from elasticd.server.controller.records import (
     WAITING,
     JobRecord,
 )
+from elasticd.server.controller.view import EtcdView, JobNotFound
 from elasticd.task import TaskError, load_task
 from elasticd.wire import dtype_name
 
@@ -64,21 +60,8 @@ JOIN_WINDOW_MAX_FACTOR = 10
 RECONCILE_INTERVAL_S = 0.5  # reconcile at least this often, and on every change
 
 
-class JobNotFound(KeyError):
-    pass
-
-
 class NotLeader(RuntimeError):
     pass
-
-
-@dataclass
-class Progress:
-    generation: int
-    step: int
-    loss: float
-    finished: bool
-    at: float
 
 
 def tensor_specs(spec: JobSpec) -> list[TensorSpec]:
@@ -117,89 +100,30 @@ class Controller:
         self.checkpoint_url = checkpoint_url
         self.join_window_s = join_window_s
         self._wake = threading.Event()
-        self.nodes = PrefixCache(client, keys.nodes, self._wake.set)
-        self.ps = PrefixCache(client, keys.ps_servers, self._wake.set)
-        self.jobs = PrefixCache(client, keys.jobs, self._wake.set)
-        self._progress: dict[str, dict[str, Progress]] = {}
+        self.view = EtcdView(client, keys, self._wake.set)
+        self.progress = ProgressBook()
         self._lock = threading.Lock()
         self._pending: dict[str, PendingChange] = {}
         self._busy: set[str] = set()
         self._is_leader = False
         self._adopted: set[str] = set()
-        self._first_losses: dict[str, float] = {}
 
     def start(self) -> Controller:
-        for cache in (self.nodes, self.ps, self.jobs):
-            cache.start()
-        for cache in (self.nodes, self.ps, self.jobs):
-            cache.wait_synced()
+        self.view.start()
         return self
 
     def stop(self) -> None:
-        for cache in (self.nodes, self.ps, self.jobs):
-            cache.stop()
-
-    # -- reading state --------------------------------------------------------
-
-    def _job_items(self, job_id: str) -> dict[str, bytes]:
-        prefix = f"{job_id}/"
-        return {k[len(prefix) :]: v for k, v in self.jobs.items().items() if k.startswith(prefix)}
+        self.view.stop()
 
     def job_ids(self) -> list[str]:
-        return sorted({k.split("/", 1)[0] for k in self.jobs.items()})
+        return self.view.job_ids()
 
     def snapshot(self, job_id: str) -> JobSnapshot:
-        items = self._job_items(job_id)
-        if "spec" not in items or "status" not in items:
-            raise JobNotFound(job_id)
-        gen = Generation.from_json(items["generation"]) if "generation" in items else None
-        workers = {
-            k.split("/", 1)[1]: WorkerReport.from_json(v)
-            for k, v in items.items()
-            if k.startswith("workers/")
-        }
-        return JobSnapshot(
-            JobSpec.from_json(items["spec"]), JobRecord.from_json(items["status"]), gen, workers
-        )
-
-    def cluster(self) -> ClusterSnapshot:
-        nodes = {k: NodeInfo.from_json(v) for k, v in self.nodes.items().items()}
-        ps = {k: json.loads(v)["address"] for k, v in self.ps.items().items()}
-        taken: dict[str, dict[str, int]] = {}
-        for job_id in self.job_ids():
-            try:
-                snap = self.snapshot(job_id)
-            except JobNotFound:
-                continue
-            if snap.record.state in TERMINAL or snap.generation is None:
-                continue
-            per_node: dict[str, int] = {}
-            for m in snap.generation.members:
-                per_node[m.node_id] = per_node.get(m.node_id, 0) + 1
-            taken[job_id] = per_node
-        return ClusterSnapshot(nodes, ps, taken)
+        return self.view.snapshot(job_id)
 
     def status(self, job_id: str) -> tuple[JobRecord, Generation | None, dict[str, Progress]]:
         snap = self.snapshot(job_id)
-        with self._lock:
-            progress = dict(self._progress.get(job_id, {}))
-        return self._live(snap.record, progress), snap.generation, progress
-
-    def _live(self, record: JobRecord, progress: dict[str, Progress]) -> JobRecord:
-        """The stored record, brought up to date with reported progress."""
-        if record.state in TERMINAL or not progress:
-            return record
-        current = [p for p in progress.values() if p.generation == record.generation] or list(
-            progress.values()
-        )
-        losses = [p.loss for p in current if not math.isnan(p.loss)]
-        return record.evolve(
-            step=max(record.step, max(p.step for p in progress.values())),
-            loss=sum(losses) / len(losses) if losses else record.loss,
-            first_loss=record.first_loss
-            if not math.isnan(record.first_loss)
-            else self._first_loss(record.job_id),
-        )
+        return self.progress.live(snap.record), snap.generation, self.progress.of(job_id)
 
     # -- user requests --------------------------------------------------------
 
@@ -244,16 +168,7 @@ class Controller:
         self, job_id: str, worker: str, generation: int, step: int, loss: float, finished: bool
     ) -> bool:
         """Record a worker's progress; True tells the worker its job is over."""
-        with self._lock:
-            per_job = self._progress.setdefault(job_id, {})
-            before = per_job.get(worker)
-            if math.isnan(loss) and before is not None:
-                loss = before.loss  # a report without a loss keeps the last one
-            per_job[worker] = Progress(generation, step, loss, finished, time.time())
-            first = job_id not in self._first_losses and not math.isnan(loss)
-            if first:
-                self._first_losses[job_id] = loss
-        if first:
+        if self.progress.record(job_id, worker, generation, step, loss, finished):
             log.info(
                 "event=first_loss job=%s worker=%s step=%d loss=%.4f", job_id, worker, step, loss
             )
@@ -265,10 +180,6 @@ class Controller:
         if every and step - snap.record.checkpoint_step >= every and self._is_leader:
             self._in_background(job_id, lambda: self._checkpoint(job_id))
         return snap.record.state in TERMINAL
-
-    def _first_loss(self, job_id: str) -> float:
-        with self._lock:
-            return self._first_losses.get(job_id, float("nan"))
 
     # -- leadership and the reconcile loop ------------------------------------
 
@@ -290,7 +201,7 @@ class Controller:
 
     def reconcile(self) -> None:
         """One pass over every job. Called by the leader only."""
-        cluster = self.cluster()
+        cluster = self.view.cluster()
         for job_id in self.job_ids():
             if job_id in self._busy:
                 continue
@@ -338,7 +249,7 @@ class Controller:
         if isinstance(action, Complete):
             self._in_background(job_id, lambda: self._complete(job_id))
         elif isinstance(action, Fail):
-            live = self._live(snap.record, self._progress.get(job_id, {}))
+            live = self.progress.live(snap.record)
             self._finish(snap, live.evolve(state=FAILED, message=action.message))
         elif isinstance(action, Wait) and (
             snap.record.state != WAITING or snap.record.message != action.message
@@ -376,7 +287,7 @@ class Controller:
         """Run a transaction, then wait until our own cache has seen it (read your writes)."""
         ok, revision = self.client.transaction(compare or [], ops)
         if ok:
-            self.jobs.wait_for_revision(revision)
+            self.view.wait_for_revision(revision)
         return ok, revision
 
     def _put_record(self, record: JobRecord) -> None:
@@ -386,9 +297,9 @@ class Controller:
     def _placement(self, snap: JobSnapshot, cluster: ClusterSnapshot) -> ShardPlacement | None:
         if snap.spec.mode != "ps-async":
             return None
-        items = self._job_items(snap.record.job_id)
-        if "placement" in items:
-            return ShardPlacement.from_json(items["placement"])
+        existing = self.view.placement(snap.record.job_id)
+        if existing is not None:
+            return existing
         placement = place(tensor_specs(snap.spec), sorted(cluster.ps))
         self.client.put(self.keys.placement(snap.record.job_id), placement.to_json().encode())
         log.info(
@@ -503,64 +414,28 @@ class Controller:
 
     def _checkpoint(self, job_id: str) -> CheckpointManifest | None:
         snap = self.snapshot(job_id)
-        gen = snap.generation
-        items = self._job_items(job_id)
-        if gen is None or "placement" not in items:
+        placement = self.view.placement(job_id)
+        if snap.generation is None or placement is None:
             return None
-        placement = ShardPlacement.from_json(items["placement"])
-        cluster = self.cluster()
-        tier = PSTier(job_id, gen.number, placement, cluster.ps)
-        try:
-            step = max(i.version for i in tier.info().values())
-            if step <= snap.record.checkpoint_step and snap.record.checkpoint:
-                return None
-            url = snap.spec.checkpoint.url or self.checkpoint_url
-            replies = tier.snapshot(url, step)
-        finally:
-            tier.close()
-        live = self._live(snap.record, self._progress.get(job_id, {}))
-        manifest = CheckpointManifest(
-            job_id=job_id,
-            step=step,
-            generation=gen.number,
-            created_at=time.time(),
-            shards=tuple(
-                ShardRecord(p, r.path, r.sha256, r.size) for p, r in sorted(replies.items())
-            ),
-            extra={
-                "mode": snap.spec.mode,
-                "loss": live.loss,
-                "versions": {p: r.version for p, r in replies.items()},
-                "placement": json.loads(placement.to_json()),
-            },
+        live = self.progress.live(snap.record)
+        url = snap.spec.checkpoint.url or self.checkpoint_url
+        manifest, where = checkpoint_ps_job(
+            snap, placement, self.view.cluster().ps, url, extra={"loss": live.loss}
         )
-        store = CheckpointStore(url)
-        try:
-            where = store.commit(manifest)
-        except CheckpointExists:
-            return None
-        except CheckpointError as exc:
-            log.warning("event=checkpoint_refused job=%s step=%d error=%s", job_id, step, exc)
+        if manifest is None:
             return None
         fresh = self.snapshot(job_id).record
         self._put_record(
-            fresh.evolve(checkpoint=where, checkpoint_step=step, step=max(fresh.step, step))
-        )
-        log.info(
-            "event=checkpoint_committed job=%s step=%d generation=%d url=%s",
-            job_id,
-            step,
-            gen.number,
-            where,
+            fresh.evolve(
+                checkpoint=where, checkpoint_step=manifest.step, step=max(fresh.step, manifest.step)
+            )
         )
         return manifest
 
     def _complete(self, job_id: str) -> None:
         self._checkpoint(job_id)
         snap = self.snapshot(job_id)
-        with self._lock:
-            progress = dict(self._progress.get(job_id, {}))
-        live = self._live(snap.record, progress)
+        live = self.progress.live(snap.record)
         self._finish(snap, live.evolve(state=COMPLETED, message="completed"))
 
     def _finish(self, snap: JobSnapshot, record: JobRecord) -> None:
@@ -579,14 +454,9 @@ class Controller:
             record.step,
             record.loss,
         )
-        items = self._job_items(job_id)
-        if "placement" in items and snap.generation:
-            tier = PSTier(
-                job_id,
-                snap.generation.number,
-                ShardPlacement.from_json(items["placement"]),
-                self.cluster().ps,
-            )
+        placement = self.view.placement(job_id)
+        if placement is not None and snap.generation:
+            tier = PSTier(job_id, snap.generation.number, placement, self.view.cluster().ps)
             try:
                 tier.drop()
             except Exception as exc:

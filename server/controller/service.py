@@ -10,7 +10,9 @@ import grpc
 from elasticd.coord.etcd import EtcdError
 from elasticd.jobspec import MODES, SpecError, load_spec_yaml
 from elasticd.rpc import job_pb2, job_pb2_grpc
-from elasticd.server.controller.controller import Controller, JobNotFound, NotLeader
+from elasticd.server.controller.controller import Controller, NotLeader
+from elasticd.server.controller.rendezvous import RendezvousBoard, StaleGeneration, UnknownJob
+from elasticd.server.controller.view import JobNotFound
 from elasticd.task import TaskError
 
 log = logging.getLogger(__name__)
@@ -114,9 +116,19 @@ class JobServiceServicer(job_pb2_grpc.JobServiceServicer):
         )
 
 
+def sealed_generation(controller: Controller, job_id: str) -> int | None:
+    """The job's sealed generation number (0 before the first seal); None: no such job."""
+    try:
+        snap = controller.snapshot(job_id)
+    except KeyError:  # JobNotFound
+        return None
+    return snap.generation.number if snap.generation is not None else 0
+
+
 class TrainingCoordinatorServicer(job_pb2_grpc.TrainingCoordinatorServicer):
-    def __init__(self, controller: Controller) -> None:
+    def __init__(self, controller: Controller, board: RendezvousBoard | None = None) -> None:
         self.controller = controller
+        self.board = board or RendezvousBoard(lambda job: sealed_generation(controller, job))
 
     def ReportProgress(self, request, context):
         try:
@@ -131,3 +143,46 @@ class TrainingCoordinatorServicer(job_pb2_grpc.TrainingCoordinatorServicer):
         except Exception as exc:
             _abort_for(context, exc)
         return job_pb2.ProgressAck(stop=stop)
+
+    def PublishRendezvous(self, request, context):
+        try:
+            self.board.publish(
+                request.job_id, request.generation, request.address, request.worker_id
+            )
+        except UnknownJob:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no job with id {request.job_id!r}")
+        except StaleGeneration as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception as exc:
+            _abort_for(context, exc)
+        log.info(
+            "event=rendezvous_published job=%s generation=%d worker=%s address=%s",
+            request.job_id,
+            request.generation,
+            request.worker_id,
+            request.address,
+        )
+        return job_pb2.RendezvousAck()
+
+    def LookupRendezvous(self, request, context):
+        try:
+            address = self.board.lookup(request.job_id, request.generation)
+        except UnknownJob:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no job with id {request.job_id!r}")
+        except StaleGeneration as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception as exc:
+            _abort_for(context, exc)
+        if address is None:
+            context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"generation {request.generation} of job {request.job_id} has not published "
+                "a rendezvous yet",
+            )
+        return job_pb2.RendezvousAddress(
+            job_id=request.job_id, generation=request.generation, address=address
+        )

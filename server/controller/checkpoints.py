@@ -1,0 +1,74 @@
+"""Checkpoints of ps-async jobs: the PS tier writes shards, the controller the manifest.
+
+Shards first, each with a checksum, written by the PS servers that hold them;
+the manifest last, created atomically by the checkpoint store (ARCHITECTURE
+invariant 4). The manifest carries the generation, so a controller acting for
+a stale generation cannot commit over a newer one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping
+
+from elasticd.checkpoint import (
+    CheckpointError,
+    CheckpointExists,
+    CheckpointManifest,
+    CheckpointStore,
+    ShardRecord,
+)
+from elasticd.placement import ShardPlacement
+from elasticd.ps_client import PSTier
+from elasticd.server.controller.planning import JobSnapshot
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_ps_job(
+    snap: JobSnapshot,
+    placement: ShardPlacement,
+    ps_addresses: Mapping[str, str],
+    url: str,
+    extra: dict | None = None,
+) -> tuple[CheckpointManifest | None, str]:
+    """Snapshot every shard, then commit the manifest. (None, "") if nothing new."""
+    job_id, gen = snap.record.job_id, snap.generation
+    tier = PSTier(job_id, gen.number, placement, ps_addresses)
+    try:
+        step = max(i.version for i in tier.info().values())
+        if step <= snap.record.checkpoint_step and snap.record.checkpoint:
+            return None, ""
+        replies = tier.snapshot(url, step)
+    finally:
+        tier.close()
+    manifest = CheckpointManifest(
+        job_id=job_id,
+        step=step,
+        generation=gen.number,
+        created_at=time.time(),
+        shards=tuple(ShardRecord(p, r.path, r.sha256, r.size) for p, r in sorted(replies.items())),
+        extra={
+            "mode": snap.spec.mode,
+            "versions": {p: r.version for p, r in replies.items()},
+            "placement": json.loads(placement.to_json()),
+            **(extra or {}),
+        },
+    )
+    try:
+        where = CheckpointStore(url).commit(manifest)
+    except CheckpointExists:
+        return None, ""
+    except CheckpointError as exc:
+        log.warning("event=checkpoint_refused job=%s step=%d error=%s", job_id, step, exc)
+        return None, ""
+    log.info(
+        "event=checkpoint_committed job=%s generation=%d step=%d url=%s",
+        job_id,
+        gen.number,
+        step,
+        where,
+    )
+    return manifest, where

@@ -1,0 +1,89 @@
+"""The controller's view of etcd: caches of nodes, PS servers and jobs.
+
+Each cache is a list-then-watch copy of one prefix (see
+:class:`elasticd.coord.cache.PrefixCache`); this module turns their bytes into
+the plain snapshots that :mod:`.planning` decides on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from elasticd.coord.cache import PrefixCache
+from elasticd.coord.etcd import EtcdClient
+from elasticd.coord.keys import Keys
+from elasticd.jobspec import JobSpec
+from elasticd.membership import Generation, NodeInfo, WorkerReport
+from elasticd.placement import ShardPlacement
+from elasticd.server.controller.planning import ClusterSnapshot, JobSnapshot
+from elasticd.server.controller.records import TERMINAL, JobRecord
+
+
+class JobNotFound(KeyError):
+    pass
+
+
+class EtcdView:
+    def __init__(self, client: EtcdClient, keys: Keys, on_change: Callable[[], None]) -> None:
+        self.nodes = PrefixCache(client, keys.nodes, on_change)
+        self.ps = PrefixCache(client, keys.ps_servers, on_change)
+        self.jobs = PrefixCache(client, keys.jobs, on_change)
+        self._caches = (self.nodes, self.ps, self.jobs)
+
+    def start(self) -> EtcdView:
+        for cache in self._caches:
+            cache.start()
+        for cache in self._caches:
+            cache.wait_synced()
+        return self
+
+    def stop(self) -> None:
+        for cache in self._caches:
+            cache.stop()
+
+    def wait_for_revision(self, revision: int) -> None:
+        """Wait until the job cache reflects a write made at ``revision``."""
+        self.jobs.wait_for_revision(revision)
+
+    def job_items(self, job_id: str) -> dict[str, bytes]:
+        prefix = f"{job_id}/"
+        return {k[len(prefix) :]: v for k, v in self.jobs.items().items() if k.startswith(prefix)}
+
+    def job_ids(self) -> list[str]:
+        return sorted({k.split("/", 1)[0] for k in self.jobs.items()})
+
+    def snapshot(self, job_id: str) -> JobSnapshot:
+        items = self.job_items(job_id)
+        if "spec" not in items or "status" not in items:
+            raise JobNotFound(job_id)
+        gen = Generation.from_json(items["generation"]) if "generation" in items else None
+        workers = {
+            k.split("/", 1)[1]: WorkerReport.from_json(v)
+            for k, v in items.items()
+            if k.startswith("workers/")
+        }
+        return JobSnapshot(
+            JobSpec.from_json(items["spec"]), JobRecord.from_json(items["status"]), gen, workers
+        )
+
+    def cluster(self) -> ClusterSnapshot:
+        nodes = {k: NodeInfo.from_json(v) for k, v in self.nodes.items().items()}
+        ps = {k: json.loads(v)["address"] for k, v in self.ps.items().items()}
+        taken: dict[str, dict[str, int]] = {}
+        for job_id in self.job_ids():
+            try:
+                snap = self.snapshot(job_id)
+            except JobNotFound:
+                continue
+            if snap.record.state in TERMINAL or snap.generation is None:
+                continue
+            per_node: dict[str, int] = {}
+            for m in snap.generation.members:
+                per_node[m.node_id] = per_node.get(m.node_id, 0) + 1
+            taken[job_id] = per_node
+        return ClusterSnapshot(nodes, ps, taken)
+
+    def placement(self, job_id: str) -> ShardPlacement | None:
+        raw = self.job_items(job_id).get("placement")
+        return ShardPlacement.from_json(raw) if raw else None
