@@ -121,3 +121,27 @@ class ProgressAck(_message.Message):
     STOP_FIELD_NUMBER: _ClassVar[int]
     stop: bool
     def __init__(self, stop: _Optional[bool] = ...) -> None: ...
+
+class RendezvousAddress(_message.Message):
+    __slots__ = ("job_id", "generation", "worker_id", "address")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    generation: int
+    worker_id: str
+    address: str
+    def __init__(self, job_id: _Optional[str] = ..., generation: _Optional[int] = ..., worker_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
+
+class RendezvousQuery(_message.Message):
+    __slots__ = ("job_id", "generation")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    generation: int
+    def __init__(self, job_id: _Optional[str] = ..., generation: _Optional[int] = ...) -> None: ...
+
+class RendezvousAck(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -284,6 +284,16 @@ class TrainingCoordinatorStub:
                 request_serializer=elasticd_dot_rpc_dot_job__pb2.ProgressReport.SerializeToString,
                 response_deserializer=elasticd_dot_rpc_dot_job__pb2.ProgressAck.FromString,
                 _registered_method=True)
+        self.PublishRendezvous = channel.unary_unary(
+                '/elasticd.job.TrainingCoordinator/PublishRendezvous',
+                request_serializer=elasticd_dot_rpc_dot_job__pb2.RendezvousAddress.SerializeToString,
+                response_deserializer=elasticd_dot_rpc_dot_job__pb2.RendezvousAck.FromString,
+                _registered_method=True)
+        self.LookupRendezvous = channel.unary_unary(
+                '/elasticd.job.TrainingCoordinator/LookupRendezvous',
+                request_serializer=elasticd_dot_rpc_dot_job__pb2.RendezvousQuery.SerializeToString,
+                response_deserializer=elasticd_dot_rpc_dot_job__pb2.RendezvousAddress.FromString,
+                _registered_method=True)
 
 
 class TrainingCoordinatorServicer:
@@ -296,6 +306,20 @@ class TrainingCoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PublishRendezvous(self, request, context):
+        """FAILED_PRECONDITION for a generation older than the job's newest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LookupRendezvous(self, request, context):
+        """NOT_FOUND until the generation's rank 0 has published.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingCoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -303,6 +327,16 @@ def add_TrainingCoordinatorServicer_to_server(servicer, server):
                     servicer.ReportProgress,
                     request_deserializer=elasticd_dot_rpc_dot_job__pb2.ProgressReport.FromString,
                     response_serializer=elasticd_dot_rpc_dot_job__pb2.ProgressAck.SerializeToString,
+            ),
+            'PublishRendezvous': grpc.unary_unary_rpc_method_handler(
+                    servicer.PublishRendezvous,
+                    request_deserializer=elasticd_dot_rpc_dot_job__pb2.RendezvousAddress.FromString,
+                    response_serializer=elasticd_dot_rpc_dot_job__pb2.RendezvousAck.SerializeToString,
+            ),
+            'LookupRendezvous': grpc.unary_unary_rpc_method_handler(
+                    servicer.LookupRendezvous,
+                    request_deserializer=elasticd_dot_rpc_dot_job__pb2.RendezvousQuery.FromString,
+                    response_serializer=elasticd_dot_rpc_dot_job__pb2.RendezvousAddress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -333,6 +367,60 @@ class TrainingCoordinator:
             '/elasticd.job.TrainingCoordinator/ReportProgress',
             elasticd_dot_rpc_dot_job__pb2.ProgressReport.SerializeToString,
             elasticd_dot_rpc_dot_job__pb2.ProgressAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishRendezvous(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/elasticd.job.TrainingCoordinator/PublishRendezvous',
+            elasticd_dot_rpc_dot_job__pb2.RendezvousAddress.SerializeToString,
+            elasticd_dot_rpc_dot_job__pb2.RendezvousAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LookupRendezvous(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/elasticd.job.TrainingCoordinator/LookupRendezvous',
+            elasticd_dot_rpc_dot_job__pb2.RendezvousQuery.SerializeToString,
+            elasticd_dot_rpc_dot_job__pb2.RendezvousAddress.FromString,
             options,
             channel_credentials,
             insecure,
