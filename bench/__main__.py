@@ -13,7 +13,9 @@ BENCHMARKS = ("membership", "ps", "allreduce")
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("name", choices=BENCHMARKS)
-    parser.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
+    parser.add_argument(
+        "--json", action="store_true", help="print the result as JSON on the last line"
+    )
     args, rest = parser.parse_known_args()
     module = importlib.import_module(f"bench.{args.name}")
     result = module.run(rest)

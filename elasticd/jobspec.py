@@ -56,6 +56,15 @@ class CheckpointSpec:
 
 
 @dataclass(frozen=True)
+class ScriptSpec:
+    """A torchrun-style script run unmodified (mode ``script``)."""
+
+    path: str = ""
+    args: tuple[str, ...] = ()
+    master_port: int = 0  # 0: derived per job and generation
+
+
+@dataclass(frozen=True)
 class JobSpec:
     name: str
     mode: str
@@ -68,6 +77,7 @@ class JobSpec:
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     ps: PSSpec = field(default_factory=PSSpec)
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
+    script: ScriptSpec = field(default_factory=ScriptSpec)
     max_restarts: int = 3
     report_every_steps: int = 10
 
@@ -75,6 +85,7 @@ class JobSpec:
         """The spec in the shape a user writes it (parse_spec(to_dict()) == self)."""
         data = asdict(self)
         data["optimizer"] = {"name": self.optimizer.name, **self.optimizer.kwargs}
+        data["script"]["args"] = list(self.script.args)
         return data
 
     def to_json(self) -> str:
@@ -121,9 +132,11 @@ def parse_spec(data: Any, base_dir: str | None = None) -> JobSpec:
     mode = data.get("mode")
     if mode not in MODES:
         raise SpecError(f"mode: must be one of {', '.join(MODES)}, got {mode!r}")
-    task = data.get("task")
-    if not isinstance(task, str) or not task:
+    task = data.get("task", "")
+    if mode != "script" and (not isinstance(task, str) or not task):
         raise SpecError("task: must name a task module or a .py file")
+    if not isinstance(task, str):
+        raise SpecError(f"task: must be a string, got {task!r}")
     if task.endswith(".py") and base_dir and not os.path.isabs(task):
         task = os.path.normpath(os.path.join(base_dir, task))
     task_args = _mapping(data, "task_args", "")
@@ -159,6 +172,8 @@ def parse_spec(data: Any, base_dir: str | None = None) -> JobSpec:
     if ck_url and "://" not in ck_url and base_dir and not os.path.isabs(ck_url):
         ck_url = os.path.normpath(os.path.join(base_dir, ck_url))
 
+    script = _script(_mapping(data, "script", ""), mode, base_dir)
+
     return JobSpec(
         name=name,
         mode=mode,
@@ -171,9 +186,28 @@ def parse_spec(data: Any, base_dir: str | None = None) -> JobSpec:
         optimizer=OptimizerSpec(opt_name, opt_kwargs),
         ps=PSSpec(staleness, compression),
         checkpoint=CheckpointSpec(ck_url, _int(ck_raw, "every_steps", "checkpoint.", 0, 0)),
+        script=script,
         max_restarts=_int(data, "max_restarts", "", 3, minimum=0),
         report_every_steps=_int(data, "report_every_steps", "", 10, minimum=1),
     )
+
+
+def _script(raw: dict, mode: str, base_dir: str | None) -> ScriptSpec:
+    _reject_unknown(raw, {"path", "args", "master_port"}, "script.")
+    path = raw.get("path", "")
+    if mode == "script" and (not isinstance(path, str) or not path):
+        raise SpecError("script.path: required in script mode (the training script to run)")
+    if not isinstance(path, str):
+        raise SpecError(f"script.path: must be a string, got {path!r}")
+    if path and base_dir and not os.path.isabs(path):
+        path = os.path.normpath(os.path.join(base_dir, path))
+    args = raw.get("args", [])
+    if not isinstance(args, list) or not all(isinstance(a, (str, int, float)) for a in args):
+        raise SpecError("script.args: must be a list of strings")
+    port = _int(raw, "master_port", "script.", 0, minimum=0)
+    if port > 65535:
+        raise SpecError(f"script.master_port: must be a TCP port, got {port}")
+    return ScriptSpec(path, tuple(str(a) for a in args), port)
 
 
 def _missing(field_name: str) -> int:

@@ -228,7 +228,7 @@ class LocalCluster:
         return self._start(
             node_id,
             ["agent", *self._common(), "--node-id", node_id, "--slots", str(slots),
-             "--log-dir", str(self.base_dir / "logs")],
+             "--host", "127.0.0.1", "--log-dir", str(self.base_dir / "logs")],
             env,
         )  # fmt: skip
 

@@ -35,6 +35,7 @@ class NodeInfo:
     memory_bytes: int = 0
     gpus: int = 0
     hostname: str = ""
+    address: str = ""  # host others reach this node at (torchrun's MASTER_ADDR)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()

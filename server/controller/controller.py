@@ -36,6 +36,7 @@ from elasticd.server.controller.planning import (
     Wait,
     decide,
     last_call,
+    master_port,
 )
 from elasticd.server.controller.progress import Progress, ProgressBook
 from elasticd.server.controller.records import (
@@ -318,12 +319,17 @@ class Controller:
         cluster: ClusterSnapshot,
         node_id: str,
     ) -> bytes:
+        rank0 = gen.members[0].node_id if gen.members else node_id
+        node = cluster.nodes.get(rank0)
         return json.dumps(
             {
                 "job_id": snap.record.job_id,
                 "generation": gen.number,
                 "world_size": gen.world_size,
                 "members": [m.__dict__ for m in gen.on_node(node_id)],
+                "all_members": [m.__dict__ for m in gen.members],
+                "master_addr": (node.address or node.hostname) if node else "",
+                "master_port": master_port(snap.spec, snap.record.job_id, gen.number),
                 "spec": snap.spec.to_dict(),
                 "placement": json.loads(placement.to_json()) if placement else None,
                 "ps": {p: cluster.ps[p] for p in placement.ps_ids} if placement else {},

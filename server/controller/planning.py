@@ -7,12 +7,15 @@ Nothing here touches etcd, gRPC or storage.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from elasticd.jobspec import JobSpec
 from elasticd.membership import Generation, NodeInfo, WorkerReport, choose_workers
 from elasticd.server.controller.records import FAILED, TERMINAL, JobRecord
+
+RESTARTING = "RESTARTING"  # as the agent reports a process waiting to come back
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,13 @@ def decide(job: JobSnapshot, cluster: ClusterSnapshot) -> Action:
     if spec.mode == "ps-async" and not cluster.ps:
         return Wait("waiting for a parameter server to register")
 
-    failed = [w for w, r in job.workers.items() if r.state == FAILED]
+    restarting = sorted(w for w, r in reports.items() if r.state == RESTARTING and w in current)
+    if restarting and spec.mode == "script":
+        # torchrun's rule: one failure restarts every process, in a new generation.
+        return Seal(tuple(sorted(current)), f"restart after failure of {','.join(restarting)}")
+    # allreduce: the group re-forms without the failed process first; it comes
+    # back in a later generation, as a fresh process taking state from survivors.
+    failed = [w for w, r in job.workers.items() if r.state == FAILED] + restarting
     desired = choose_workers(
         cluster.nodes,
         cluster.taken_except(spec_job_id(job)),
@@ -149,3 +158,19 @@ def last_call(
         pending = PendingChange(workers, now, pending.began_at)
     wait = min(pending.seen_at + window, pending.began_at + max_wait) - now
     return pending, max(wait, 0.0)
+
+
+MASTER_PORT_BASE = 29400  # derived torchrun MASTER_PORTs fall in [base, base + span)
+MASTER_PORT_SPAN = 500
+
+
+def master_port(spec: JobSpec, job_id: str, generation: int) -> int:
+    """The TCP port rank 0 of a script job listens on in this generation.
+
+    A job may fix it (``script.master_port``); otherwise it is derived from the
+    job and the generation, so concurrent jobs on one node rarely collide and a
+    new generation never waits for the old one's socket to close.
+    """
+    if spec.script.master_port:
+        return spec.script.master_port
+    return MASTER_PORT_BASE + zlib.crc32(f"{job_id}:{generation}".encode()) % MASTER_PORT_SPAN

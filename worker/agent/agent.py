@@ -8,7 +8,12 @@ assignments, and makes the running processes match them:
   its control pipe and carries on (its state stays in memory);
 * a process no longer assigned is stopped;
 * a process that exits non-zero is restarted, up to the job's max_restarts;
-  after that it is reported FAILED and the controller decides.
+  after that it is reported FAILED and the controller decides. In ps-async
+  mode the restart is immediate (the state is on the PS tier). In modes whose
+  processes form a group (allreduce, script) it is reported RESTARTING and
+  comes back in a generation the controller seals, so the group re-forms;
+* in script mode every process is restarted when the generation changes, with
+  the restart count raised, as torchrun does.
 
 Worker states go to ``<prefix>/jobs/<job>/workers/<worker>`` on the agent's
 lease, written when they change, so they vanish with the agent.
@@ -20,7 +25,6 @@ import json
 import logging
 import os
 import socket
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +36,8 @@ from elasticd.coord.etcd import EtcdClient, EtcdError
 from elasticd.coord.keys import Keys
 from elasticd.coord.session import Session
 from elasticd.membership import NodeInfo, WorkerReport
-from elasticd.worker.agent.api import FAILED, RUNNING, SUCCEEDED, Exited, ProcessSpec
+from elasticd.worker.agent.api import FAILED, RESTARTING, RUNNING, SUCCEEDED, Exited
+from elasticd.worker.agent.launch import process_spec
 from elasticd.worker.agent.supervisor import ProcessSupervisor
 
 log = logging.getLogger(__name__)
@@ -52,7 +57,7 @@ def gpu_count() -> int:
         return 0
 
 
-def node_capacity(node_id: str, slots: int) -> NodeInfo:
+def node_capacity(node_id: str, slots: int, address: str = "") -> NodeInfo:
     gpus = gpu_count()
     return NodeInfo(
         node_id=node_id,
@@ -61,6 +66,7 @@ def node_capacity(node_id: str, slots: int) -> NodeInfo:
         memory_bytes=psutil.virtual_memory().total,
         gpus=gpus,
         hostname=socket.gethostname(),
+        address=address or socket.gethostname(),
     )
 
 
@@ -75,6 +81,7 @@ class Slot:
     restarts: int = 0
     state: str = RUNNING
     exit_code: int | None = None
+    pid: int = 0
 
 
 class NodeAgent:
@@ -86,7 +93,9 @@ class NodeAgent:
         slots: int,
         log_dir: str,
         lease_ttl: int,
+        address: str = "",
     ) -> None:
+        self.address = address
         self.client = client
         self.keys = keys
         self.node_id = node_id
@@ -97,12 +106,15 @@ class NodeAgent:
         self.assignments = PrefixCache(client, keys.assignments(node_id), self._wake.set)
         self.supervisor = ProcessSupervisor(self._on_exit)
         self._slots: dict[tuple[str, str], Slot] = {}
+        # restarts used per (job, worker), kept while a slot is out of a generation
+        self._restarts: dict[tuple[str, str], int] = {}
         self._lock = threading.RLock()
 
     def start(self) -> NodeAgent:
         self.session.start()
         self.session.put(
-            self.keys.node(self.node_id), node_capacity(self.node_id, self.slots).to_json()
+            self.keys.node(self.node_id),
+            node_capacity(self.node_id, self.slots, self.address).to_json(),
         )
         self.assignments.start()
         return self
@@ -136,29 +148,39 @@ class NodeAgent:
             for key in list(self._slots):
                 if key not in wanted:
                     self._withdraw(key)
+            jobs_gone = {k for k in self._restarts if k[0] not in self.assignments_jobs(wanted)}
+            for key in jobs_gone:
+                del self._restarts[key]
             for key, assignment in wanted.items():
                 slot = self._slots.get(key)
                 if slot is None:
                     self._launch(key, assignment)
+                elif slot.generation != assignment["generation"] and (
+                    slot.state == RESTARTING or assignment["spec"]["mode"] == "script"
+                ):
+                    # A new generation: the group re-forms with a fresh process.
+                    self._relaunch(slot, assignment)
                 elif slot.generation != assignment["generation"] or slot.assignment != assignment:
                     self._update(slot, assignment)
 
-    def _launch(self, key: tuple[str, str], assignment: dict, restarts: int = 0) -> None:
+    @staticmethod
+    def assignments_jobs(wanted: dict[tuple[str, str], dict]) -> set[str]:
+        return {job_id for job_id, _ in wanted}
+
+    def _relaunch(self, slot: Slot, assignment: dict) -> None:
+        key = (slot.job_id, slot.worker_id)
+        if slot.state != RESTARTING:
+            self._restarts[key] = slot.restarts + 1
+        self._slots.pop(key)
+        self.supervisor.stop(key)
+        self._launch(key, assignment)
+
+    def _launch(self, key: tuple[str, str], assignment: dict) -> None:
         job_id, wid = key
+        restarts = self._restarts.get(key, 0)
         slot = Slot(job_id, wid, assignment["generation"], assignment, restarts=restarts)
         self._slots[key] = slot
-        spec = ProcessSpec(
-            job_id=job_id,
-            worker_id=wid,
-            argv=(sys.executable, "-m", "elasticd.worker.runtime"),
-            env={
-                "ELASTICD_JOB_ID": job_id,
-                "ELASTICD_WORKER_ID": wid,
-                "ELASTICD_RESTART_COUNT": str(restarts),
-                "PYTHONUNBUFFERED": "1",
-            },
-            log_path=str(self.log_dir / job_id / f"{wid}.log"),
-        )
+        spec = process_spec(assignment, wid, restarts, str(self.log_dir / job_id / f"{wid}.log"))
         try:
             pid = self.supervisor.start(spec, first_message={"assignment": assignment})
         except OSError as exc:
@@ -166,6 +188,7 @@ class NodeAgent:
             slot.state, slot.exit_code = FAILED, -1
             self._report(slot)
             return
+        slot.pid = pid
         log.info(
             "event=worker_launched job=%s generation=%d node=%s worker=%s pid=%d restarts=%d",
             job_id,
@@ -195,8 +218,8 @@ class NodeAgent:
     def _on_exit(self, event: Exited) -> None:
         with self._lock:
             slot = self._slots.get(event.key)
-            if slot is None:
-                return  # withdrawn: we stopped it
+            if slot is None or slot.pid != event.pid:
+                return  # withdrawn or replaced: we stopped it
             slot.exit_code = event.code
             max_restarts = int(slot.assignment["spec"].get("max_restarts", 0))
             if event.code == 0:
@@ -209,9 +232,12 @@ class NodeAgent:
                     event.code,
                     slot.restarts + 1,
                 )
-                self._slots.pop(event.key)
-                self._launch(event.key, slot.assignment, restarts=slot.restarts + 1)
-                return
+                self._restarts[event.key] = slot.restarts + 1
+                if slot.assignment["spec"]["mode"] == "ps-async":
+                    self._slots.pop(event.key)
+                    self._launch(event.key, slot.assignment)
+                    return
+                slot.state = RESTARTING
             else:
                 slot.state = FAILED
             self._report(slot)

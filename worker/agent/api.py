@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 STARTING = "STARTING"
 RUNNING = "RUNNING"
+# Exited abnormally; waiting for the controller to seal a generation before
+# it comes back (modes whose processes form a group: allreduce, script).
+RESTARTING = "RESTARTING"
 SUCCEEDED = "SUCCEEDED"
 FAILED = "FAILED"
 
@@ -31,3 +34,4 @@ class Exited:
 
     key: tuple[str, str]
     code: int
+    pid: int

@@ -20,6 +20,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix", default=DEFAULT_PREFIX, help="etcd key prefix of this cluster")
     p.add_argument("--node-id", default=None, help="node id (default: <hostname>-<pid>)")
     p.add_argument("--slots", type=int, default=1, help="training processes this node runs at once")
+    p.add_argument(
+        "--host",
+        default="",
+        help="address other nodes reach this node at (default: the hostname)",
+    )
     p.add_argument("--lease-ttl", type=int, default=DEFAULT_TTL_S, help="etcd lease TTL, seconds")
     p.add_argument(
         "--log-dir",
@@ -33,7 +38,13 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(f"agent:{node_id}")
     stop = wait_for_stop_signal()
     agent = NodeAgent(
-        EtcdClient(args.etcd), Keys(args.prefix), node_id, args.slots, args.log_dir, args.lease_ttl
+        EtcdClient(args.etcd),
+        Keys(args.prefix),
+        node_id,
+        args.slots,
+        args.log_dir,
+        args.lease_ttl,
+        address=args.host,
     ).start()
     log.info("event=agent_ready node=%s slots=%d", node_id, args.slots)
     print(f"agent {node_id} ready with {args.slots} slot(s)", flush=True)

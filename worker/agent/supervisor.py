@@ -115,7 +115,7 @@ class ProcessSupervisor:
         log.info(
             "event=process_exited job=%s worker=%s pid=%d code=%d", key[0], key[1], proc.pid, code
         )
-        self._on_exit(Exited(key, code))
+        self._on_exit(Exited(key, code, proc.pid))
 
     def send(self, key: tuple[str, str], message: dict) -> bool:
         """Write one JSON line to the process's stdin; False if it is gone."""

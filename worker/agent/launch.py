@@ -1,0 +1,61 @@
+"""What command and environment a training process gets, by mode.
+
+ps-async and allreduce processes run elasticd's own runtime, which reads its
+assignment from the control pipe. A ``script`` process runs the user's
+unmodified torchrun-style script with torchrun's environment contract, so a
+script written for torchrun runs here as it is.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from elasticd.worker.agent.api import ProcessSpec
+
+
+def torchrun_env(assignment: dict, worker_id: str, restarts: int) -> dict[str, str]:
+    """torchrun's variables for one process of a generation."""
+    members = assignment["all_members"]
+    me = next(m for m in members if m["worker_id"] == worker_id)
+    nodes = sorted({m["node_id"] for m in members})
+    local = [m for m in members if m["node_id"] == me["node_id"]]
+    world = str(len(members))
+    return {
+        "RANK": str(me["rank"]),
+        "LOCAL_RANK": str(me["local_rank"]),
+        "WORLD_SIZE": world,
+        "LOCAL_WORLD_SIZE": str(len(local)),
+        "GROUP_RANK": str(nodes.index(me["node_id"])),
+        "GROUP_WORLD_SIZE": str(len(nodes)),
+        "ROLE_NAME": "default",
+        "ROLE_RANK": str(me["rank"]),
+        "ROLE_WORLD_SIZE": world,
+        "MASTER_ADDR": assignment["master_addr"],
+        "MASTER_PORT": str(assignment["master_port"]),
+        "TORCHELASTIC_RESTART_COUNT": str(restarts),
+        "TORCHELASTIC_MAX_RESTARTS": str(assignment["spec"]["max_restarts"]),
+        "TORCHELASTIC_RUN_ID": assignment["job_id"],
+        "TORCHELASTIC_USE_AGENT_STORE": "False",
+    }
+
+
+def process_spec(assignment: dict, worker_id: str, restarts: int, log_path: str) -> ProcessSpec:
+    job_id = assignment["job_id"]
+    env = {
+        "ELASTICD_JOB_ID": job_id,
+        "ELASTICD_WORKER_ID": worker_id,
+        "ELASTICD_RESTART_COUNT": str(restarts),
+        "ELASTICD_GENERATION": str(assignment["generation"]),
+        "PYTHONUNBUFFERED": "1",
+    }
+    spec = assignment["spec"]
+    if spec["mode"] == "script":
+        script = spec["script"]
+        argv = (sys.executable, script["path"], *script.get("args", []))
+        env.update(torchrun_env(assignment, worker_id, restarts))
+        cwd_env = {"ELASTICD_SCRIPT_DIR": os.path.dirname(script["path"])}
+        env.update(cwd_env)
+    else:
+        argv = (sys.executable, "-m", "elasticd.worker.runtime")
+    return ProcessSpec(job_id=job_id, worker_id=worker_id, argv=argv, env=env, log_path=log_path)
