@@ -33,7 +33,12 @@ class PSUnavailable(Exception):
 
 
 class StaleGradient(Exception):
-    """The PS refused a gradient computed on parameters too many versions old."""
+    """The PS did not apply a gradient: it was computed on parameters too many
+    versions old, or its synchronous round ended without it. Pull and push again."""
+
+
+class DuplicatePush(StaleGradient):
+    """The worker already pushed into the open synchronous round."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,8 @@ def _raise(exc: grpc.RpcError, ps_id: str):
         raise Fenced(f"{ps_id}: {exc.details()}") from None
     if code == grpc.StatusCode.ABORTED:
         raise StaleGradient(f"{ps_id}: {exc.details()}") from None
+    if code == grpc.StatusCode.ALREADY_EXISTS:
+        raise DuplicatePush(f"{ps_id}: {exc.details()}") from None
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         raise PSUnavailable(f"{ps_id}: {exc.details()}") from None
     raise exc

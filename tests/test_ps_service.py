@@ -53,11 +53,11 @@ class PSCluster:
     tiers: list[PSTier] = field(default_factory=list)
     channels: list[grpc.Channel] = field(default_factory=list)
 
-    def start(self, n: int) -> list[PS]:
+    def start(self, n: int, **servicer_kwargs) -> list[PS]:
         out = []
         for _ in range(n):
             ps_id = f"ps-{len(self.servers)}"
-            servicer = ParameterServerServicer(ps_id)
+            servicer = ParameterServerServicer(ps_id, **servicer_kwargs)
             server, port = start_grpc_server(
                 lambda s, sv=servicer: ps_pb2_grpc.add_ParameterServerServicer_to_server(sv, s),
                 "127.0.0.1",
@@ -69,10 +69,15 @@ class PSCluster:
         return out
 
     def tier(
-        self, servers: list[PS], placement: ShardPlacement, generation: int = 1, job: str = JOB
+        self,
+        servers: list[PS],
+        placement: ShardPlacement,
+        generation: int = 1,
+        job: str = JOB,
+        worker_id: str = "w.0",
     ) -> PSTier:
         tier = PSTier(
-            job, generation, placement, {s.ps_id: s.address for s in servers}, worker_id="w.0"
+            job, generation, placement, {s.ps_id: s.address for s in servers}, worker_id=worker_id
         )
         self.tiers.append(tier)
         return tier

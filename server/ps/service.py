@@ -19,8 +19,11 @@ from elasticd.checkpoint.store import CheckpointStore
 from elasticd.optimizers import OptimizerError, validate_optimizer
 from elasticd.rpc import ps_pb2, ps_pb2_grpc
 from elasticd.server.ps.shard import (
+    SYNC_ROUND_TIMEOUT_S,
     BadRequest,
+    DuplicatePush,
     ParameterShard,
+    RoundAborted,
     ShardConfig,
     ShardError,
     StaleGeneration,
@@ -35,6 +38,8 @@ MAX_SHARD_BYTES = 64 << 30  # refuse shards announcing more than this
 _STATUS = {
     StaleGeneration: grpc.StatusCode.FAILED_PRECONDITION,
     StalePush: grpc.StatusCode.ABORTED,
+    RoundAborted: grpc.StatusCode.ABORTED,
+    DuplicatePush: grpc.StatusCode.ALREADY_EXISTS,
     BadRequest: grpc.StatusCode.INVALID_ARGUMENT,
 }
 
@@ -51,8 +56,9 @@ def _metas(headers: list[TensorHeader]) -> list[ps_pb2.TensorMeta]:
 
 
 class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
-    def __init__(self, ps_id: str) -> None:
+    def __init__(self, ps_id: str, sync_timeout_s: float = SYNC_ROUND_TIMEOUT_S) -> None:
         self.ps_id = ps_id
+        self.sync_timeout_s = sync_timeout_s
         self._shards: dict[str, ParameterShard] = {}
         self._lock = threading.Lock()
 
@@ -169,7 +175,14 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                     raise WireError("only chunks may follow the header")
                 assembler.add(req.chunk.index, req.chunk.offset, req.chunk.data)
             grads = assembler.finish()
-            result = shard.apply(header.fence.generation, header.base_version, grads)
+            result = shard.apply(
+                header.fence.generation,
+                header.base_version,
+                grads,
+                worker_id=header.worker_id,
+                timeout=self.sync_timeout_s,
+                cancelled=lambda: not context.is_active(),
+            )
         except (ShardError, WireError) as exc:
             self._abort(context, exc)
         return ps_pb2.PushReply(

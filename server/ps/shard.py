@@ -3,13 +3,28 @@ a version counter and the generation fence.
 
 Plain Python, no gRPC: the servicer validates requests and calls in here, and
 tests drive it directly.
+
+Two consistency models share the code:
+
+- bounded staleness (``max_staleness`` < 0 or > 0): every push is applied at
+  once, unless its gradient was computed on a version more than
+  ``max_staleness`` versions old; that push is refused and the worker pulls
+  again. elasticd refuses rather than delays a stale push: waiting cannot make
+  a gradient fresher, it only grows older while it waits.
+- synchronous (``max_staleness`` == 0): the shard collects one push per worker
+  of the generation (``ShardConfig.workers``) for the current version, applies
+  their mean in one optimizer step, and only then answers the pushers. The mean
+  is summed in worker-id order, so the result does not depend on which push
+  arrived first.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,6 +51,18 @@ class StalePush(ShardError):
     pass
 
 
+class DuplicatePush(ShardError):
+    """A worker pushed twice into one synchronous round."""
+
+
+class RoundAborted(ShardError):
+    """A synchronous round ended without applying this push (generation change, timeout)."""
+
+
+SYNC_ROUND_TIMEOUT_S = 30.0  # how long a synchronous push waits for the rest of its round
+_WAIT_SLICE_S = 0.25  # how often a waiting pusher checks whether its caller went away
+
+
 @dataclass(frozen=True)
 class PushResult:
     version: int
@@ -51,6 +78,29 @@ class ShardConfig:
     max_staleness: int = -1  # < 0: unbounded
     workers: int = 1
     max_version: int = 0  # 0: no limit
+
+
+@dataclass
+class SyncRound:
+    """The gradients of one synchronous round: at most one push per worker, for one version."""
+
+    version: int
+    generation: int
+    grads: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    outcome: PushResult | None = None
+    aborted: str = ""
+
+
+def mean_gradient(contributions: dict[str, list[torch.Tensor]]) -> list[torch.Tensor]:
+    """The element-wise mean of the workers' gradients, summed in worker-id order."""
+    workers = sorted(contributions)
+    total = [g.clone() for g in contributions[workers[0]]]
+    for w in workers[1:]:
+        for t, g in zip(total, contributions[w], strict=True):
+            t.add_(g)
+    for t in total:
+        t.div_(len(workers))
+    return total
 
 
 def check_staleness(version: int, base_version: int, max_staleness: int) -> int:
@@ -83,6 +133,8 @@ class ParameterShard:
         self.optimizer = build_optimizer(config.optimizer, config.optimizer_kwargs, self.params)
         self.version = 0
         self.lock = threading.Lock()
+        self._changed = threading.Condition(self.lock)  # a synchronous round ended
+        self._round: SyncRound | None = None
         self.pushes_applied = 0
         self.pushes_rejected = 0
 
@@ -104,6 +156,25 @@ class ParameterShard:
                 generation,
             )
             self.generation = generation
+            if self._round is not None:
+                self._abort_round(
+                    f"generation changed from {self._round.generation} to {generation} before "
+                    f"the synchronous round for version {self._round.version} completed: "
+                    "pull and push again"
+                )
+
+    def _abort_round(self, reason: str) -> None:
+        """Release the waiters of the open synchronous round without applying it."""
+        r, self._round = self._round, None
+        r.aborted = reason  # each waiter raises it, and counts itself as rejected
+        log.info(
+            "event=sync_round_aborted job=%s version=%d pushes=%d reason=%r",
+            self.config.job_id,
+            r.version,
+            len(r.grads),
+            reason,
+        )
+        self._changed.notify_all()
 
     def check_fence(self, generation: int) -> None:
         """Raise if ``generation`` is stale, without admitting a newer one.
@@ -117,11 +188,23 @@ class ParameterShard:
                 f"the job is at generation {self.generation}"
             )
 
+    def pending_workers(self) -> list[str]:
+        """Workers whose push waits in the open synchronous round."""
+        with self.lock:
+            return sorted(self._round.grads) if self._round else []
+
+    @property
+    def synchronous(self) -> bool:
+        return self.config.max_staleness == 0
+
     def advance(self, generation: int, workers: int | None = None) -> None:
         with self.lock:
             self.fence(generation)
             if workers:
                 self.config = ShardConfig(**{**self.config.__dict__, "workers": workers})
+                r = self._round
+                if r is not None and len(r.grads) >= workers:
+                    self._complete_round(r)
 
     def read(self, generation: int) -> tuple[int, list[torch.Tensor]]:
         """A consistent copy of the shard's parameters and their version."""
@@ -141,7 +224,22 @@ class ParameterShard:
                     f"shard tensor {mine.key!r} {mine.dtype}{list(mine.shape)}"
                 )
 
-    def apply(self, generation: int, base_version: int, grads: list[torch.Tensor]) -> PushResult:
+    def apply(
+        self,
+        generation: int,
+        base_version: int,
+        grads: list[torch.Tensor],
+        worker_id: str = "",
+        timeout: float = SYNC_ROUND_TIMEOUT_S,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> PushResult:
+        """Apply one pushed gradient (or, in synchronous mode, add it to the round).
+
+        A synchronous push returns once its round is applied, and raises
+        :class:`RoundAborted` if the round ends otherwise: the generation
+        changed, ``timeout`` seconds passed, or ``cancelled()`` became true
+        (the caller went away). An aborted push leaves nothing behind.
+        """
         with self.lock:
             self.fence(generation)
             limit = self.config.max_version
@@ -149,17 +247,73 @@ class ParameterShard:
                 return PushResult(self.version, False, self.version - base_version)
             try:
                 staleness = check_staleness(self.version, base_version, self.config.max_staleness)
+                if self.synchronous:
+                    return self._join_round(worker_id, grads, timeout, cancelled)
             except ShardError:
                 self.pushes_rejected += 1
                 raise
-            for p, g in zip(self.params, grads, strict=True):
-                p.grad = g
-            self.optimizer.step()
-            for p in self.params:
-                p.grad = None
-            self.version += 1
+            self._step(grads)
             self.pushes_applied += 1
             return PushResult(self.version, True, staleness)
+
+    def _step(self, grads: list[torch.Tensor]) -> None:
+        for p, g in zip(self.params, grads, strict=True):
+            p.grad = g
+        self.optimizer.step()
+        for p in self.params:
+            p.grad = None
+        self.version += 1
+
+    def _join_round(
+        self,
+        worker_id: str,
+        grads: list[torch.Tensor],
+        timeout: float,
+        cancelled: Callable[[], bool] | None,
+    ) -> PushResult:
+        if not worker_id:
+            raise BadRequest("a synchronous push must name its worker (worker_id is empty)")
+        r = self._round
+        if r is None:
+            r = self._round = SyncRound(self.version, self.generation)
+        if worker_id in r.grads:
+            raise DuplicatePush(
+                f"worker {worker_id!r} already pushed for version {r.version}; the round "
+                f"waits for {self.config.workers - len(r.grads)} more worker(s)"
+            )
+        r.grads[worker_id] = grads
+        if len(r.grads) >= self.config.workers:
+            self._complete_round(r)
+        deadline = time.monotonic() + timeout
+        while r.outcome is None and not r.aborted:
+            remaining = deadline - time.monotonic()
+            gone = cancelled is not None and cancelled()
+            if remaining <= 0 or gone:
+                del r.grads[worker_id]
+                if gone:
+                    raise RoundAborted(f"push of worker {worker_id!r} cancelled by its caller")
+                raise RoundAborted(
+                    f"synchronous round for version {r.version} timed out after {timeout:g}s "
+                    f"with {len(r.grads) + 1} of {self.config.workers} workers' gradients: "
+                    "pull and push again"
+                )
+            self._changed.wait(min(remaining, _WAIT_SLICE_S))
+        if r.aborted:
+            raise RoundAborted(r.aborted)
+        return r.outcome
+
+    def _complete_round(self, r: SyncRound) -> None:
+        self._step(mean_gradient(r.grads))
+        self.pushes_applied += len(r.grads)
+        r.outcome = PushResult(self.version, True, 0)
+        self._round = None
+        log.debug(
+            "event=sync_round_applied job=%s version=%d pushes=%d",
+            self.config.job_id,
+            self.version,
+            len(r.grads),
+        )
+        self._changed.notify_all()
 
     def snapshot(self, generation: int) -> tuple[bytes, int]:
         """The shard's parameters and optimizer state, encoded; and its version."""
