@@ -23,7 +23,7 @@ import yaml
 from elasticd.optimizers import OptimizerError, validate_optimizer
 
 MODES = ("ps-async", "allreduce", "script")
-COMPRESSIONS = ("none",)
+COMPRESSIONS = ("none", "fp16", "bf16", "topk", "qsgd")  # elasticd/compression.py
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 
 

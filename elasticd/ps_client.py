@@ -9,6 +9,7 @@ generation with FAILED_PRECONDITION, raised here as :class:`Fenced`.
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
+from elasticd.compression import GradientEncoder, codec_for
 from elasticd.placement import ShardPlacement, Slice
 from elasticd.rpc import ps_pb2, ps_pb2_grpc
 from elasticd.rpc.limits import GRPC_OPTIONS
@@ -90,6 +92,7 @@ class PSTier:
         self._pool = ThreadPoolExecutor(
             max_workers=max(len(self.ps_ids), 1), thread_name_prefix="ps"
         )
+        self._encoders: dict[str, GradientEncoder] = {}
 
     @property
     def fence(self) -> ps_pb2.Fence:
@@ -185,10 +188,24 @@ class PSTier:
 
         return self._each(one)
 
+    def encoder(self, compression: str) -> GradientEncoder:
+        """The worker side of a codec, with its error-feedback state, made once per name."""
+        if compression not in self._encoders:
+            # Seeded by worker id: workers draw independent quantization noise.
+            seed = zlib.crc32(f"{self.job_id}/{self.worker_id}".encode())
+            self._encoders[compression] = GradientEncoder(codec_for(compression, seed))
+        return self._encoders[compression]
+
     def push(
-        self, grads: Mapping[str, torch.Tensor], base_versions: Mapping[str, int]
+        self,
+        grads: Mapping[str, torch.Tensor],
+        base_versions: Mapping[str, int],
+        compression: str = "none",
     ) -> dict[str, PushOutcome]:
-        def one(p: str) -> PushOutcome:
+        """Push ``grads`` to every PS; ``compression`` names a codec of elasticd.compression."""
+        encoder = self.encoder(compression)
+
+        def dense(p: str) -> PushOutcome:
             header = ps_pb2.PushHeader(
                 fence=self.fence, worker_id=self.worker_id, base_version=base_versions[p]
             )
@@ -198,7 +215,39 @@ class PSTier:
             )
             return PushOutcome(reply.version, reply.applied, reply.staleness)
 
-        return self._each(one)
+        def encoded(p: str) -> PushOutcome:
+            metas, parts, pending = [], [], {}
+            for s in self._slices[p]:
+                h, t, residual = encoder.encode(s.key, slice_view(grads[s.param], s))
+                metas += [ps_pb2.TensorMeta(key=m.key, dtype=m.dtype, shape=m.shape) for m in h]
+                parts += t
+                if residual is not None:
+                    pending[s.key] = residual
+            header = ps_pb2.PushHeader(
+                fence=self.fence,
+                worker_id=self.worker_id,
+                base_version=base_versions[p],
+                compression=encoder.codec.name,
+                payload=metas,
+            )
+            reply = self._stubs[p].Push(
+                self._parts_stream(ps_pb2.PushRequest(header=header), parts),
+                timeout=RPC_TIMEOUT_S,
+            )
+            if reply.applied:
+                encoder.commit(pending)
+            return PushOutcome(reply.version, reply.applied, reply.staleness)
+
+        return self._each(dense if encoder.codec.passthrough else encoded)
+
+    @staticmethod
+    def _parts_stream(header_msg, parts: list[torch.Tensor]) -> Iterator:
+        yield header_msg
+        for index, t in enumerate(parts):
+            for offset, piece in chunk(as_bytes(t)):
+                yield ps_pb2.PushRequest(
+                    chunk=ps_pb2.Chunk(index=index, offset=offset, data=bytes(piece))
+                )
 
     # -- controller side ------------------------------------------------------
 

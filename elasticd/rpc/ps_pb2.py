@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x65lasticd/rpc/ps.proto\x12\x0b\x65lasticd.ps\"+\n\x05\x46\x65nce\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\"7\n\nTensorMeta\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"4\n\x0fOptimizerConfig\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bkwargs_json\x18\x02 \x01(\t\"4\n\x05\x43hunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xcc\x01\n\x0fInitShardHeader\x12!\n\x05\x66\x65nce\x18\x01 \x01(\x0b\x32\x12.elasticd.ps.Fence\x12(\n\x07tensors\x18\x02 \x03(\x0b\x32\x17.elasticd.ps.TensorMeta\x12/\n\toptimizer\x18\x03 \x01(\x0b\x32\x1c.elasticd.ps.OptimizerConfig\x12\x15\n\rmax_staleness\x18\x04 \x01(\x03\x12\x0f\n\x07workers\x18\x05 \x01(\x05\x12\x13\n\x0bmax_version\x18\x06 \x01(\x03\"o\n\x10InitShardRequest\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.elasticd.ps.InitShardHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.elasticd.ps.ChunkH\x00\x42\x06\n\x04\x62ody\"2\n\x0eInitShardReply\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x08\x12\x0f\n\x07version\x18\x02 \x01(\x03\"C\n\x0bPullRequest\x12!\n\x05\x66\x65nce\x18\x01 \x01(\x0b\x32\x12.elasticd.ps.Fence\x12\x11\n\tworker_id\x18\x02 \x01(\t\"G\n\nPullHeader\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12(\n\x07tensors\x18\x02 \x03(\x0b\x32\x17.elasticd.ps.TensorMeta\"c\n\tPullReply\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.elasticd.ps.PullHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.elasticd.ps.ChunkH\x00\x42\x06\n\x04\x62ody\"m\n\nPushHeader\x12!\n\x05\x66\x65nce\x18\x01 \x01(\x0b\x32\x12.elasticd.ps.Fence\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\x03\x12\x13\n\x0b\x63ompression\x18\x04 \x01(\t\"e\n\x0bPushRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.elasticd.ps.PushHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.elasticd.ps.ChunkH\x00\x42\x06\n\x04\x62ody\"@\n\tPushReply\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0f\n\x07\x61pplied\x18\x02 \x01(\x08\x12\x11\n\tstaleness\x18\x03 \x01(\x03\"]\n\x0fSnapshotRequest\x12!\n\x05\x66\x65nce\x18\x01 \x01(\x0b\x32\x12.elasticd.ps.Fence\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x03\"L\n\rSnapshotReply\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x0f\n\x07version\x18\x04 \x01(\x03\"\"\n\x10ShardInfoRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"~\n\x0eShardInfoReply\x12\x0e\n\x06\x65xists\x18\x01 \x01(\x08\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\r\n\x05\x62ytes\x18\x04 \x01(\x03\x12(\n\x07tensors\x18\x05 \x03(\x0b\x32\x17.elasticd.ps.TensorMeta\"N\n\x18\x41\x64vanceGenerationRequest\x12!\n\x05\x66\x65nce\x18\x01 \x01(\x0b\x32\x12.elasticd.ps.Fence\x12\x0f\n\x07workers\x18\x02 \x01(\x05\"5\n\x10\x44ropShardRequest\x12!\n\x05\x66\x65nce\x18\x01 \x01(\x0b\x32\x12.elasticd.ps.Fence\"\x10\n\x0e\x44ropShardReply2\x85\x04\n\x0fParameterServer\x12I\n\tInitShard\x12\x1d.elasticd.ps.InitShardRequest\x1a\x1b.elasticd.ps.InitShardReply(\x01\x12:\n\x04Pull\x12\x18.elasticd.ps.PullRequest\x1a\x16.elasticd.ps.PullReply0\x01\x12:\n\x04Push\x12\x18.elasticd.ps.PushRequest\x1a\x16.elasticd.ps.PushReply(\x01\x12\x44\n\x08Snapshot\x12\x1c.elasticd.ps.SnapshotRequest\x1a\x1a.elasticd.ps.SnapshotReply\x12G\n\tShardInfo\x12\x1d.elasticd.ps.ShardInfoRequest\x1a\x1b.elasticd.ps.ShardInfoReply\x12W\n\x11\x41\x64vanceGeneration\x12%.elasticd.ps.AdvanceGenerationRequest\x1a\x1b.elasticd.ps.ShardInfoReply\x12G\n\tDropShard\x12\x1d.elasticd.ps.DropShardRequest\x1a\x1b.elasticd.ps.DropShardReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x65lasticd/rpc/ps.proto\x12\x0b\x65lasticd.ps\"+\n\x05\x46\x65nce\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\"7\n\nTensorMeta\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"4\n\x0fOptimizerConfig\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bkwargs_json\x18\x02 \x01(\t\"4\n\x05\x43hunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xcc\x01\n\x0fInitShardHeader\x12!\n\x05\x66\x65nce\x18\x01 \x01(\x0b\x32\x12.elasticd.ps.Fence\x12(\n\x07tensors\x18\x02 \x03(\x0b\x32\x17.elasticd.ps.TensorMeta\x12/\n\toptimizer\x18\x03 \x01(\x0b\x32\x1c.elasticd.ps.OptimizerConfig\x12\x15\n\rmax_staleness\x18\x04 \x01(\x03\x12\x0f\n\x07workers\x18\x05 \x01(\x05\x12\x13\n\x0bmax_version\x18\x06 \x01(\x03\"o\n\x10InitShardRequest\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.elasticd.ps.InitShardHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.elasticd.ps.ChunkH\x00\x42\x06\n\x04\x62ody\"2\n\x0eInitShardReply\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x08\x12\x0f\n\x07version\x18\x02 \x01(\x03\"C\n\x0bPullRequest\x12!\n\x05\x66\x65nce\x18\x01 \x01(\x0b\x32\x12.elasticd.ps.Fence\x12\x11\n\tworker_id\x18\x02 \x01(\t\"G\n\nPullHeader\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12(\n\x07tensors\x18\x02 \x03(\x0b\x32\x17.elasticd.ps.TensorMeta\"c\n\tPullReply\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.elasticd.ps.PullHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.elasticd.ps.ChunkH\x00\x42\x06\n\x04\x62ody\"\x97\x01\n\nPushHeader\x12!\n\x05\x66\x65nce\x18\x01 \x01(\x0b\x32\x12.elasticd.ps.Fence\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\x03\x12\x13\n\x0b\x63ompression\x18\x04 \x01(\t\x12(\n\x07payload\x18\x05 \x03(\x0b\x32\x17.elasticd.ps.TensorMeta\"e\n\x0bPushRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.elasticd.ps.PushHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.elasticd.ps.ChunkH\x00\x42\x06\n\x04\x62ody\"@\n\tPushReply\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0f\n\x07\x61pplied\x18\x02 \x01(\x08\x12\x11\n\tstaleness\x18\x03 \x01(\x03\"]\n\x0fSnapshotRequest\x12!\n\x05\x66\x65nce\x18\x01 \x01(\x0b\x32\x12.elasticd.ps.Fence\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x03\"L\n\rSnapshotReply\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x0f\n\x07version\x18\x04 \x01(\x03\"\"\n\x10ShardInfoRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"~\n\x0eShardInfoReply\x12\x0e\n\x06\x65xists\x18\x01 \x01(\x08\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\r\n\x05\x62ytes\x18\x04 \x01(\x03\x12(\n\x07tensors\x18\x05 \x03(\x0b\x32\x17.elasticd.ps.TensorMeta\"N\n\x18\x41\x64vanceGenerationRequest\x12!\n\x05\x66\x65nce\x18\x01 \x01(\x0b\x32\x12.elasticd.ps.Fence\x12\x0f\n\x07workers\x18\x02 \x01(\x05\"5\n\x10\x44ropShardRequest\x12!\n\x05\x66\x65nce\x18\x01 \x01(\x0b\x32\x12.elasticd.ps.Fence\"\x10\n\x0e\x44ropShardReply\"G\n\tHistogram\x12\x0e\n\x06\x62ounds\x18\x01 \x03(\x01\x12\x0e\n\x06\x63ounts\x18\x02 \x03(\x04\x12\x0b\n\x03sum\x18\x03 \x01(\x01\x12\r\n\x05\x63ount\x18\x04 \x01(\x04\"\xf8\x02\n\x08JobStats\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\r\n\x05\x62ytes\x18\x04 \x01(\x03\x12\x10\n\x08\x62ytes_in\x18\x05 \x01(\x04\x12\x11\n\tbytes_out\x18\x06 \x01(\x04\x12\r\n\x05pulls\x18\x07 \x01(\x04\x12\x16\n\x0epushes_applied\x18\x08 \x01(\x04\x12\x42\n\x0fpushes_rejected\x18\t \x03(\x0b\x32).elasticd.ps.JobStats.PushesRejectedEntry\x12)\n\tstaleness\x18\n \x01(\x0b\x32\x16.elasticd.ps.Histogram\x12\x36\n\x16optimizer_step_seconds\x18\x0b \x01(\x0b\x32\x16.elasticd.ps.Histogram\x1a\x35\n\x13PushesRejectedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x1e\n\x0cStatsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"^\n\nStatsReply\x12\r\n\x05ps_id\x18\x01 \x01(\t\x12#\n\x04jobs\x18\x02 \x03(\x0b\x32\x15.elasticd.ps.JobStats\x12\x1c\n\x14unknown_job_requests\x18\x03 \x01(\x04\x32\xc2\x04\n\x0fParameterServer\x12I\n\tInitShard\x12\x1d.elasticd.ps.InitShardRequest\x1a\x1b.elasticd.ps.InitShardReply(\x01\x12:\n\x04Pull\x12\x18.elasticd.ps.PullRequest\x1a\x16.elasticd.ps.PullReply0\x01\x12:\n\x04Push\x12\x18.elasticd.ps.PushRequest\x1a\x16.elasticd.ps.PushReply(\x01\x12\x44\n\x08Snapshot\x12\x1c.elasticd.ps.SnapshotRequest\x1a\x1a.elasticd.ps.SnapshotReply\x12G\n\tShardInfo\x12\x1d.elasticd.ps.ShardInfoRequest\x1a\x1b.elasticd.ps.ShardInfoReply\x12W\n\x11\x41\x64vanceGeneration\x12%.elasticd.ps.AdvanceGenerationRequest\x1a\x1b.elasticd.ps.ShardInfoReply\x12G\n\tDropShard\x12\x1d.elasticd.ps.DropShardRequest\x1a\x1b.elasticd.ps.DropShardReply\x12;\n\x05Stats\x12\x19.elasticd.ps.StatsRequest\x1a\x17.elasticd.ps.StatsReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'elasticd.rpc.ps_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_JOBSTATS_PUSHESREJECTEDENTRY']._loaded_options = None
+  _globals['_JOBSTATS_PUSHESREJECTEDENTRY']._serialized_options = b'8\001'
   _globals['_FENCE']._serialized_start=38
   _globals['_FENCE']._serialized_end=81
   _globals['_TENSORMETA']._serialized_start=83
@@ -51,26 +53,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PULLHEADER']._serialized_end=760
   _globals['_PULLREPLY']._serialized_start=762
   _globals['_PULLREPLY']._serialized_end=861
-  _globals['_PUSHHEADER']._serialized_start=863
-  _globals['_PUSHHEADER']._serialized_end=972
-  _globals['_PUSHREQUEST']._serialized_start=974
-  _globals['_PUSHREQUEST']._serialized_end=1075
-  _globals['_PUSHREPLY']._serialized_start=1077
-  _globals['_PUSHREPLY']._serialized_end=1141
-  _globals['_SNAPSHOTREQUEST']._serialized_start=1143
-  _globals['_SNAPSHOTREQUEST']._serialized_end=1236
-  _globals['_SNAPSHOTREPLY']._serialized_start=1238
-  _globals['_SNAPSHOTREPLY']._serialized_end=1314
-  _globals['_SHARDINFOREQUEST']._serialized_start=1316
-  _globals['_SHARDINFOREQUEST']._serialized_end=1350
-  _globals['_SHARDINFOREPLY']._serialized_start=1352
-  _globals['_SHARDINFOREPLY']._serialized_end=1478
-  _globals['_ADVANCEGENERATIONREQUEST']._serialized_start=1480
-  _globals['_ADVANCEGENERATIONREQUEST']._serialized_end=1558
-  _globals['_DROPSHARDREQUEST']._serialized_start=1560
-  _globals['_DROPSHARDREQUEST']._serialized_end=1613
-  _globals['_DROPSHARDREPLY']._serialized_start=1615
-  _globals['_DROPSHARDREPLY']._serialized_end=1631
-  _globals['_PARAMETERSERVER']._serialized_start=1634
-  _globals['_PARAMETERSERVER']._serialized_end=2151
+  _globals['_PUSHHEADER']._serialized_start=864
+  _globals['_PUSHHEADER']._serialized_end=1015
+  _globals['_PUSHREQUEST']._serialized_start=1017
+  _globals['_PUSHREQUEST']._serialized_end=1118
+  _globals['_PUSHREPLY']._serialized_start=1120
+  _globals['_PUSHREPLY']._serialized_end=1184
+  _globals['_SNAPSHOTREQUEST']._serialized_start=1186
+  _globals['_SNAPSHOTREQUEST']._serialized_end=1279
+  _globals['_SNAPSHOTREPLY']._serialized_start=1281
+  _globals['_SNAPSHOTREPLY']._serialized_end=1357
+  _globals['_SHARDINFOREQUEST']._serialized_start=1359
+  _globals['_SHARDINFOREQUEST']._serialized_end=1393
+  _globals['_SHARDINFOREPLY']._serialized_start=1395
+  _globals['_SHARDINFOREPLY']._serialized_end=1521
+  _globals['_ADVANCEGENERATIONREQUEST']._serialized_start=1523
+  _globals['_ADVANCEGENERATIONREQUEST']._serialized_end=1601
+  _globals['_DROPSHARDREQUEST']._serialized_start=1603
+  _globals['_DROPSHARDREQUEST']._serialized_end=1656
+  _globals['_DROPSHARDREPLY']._serialized_start=1658
+  _globals['_DROPSHARDREPLY']._serialized_end=1674
+  _globals['_HISTOGRAM']._serialized_start=1676
+  _globals['_HISTOGRAM']._serialized_end=1747
+  _globals['_JOBSTATS']._serialized_start=1750
+  _globals['_JOBSTATS']._serialized_end=2126
+  _globals['_JOBSTATS_PUSHESREJECTEDENTRY']._serialized_start=2073
+  _globals['_JOBSTATS_PUSHESREJECTEDENTRY']._serialized_end=2126
+  _globals['_STATSREQUEST']._serialized_start=2128
+  _globals['_STATSREQUEST']._serialized_end=2158
+  _globals['_STATSREPLY']._serialized_start=2160
+  _globals['_STATSREPLY']._serialized_end=2254
+  _globals['_PARAMETERSERVER']._serialized_start=2257
+  _globals['_PARAMETERSERVER']._serialized_end=2835
 # @@protoc_insertion_point(module_scope)

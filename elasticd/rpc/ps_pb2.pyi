@@ -99,16 +99,18 @@ class PullReply(_message.Message):
     def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("fence", "worker_id", "base_version", "compression")
+    __slots__ = ("fence", "worker_id", "base_version", "compression", "payload")
     FENCE_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     fence: Fence
     worker_id: str
     base_version: int
     compression: str
-    def __init__(self, fence: _Optional[_Union[Fence, _Mapping]] = ..., worker_id: _Optional[str] = ..., base_version: _Optional[int] = ..., compression: _Optional[str] = ...) -> None: ...
+    payload: _containers.RepeatedCompositeFieldContainer[TensorMeta]
+    def __init__(self, fence: _Optional[_Union[Fence, _Mapping]] = ..., worker_id: _Optional[str] = ..., base_version: _Optional[int] = ..., compression: _Optional[str] = ..., payload: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ...) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("header", "chunk")
@@ -189,3 +191,64 @@ class DropShardRequest(_message.Message):
 class DropShardReply(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class Histogram(_message.Message):
+    __slots__ = ("bounds", "counts", "sum", "count")
+    BOUNDS_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    SUM_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    bounds: _containers.RepeatedScalarFieldContainer[float]
+    counts: _containers.RepeatedScalarFieldContainer[int]
+    sum: float
+    count: int
+    def __init__(self, bounds: _Optional[_Iterable[float]] = ..., counts: _Optional[_Iterable[int]] = ..., sum: _Optional[float] = ..., count: _Optional[int] = ...) -> None: ...
+
+class JobStats(_message.Message):
+    __slots__ = ("job_id", "generation", "version", "bytes", "bytes_in", "bytes_out", "pulls", "pushes_applied", "pushes_rejected", "staleness", "optimizer_step_seconds")
+    class PushesRejectedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_IN_FIELD_NUMBER: _ClassVar[int]
+    BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
+    PULLS_FIELD_NUMBER: _ClassVar[int]
+    PUSHES_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    PUSHES_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    generation: int
+    version: int
+    bytes: int
+    bytes_in: int
+    bytes_out: int
+    pulls: int
+    pushes_applied: int
+    pushes_rejected: _containers.ScalarMap[str, int]
+    staleness: Histogram
+    optimizer_step_seconds: Histogram
+    def __init__(self, job_id: _Optional[str] = ..., generation: _Optional[int] = ..., version: _Optional[int] = ..., bytes: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., pulls: _Optional[int] = ..., pushes_applied: _Optional[int] = ..., pushes_rejected: _Optional[_Mapping[str, int]] = ..., staleness: _Optional[_Union[Histogram, _Mapping]] = ..., optimizer_step_seconds: _Optional[_Union[Histogram, _Mapping]] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class StatsReply(_message.Message):
+    __slots__ = ("ps_id", "jobs", "unknown_job_requests")
+    PS_ID_FIELD_NUMBER: _ClassVar[int]
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_JOB_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    ps_id: str
+    jobs: _containers.RepeatedCompositeFieldContainer[JobStats]
+    unknown_job_requests: int
+    def __init__(self, ps_id: _Optional[str] = ..., jobs: _Optional[_Iterable[_Union[JobStats, _Mapping]]] = ..., unknown_job_requests: _Optional[int] = ...) -> None: ...

@@ -69,6 +69,11 @@ class ParameterServerStub:
                 request_serializer=elasticd_dot_rpc_dot_ps__pb2.DropShardRequest.SerializeToString,
                 response_deserializer=elasticd_dot_rpc_dot_ps__pb2.DropShardReply.FromString,
                 _registered_method=True)
+        self.Stats = channel.unary_unary(
+                '/elasticd.ps.ParameterServer/Stats',
+                request_serializer=elasticd_dot_rpc_dot_ps__pb2.StatsRequest.SerializeToString,
+                response_deserializer=elasticd_dot_rpc_dot_ps__pb2.StatsReply.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -119,6 +124,14 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Stats(self, request, context):
+        """Traffic, push outcomes, staleness and optimizer time per job (read-only,
+        not fenced); the same figures a PS serves on its Prometheus endpoint.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -156,6 +169,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.DropShard,
                     request_deserializer=elasticd_dot_rpc_dot_ps__pb2.DropShardRequest.FromString,
                     response_serializer=elasticd_dot_rpc_dot_ps__pb2.DropShardReply.SerializeToString,
+            ),
+            'Stats': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stats,
+                    request_deserializer=elasticd_dot_rpc_dot_ps__pb2.StatsRequest.FromString,
+                    response_serializer=elasticd_dot_rpc_dot_ps__pb2.StatsReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -347,6 +365,33 @@ class ParameterServer:
             '/elasticd.ps.ParameterServer/DropShard',
             elasticd_dot_rpc_dot_ps__pb2.DropShardRequest.SerializeToString,
             elasticd_dot_rpc_dot_ps__pb2.DropShardReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/elasticd.ps.ParameterServer/Stats',
+            elasticd_dot_rpc_dot_ps__pb2.StatsRequest.SerializeToString,
+            elasticd_dot_rpc_dot_ps__pb2.StatsReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import grpc
 
 from elasticd.checkpoint.store import CheckpointStore
+from elasticd.compression import CompressionError, check_payload, codec_for, decode_payload
 from elasticd.optimizers import OptimizerError, validate_optimizer
 from elasticd.rpc import ps_pb2, ps_pb2_grpc
 from elasticd.server.ps.shard import (
@@ -80,7 +81,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
     @staticmethod
     def _abort(context, exc: Exception):
-        if isinstance(exc, WireError):
+        if isinstance(exc, (WireError, CompressionError)):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         context.abort(_STATUS.get(type(exc), grpc.StatusCode.INTERNAL), str(exc))
 
@@ -163,18 +164,27 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     def Push(self, request_iterator, context):
         header = self._first(request_iterator, context, "Push")
         shard = self._require(header.fence.job_id, context)
-        if header.compression not in ("", "none"):
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"unknown compression {header.compression!r}"
-            )
+        try:
+            codec = codec_for(header.compression)
+        except CompressionError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
             shard.check_fence(header.fence.generation)
-            assembler = Assembler(shard.headers)
+            if codec.passthrough:
+                if header.payload:
+                    raise WireError("an uncompressed push lists no payload parts")
+                parts = shard.headers
+            else:
+                parts = _headers(header.payload)
+                check_payload(codec, shard.headers, parts)
+            assembler = Assembler(parts)
             for req in request_iterator:
                 if not req.HasField("chunk"):
                     raise WireError("only chunks may follow the header")
                 assembler.add(req.chunk.index, req.chunk.offset, req.chunk.data)
             grads = assembler.finish()
+            if not codec.passthrough:
+                grads = decode_payload(codec, shard.headers, grads)
             result = shard.apply(
                 header.fence.generation,
                 header.base_version,
@@ -183,7 +193,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 timeout=self.sync_timeout_s,
                 cancelled=lambda: not context.is_active(),
             )
-        except (ShardError, WireError) as exc:
+        except (ShardError, WireError, CompressionError) as exc:
             self._abort(context, exc)
         return ps_pb2.PushReply(
             version=result.version, applied=result.applied, staleness=result.staleness

@@ -91,7 +91,7 @@ def train(first: Assignment, control: ControlChannel) -> int:
                     n: p.grad if p.grad is not None else torch.zeros_like(p)
                     for n, p in params.items()
                 }
-                outcomes = tier.push(grads, versions)
+                outcomes = tier.push(grads, versions, spec.ps.compression)
             except StaleGradient as exc:
                 log.info("event=push_stale job=%s worker=%s detail=%s", a.job_id, a.worker_id, exc)
                 continue
