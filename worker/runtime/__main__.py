@@ -11,11 +11,12 @@ import sys
 from collections.abc import Callable
 
 from elasticd.serving import configure_logging
-from elasticd.worker.runtime import ps_async
+from elasticd.worker.runtime import allreduce, ps_async
 from elasticd.worker.runtime.control import Assignment, ControlChannel
 
 MODES: dict[str, Callable[[Assignment, ControlChannel], int]] = {
     "ps-async": ps_async.train,
+    "allreduce": allreduce.train,
 }
 
 

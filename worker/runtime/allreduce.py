@@ -1,0 +1,310 @@
+"""Synchronous all-reduce training: full replicas, averaged gradients, elastic groups.
+
+Every worker holds a full replica (:mod:`.replica`). One step of the job:
+
+1. at the step boundary, take the newest assignment from the agent;
+2. rank ``r`` of ``W`` trains on batch ``position + r`` (``position`` starts
+   at 0 and grows by ``W`` per step, so each step consumes ``W`` distinct
+   batches and none is used twice when ``W`` changes; with a constant world
+   size, batch index = ``step * W + r``);
+3. forward, then an asynchronous all-reduce of a small control vector
+   (“I hold a newer generation”, “the controller says stop”, my loss),
+   then backward with gradients all-reduced bucket by bucket as they appear
+   (:mod:`.grad_buckets`), summed and divided by ``W``;
+4. ``optimizer.step()`` at the elastic learning rate.
+
+The control vector makes every decision that ends a group a collective one:
+when any rank holds a newer generation, all ranks finish the step, then all
+form the new group; nobody breaks a collective to find out. A collective that
+fails anyway (a peer died or hung past ``collective_timeout_s``) is caught,
+the group is destroyed and formed again (:mod:`.process_group`) — for a
+newer generation if the agent hands one over, else as a new round of the
+same generation (a restarted peer) — and state comes from the surviving
+replica with the highest step. The step in flight is simply redone.
+
+Every worker reports progress (global step, mean loss over ranks) every
+``report_every_steps`` steps, and exits 0 once the global step reaches
+``steps``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from elasticd.jobspec import JobSpec, parse_spec
+from elasticd.task import load_task
+from elasticd.worker.runtime.control import Assignment, ControlChannel
+from elasticd.worker.runtime.grad_buckets import GradientBuckets
+from elasticd.worker.runtime.process_group import (
+    COLLECTIVE_TIMEOUT_S,
+    AssignmentFeed,
+    CollectiveFailed,
+    ElasticGroup,
+    GroupAbandoned,
+    pick_backend,
+)
+from elasticd.worker.runtime.progress import ProgressReporter
+from elasticd.worker.runtime.rendezvous import ControllerDirectory, RendezvousDirectory
+from elasticd.worker.runtime.replica import LRSchedule, Replica
+
+log = logging.getLogger(__name__)
+
+Observer = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class AllreduceConfig:
+    """The spec's ``allreduce:`` section, with its defaults."""
+
+    scale_lr: bool = True  # linear scaling rule: lr * world_size / workers.max
+    warmup_steps: int = 0  # ramp a raised lr over this many steps (0: at once)
+    collective_timeout_s: float = COLLECTIVE_TIMEOUT_S  # a stuck collective fails after this
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> AllreduceConfig:
+        raw = spec.get("allreduce") or {}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"allreduce.{unknown[0]}: unknown field (known: {sorted(known)})")
+        config = cls(**raw)
+        if not isinstance(config.scale_lr, bool):
+            raise ValueError(f"allreduce.scale_lr: must be a boolean, got {config.scale_lr!r}")
+        if isinstance(config.warmup_steps, bool) or not isinstance(config.warmup_steps, int):
+            raise ValueError(
+                f"allreduce.warmup_steps: must be an integer, got {config.warmup_steps!r}"
+            )
+        if config.warmup_steps < 0:
+            raise ValueError(f"allreduce.warmup_steps: must be >= 0, got {config.warmup_steps}")
+        timeout = config.collective_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise ValueError(f"allreduce.collective_timeout_s: must be > 0, got {timeout!r}")
+        return config
+
+
+def train(first: Assignment, control: ControlChannel) -> int:
+    """The ``allreduce`` training mode, as started by an agent."""
+    directory = ControllerDirectory()
+    reporter = ProgressReporter(first.controller, first.job_id, first.worker_id, first.rank)
+    try:
+        return AllreduceWorker(first, control, directory, reporter).run()
+    finally:
+        reporter.close()
+        directory.close()
+
+
+class AllreduceWorker:
+    def __init__(
+        self,
+        first: Assignment,
+        control: ControlChannel | None,
+        directory: RendezvousDirectory,
+        reporter: ProgressReporter | None = None,
+        observer: Observer | None = None,
+    ) -> None:
+        self.config = AllreduceConfig.from_spec(first.spec)
+        # The `allreduce:` section is read above; JobSpec does not know it yet.
+        self.spec: JobSpec = parse_spec({k: v for k, v in first.spec.items() if k != "allreduce"})
+        self.feed = AssignmentFeed(first, control)
+        self.reporter = reporter
+        self.observer = observer
+        backend, self.device = pick_backend(first.local_rank)
+        task = load_task(self.spec.task, self.spec.batch_size, self.spec.seed, self.spec.task_args)
+        schedule = LRSchedule(
+            Replica.base_lr(self.spec),
+            self.spec.workers.max,
+            self.config.scale_lr,
+            self.config.warmup_steps,
+        )
+        self.replica = Replica(task, self.spec, self.device, schedule)
+        self.buckets = GradientBuckets(self.replica.params)
+        self.group = ElasticGroup(directory, backend, self.config.collective_timeout_s)
+        self._stop = False
+        self._losses: deque[float] = deque(maxlen=self.spec.report_every_steps)
+        self._trained = 0  # steps this process took part in
+
+    # -- the outer loop: form, agree, train ---------------------------------------
+
+    def run(self) -> int:
+        after = 0  # form a generation newer than this one
+        try:
+            while True:
+                try:
+                    self.group.form(self.feed, after_generation=after)
+                    self._formed()
+                    outcome = self._train()
+                except CollectiveFailed as exc:
+                    a = self.feed.current
+                    log.warning(
+                        "event=collective_failed job=%s generation=%d worker=%s step=%d error=%s",
+                        a.job_id,
+                        self.group.generation,
+                        a.worker_id,
+                        self.replica.step,
+                        exc,
+                    )
+                    self._observe("failed", error=str(exc))
+                    self.group.destroy()
+                    after = 0
+                    continue
+                if outcome == "reform":
+                    after = self.group.generation
+                    self.group.destroy()
+                    continue
+                self._finish()
+                return 0
+        except GroupAbandoned as exc:
+            a = self.feed.current
+            log.error(
+                "event=group_abandoned job=%s generation=%d worker=%s error=%s",
+                a.job_id,
+                a.generation,
+                a.worker_id,
+                exc,
+            )
+            return 3
+        finally:
+            self.group.close()
+
+    def _formed(self) -> None:
+        a = self.feed.current
+        if self.reporter is not None:
+            self.reporter.retarget(a.controller)
+            self.reporter.rank = a.rank
+        if a.local_rank != self.device.index and self.device.type == "cuda":
+            log.warning(
+                "event=local_rank_changed job=%s worker=%s local_rank=%d device=%s",
+                a.job_id,
+                a.worker_id,
+                a.local_rank,
+                self.device,
+            )
+        had = self.replica.step, self.replica.has_state
+        source = self.replica.sync(self.group)
+        log.info(
+            "event=state_synced job=%s generation=%d worker=%s rank=%d world=%d source=%d "
+            "step=%d position=%d had_step=%d had_state=%s lr=%.6g",
+            a.job_id,
+            self.group.generation,
+            a.worker_id,
+            self.group.rank,
+            self.group.world_size,
+            source,
+            self.replica.step,
+            self.replica.position,
+            had[0],
+            had[1],
+            self.replica.lr(self.group.world_size),
+        )
+        self._observe("formed", source=source)
+
+    # -- the inner loop: steps of one group ---------------------------------------
+
+    def _train(self) -> str:
+        """Steps until the job is done ("done"), told to stop ("stop"), or must re-form."""
+        while self.replica.step < self.spec.steps:
+            if self.feed.refresh():
+                a = self.feed.current
+                if self.reporter is not None:
+                    self.reporter.retarget(a.controller)
+                self.group.publish(a)  # rank 0: a new leader needs our store's address
+            reform, stop, loss = self.step()
+            self._losses.append(loss)
+            self._trained += 1
+            self._observe("step", loss=loss)
+            if self.replica.step % self.spec.report_every_steps == 0 or self._trained == 1:
+                self._report()
+            if stop:
+                return "stop"
+            if reform and self.replica.step < self.spec.steps:
+                return "reform"
+        return "done"
+
+    def step(self) -> tuple[bool, bool, float]:
+        """One synchronous step; returns (re-form, stop, mean loss over ranks)."""
+        g, replica = self.group, self.replica
+        world = g.world_size
+        batch = self.replica.task.batch(replica.position + g.rank)
+        if self.device.type != "cpu":
+            batch = tuple(t.to(self.device, non_blocking=True) for t in batch)
+        self.buckets.prepare(g)
+        loss = replica.task.loss(replica.model, batch)
+        control = torch.zeros(3, dtype=torch.float64, device=self.device)
+        control[0] = float(self.feed.current.generation > g.generation)
+        control[1] = float(self._stop)
+        control[2] = loss.detach().to(torch.float64)
+        work = g.all_reduce(control, async_op=True)
+        try:
+            loss.backward()
+            self.buckets.finish()
+        except BaseException:
+            with contextlib.suppress(CollectiveFailed):
+                g.wait(work)  # never leave a collective in flight behind us
+            raise
+        g.wait(work)
+        replica.set_lr(replica.lr(world))
+        replica.optimizer.step()
+        replica.step += 1
+        replica.position += world
+        reform, stop, total = control.tolist()
+        return reform > 0, stop > 0, total / world
+
+    # -- reporting ------------------------------------------------------------------
+
+    def _mean_loss(self) -> float:
+        return sum(self._losses) / len(self._losses) if self._losses else math.nan
+
+    def _report(self, finished: bool = False) -> None:
+        a = self.feed.current
+        mean = self._mean_loss()
+        log.info(
+            "event=step job=%s generation=%d worker=%s step=%d loss=%.4f world=%d",
+            a.job_id,
+            self.group.generation,
+            a.worker_id,
+            self.replica.step,
+            mean,
+            self.group.world_size,
+        )
+        if self.reporter is not None and self.reporter.report(
+            self.group.generation, self.replica.step, mean, finished=finished
+        ):
+            self._stop = True  # agreed with the other ranks in the next step's control vector
+
+    def _finish(self) -> None:
+        self._report(finished=True)
+        a = self.feed.current
+        log.info(
+            "event=worker_done job=%s worker=%s step=%d local_steps=%d loss=%.4f",
+            a.job_id,
+            a.worker_id,
+            self.replica.step,
+            self._trained,
+            self._mean_loss(),
+        )
+
+    def _observe(self, event: str, **fields_: Any) -> None:
+        if self.observer is None:
+            return
+        self.observer(
+            event,
+            {
+                "generation": self.group.generation,
+                "round": self.group.round,
+                "rank": self.group.rank,
+                "world_size": self.group.world_size,
+                "step": self.replica.step,
+                "position": self.replica.position,
+                "lr": self.replica.lr(max(self.group.world_size, 1)),
+                "replica": self.replica,
+                **fields_,
+            },
+        )
