@@ -273,6 +273,13 @@ class PSTier:
             )
         )
 
+    def stats(self) -> dict[str, ps_pb2.JobStats]:
+        """Each PS's figures for this job: traffic, push outcomes, staleness, step time."""
+        replies = self._each(
+            lambda p: self._stubs[p].Stats(ps_pb2.StatsRequest(job_id=self.job_id), timeout=10)
+        )
+        return {p: r.jobs[0] for p, r in replies.items()}
+
     def drop(self) -> None:
         self._each(
             lambda p: self._stubs[p].DropShard(

@@ -27,22 +27,48 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=0, help="port to listen on (0: any free port)")
     p.add_argument("--lease-ttl", type=int, default=DEFAULT_TTL_S, help="etcd lease TTL, seconds")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (0: any free port; "
+        "default: off)",
+    )
+    p.add_argument(
+        "--sync-timeout",
+        type=float,
+        default=None,
+        help="seconds a synchronous push (max_staleness 0) waits for the rest of its round "
+        "before it is refused (default: shard.SYNC_ROUND_TIMEOUT_S, 30)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from elasticd.rpc import ps_pb2_grpc
+    from elasticd.server.ps.metrics import serve_metrics
     from elasticd.server.ps.service import ParameterServerServicer
+    from elasticd.server.ps.shard import SYNC_ROUND_TIMEOUT_S
 
     ps_id = args.ps_id or f"ps-{uuid.uuid4().hex[:8]}"
     configure_logging(f"ps:{ps_id}")
     stop = wait_for_stop_signal()
-    servicer = ParameterServerServicer(ps_id)
+    sync_timeout = SYNC_ROUND_TIMEOUT_S if args.sync_timeout is None else args.sync_timeout
+    servicer = ParameterServerServicer(ps_id, sync_timeout_s=sync_timeout)
     server, port = start_grpc_server(
         lambda s: ps_pb2_grpc.add_ParameterServerServicer_to_server(servicer, s),
         args.host,
         args.port,
     )
     address = f"{advertised_host(args.host)}:{port}"
+    metrics = None
+    if args.metrics_port is not None:
+        metrics = serve_metrics(servicer.registry, args.host, args.metrics_port)
+        log.info(
+            "event=metrics_ready ps=%s url=http://%s:%d/metrics",
+            ps_id,
+            advertised_host(args.host),
+            metrics.server_port,
+        )
     keys = Keys(args.prefix)
     client = EtcdClient(args.etcd)
     session = Session(client, ttl=args.lease_ttl, name=ps_id).start()
@@ -52,5 +78,8 @@ def run(args: argparse.Namespace) -> int:
     stop.wait()
     session.close()
     server.stop(grace=2).wait()
+    if metrics is not None:
+        metrics.shutdown()
+        metrics.server_close()
     client.close()
     return 0

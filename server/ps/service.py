@@ -19,6 +19,7 @@ from elasticd.checkpoint.store import CheckpointStore
 from elasticd.compression import CompressionError, check_payload, codec_for, decode_payload
 from elasticd.optimizers import OptimizerError, validate_optimizer
 from elasticd.rpc import ps_pb2, ps_pb2_grpc
+from elasticd.server.ps.metrics import Histogram, PSCollector, ShardFigures, new_registry
 from elasticd.server.ps.shard import (
     SYNC_ROUND_TIMEOUT_S,
     BadRequest,
@@ -44,6 +45,17 @@ _STATUS = {
     BadRequest: grpc.StatusCode.INVALID_ARGUMENT,
 }
 
+# Why a push was not applied: the reason label of elasticd_ps_pushes_rejected_total.
+_REJECTED = {
+    StaleGeneration: "fenced",
+    StalePush: "stale",
+    RoundAborted: "round_aborted",
+    DuplicatePush: "duplicate",
+    BadRequest: "malformed",
+    WireError: "malformed",
+    CompressionError: "malformed",
+}
+
 
 def _headers(metas) -> list[TensorHeader]:
     headers = [TensorHeader(m.key, m.dtype, tuple(m.shape)) for m in metas]
@@ -62,6 +74,9 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self.sync_timeout_s = sync_timeout_s
         self._shards: dict[str, ParameterShard] = {}
         self._lock = threading.Lock()
+        self._unknown_jobs = 0
+        # Per servicer, so several servers in one process keep separate figures.
+        self.registry = new_registry(PSCollector(self.figures, lambda: self._unknown_jobs))
 
     # -- lookup and error mapping -----------------------------------------
 
@@ -69,9 +84,20 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         with self._lock:
             return self._shards.get(job_id)
 
+    def figures(self, job_id: str = "") -> list[ShardFigures]:
+        """State and stats of every shard (or of ``job_id``'s), for Stats and /metrics."""
+        with self._lock:
+            shards = [s for j, s in sorted(self._shards.items()) if not job_id or j == job_id]
+        return [
+            ShardFigures(s.config.job_id, s.generation, s.version, s.nbytes, s.stats.snapshot())
+            for s in shards
+        ]
+
     def _require(self, job_id: str, context) -> ParameterShard:
         shard = self.shard(job_id)
         if shard is None:
+            with self._lock:
+                self._unknown_jobs += 1
             context.abort(
                 grpc.StatusCode.NOT_FOUND,
                 f"ps {self.ps_id} holds no shard of job {job_id!r}: unknown job, "
@@ -136,6 +162,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             winner = self._shards.setdefault(job_id, shard)
         created = winner is shard
         if created:
+            shard.stats.received(shard.nbytes)
             log.info(
                 "event=shard_created ps=%s job=%s generation=%d tensors=%d bytes=%d",
                 self.ps_id,
@@ -152,6 +179,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             version, tensors = shard.read(request.fence.generation)
         except ShardError as exc:
             self._abort(context, exc)
+        shard.stats.pulled()
         yield ps_pb2.PullReply(
             header=ps_pb2.PullHeader(version=version, tensors=_metas(shard.headers))
         )
@@ -160,15 +188,13 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 yield ps_pb2.PullReply(
                     chunk=ps_pb2.Chunk(index=index, offset=offset, data=bytes(piece))
                 )
+                shard.stats.sent(len(piece))
 
     def Push(self, request_iterator, context):
         header = self._first(request_iterator, context, "Push")
         shard = self._require(header.fence.job_id, context)
         try:
             codec = codec_for(header.compression)
-        except CompressionError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        try:
             shard.check_fence(header.fence.generation)
             if codec.passthrough:
                 if header.payload:
@@ -181,6 +207,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             for req in request_iterator:
                 if not req.HasField("chunk"):
                     raise WireError("only chunks may follow the header")
+                shard.stats.received(len(req.chunk.data))
                 assembler.add(req.chunk.index, req.chunk.offset, req.chunk.data)
             grads = assembler.finish()
             if not codec.passthrough:
@@ -194,7 +221,10 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 cancelled=lambda: not context.is_active(),
             )
         except (ShardError, WireError, CompressionError) as exc:
+            shard.stats.rejected(_REJECTED.get(type(exc), "malformed"))
             self._abort(context, exc)
+        if not result.applied:
+            shard.stats.rejected("max_version")
         return ps_pb2.PushReply(
             version=result.version, applied=result.applied, staleness=result.staleness
         )
@@ -245,6 +275,16 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         log.info("event=shard_dropped ps=%s job=%s", self.ps_id, request.fence.job_id)
         return ps_pb2.DropShardReply()
 
+    def Stats(self, request, context):
+        figures = self.figures(request.job_id)
+        if request.job_id and not figures:
+            self._require(request.job_id, context)
+        return ps_pb2.StatsReply(
+            ps_id=self.ps_id,
+            jobs=[_job_stats(f) for f in figures],
+            unknown_job_requests=self._unknown_jobs,
+        )
+
     @staticmethod
     def _info(shard: ParameterShard) -> ps_pb2.ShardInfoReply:
         return ps_pb2.ShardInfoReply(
@@ -254,3 +294,23 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             bytes=shard.nbytes,
             tensors=_metas(shard.headers),
         )
+
+
+def _histogram(h: Histogram) -> ps_pb2.Histogram:
+    return ps_pb2.Histogram(bounds=h.bounds, counts=h.counts, sum=h.sum, count=h.count)
+
+
+def _job_stats(f: ShardFigures) -> ps_pb2.JobStats:
+    return ps_pb2.JobStats(
+        job_id=f.job_id,
+        generation=f.generation,
+        version=f.version,
+        bytes=f.nbytes,
+        bytes_in=f.stats.bytes_in,
+        bytes_out=f.stats.bytes_out,
+        pulls=f.stats.pulls,
+        pushes_applied=f.stats.pushes_applied,
+        pushes_rejected=f.stats.pushes_rejected,
+        staleness=_histogram(f.stats.staleness),
+        optimizer_step_seconds=_histogram(f.stats.step_seconds),
+    )

@@ -30,6 +30,7 @@ import torch
 
 from elasticd.checkpoint.serialize import encode_shard
 from elasticd.optimizers import build_optimizer
+from elasticd.server.ps.metrics import ShardStats
 from elasticd.wire import DTYPES, TensorHeader
 
 log = logging.getLogger(__name__)
@@ -135,8 +136,15 @@ class ParameterShard:
         self.lock = threading.Lock()
         self._changed = threading.Condition(self.lock)  # a synchronous round ended
         self._round: SyncRound | None = None
-        self.pushes_applied = 0
-        self.pushes_rejected = 0
+        self.stats = ShardStats()  # applied pushes and steps here; rejections by the servicer
+
+    @property
+    def pushes_applied(self) -> int:
+        return self.stats.snapshot().pushes_applied
+
+    @property
+    def pushes_rejected(self) -> int:
+        return sum(self.stats.snapshot().pushes_rejected.values())
 
     @property
     def nbytes(self) -> int:
@@ -245,21 +253,19 @@ class ParameterShard:
             limit = self.config.max_version
             if limit and self.version >= limit:
                 return PushResult(self.version, False, self.version - base_version)
-            try:
-                staleness = check_staleness(self.version, base_version, self.config.max_staleness)
-                if self.synchronous:
-                    return self._join_round(worker_id, grads, timeout, cancelled)
-            except ShardError:
-                self.pushes_rejected += 1
-                raise
+            staleness = check_staleness(self.version, base_version, self.config.max_staleness)
+            if self.synchronous:
+                return self._join_round(worker_id, grads, timeout, cancelled)
             self._step(grads)
-            self.pushes_applied += 1
+            self.stats.applied(staleness)
             return PushResult(self.version, True, staleness)
 
     def _step(self, grads: list[torch.Tensor]) -> None:
         for p, g in zip(self.params, grads, strict=True):
             p.grad = g
+        started = time.perf_counter()
         self.optimizer.step()
+        self.stats.stepped(time.perf_counter() - started)
         for p in self.params:
             p.grad = None
         self.version += 1
@@ -304,7 +310,8 @@ class ParameterShard:
 
     def _complete_round(self, r: SyncRound) -> None:
         self._step(mean_gradient(r.grads))
-        self.pushes_applied += len(r.grads)
+        for _ in r.grads:
+            self.stats.applied(0)
         r.outcome = PushResult(self.version, True, 0)
         self._round = None
         log.debug(
