@@ -17,7 +17,7 @@ import torch
 from elasticd.checkpoint import CheckpointStore
 from elasticd.client import JobClient
 from elasticd.coord.cache import PrefixCache
-from elasticd.coord.etcd import Compacted, EtcdClient
+from elasticd.coord.etcd import Compacted, EtcdClient, EtcdUnavailable
 from elasticd.local import EtcdServer, LocalCluster
 from elasticd.membership import Generation
 from elasticd.placement import ShardPlacement
@@ -284,8 +284,17 @@ def test_cache_relists_after_etcd_restarts(tmp_path):
         wait_until(lambda: cache.items() == {"a": b"1"}, 10, "the first put")
         server.stop(signal.SIGKILL)
         server.start()
-        client.put("/r/b", b"2")
-        client.delete("/r/a")
+
+        def write_after_restart() -> bool:
+            # A caller retries while the client still backs off the restarted endpoint.
+            try:
+                client.put("/r/b", b"2")
+                client.delete("/r/a")
+                return True
+            except EtcdUnavailable:
+                return False
+
+        wait_until(write_after_restart, 30, "etcd to take writes again")
         wait_until(lambda: cache.items() == {"b": b"2"}, 30, "changes made after the restart")
         assert cache.relists >= 1
     finally:
