@@ -35,6 +35,10 @@ from elasticd.server.controller.rendezvous import (
 )
 from elasticd.task import load_task
 from elasticd.worker.runtime.allreduce import AllreduceConfig
+from elasticd.worker.runtime.control import Assignment
+from elasticd.worker.runtime.grad_buckets import GradientBuckets
+from elasticd.worker.runtime.process_group import AssignmentFeed, ElasticGroup
+from elasticd.worker.runtime.rendezvous import FileDirectory
 from elasticd.worker.runtime.replica import LRSchedule, Ramp, choose_source
 from tests.jobs import spec_yaml
 
@@ -205,10 +209,11 @@ def test_learning_rate_scales_with_the_world_and_ramps_up_after_growth():
 
 
 def test_allreduce_section_has_defaults_and_refuses_unknown_fields():
-    assert AllreduceConfig.from_spec({}) == AllreduceConfig(True, 0, 30.0)
+    assert AllreduceConfig.from_spec({}) == AllreduceConfig(True, 0, 30.0, 25.0)
     c = AllreduceConfig.from_spec({"allreduce": {"warmup_steps": 5, "collective_timeout_s": 2}})
     assert (c.warmup_steps, c.collective_timeout_s, c.scale_lr) == (5, 2, True)
-    for bad in ({"warmup": 1}, {"warmup_steps": -1}, {"collective_timeout_s": 0}):
+    for bad in ({"warmup": 1}, {"warmup_steps": -1}, {"collective_timeout_s": 0},
+                {"bucket_cap_mb": "big"}, {"scale_lr": 1}):  # fmt: skip
         with pytest.raises(ValueError, match="allreduce"):
             AllreduceConfig.from_spec({"allreduce": bad})
 
@@ -235,11 +240,68 @@ def test_rendezvous_board_fences_old_generations():
     assert board.lookup("j", 4) == "10.0.0.2:5000"  # refused publishes changed nothing
 
 
+class RecordingGroup(ElasticGroup):
+    """A real gloo group that also notes the order buckets are launched in."""
+
+    launched: list[int]
+
+    def all_reduce(self, tensor, async_op=False):
+        self.launched.append(tensor.data_ptr())
+        return super().all_reduce(tensor, async_op)
+
+
+def test_buckets_launch_in_order_and_count_unused_parameters_as_zero(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict(
+        {
+            "body": torch.nn.Sequential(
+                torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.ReLU(),
+                torch.nn.Linear(16, 4),
+            ),
+            "unused": torch.nn.Linear(4, 4),
+        }
+    )  # fmt: skip
+    params = list(model.parameters())
+    group = RecordingGroup(FileDirectory(tmp_path))
+    group.launched = []
+    first = Assignment.from_message(json.loads(assignment(job_spec(), 1, 1, 0)))
+    group.form(AssignmentFeed(first, None))
+    try:
+        buckets = GradientBuckets(params, cap_bytes=256, first_cap_bytes=64)
+        assert len(buckets.buckets) >= 4
+        for step in range(2):
+            x = torch.randn(5, 8)
+            expected = torch.autograd.grad(model["body"](x).square().sum(), params[:-2])
+            buckets.prepare(group)
+            model["body"](x).square().sum().backward()
+            buckets.finish()
+            for p, g in zip(params[:-2], expected, strict=True):
+                assert torch.equal(p.grad, g), step
+            assert all(not p.grad.any() for p in params[-2:])  # no gradient: zeros
+            assert group.launched == [b.buffer.data_ptr() for b in buckets.buckets]
+            group.launched.clear()
+    finally:
+        group.close()
+
+
 # -- real processes -----------------------------------------------------------------
 
 
 def reference_params(spec: dict, steps: int, world: int) -> list[list[float]]:
-    """One process, the same batches, the gradient averaged by hand: params after each step."""
+    """One process, the same batches, the gradient averaged by hand: params after each step.
+
+    One thread, as the workers use: a matmul summed in another order differs
+    in the last bits, which Adam's normalisation blows up for tiny gradients.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _reference_params(spec, steps, world)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _reference_params(spec: dict, steps: int, world: int) -> list[list[float]]:
     s = parse_spec({k: v for k, v in spec.items() if k != "allreduce"})
     task = load_task(s.task, s.batch_size, s.seed, s.task_args)
     model = task.build_model()
@@ -259,10 +321,19 @@ def reference_params(spec: dict, steps: int, world: int) -> list[list[float]]:
     return out
 
 
+TINY_CHARLM = {"context": 16, "d_model": 32, "n_layers": 1, "n_heads": 2, "corpus_bytes": 100_000}
+
+
 def test_two_replicas_stay_bitwise_equal_and_match_a_single_process(children):
     steps = 25
     spec = job_spec(
-        steps=steps, optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9}, report_every_steps=5
+        task="charlm.py",
+        task_args=TINY_CHARLM,
+        batch_size=4,
+        steps=steps,
+        optimizer={"name": "adam", "lr": 0.01},
+        report_every_steps=5,
+        allreduce={"bucket_cap_mb": 0.004},  # ~4 KiB: many buckets, launched as backward runs
     )
     ranks = [children(f"rank{r}") for r in range(2)]
     for r, child in enumerate(ranks):
@@ -283,9 +354,9 @@ def test_two_replicas_stay_bitwise_equal_and_match_a_single_process(children):
     reference = reference_params(spec, steps, world=2)
     for step in range(1, steps + 1):
         got = torch.tensor(by_step[0][step]["params"])
-        assert torch.allclose(got, torch.tensor(reference[step - 1]), rtol=1e-5, atol=1e-6), step
+        assert torch.allclose(got, torch.tensor(reference[step - 1]), rtol=1e-4, atol=1e-6), step
     losses = [by_step[0][s]["loss"] for s in range(1, steps + 1)]
-    assert losses[-1] < losses[0] / 5
+    assert losses[-1] < losses[0]
 
 
 def test_survivor_of_a_killed_peer_reforms_alone_with_its_state(children):

@@ -42,7 +42,11 @@ import torch
 from elasticd.jobspec import JobSpec, parse_spec
 from elasticd.task import load_task
 from elasticd.worker.runtime.control import Assignment, ControlChannel
-from elasticd.worker.runtime.grad_buckets import GradientBuckets
+from elasticd.worker.runtime.grad_buckets import (
+    BUCKET_CAP_BYTES,
+    FIRST_BUCKET_CAP_BYTES,
+    GradientBuckets,
+)
 from elasticd.worker.runtime.process_group import (
     COLLECTIVE_TIMEOUT_S,
     AssignmentFeed,
@@ -67,6 +71,7 @@ class AllreduceConfig:
     scale_lr: bool = True  # linear scaling rule: lr * world_size / workers.max
     warmup_steps: int = 0  # ramp a raised lr over this many steps (0: at once)
     collective_timeout_s: float = COLLECTIVE_TIMEOUT_S  # a stuck collective fails after this
+    bucket_cap_mb: float = BUCKET_CAP_BYTES / 2**20  # gradient bucket size, as DDP's
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> AllreduceConfig:
@@ -84,9 +89,10 @@ class AllreduceConfig:
             )
         if config.warmup_steps < 0:
             raise ValueError(f"allreduce.warmup_steps: must be >= 0, got {config.warmup_steps}")
-        timeout = config.collective_timeout_s
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise ValueError(f"allreduce.collective_timeout_s: must be > 0, got {timeout!r}")
+        for name in ("collective_timeout_s", "bucket_cap_mb"):
+            value = getattr(config, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"allreduce.{name}: must be a number > 0, got {value!r}")
         return config
 
 
@@ -125,7 +131,10 @@ class AllreduceWorker:
             self.config.warmup_steps,
         )
         self.replica = Replica(task, self.spec, self.device, schedule)
-        self.buckets = GradientBuckets(self.replica.params)
+        cap = max(int(self.config.bucket_cap_mb * 2**20), 1)
+        self.buckets = GradientBuckets(
+            self.replica.params, cap_bytes=cap, first_cap_bytes=min(cap, FIRST_BUCKET_CAP_BYTES)
+        )
         self.group = ElasticGroup(directory, backend, self.config.collective_timeout_s)
         self._stop = False
         self._losses: deque[float] = deque(maxlen=self.spec.report_every_steps)

@@ -1,9 +1,9 @@
 """Gradients all-reduced in buckets while backward still runs, as DDP does.
 
-Every parameter's gradient has a slot in one of a few contiguous buffers
-(buckets of up to 25 MiB, the first one 1 MiB so that communication starts
-early), laid out in reverse parameter order, the order in which backward
-usually produces gradients. A hook on each parameter
+Every parameter's gradient has a slot in one of a few contiguous buffers,
+laid out in reverse parameter order, the order in which backward usually
+produces gradients. As in DDP, a bucket is closed once it holds 25 MiB, the
+first one already at 1 MiB so that communication starts early. A hook on each parameter
 (``register_post_accumulate_grad_hook``) copies the fresh gradient into its
 slot and points ``p.grad`` at the slot; when every slot of a bucket is
 filled, the bucket is all-reduced asynchronously while backward computes the
@@ -47,21 +47,17 @@ class GradientBuckets:
         first_cap_bytes: int = FIRST_BUCKET_CAP_BYTES,
     ) -> None:
         self.params = [p for p in params if p.requires_grad]
+        # As DDP does: fill a bucket until it holds at least its cap, then start the next.
         layout: list[list[torch.nn.Parameter]] = []
         size = 0
         for p in reversed(self.params):
-            cap = first_cap_bytes if len(layout) <= 1 else cap_bytes
-            nbytes = p.numel() * p.element_size()
+            cap = first_cap_bytes if len(layout) == 1 else cap_bytes
             last = layout[-1][-1] if layout else None
-            if (
-                last is None
-                or (last.dtype, last.device) != (p.dtype, p.device)
-                or (size + nbytes > cap and size > 0)
-            ):
+            if last is None or (last.dtype, last.device) != (p.dtype, p.device) or size >= cap:
                 layout.append([])
                 size = 0
             layout[-1].append(p)
-            size += nbytes
+            size += p.numel() * p.element_size()
         self.buckets: list[_Bucket] = []
         self._slot: dict[int, tuple[int, torch.Tensor]] = {}
         for index, members in enumerate(layout):

@@ -137,6 +137,10 @@ class Replica:
         if group.world_size > 1:
             header = self._header() if group.rank == source else None
             header = _broadcast_json(group, header, source, self.device)
+            if group.rank != source and self.step != header["step"]:
+                # Overwritten from here on: if the broadcast breaks half-way, this
+                # replica must not pass for a source in the next round.
+                self.has_state = False
             tensors, state = self._tensors(header)
             _broadcast_tensors(group, tensors, source)
             if group.rank != source:
