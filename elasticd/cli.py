@@ -27,6 +27,7 @@ Client:
   submit       submit a job spec (YAML)
   status       show one job or all jobs
   cancel       cancel a job
+  switch       switch a running job between ps-async and allreduce
   logs         print a worker's log (local mode)
 """
 
@@ -122,6 +123,13 @@ def cmd_cancel(args) -> int:
     from elasticd.client import format_status
 
     print(format_status(_client(args).cancel(args.job)))
+    return 0
+
+
+def cmd_switch(args) -> int:
+    from elasticd.client import format_status
+
+    print(format_status(_client(args).switch(args.job, args.mode)))
     return 0
 
 
@@ -257,6 +265,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job", help="job id")
     _client_args(p)
     p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser(
+        "switch",
+        help="switch a running job between ps-async and allreduce",
+        description="Switch a running job between ps-async and allreduce at its next step "
+        "boundary; parameters and optimizer state move with it.",
+    )
+    p.add_argument("job", help="job id")
+    p.add_argument("mode", choices=("ps-async", "allreduce"), help="the mode to train in")
+    _client_args(p)
+    p.set_defaults(func=cmd_switch)
 
     p = sub.add_parser("logs", help="print worker logs", description="Print a job's worker logs.")
     p.add_argument("job", help="job id")

@@ -65,6 +65,17 @@ class ScriptSpec:
 
 
 @dataclass(frozen=True)
+class ModeSwitch:
+    """Switch a running job to ``mode`` once it reaches step ``at_step``."""
+
+    at_step: int
+    mode: str
+
+
+SWITCHABLE = ("ps-async", "allreduce")
+
+
+@dataclass(frozen=True)
 class JobSpec:
     name: str
     mode: str
@@ -78,6 +89,7 @@ class JobSpec:
     ps: PSSpec = field(default_factory=PSSpec)
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
     script: ScriptSpec = field(default_factory=ScriptSpec)
+    switch: tuple[ModeSwitch, ...] = ()
     max_restarts: int = 3
     report_every_steps: int = 10
 
@@ -86,6 +98,7 @@ class JobSpec:
         data = asdict(self)
         data["optimizer"] = {"name": self.optimizer.name, **self.optimizer.kwargs}
         data["script"]["args"] = list(self.script.args)
+        data["switch"] = [asdict(x) for x in self.switch]
         return data
 
     def to_json(self) -> str:
@@ -187,6 +200,7 @@ def parse_spec(data: Any, base_dir: str | None = None) -> JobSpec:
         ps=PSSpec(staleness, compression),
         checkpoint=CheckpointSpec(ck_url, _int(ck_raw, "every_steps", "checkpoint.", 0, 0)),
         script=script,
+        switch=_switches(data.get("switch", []), mode),
         max_restarts=_int(data, "max_restarts", "", 3, minimum=0),
         report_every_steps=_int(data, "report_every_steps", "", 10, minimum=1),
     )
@@ -208,6 +222,35 @@ def _script(raw: dict, mode: str, base_dir: str | None) -> ScriptSpec:
     if port > 65535:
         raise SpecError(f"script.master_port: must be a TCP port, got {port}")
     return ScriptSpec(path, tuple(str(a) for a in args), port)
+
+
+def _switches(raw: Any, mode: str) -> tuple[ModeSwitch, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise SpecError("switch: must be a list of {at_step, mode}")
+    out: list[ModeSwitch] = []
+    current = mode
+    for i, item in enumerate(raw):
+        path = f"switch[{i}]."
+        if not isinstance(item, dict):
+            raise SpecError(f"switch[{i}]: must be a mapping with at_step and mode")
+        _reject_unknown(item, {"at_step", "mode"}, path)
+        at = (
+            _int(item, "at_step", path, 0, minimum=1)
+            if "at_step" in item
+            else _missing(path + "at_step")
+        )
+        target = item.get("mode")
+        if target not in SWITCHABLE:
+            raise SpecError(f"{path}mode: must be one of {', '.join(SWITCHABLE)}, got {target!r}")
+        if current not in SWITCHABLE:
+            raise SpecError(f"{path}mode: a {mode} job cannot switch modes")
+        if out and at <= out[-1].at_step:
+            raise SpecError(f"{path}at_step: must be after the previous switch ({out[-1].at_step})")
+        out.append(ModeSwitch(at, target))
+        current = target
+    return tuple(out)
 
 
 def _missing(field_name: str) -> int:

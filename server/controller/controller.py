@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 import uuid
+from dataclasses import replace
 
 import torch
 
@@ -21,7 +22,7 @@ from elasticd.checkpoint import (
 )
 from elasticd.coord.etcd import Compare, Delete, EtcdClient, EtcdError, Put
 from elasticd.coord.keys import Keys
-from elasticd.jobspec import JobSpec
+from elasticd.jobspec import SWITCHABLE, JobSpec
 from elasticd.membership import Generation, assign_ranks
 from elasticd.placement import ShardPlacement, TensorSpec, place
 from elasticd.ps_client import PSTier
@@ -63,6 +64,10 @@ RECONCILE_INTERVAL_S = 0.5  # reconcile at least this often, and on every change
 
 class NotLeader(RuntimeError):
     pass
+
+
+class SwitchRefused(ValueError):
+    """A mode switch that cannot happen now; the message says why."""
 
 
 def tensor_specs(spec: JobSpec) -> list[TensorSpec]:
@@ -130,7 +135,7 @@ class Controller:
 
     def submit(self, spec: JobSpec) -> str:
         self._require_leader()
-        if spec.mode == "ps-async":
+        if spec.mode != "script":
             tensor_specs(spec)  # a task that cannot be built is refused now, not at placement
         job_id = f"{spec.name}-{uuid.uuid4().hex[:6]}"
         now = time.time()
@@ -178,9 +183,59 @@ class Controller:
         except JobNotFound:
             return True
         every = snap.spec.checkpoint.every_steps
-        if every and step - snap.record.checkpoint_step >= every and self._is_leader:
+        rec = snap.record
+        if (
+            every
+            and rec.mode == "ps-async"
+            and step - rec.checkpoint_step >= every
+            and self._is_leader
+        ):
             self._in_background(job_id, lambda: self._checkpoint(job_id))
-        return snap.record.state in TERMINAL
+        schedule = snap.spec.switch
+        if rec.switches_done < len(schedule) and step >= schedule[rec.switches_done].at_step:
+            if self._is_leader and rec.state == RUNNING:
+                due = schedule[rec.switches_done]
+                self._in_background(
+                    job_id,
+                    lambda: self.switch(job_id, due.mode, f"scheduled at step {due.at_step}", True),
+                )
+        return rec.state in TERMINAL
+
+    def switch(
+        self, job_id: str, mode: str, reason: str = "", scheduled: bool = False
+    ) -> JobRecord:
+        """Move a running job to ``mode`` at its next step boundary.
+
+        A new generation with the same workers carries the new mode; the
+        workers hand parameters and optimizer state over between the PS tier
+        and their replicas as they adopt it.
+        """
+        self._require_leader()
+        snap = self.snapshot(job_id)
+        rec = snap.record
+        if mode not in SWITCHABLE or rec.mode not in SWITCHABLE:
+            raise SwitchRefused(
+                f"only {' and '.join(SWITCHABLE)} jobs switch between those modes "
+                f"(job {job_id} is {rec.mode}, asked for {mode!r})"
+            )
+        if rec.state != RUNNING or snap.generation is None or not snap.generation.members:
+            raise SwitchRefused(f"job {job_id} is {rec.state}; only a running job switches modes")
+        done = rec.switches_done + (1 if scheduled else 0)
+        if mode == rec.mode:
+            if scheduled:
+                self._put_record(rec.evolve(switches_done=done))
+            return rec
+        cluster = self.view.cluster()
+        if mode == "ps-async" and not cluster.ps:
+            raise SwitchRefused("no parameter server is registered to switch to ps-async")
+        moved = replace(snap, record=rec.evolve(mode=mode, switches_done=done))
+        self._seal(
+            moved,
+            cluster,
+            Seal(tuple(sorted(snap.generation.worker_ids)), reason or f"switch to {mode}"),
+        )
+        log.info("event=mode_switch job=%s from=%s to=%s", job_id, rec.mode, mode)
+        return self.snapshot(job_id).record
 
     # -- leadership and the reconcile loop ------------------------------------
 
@@ -296,8 +351,8 @@ class Controller:
         self._write([Put(self.keys.job_status(record.job_id), status)])
 
     def _placement(self, snap: JobSnapshot, cluster: ClusterSnapshot) -> ShardPlacement | None:
-        if snap.spec.mode != "ps-async":
-            return None
+        if snap.record.mode != "ps-async":
+            return self.view.placement(snap.record.job_id)  # kept for a switch back
         existing = self.view.placement(snap.record.job_id)
         if existing is not None:
             return existing
@@ -330,7 +385,7 @@ class Controller:
                 "all_members": [m.__dict__ for m in gen.members],
                 "master_addr": (node.address or node.hostname) if node else "",
                 "master_port": master_port(snap.spec, snap.record.job_id, gen.number),
-                "spec": snap.spec.to_dict(),
+                "spec": {**snap.spec.to_dict(), "mode": snap.record.mode},
                 "placement": json.loads(placement.to_json()) if placement else None,
                 "ps": {p: cluster.ps[p] for p in placement.ps_ids} if placement else {},
                 "controller": self.address,

@@ -94,7 +94,7 @@ def decide(job: JobSnapshot, cluster: ClusterSnapshot) -> Action:
                 f"worker {w} failed {r.restarts} times (last exit code {r.exit_code}); "
                 f"max_restarts is {spec.max_restarts}: see its log with `elasticd logs`"
             )
-    if spec.mode == "ps-async" and not cluster.ps:
+    if rec.mode == "ps-async" and not cluster.ps:
         return Wait("waiting for a parameter server to register")
 
     restarting = sorted(w for w, r in reports.items() if r.state == RESTARTING and w in current)

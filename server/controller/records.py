@@ -20,7 +20,7 @@ class JobRecord:
 
     job_id: str
     name: str
-    mode: str
+    mode: str  # the mode the job trains in now (a switch changes it)
     state: str = PENDING
     generation: int = 0
     step: int = 0
@@ -30,6 +30,7 @@ class JobRecord:
     checkpoint: str = ""
     checkpoint_step: int = 0
     message: str = ""
+    switches_done: int = 0  # how many of the spec's scheduled switches have happened
     submitted_at: float = 0.0
     updated_at: float = 0.0
 

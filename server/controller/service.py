@@ -10,7 +10,7 @@ import grpc
 from elasticd.coord.etcd import EtcdError
 from elasticd.jobspec import MODES, SpecError, load_spec_yaml
 from elasticd.rpc import job_pb2, job_pb2_grpc
-from elasticd.server.controller.controller import Controller, NotLeader
+from elasticd.server.controller.controller import Controller, NotLeader, SwitchRefused
 from elasticd.server.controller.rendezvous import RendezvousBoard, StaleGeneration, UnknownJob
 from elasticd.server.controller.view import JobNotFound
 from elasticd.task import TaskError
@@ -111,9 +111,13 @@ class JobServiceServicer(job_pb2_grpc.JobServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"mode: must be one of {', '.join(MODES)}, got {request.mode!r}",
             )
-        context.abort(
-            grpc.StatusCode.UNIMPLEMENTED, "switching modes of a running job is not supported yet"
-        )
+        try:
+            self.controller.switch(request.job_id, request.mode)
+            return status_message(self.controller, request.job_id)
+        except SwitchRefused as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except Exception as exc:
+            _abort_for(context, exc)
 
 
 def sealed_generation(controller: Controller, job_id: str) -> int | None:
