@@ -390,6 +390,26 @@ def test_survivor_of_a_killed_peer_reforms_alone_with_its_state(children):
     assert survivor.proc.poll() is None  # one process all along: never restarted
 
 
+def test_restarted_peer_rejoins_the_same_generation_in_a_new_round(children):
+    """No new generation (e.g. the controller has not sealed one yet): a new round forms."""
+    spec = job_spec(steps=10**6, optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9})
+    survivor, victim = children("rank0"), children("rank1")
+    survivor.send(assignment(spec, generation=1, world=2, rank=0))
+    victim.send(assignment(spec, generation=1, world=2, rank=1))
+    victim.wait_for("step", step=20)
+    victim.proc.send_signal(signal.SIGKILL)
+    survivor.wait_for("failed")
+    last = survivor.seen("step")[-1]
+
+    fresh = children("rank1-again")
+    fresh.send(assignment(spec, generation=1, world=2, rank=1))  # same generation, new process
+    formed = [c.wait_for("formed", round=2) for c in (survivor, fresh)]
+    assert [f["source"] for f in formed] == [0, 0]  # the survivor's state, not a fresh one
+    assert formed[1]["step"] == last["step"] and formed[1]["hash"] == last["hash"]
+    step = last["step"] + 5
+    assert survivor.wait_for("step", step=step)["hash"] == fresh.wait_for("step", step=step)["hash"]
+
+
 def test_allreduce_job_completes_on_a_local_cluster(cluster):
     c = cluster(ps=0, agents=2)
     client = JobClient(etcd=c.etcd, prefix=c.prefix)
@@ -414,7 +434,7 @@ def test_killed_workers_come_back_and_take_the_survivors_state(cluster):
 
     c = cluster(ps=0, agents=2)
     client = JobClient(etcd=c.etcd, prefix=c.prefix)
-    steps = 3000
+    steps = 2000
     job_id = client.submit_yaml(
         spec_yaml(mode="allreduce", steps=steps, report_every_steps=5, max_restarts=2)
     )

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -47,6 +48,7 @@ from elasticd.worker.runtime.grad_buckets import (
     FIRST_BUCKET_CAP_BYTES,
     GradientBuckets,
 )
+from elasticd.worker.runtime.handover import Handover
 from elasticd.worker.runtime.process_group import (
     COLLECTIVE_TIMEOUT_S,
     AssignmentFeed,
@@ -58,6 +60,7 @@ from elasticd.worker.runtime.process_group import (
 from elasticd.worker.runtime.progress import ProgressReporter
 from elasticd.worker.runtime.rendezvous import ControllerDirectory, RendezvousDirectory
 from elasticd.worker.runtime.replica import LRSchedule, Replica
+from elasticd.worker.runtime.switching import Switch, from_model, into_model
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +99,17 @@ class AllreduceConfig:
         return config
 
 
-def train(first: Assignment, control: ControlChannel) -> int:
-    """The ``allreduce`` training mode, as started by an agent."""
+def train(
+    first: Assignment, control: ControlChannel, handover: Handover | None = None
+) -> int | Switch:
+    """The ``allreduce`` training mode, as started by an agent (or after a switch)."""
     directory = ControllerDirectory()
     reporter = ProgressReporter(first.controller, first.job_id, first.worker_id, first.rank)
     try:
-        return AllreduceWorker(first, control, directory, reporter).run()
+        worker = AllreduceWorker(first, control, directory, reporter)
+        if handover is not None:
+            worker.adopt(handover)
+        return worker.run()
     finally:
         reporter.close()
         directory.close()
@@ -140,9 +148,25 @@ class AllreduceWorker:
         self._losses: deque[float] = deque(maxlen=self.spec.report_every_steps)
         self._trained = 0  # steps this process took part in
 
+    def _newer_than(self, generation: int, timeout: float = 60.0) -> Assignment:
+        """The first assignment newer than ``generation``: another rank may have seen it first."""
+        deadline = time.monotonic() + timeout
+        while self.feed.current.generation <= generation and not self.feed.closed:
+            if time.monotonic() > deadline:
+                break
+            self.feed.refresh()
+            time.sleep(0.01)
+        return self.feed.current
+
+    def adopt(self, handover: Handover) -> None:
+        """Start from state handed over by a switch (identical on every rank)."""
+        r = self.replica
+        into_model(handover, r.model, r.optimizer)
+        r.step, r.position, r.has_state = handover.step, handover.position, True
+
     # -- the outer loop: form, agree, train ---------------------------------------
 
-    def run(self) -> int:
+    def run(self) -> int | Switch:
         after = 0  # form a generation newer than this one
         try:
             while True:
@@ -167,6 +191,11 @@ class AllreduceWorker:
                 if outcome == "reform":
                     after = self.group.generation
                     self.group.destroy()
+                    newest = self._newer_than(after)
+                    if newest.spec["mode"] != "allreduce":
+                        # Every rank stopped after the same step: hand the replica over.
+                        r = self.replica
+                        return Switch(newest, from_model(r.model, r.optimizer, r.step, r.position))
                     continue
                 self._finish()
                 return 0
@@ -233,7 +262,9 @@ class AllreduceWorker:
                 self._report()
             if stop:
                 return "stop"
-            if reform and self.replica.step < self.spec.steps:
+            if reform:
+                # Even after the last step: the new generation's fresh processes
+                # then learn from the sync that the job is done, and exit with us.
                 return "reform"
         return "done"
 
