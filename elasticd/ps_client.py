@@ -21,9 +21,21 @@ from elasticd.compression import GradientEncoder, codec_for
 from elasticd.placement import ShardPlacement, Slice
 from elasticd.rpc import ps_pb2, ps_pb2_grpc
 from elasticd.rpc.limits import GRPC_OPTIONS
-from elasticd.wire import Assembler, TensorHeader, as_bytes, chunk, header_of
+from elasticd.wire import (
+    Assembler,
+    TensorHeader,
+    WireError,
+    as_bytes,
+    chunk,
+    chunk_fields,
+    encode_chunk_frame,
+    frame_deserializer,
+    frame_serializer,
+    header_of,
+)
 
 RPC_TIMEOUT_S = 60.0  # one pull/push of a whole shard
+SERVICE = ps_pb2.DESCRIPTOR.services_by_name["ParameterServer"].full_name
 
 
 class Fenced(Exception):
@@ -88,6 +100,31 @@ class PSTier:
             p: grpc.insecure_channel(addresses[p], options=GRPC_OPTIONS) for p in self.ps_ids
         }
         self._stubs = {p: ps_pb2_grpc.ParameterServerStub(c) for p, c in self._channels.items()}
+        # The tensor streams carry chunk frames (elasticd.wire): one copy each way.
+        self._pull = {
+            p: c.unary_stream(
+                f"/{SERVICE}/Pull",
+                request_serializer=ps_pb2.PullRequest.SerializeToString,
+                response_deserializer=frame_deserializer(ps_pb2.PullReply),
+            )
+            for p, c in self._channels.items()
+        }
+        self._push = {
+            p: c.stream_unary(
+                f"/{SERVICE}/Push",
+                request_serializer=frame_serializer,
+                response_deserializer=ps_pb2.PushReply.FromString,
+            )
+            for p, c in self._channels.items()
+        }
+        self._init = {
+            p: c.stream_unary(
+                f"/{SERVICE}/InitShard",
+                request_serializer=frame_serializer,
+                response_deserializer=ps_pb2.InitShardReply.FromString,
+            )
+            for p, c in self._channels.items()
+        }
         self._slices = {p: placement.for_ps(p) for p in self.ps_ids}
         self._pool = ThreadPoolExecutor(
             max_workers=max(len(self.ps_ids), 1), thread_name_prefix="ps"
@@ -108,13 +145,11 @@ class PSTier:
                 _raise(exc, p)
         return out
 
-    def _stream(
-        self, ps_id: str, header_msg, tensors: Mapping[str, torch.Tensor], request_cls
-    ) -> Iterator:
+    def _stream(self, ps_id: str, header_msg, tensors: Mapping[str, torch.Tensor]) -> Iterator:
         yield header_msg
         for index, s in enumerate(self._slices[ps_id]):
             for offset, piece in chunk(as_bytes(slice_view(tensors[s.param], s))):
-                yield request_cls(chunk=ps_pb2.Chunk(index=index, offset=offset, data=bytes(piece)))
+                yield encode_chunk_frame(index, offset, piece)
 
     def _metas(self, ps_id: str, tensors: Mapping[str, torch.Tensor]) -> list[ps_pb2.TensorMeta]:
         out = []
@@ -150,10 +185,8 @@ class PSTier:
             info = self._stubs[p].ShardInfo(ps_pb2.ShardInfoRequest(job_id=self.job_id))
             if info.exists:
                 return False
-            reply = self._stubs[p].InitShard(
-                self._stream(
-                    p, ps_pb2.InitShardRequest(header=header), params, ps_pb2.InitShardRequest
-                ),
+            reply = self._init[p](
+                self._stream(p, ps_pb2.InitShardRequest(header=header), params),
                 timeout=RPC_TIMEOUT_S,
             )
             return reply.created
@@ -165,11 +198,13 @@ class PSTier:
 
         def one(p: str) -> int:
             slices = self._slices[p]
-            replies = self._stubs[p].Pull(
+            replies = self._pull[p](
                 ps_pb2.PullRequest(fence=self.fence, worker_id=self.worker_id),
                 timeout=RPC_TIMEOUT_S,
             )
             first = next(replies)
+            if chunk_fields(first) is not None:
+                raise WireError(f"{p}: pull reply does not start with a header")
             headers = [TensorHeader(m.key, m.dtype, tuple(m.shape)) for m in first.header.tensors]
             if [h.key for h in headers] != [s.key for s in slices]:
                 raise PSUnavailable(f"{p} holds {[h.key for h in headers]}, expected other slices")
@@ -179,7 +214,10 @@ class PSTier:
                 fill = targets if contiguous else None
                 assembler = Assembler(headers, fill)
                 for r in replies:
-                    assembler.add(r.chunk.index, r.chunk.offset, r.chunk.data)
+                    fields = chunk_fields(r)
+                    if fields is None:
+                        raise WireError(f"{p}: only chunks may follow the pull header")
+                    assembler.add(*fields)
                 got = assembler.finish()
                 if not contiguous:
                     for t, g in zip(targets, got, strict=True):
@@ -209,8 +247,8 @@ class PSTier:
             header = ps_pb2.PushHeader(
                 fence=self.fence, worker_id=self.worker_id, base_version=base_versions[p]
             )
-            reply = self._stubs[p].Push(
-                self._stream(p, ps_pb2.PushRequest(header=header), grads, ps_pb2.PushRequest),
+            reply = self._push[p](
+                self._stream(p, ps_pb2.PushRequest(header=header), grads),
                 timeout=RPC_TIMEOUT_S,
             )
             return PushOutcome(reply.version, reply.applied, reply.staleness)
@@ -230,7 +268,7 @@ class PSTier:
                 compression=encoder.codec.name,
                 payload=metas,
             )
-            reply = self._stubs[p].Push(
+            reply = self._push[p](
                 self._parts_stream(ps_pb2.PushRequest(header=header), parts),
                 timeout=RPC_TIMEOUT_S,
             )
@@ -245,9 +283,7 @@ class PSTier:
         yield header_msg
         for index, t in enumerate(parts):
             for offset, piece in chunk(as_bytes(t)):
-                yield ps_pb2.PushRequest(
-                    chunk=ps_pb2.Chunk(index=index, offset=offset, data=bytes(piece))
-                )
+                yield encode_chunk_frame(index, offset, piece)
 
     # -- controller side ------------------------------------------------------
 

@@ -104,11 +104,17 @@ class Assembler:
         elif len(targets) != len(self.headers):
             raise WireError(f"{len(self.headers)} headers but {len(targets)} targets")
         self.tensors = list(targets)
-        self._flat = []
+        # Each target's bytes: a writable memoryview for CPU tensors (a chunk lands
+        # with one memcpy, no torch op, so no intra-op thread pool wakes up), else
+        # a uint8 tensor view (e.g. on a GPU).
+        self._flat: list[memoryview | torch.Tensor] = []
         for h, t in zip(self.headers, self.tensors, strict=True):
             if tuple(t.shape) != h.shape or t.dtype != DTYPES[h.dtype]:
                 raise WireError(f"tensor {h.key!r}: header {h} does not match target")
-            self._flat.append(t.view(-1).view(torch.uint8) if t.numel() else t)
+            if not t.is_contiguous():
+                raise WireError(f"tensor {h.key!r}: target is not contiguous")
+            flat = t.detach().reshape(-1).view(torch.uint8)
+            self._flat.append(memoryview(flat.numpy()) if flat.device.type == "cpu" else flat)
         self._received = [0] * len(self.headers)
 
     def add(self, index: int, offset: int, data: bytes) -> None:
@@ -123,7 +129,11 @@ class Assembler:
         if end > h.nbytes:
             raise WireError(f"tensor {h.key!r}: {end} bytes sent, shape and dtype need {h.nbytes}")
         if data:
-            self._flat[index][offset:end].copy_(torch.frombuffer(data, dtype=torch.uint8))
+            target = self._flat[index]
+            if isinstance(target, memoryview):
+                target[offset:end] = data
+            else:
+                target[offset:end].copy_(torch.frombuffer(data, dtype=torch.uint8))
         self._received[index] = end
 
     def finish(self) -> list[torch.Tensor]:
@@ -131,3 +141,114 @@ class Assembler:
             if got != h.nbytes:
                 raise WireError(f"tensor {h.key!r}: {got} bytes received, expected {h.nbytes}")
         return self.tensors
+
+
+# -- chunk frames ---------------------------------------------------------------------
+#
+# PullReply, PushRequest and InitShardRequest (proto/ps.proto) all hold a Chunk
+# as field 2 of a oneof. Going through protobuf objects costs a copy of the
+# data at each step (bytes(piece), message construction, serialization, and
+# again parse and field access on the other side). A frame is the exact
+# protobuf encoding of such a message, written in one join from the tensor's
+# memory, and read back as a memoryview into the received bytes: one copy on
+# each side. The bytes on the wire are ordinary protobuf, so any client that
+# uses the generated classes talks to a PS that uses frames, and vice versa.
+
+_CHUNK_FIELD = b"\x12"  # field 2, length-delimited
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while pos < end and shift < 64:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+    raise WireError("malformed varint in a chunk frame")
+
+
+def encode_chunk_frame(index: int, offset: int, data) -> bytes:
+    """The protobuf encoding of ``{chunk: {index, offset, data}}``, in one copy of ``data``."""
+    head = b"\x08" + _varint(index) + b"\x10" + _varint(offset) + b"\x1a" + _varint(len(data))
+    return b"".join((_CHUNK_FIELD, _varint(len(head) + len(data)), head, data))
+
+
+@dataclass(frozen=True)
+class ChunkFrame:
+    """A received chunk: ``data`` is a view into the message's bytes (no copy)."""
+
+    index: int
+    offset: int
+    data: memoryview
+
+
+def decode_chunk_frame(message: bytes) -> ChunkFrame | None:
+    """The chunk of a message whose only field is ``chunk``; None for anything else.
+
+    None sends the caller to the protobuf parser, which handles every valid
+    encoding (and refuses invalid ones); this reader only takes the shapes a
+    chunk message has, with fields in any order and defaults left out.
+    """
+    buf = memoryview(message)
+    end = len(buf)
+    if end < 2 or buf[0] != _CHUNK_FIELD[0]:
+        return None
+    try:
+        length, pos = _read_varint(buf, 1, end)
+        if pos + length != end:
+            return None
+        index = offset = 0
+        data = buf[pos:pos]
+        while pos < end:
+            tag, pos = _read_varint(buf, pos, end)
+            if tag == 0x08:
+                index, pos = _read_varint(buf, pos, end)
+            elif tag == 0x10:
+                offset, pos = _read_varint(buf, pos, end)
+            elif tag == 0x1A:
+                n, pos = _read_varint(buf, pos, end)
+                if pos + n > end:
+                    return None
+                data, pos = buf[pos : pos + n], pos + n
+            else:
+                return None
+    except WireError:
+        return None
+    if index >= 1 << 32:
+        return None
+    return ChunkFrame(index, offset, data)
+
+
+def chunk_fields(message) -> tuple[int, int, bytes | memoryview] | None:
+    """(index, offset, data) of a ChunkFrame or of a protobuf message holding a chunk."""
+    if isinstance(message, ChunkFrame):
+        return message.index, message.offset, message.data
+    if message.HasField("chunk"):
+        c = message.chunk
+        return c.index, c.offset, c.data
+    return None
+
+
+def frame_serializer(message) -> bytes:
+    """gRPC serializer for streams that carry frames (bytes) and protobuf messages."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def frame_deserializer(message_class):
+    """gRPC deserializer: a ChunkFrame for chunk messages, else a ``message_class``."""
+
+    def deserialize(data: bytes):
+        return decode_chunk_frame(data) or message_class.FromString(data)
+
+    return deserialize

@@ -24,7 +24,7 @@ from elasticd.optimizers import build_optimizer
 from elasticd.placement import ShardPlacement, TensorSpec, place
 from elasticd.ps_client import Fenced, PSTier, StaleGradient, slice_view
 from elasticd.rpc import ps_pb2, ps_pb2_grpc
-from elasticd.server.ps.service import ParameterServerServicer
+from elasticd.server.ps.service import ParameterServerServicer, add_to_server
 from elasticd.serving import start_grpc_server
 from elasticd.wire import as_bytes, dtype_name
 
@@ -59,7 +59,7 @@ class PSCluster:
             ps_id = f"ps-{len(self.servers)}"
             servicer = ParameterServerServicer(ps_id, **servicer_kwargs)
             server, port = start_grpc_server(
-                lambda s, sv=servicer: ps_pb2_grpc.add_ParameterServerServicer_to_server(sv, s),
+                lambda s, sv=servicer: add_to_server(sv, s),
                 "127.0.0.1",
                 0,
             )

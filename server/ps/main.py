@@ -35,6 +35,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "default: off)",
     )
     p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads for optimizer steps (default 1: a step is bound by "
+        "memory bandwidth, and idle OpenMP threads spin on CPUs that gRPC needs)",
+    )
+    p.add_argument(
         "--sync-timeout",
         type=float,
         default=None,
@@ -44,18 +51,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from elasticd.rpc import ps_pb2_grpc
+    import torch
+
     from elasticd.server.ps.metrics import serve_metrics
-    from elasticd.server.ps.service import ParameterServerServicer
+    from elasticd.server.ps.service import ParameterServerServicer, add_to_server
     from elasticd.server.ps.shard import SYNC_ROUND_TIMEOUT_S
 
+    torch.set_num_threads(max(args.torch_threads, 1))
     ps_id = args.ps_id or f"ps-{uuid.uuid4().hex[:8]}"
     configure_logging(f"ps:{ps_id}")
     stop = wait_for_stop_signal()
     sync_timeout = SYNC_ROUND_TIMEOUT_S if args.sync_timeout is None else args.sync_timeout
     servicer = ParameterServerServicer(ps_id, sync_timeout_s=sync_timeout)
     server, port = start_grpc_server(
-        lambda s: ps_pb2_grpc.add_ParameterServerServicer_to_server(servicer, s),
+        lambda s: add_to_server(servicer, s),
         args.host,
         args.port,
     )

@@ -9,7 +9,8 @@ Stats RPC reads the same objects. Nothing is computed twice.
 Metrics (label ``job`` on all but the last):
 
 - ``elasticd_ps_bytes_received_total``, ``elasticd_ps_bytes_sent_total``:
-  tensor bytes in chunks (InitShard and Push in, Pull out)
+  tensor bytes in chunks (InitShard and Push in as they arrive, Pull out once a
+  pull has sent the whole shard)
 - ``elasticd_ps_pulls_total``
 - ``elasticd_ps_pushes_applied_total``
 - ``elasticd_ps_pushes_rejected_total{reason}``: ``stale``, ``fenced``,

@@ -31,7 +31,15 @@ from elasticd.server.ps.shard import (
     StaleGeneration,
     StalePush,
 )
-from elasticd.wire import Assembler, TensorHeader, WireError, as_bytes, chunk
+from elasticd.wire import (
+    Assembler,
+    ChunkFrame,
+    TensorHeader,
+    WireError,
+    chunk_fields,
+    frame_deserializer,
+    frame_serializer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +63,15 @@ _REJECTED = {
     WireError: "malformed",
     CompressionError: "malformed",
 }
+
+
+def _chunks(requests: Iterator) -> Iterator[tuple[int, int, bytes | memoryview]]:
+    """(index, offset, data) of every request; anything but a chunk is an error."""
+    for req in requests:
+        fields = chunk_fields(req)
+        if fields is None:
+            raise WireError("only chunks may follow the header")
+        yield fields
 
 
 def _headers(metas) -> list[TensorHeader]:
@@ -114,7 +131,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     @staticmethod
     def _first(requests: Iterator, context, what: str):
         first = next(requests, None)
-        if first is None or not first.HasField("header"):
+        if first is None or isinstance(first, ChunkFrame) or not first.HasField("header"):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{what} must start with a header")
         return first.header
 
@@ -142,10 +159,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             return ps_pb2.InitShardReply(created=False, version=existing.version)
         assembler = Assembler(headers)
         try:
-            for req in request_iterator:
-                if not req.HasField("chunk"):
-                    raise WireError("only chunks may follow the header")
-                assembler.add(req.chunk.index, req.chunk.offset, req.chunk.data)
+            for index, offset, data in _chunks(request_iterator):
+                assembler.add(index, offset, data)
             tensors = assembler.finish()
         except WireError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -176,39 +191,35 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     def Pull(self, request, context):
         shard = self._require(request.fence.job_id, context)
         try:
-            version, tensors = shard.read(request.fence.generation)
+            version, frames = shard.read_frames(request.fence.generation)
         except ShardError as exc:
             self._abort(context, exc)
         shard.stats.pulled()
         yield ps_pb2.PullReply(
             header=ps_pb2.PullHeader(version=version, tensors=_metas(shard.headers))
         )
-        for index, tensor in enumerate(tensors):
-            for offset, piece in chunk(as_bytes(tensor)):
-                yield ps_pb2.PullReply(
-                    chunk=ps_pb2.Chunk(index=index, offset=offset, data=bytes(piece))
-                )
-                shard.stats.sent(len(piece))
+        yield from frames
+        shard.stats.sent(shard.nbytes)  # counted once the whole shard went out
 
     def Push(self, request_iterator, context):
         header = self._first(request_iterator, context, "Push")
         shard = self._require(header.fence.job_id, context)
+        buffers = None
         try:
             codec = codec_for(header.compression)
             shard.check_fence(header.fence.generation)
             if codec.passthrough:
                 if header.payload:
                     raise WireError("an uncompressed push lists no payload parts")
-                parts = shard.headers
+                buffers = shard.gradient_buffers()
+                assembler = Assembler(shard.headers, buffers)
             else:
                 parts = _headers(header.payload)
                 check_payload(codec, shard.headers, parts)
-            assembler = Assembler(parts)
-            for req in request_iterator:
-                if not req.HasField("chunk"):
-                    raise WireError("only chunks may follow the header")
-                shard.stats.received(len(req.chunk.data))
-                assembler.add(req.chunk.index, req.chunk.offset, req.chunk.data)
+                assembler = Assembler(parts)
+            for index, offset, data in _chunks(request_iterator):
+                shard.stats.received(len(data))
+                assembler.add(index, offset, data)
             grads = assembler.finish()
             if not codec.passthrough:
                 grads = decode_payload(codec, shard.headers, grads)
@@ -223,6 +234,11 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         except (ShardError, WireError, CompressionError) as exc:
             shard.stats.rejected(_REJECTED.get(type(exc), "malformed"))
             self._abort(context, exc)
+        finally:
+            # Applied or not, the shard holds no reference to a push's buffers once
+            # apply returned (a synchronous round has ended by then, too).
+            if buffers is not None:
+                shard.recycle(buffers)
         if not result.applied:
             shard.stats.rejected("max_version")
         return ps_pb2.PushReply(
@@ -314,3 +330,43 @@ def _job_stats(f: ShardFigures) -> ps_pb2.JobStats:
         staleness=_histogram(f.stats.staleness),
         optimizer_step_seconds=_histogram(f.stats.step_seconds),
     )
+
+
+SERVICE = ps_pb2.DESCRIPTOR.services_by_name["ParameterServer"]
+
+# Tensor streams whose chunks travel as frames (elasticd.wire): (request, reply) codecs.
+_FRAMED = {
+    "InitShard": (frame_deserializer(ps_pb2.InitShardRequest), None),
+    "Push": (frame_deserializer(ps_pb2.PushRequest), None),
+    "Pull": (None, frame_serializer),
+}
+_HANDLER = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def add_to_server(servicer: ParameterServerServicer, server: grpc.Server) -> None:
+    """Register ``servicer``: every method of the service as protoc would, with chunk
+    frames on the tensor streams.
+
+    Use this rather than the generated ``add_ParameterServerServicer_to_server``:
+    Pull yields pre-encoded frames (bytes), which the generated serializer
+    does not take. Clients may use either the generated stub or frames.
+    """
+    handlers = {}
+    for method in SERVICE.methods:
+        request = getattr(ps_pb2, method.input_type.name)
+        reply = getattr(ps_pb2, method.output_type.name)
+        deserialize, serialize = _FRAMED.get(method.name, (None, None))
+        handlers[method.name] = _HANDLER[(method.client_streaming, method.server_streaming)](
+            getattr(servicer, method.name),
+            request_deserializer=deserialize or request.FromString,
+            response_serializer=serialize or reply.SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)
