@@ -1,0 +1,282 @@
+"""PS tier throughput: full pulls and pushes of a >= 64 MB model over 2 real PS processes.
+
+``python -m bench ps [--json] [--scale 1] [--servers 2] [--reps 7] [--server-threads N]``
+
+Two parameter servers run in their own processes (the ParameterServer gRPC
+service without etcd: etcd plays no part in the data path). The benchmark
+process places a model of a few large float32 tensors on them with
+``elasticd.placement.place`` and times, through ``PSTier`` exactly as a worker
+uses it:
+
+- ``pull_gbps``: a full pull of every parameter into the model's tensors;
+- ``push_gbps``: a full push of a gradient of every parameter, applied by the
+  PS (an SGD step on its shard) before the reply;
+- ``small_rpc_per_s``: a push and a pull of a single 4 KB tensor, as pairs per second;
+- ``socket_gbps``: the same byte count sent over one raw loopback TCP
+  connection to another process (``sendall`` from the tensor's memory,
+  ``recv_into`` a preallocated buffer) — the baseline.
+
+Each figure is the median of ``--reps`` timed runs after one warm-up, in
+gigabits per second, and ``ratio = min(pull, push) / socket``. Client, servers
+and the socket sink share this machine's CPUs; socket, pull and push runs are
+interleaved so background load falls on all three alike. ``*_cpu_*_s`` are
+the CPU seconds one run costs each role (client, servers, socket sink): they
+show what limits a figure when the wall clock alone cannot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import socket
+import statistics
+import struct
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+SMALL_RPC_SECONDS = 1.5
+MODEL_SHAPES = ((8192, 1024), (4096, 1024), (2048, 1024), (2048, 1024))  # 64 MiB of float32
+
+
+def _serve(ps_id: str, conn, threads: int) -> None:
+    """A PS process: the gRPC service on a free loopback port until told to stop."""
+    from concurrent import futures
+
+    import grpc
+
+    from elasticd.rpc.limits import GRPC_OPTIONS
+    from elasticd.server.ps.service import ParameterServerServicer, add_to_server
+    from elasticd.serving import GRPC_THREADS
+
+    torch.set_num_threads(1)  # as `elasticd ps` does by default (--torch-threads)
+    servicer = ParameterServerServicer(ps_id)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=threads or GRPC_THREADS), options=GRPC_OPTIONS
+    )
+    add_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    conn.send(port)
+    conn.recv()  # anything: stop
+    server.stop(None).wait()
+
+
+def _sink(conn) -> None:
+    """The socket baseline's receiver: reads length-prefixed blobs and acknowledges each."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    conn.send(listener.getsockname()[1])
+    s, _ = listener.accept()
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = bytearray(0)
+    while True:
+        head = s.recv(8, socket.MSG_WAITALL)
+        if len(head) < 8:
+            return
+        (n,) = struct.unpack("<Q", head)
+        if len(buf) < n:
+            buf = bytearray(n)
+        view = memoryview(buf)[:n]
+        got = 0
+        while got < n:
+            got += s.recv_into(view[got:], n - got)
+        s.sendall(b"k")
+
+
+def _gbps(nbytes: int, seconds: float) -> float:
+    return nbytes * 8 / seconds / 1e9
+
+
+class SocketBaseline:
+    """A raw loopback TCP connection to a sink process; ``send`` times one blob."""
+
+    def __init__(self, ctx) -> None:
+        parent, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_sink, args=(child,), daemon=True)
+        self.proc.start()
+        self.sock = socket.create_connection(("127.0.0.1", parent.recv()))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def send(self, payload: memoryview) -> None:
+        self.sock.sendall(struct.pack("<Q", len(payload)))
+        self.sock.sendall(payload)
+        if self.sock.recv(1) != b"k":
+            raise RuntimeError("socket sink went away")
+
+    def close(self) -> None:
+        self.sock.close()
+        self.proc.join(timeout=10)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of process ``pid``, every thread included (also those that ended).
+
+    Linux's process CPU clock (clockid ``(~pid << 3) | 2``) has nanosecond
+    resolution; psutil's figures come in 10 ms ticks, too coarse for one
+    transfer, and are the fallback elsewhere.
+    """
+    try:
+        return time.clock_gettime((~pid << 3) | 2)
+    except (OSError, OverflowError):
+        return sum(psutil.Process(pid).cpu_times()[:2])
+
+
+@dataclass
+class Timing:
+    wall_s: float  # median wall seconds of one call
+    cpu_s: dict[str, float]  # median CPU seconds of one call, per role (client, servers, sink)
+
+
+def interleaved(
+    fns: dict[str, Callable[[], object]], roles: dict[str, list[int]], reps: int
+) -> dict[str, Timing]:
+    """Median wall and CPU time of each function, run in rounds (one call of each per round).
+
+    Interleaving spreads the machine's background load over all figures alike,
+    so their ratio is steadier than that of figures measured one after another.
+    CPU time is counted per role (a list of pids each): on a shared machine it
+    says what a transfer costs even when the wall clock is disturbed.
+    """
+
+    def cpu() -> dict[str, float]:
+        return {role: sum(cpu_seconds(pid) for pid in pids) for role, pids in roles.items()}
+
+    for fn in fns.values():
+        fn()  # warm-up
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    used: dict[str, dict[str, list[float]]] = {k: {r: [] for r in roles} for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            c0, t0 = cpu(), time.perf_counter()
+            fn()
+            wall[k].append(time.perf_counter() - t0)
+            c1 = cpu()
+            for r in roles:
+                used[k][r].append(c1[r] - c0[r])
+    return {
+        k: Timing(statistics.median(wall[k]), {r: statistics.median(v) for r, v in used[k].items()})
+        for k in fns
+    }
+
+
+def run(argv: list[str]) -> dict:
+    from elasticd.placement import TensorSpec, place
+    from elasticd.ps_client import PSTier
+
+    warnings.filterwarnings("ignore", message="The given buffer is not writable")
+    p = argparse.ArgumentParser(prog="python -m bench ps")
+    p.add_argument("--scale", type=float, default=1.0, help="model size factor (1: 64 MiB)")
+    p.add_argument("--servers", type=int, default=2)
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--server-threads", type=int, default=None)
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(1)
+    ctx = mp.get_context("spawn")
+    shapes = [(max(1, int(r * args.scale)), c) for r, c in MODEL_SHAPES]
+    params = {f"layer{i}.weight": torch.randn(shape) for i, shape in enumerate(shapes)}
+    nbytes = sum(t.numel() * t.element_size() for t in params.values())
+    grads = {n: torch.randn_like(t) * 1e-3 for n, t in params.items()}
+
+    procs, pipes, addresses = [], [], {}
+    try:
+        for i in range(args.servers):
+            ps_id = f"ps-{i}"
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_serve, args=(ps_id, child, args.server_threads), daemon=True)
+            proc.start()
+            procs.append(proc)
+            pipes.append(parent)
+            addresses[ps_id] = f"127.0.0.1:{parent.recv()}"
+
+        specs = [TensorSpec(n, "float32", tuple(t.shape)) for n, t in params.items()]
+        placement = place(specs, sorted(addresses))
+        tier = PSTier("bench-ps", 1, placement, addresses, worker_id="bench.0")
+        tier.init(params, "sgd", {"lr": 1e-6}, -1, 1, 0)
+
+        versions: dict[str, int] = {}
+
+        def pull() -> None:
+            versions.update(tier.pull_into(params))
+
+        def push() -> None:
+            tier.push(grads, versions)
+
+        flat = torch.cat([t.reshape(-1) for t in params.values()])
+        payload = memoryview(flat.numpy()).cast("B")
+        baseline = SocketBaseline(ctx)
+        try:
+            timings = interleaved(
+                {"socket": lambda: baseline.send(payload), "pull": pull, "push": push},
+                {
+                    "client": [os.getpid()],
+                    "servers": [pr.pid for pr in procs],
+                    "sink": [baseline.proc.pid],
+                },
+                args.reps,
+            )
+        finally:
+            baseline.close()
+        pull_s, push_s, socket_s = (timings[k].wall_s for k in ("pull", "push", "socket"))
+
+        small = {"x": torch.randn(1024)}
+        small_tier = PSTier(
+            "bench-small",
+            1,
+            place([TensorSpec("x", "float32", (1024,))], ["ps-0"]),
+            addresses,
+            worker_id="bench.0",
+        )
+        small_tier.init(small, "sgd", {"lr": 1e-6}, -1, 1, 0)
+        small_grad = {"x": torch.randn(1024) * 1e-3}
+        for _ in range(20):
+            small_tier.push(small_grad, small_tier.pull_into(small))
+        pairs = 0
+        started = time.perf_counter()
+        while time.perf_counter() - started < SMALL_RPC_SECONDS:
+            small_tier.push(small_grad, small_tier.pull_into(small))
+            pairs += 1
+        small_rate = pairs / (time.perf_counter() - started)
+        small_tier.close()
+        tier.close()
+    finally:
+        for pipe in pipes:
+            pipe.send("stop")
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+
+    pull_gbps, push_gbps, socket_gbps = (
+        _gbps(nbytes, pull_s),
+        _gbps(nbytes, push_s),
+        _gbps(nbytes, socket_s),
+    )
+    return {
+        "model_mb": round(nbytes / 1e6, 1),
+        "ps_servers": args.servers,
+        "pull_gbps": round(pull_gbps, 3),
+        "push_gbps": round(push_gbps, 3),
+        "socket_gbps": round(socket_gbps, 3),
+        "ratio": round(min(pull_gbps, push_gbps) / socket_gbps, 3),
+        "small_rpc_per_s": round(small_rate, 1),
+        "pull_s": round(pull_s, 4),
+        "push_s": round(push_s, 4),
+        "socket_s": round(socket_s, 4),
+        **{
+            f"{k}_cpu_{role}_s": round(v, 4)
+            for k in ("pull", "push", "socket")
+            for role, v in timings[k].cpu_s.items()
+            if not (k == "socket" and role == "servers") and not (k != "socket" and role == "sink")
+        },
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "reps": args.reps,
+        "cpus": os.cpu_count(),
+    }
