@@ -90,6 +90,8 @@ class JobSpec:
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
     script: ScriptSpec = field(default_factory=ScriptSpec)
     switch: tuple[ModeSwitch, ...] = ()
+    # allreduce options; absent keys take the runtime's defaults (see README)
+    allreduce: dict[str, Any] = field(default_factory=dict)
     max_restarts: int = 3
     report_every_steps: int = 10
 
@@ -172,9 +174,10 @@ def parse_spec(data: Any, base_dir: str | None = None) -> JobSpec:
     _reject_unknown(ps_raw, {"max_staleness", "compression"}, "ps.")
     staleness = _int(ps_raw, "max_staleness", "ps.", -1, minimum=-1)
     compression = ps_raw.get("compression", "none")
-    if compression not in COMPRESSIONS:
+    if not isinstance(compression, str) or not _codec_ok(compression):
         raise SpecError(
-            f"ps.compression: must be one of {', '.join(COMPRESSIONS)}, got {compression!r}"
+            f"ps.compression: must be one of {', '.join(COMPRESSIONS)} "
+            f"(topk:RATIO and qsgd:LEVELS take an argument), got {compression!r}"
         )
 
     ck_raw = _mapping(data, "checkpoint", "")
@@ -201,6 +204,7 @@ def parse_spec(data: Any, base_dir: str | None = None) -> JobSpec:
         checkpoint=CheckpointSpec(ck_url, _int(ck_raw, "every_steps", "checkpoint.", 0, 0)),
         script=script,
         switch=_switches(data.get("switch", []), mode),
+        allreduce=_allreduce(_mapping(data, "allreduce", "")),
         max_restarts=_int(data, "max_restarts", "", 3, minimum=0),
         report_every_steps=_int(data, "report_every_steps", "", 10, minimum=1),
     )
@@ -222,6 +226,31 @@ def _script(raw: dict, mode: str, base_dir: str | None) -> ScriptSpec:
     if port > 65535:
         raise SpecError(f"script.master_port: must be a TCP port, got {port}")
     return ScriptSpec(path, tuple(str(a) for a in args), port)
+
+
+def _codec_ok(name: str) -> bool:
+    from elasticd.compression import CompressionError, codec_for
+
+    try:
+        codec_for(name)
+    except CompressionError:
+        return False
+    return True
+
+
+def _allreduce(raw: dict) -> dict[str, Any]:
+    _reject_unknown(
+        raw, {"scale_lr", "warmup_steps", "collective_timeout_s", "bucket_cap_mb"}, "allreduce."
+    )
+    if "scale_lr" in raw and not isinstance(raw["scale_lr"], bool):
+        raise SpecError(f"allreduce.scale_lr: must be true or false, got {raw['scale_lr']!r}")
+    if "warmup_steps" in raw:
+        _int(raw, "warmup_steps", "allreduce.", 0, minimum=0)
+    for key in ("collective_timeout_s", "bucket_cap_mb"):
+        value = raw.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise SpecError(f"allreduce.{key}: must be a number > 0, got {value!r}")
+    return dict(raw)
 
 
 def _switches(raw: Any, mode: str) -> tuple[ModeSwitch, ...]:

@@ -17,17 +17,21 @@ from dataclasses import dataclass
 import grpc
 import torch
 
+from elasticd.checkpoint import decode_shard, encode_shard
+from elasticd.checkpoint.serialize import state_digest
 from elasticd.compression import GradientEncoder, codec_for
 from elasticd.placement import ShardPlacement, Slice
 from elasticd.rpc import ps_pb2, ps_pb2_grpc
 from elasticd.rpc.limits import GRPC_OPTIONS
 from elasticd.wire import (
+    CHUNK_BYTES,
     Assembler,
     TensorHeader,
     WireError,
     as_bytes,
     chunk,
     chunk_fields,
+    dtype_name,
     encode_chunk_frame,
     frame_deserializer,
     frame_serializer,
@@ -315,6 +319,70 @@ class PSTier:
             lambda p: self._stubs[p].Stats(ps_pb2.StatsRequest(job_id=self.job_id), timeout=10)
         )
         return {p: r.jobs[0] for p, r in replies.items()}
+
+    def export_state(self) -> dict[str, tuple[dict, dict, dict]]:
+        """Every shard's (tensors by slice key, optimizer state_dict, meta), for a switch."""
+
+        def one(p: str):
+            replies = self._stubs[p].ExportShard(
+                ps_pb2.ExportShardRequest(fence=self.fence), timeout=RPC_TIMEOUT_S
+            )
+            return decode_shard(b"".join(r.data for r in replies))
+
+        return self._each(one)
+
+    def import_state(
+        self,
+        parts: Mapping[str, tuple[dict, dict, list[str]]],
+        optimizer: str,
+        optimizer_kwargs: dict,
+        max_staleness: int,
+        workers: int,
+        max_version: int,
+        version: int,
+    ) -> dict[str, tuple[str, str]]:
+        """Replace every shard with ``parts[ps_id]`` = (tensors, optimizer state, slice keys).
+
+        Returns, per PS, (digest of what was sent, digest of what the shard holds).
+        """
+
+        def one(p: str) -> tuple[str, str]:
+            tensors, state, keys = parts[p]
+            header = ps_pb2.InitShardHeader(
+                fence=self.fence,
+                tensors=[
+                    ps_pb2.TensorMeta(
+                        key=k, dtype=dtype_name(tensors[k].dtype), shape=tuple(tensors[k].shape)
+                    )
+                    for k in keys
+                ],
+                optimizer=ps_pb2.OptimizerConfig(
+                    name=optimizer, kwargs_json=json.dumps(optimizer_kwargs)
+                ),
+                max_staleness=max_staleness,
+                workers=workers,
+                max_version=max_version,
+            )
+            data = encode_shard(
+                tensors,
+                {"state": state, "param_groups": [{"params": list(range(len(keys)))}]},
+                {"keys": keys, "version": version},
+            )
+
+            def requests():
+                yield ps_pb2.ImportShardRequest(
+                    header=ps_pb2.ImportShardHeader(shard=header, version=version)
+                )
+                view = memoryview(data)
+                for offset in range(0, max(len(data), 1), CHUNK_BYTES):
+                    yield ps_pb2.ImportShardRequest(
+                        bytes=ps_pb2.ShardBytes(data=bytes(view[offset : offset + CHUNK_BYTES]))
+                    )
+
+            reply = self._stubs[p].ImportShard(requests(), timeout=RPC_TIMEOUT_S)
+            return state_digest(tensors, state, keys), reply.digest
+
+        return self._each(one)
 
     def drop(self) -> None:
         self._each(

@@ -24,6 +24,7 @@ optimizer continues training exactly as the saved one would have.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from typing import Any
@@ -195,3 +196,26 @@ def _read_header(data: bytes) -> dict[str, Any]:
             f"unsupported shard format {header.get('format')!r}, expected {SHARD_FORMAT}"
         )
     return header
+
+
+def state_digest(tensors: dict[str, torch.Tensor], state: dict, keys: list[str]) -> str:
+    """sha256 of a shard's slices and optimizer state, in slice order, bit for bit.
+
+    The same function on both ends of an import shows the shard holds exactly
+    what was sent.
+    """
+    h = hashlib.sha256()
+    for index, key in enumerate(keys):
+        h.update(key.encode())
+        h.update(tensors[key].detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        entry = state.get(index, state.get(str(index), {}))
+        for name in sorted(entry):
+            value = entry[name]
+            h.update(name.encode())
+            if isinstance(value, torch.Tensor):
+                h.update(
+                    value.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+                )
+            else:
+                h.update(repr(value).encode())
+    return h.hexdigest()

@@ -67,12 +67,14 @@ class InitShardRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[InitShardHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class InitShardReply(_message.Message):
-    __slots__ = ("created", "version")
+    __slots__ = ("created", "version", "digest")
     CREATED_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
     created: bool
     version: int
-    def __init__(self, created: _Optional[bool] = ..., version: _Optional[int] = ...) -> None: ...
+    digest: str
+    def __init__(self, created: _Optional[bool] = ..., version: _Optional[int] = ..., digest: _Optional[str] = ...) -> None: ...
 
 class PullRequest(_message.Message):
     __slots__ = ("fence", "worker_id")
@@ -252,3 +254,31 @@ class StatsReply(_message.Message):
     jobs: _containers.RepeatedCompositeFieldContainer[JobStats]
     unknown_job_requests: int
     def __init__(self, ps_id: _Optional[str] = ..., jobs: _Optional[_Iterable[_Union[JobStats, _Mapping]]] = ..., unknown_job_requests: _Optional[int] = ...) -> None: ...
+
+class ShardBytes(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class ExportShardRequest(_message.Message):
+    __slots__ = ("fence",)
+    FENCE_FIELD_NUMBER: _ClassVar[int]
+    fence: Fence
+    def __init__(self, fence: _Optional[_Union[Fence, _Mapping]] = ...) -> None: ...
+
+class ImportShardHeader(_message.Message):
+    __slots__ = ("shard", "version")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    shard: InitShardHeader
+    version: int
+    def __init__(self, shard: _Optional[_Union[InitShardHeader, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
+
+class ImportShardRequest(_message.Message):
+    __slots__ = ("header", "bytes")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    header: ImportShardHeader
+    bytes: ShardBytes
+    def __init__(self, header: _Optional[_Union[ImportShardHeader, _Mapping]] = ..., bytes: _Optional[_Union[ShardBytes, _Mapping]] = ...) -> None: ...

@@ -74,6 +74,16 @@ class ParameterServerStub:
                 request_serializer=elasticd_dot_rpc_dot_ps__pb2.StatsRequest.SerializeToString,
                 response_deserializer=elasticd_dot_rpc_dot_ps__pb2.StatsReply.FromString,
                 _registered_method=True)
+        self.ExportShard = channel.unary_stream(
+                '/elasticd.ps.ParameterServer/ExportShard',
+                request_serializer=elasticd_dot_rpc_dot_ps__pb2.ExportShardRequest.SerializeToString,
+                response_deserializer=elasticd_dot_rpc_dot_ps__pb2.ShardBytes.FromString,
+                _registered_method=True)
+        self.ImportShard = channel.stream_unary(
+                '/elasticd.ps.ParameterServer/ImportShard',
+                request_serializer=elasticd_dot_rpc_dot_ps__pb2.ImportShardRequest.SerializeToString,
+                response_deserializer=elasticd_dot_rpc_dot_ps__pb2.InitShardReply.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -132,6 +142,20 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportShard(self, request, context):
+        """Mode switches: hand the shard's parameters and optimizer state to workers,
+        and take them back (replacing the shard of an older or equal generation).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportShard(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -174,6 +198,16 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=elasticd_dot_rpc_dot_ps__pb2.StatsRequest.FromString,
                     response_serializer=elasticd_dot_rpc_dot_ps__pb2.StatsReply.SerializeToString,
+            ),
+            'ExportShard': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportShard,
+                    request_deserializer=elasticd_dot_rpc_dot_ps__pb2.ExportShardRequest.FromString,
+                    response_serializer=elasticd_dot_rpc_dot_ps__pb2.ShardBytes.SerializeToString,
+            ),
+            'ImportShard': grpc.stream_unary_rpc_method_handler(
+                    servicer.ImportShard,
+                    request_deserializer=elasticd_dot_rpc_dot_ps__pb2.ImportShardRequest.FromString,
+                    response_serializer=elasticd_dot_rpc_dot_ps__pb2.InitShardReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -392,6 +426,60 @@ class ParameterServer:
             '/elasticd.ps.ParameterServer/Stats',
             elasticd_dot_rpc_dot_ps__pb2.StatsRequest.SerializeToString,
             elasticd_dot_rpc_dot_ps__pb2.StatsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportShard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/elasticd.ps.ParameterServer/ExportShard',
+            elasticd_dot_rpc_dot_ps__pb2.ExportShardRequest.SerializeToString,
+            elasticd_dot_rpc_dot_ps__pb2.ShardBytes.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportShard(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/elasticd.ps.ParameterServer/ImportShard',
+            elasticd_dot_rpc_dot_ps__pb2.ImportShardRequest.SerializeToString,
+            elasticd_dot_rpc_dot_ps__pb2.InitShardReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -81,11 +81,12 @@ def decide(job: JobSnapshot, cluster: ClusterSnapshot) -> Action:
     current = gen.worker_ids if gen else frozenset()
     reports = {w: r for w, r in job.workers.items() if gen and r.generation == gen.number}
 
-    if (
-        gen
-        and current
-        and all(reports.get(w) is not None and reports[w].state == "SUCCEEDED" for w in current)
-    ):
+    done = [w for w in current if reports.get(w) is not None and reports[w].state == "SUCCEEDED"]
+    if gen and current and len(done) == len(current):
+        return Complete()
+    if done and rec.mode == "allreduce":
+        # Replicas agree on the step: one finished means the job reached its
+        # last step (the others may still wait in a group that cannot form).
         return Complete()
     for w in sorted(current):
         r = reports.get(w)

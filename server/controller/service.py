@@ -8,7 +8,7 @@ import math
 import grpc
 
 from elasticd.coord.etcd import EtcdError
-from elasticd.jobspec import MODES, SpecError, load_spec_yaml
+from elasticd.jobspec import SWITCHABLE, SpecError, load_spec_yaml
 from elasticd.rpc import job_pb2, job_pb2_grpc
 from elasticd.server.controller.controller import Controller, NotLeader, SwitchRefused
 from elasticd.server.controller.rendezvous import RendezvousBoard, StaleGeneration, UnknownJob
@@ -106,10 +106,11 @@ class JobServiceServicer(job_pb2_grpc.JobServiceServicer):
             _abort_for(context, exc)
 
     def SwitchMode(self, request, context):
-        if request.mode not in MODES:
+        if request.mode not in SWITCHABLE:
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"mode: must be one of {', '.join(MODES)}, got {request.mode!r}",
+                f"mode: a running job switches to one of {', '.join(SWITCHABLE)}, "
+                f"got {request.mode!r}",
             )
         try:
             self.controller.switch(request.job_id, request.mode)

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import grpc
 
+from elasticd.checkpoint.serialize import state_digest
 from elasticd.checkpoint.store import CheckpointStore
 from elasticd.compression import CompressionError, check_payload, codec_for, decode_payload
 from elasticd.optimizers import OptimizerError, validate_optimizer
@@ -31,7 +32,9 @@ from elasticd.server.ps.shard import (
     StaleGeneration,
     StalePush,
 )
+from elasticd.server.ps.transfer import export_shard, import_shard
 from elasticd.wire import (
+    CHUNK_BYTES,
     Assembler,
     ChunkFrame,
     TensorHeader,
@@ -300,6 +303,82 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             jobs=[_job_stats(f) for f in figures],
             unknown_job_requests=self._unknown_jobs,
         )
+
+    def ExportShard(self, request, context):
+        shard = self._require(request.fence.job_id, context)
+        try:
+            data, _ = export_shard(shard, request.fence.generation)
+        except ShardError as exc:
+            self._abort(context, exc)
+        shard.stats.sent(len(data))
+        view = memoryview(data)
+        for offset in range(0, max(len(data), 1), CHUNK_BYTES):
+            yield ps_pb2.ShardBytes(data=bytes(view[offset : offset + CHUNK_BYTES]))
+
+    def ImportShard(self, request_iterator, context):
+        first = self._first(request_iterator, context, "ImportShard")
+        header, version = first.shard, first.version
+        job_id = header.fence.job_id
+        if not job_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "fence.job_id is empty")
+        try:
+            headers = _headers(header.tensors)
+            kwargs = validate_optimizer(
+                header.optimizer.name, json.loads(header.optimizer.kwargs_json or "{}")
+            )
+        except (WireError, OptimizerError, json.JSONDecodeError) as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad shard header: {exc}")
+        limit = 2 * sum(h.nbytes for h in headers) + (1 << 20)  # parameters and optimizer state
+        if limit > 3 * MAX_SHARD_BYTES:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "shard larger than this PS accepts")
+        buf = bytearray()
+        for req in request_iterator:
+            if not req.HasField("bytes"):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "only bytes may follow the header")
+            buf += req.bytes.data
+            if len(buf) > 2 * limit:
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, "import larger than its slices need"
+                )
+        existing = self.shard(job_id)
+        try:
+            if existing is not None:
+                existing.check_fence(header.fence.generation)
+            config = ShardConfig(
+                job_id=job_id,
+                optimizer=header.optimizer.name,
+                optimizer_kwargs=kwargs,
+                max_staleness=header.max_staleness,
+                workers=max(header.workers, 1),
+                max_version=header.max_version,
+            )
+            shard = import_shard(config, header.fence.generation, headers, bytes(buf), version)
+            # Computed before anyone can push to it: exactly what was imported.
+            digest = state_digest(
+                {h.key: p for h, p in zip(headers, shard.params, strict=True)},
+                shard.optimizer.state_dict()["state"],
+                [h.key for h in headers],
+            )
+        except ShardError as exc:
+            self._abort(context, exc)
+        with self._lock:
+            current = self._shards.get(job_id)
+            if current is not None and current.generation > header.fence.generation:
+                context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"job {job_id}: generation {header.fence.generation} is stale",
+                )
+            self._shards[job_id] = shard
+        shard.stats.received(len(buf))
+        log.info(
+            "event=shard_imported ps=%s job=%s generation=%d version=%d bytes=%d",
+            self.ps_id,
+            job_id,
+            header.fence.generation,
+            version,
+            len(buf),
+        )
+        return ps_pb2.InitShardReply(created=existing is None, version=shard.version, digest=digest)
 
     @staticmethod
     def _info(shard: ParameterShard) -> ps_pb2.ShardInfoReply:

@@ -180,7 +180,9 @@ class NodeAgent:
         restarts = self._restarts.get(key, 0)
         slot = Slot(job_id, wid, assignment["generation"], assignment, restarts=restarts)
         self._slots[key] = slot
-        spec = process_spec(assignment, wid, restarts, str(self.log_dir / job_id / f"{wid}.log"))
+        spec = process_spec(
+            assignment, wid, restarts, str(self.log_dir / job_id / f"{wid}.log"), self.address
+        )
         try:
             pid = self.supervisor.start(spec, first_message={"assignment": assignment})
         except OSError as exc:

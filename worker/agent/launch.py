@@ -40,7 +40,9 @@ def torchrun_env(assignment: dict, worker_id: str, restarts: int) -> dict[str, s
     }
 
 
-def process_spec(assignment: dict, worker_id: str, restarts: int, log_path: str) -> ProcessSpec:
+def process_spec(
+    assignment: dict, worker_id: str, restarts: int, log_path: str, node_address: str = ""
+) -> ProcessSpec:
     job_id = assignment["job_id"]
     env = {
         "ELASTICD_JOB_ID": job_id,
@@ -49,6 +51,9 @@ def process_spec(assignment: dict, worker_id: str, restarts: int, log_path: str)
         "ELASTICD_GENERATION": str(assignment["generation"]),
         "PYTHONUNBUFFERED": "1",
     }
+    if node_address:
+        # Where this node's allreduce rank 0 hosts its store (as MASTER_ADDR in script mode).
+        env["ELASTICD_RENDEZVOUS_HOST"] = node_address
     spec = assignment["spec"]
     if spec["mode"] == "script":
         script = spec["script"]

@@ -1,7 +1,9 @@
 """Entry point of a training process: ``python -m elasticd.worker.runtime``.
 
 Started by a node agent, which sends the assignment on stdin. The training
-mode is looked up by name in :data:`MODES`.
+mode is looked up by name in :data:`MODES`; a mode returns a
+:class:`~elasticd.worker.runtime.switching.Switch` when the job moves to
+another mode, and the next one starts from the state it hands over.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from collections.abc import Callable
 from elasticd.serving import configure_logging
 from elasticd.worker.runtime import allreduce, ps_async
 from elasticd.worker.runtime.control import Assignment, ControlChannel
+from elasticd.worker.runtime.handover import Handover
+from elasticd.worker.runtime.switching import Switch
 
-MODES: dict[str, Callable[[Assignment, ControlChannel], int]] = {
+MODES: dict[str, Callable[[Assignment, ControlChannel, Handover | None], int | Switch]] = {
     "ps-async": ps_async.train,
     "allreduce": allreduce.train,
 }
@@ -24,12 +28,18 @@ def main() -> int:
     control = ControlChannel()
     first = control.first()
     configure_logging(f"worker:{first.worker_id}")
-    mode = first.spec["mode"]
-    train = MODES.get(mode)
-    if train is None:
-        logging.getLogger(__name__).error("event=unsupported_mode mode=%s", mode)
-        return 2
-    return train(first, control)
+    assignment, handover = first, None
+    while True:
+        mode = assignment.spec["mode"]
+        train = MODES.get(mode)
+        if train is None:
+            logging.getLogger(__name__).error("event=unsupported_mode mode=%s", mode)
+            return 2
+        outcome = train(assignment, control, handover)
+        if not isinstance(outcome, Switch):
+            return outcome
+        # A mode switch at a step boundary: the next mode starts from this state.
+        assignment, handover = outcome.assignment, outcome.handover
 
 
 if __name__ == "__main__":

@@ -125,8 +125,7 @@ class AllreduceWorker:
         observer: Observer | None = None,
     ) -> None:
         self.config = AllreduceConfig.from_spec(first.spec)
-        # The `allreduce:` section is read above; JobSpec does not know it yet.
-        self.spec: JobSpec = parse_spec({k: v for k, v in first.spec.items() if k != "allreduce"})
+        self.spec: JobSpec = parse_spec(first.spec)
         self.feed = AssignmentFeed(first, control)
         self.reporter = reporter
         self.observer = observer
@@ -163,6 +162,16 @@ class AllreduceWorker:
         r = self.replica
         into_model(handover, r.model, r.optimizer)
         r.step, r.position, r.has_state = handover.step, handover.position, True
+        a = self.feed.current
+        landed = from_model(r.model, r.optimizer, r.step, r.position)
+        log.info(
+            "event=switched_in job=%s generation=%d worker=%s step=%d digest=%s",
+            a.job_id,
+            a.generation,
+            a.worker_id,
+            r.step,
+            landed.digest(),
+        )
 
     # -- the outer loop: form, agree, train ---------------------------------------
 
@@ -195,7 +204,16 @@ class AllreduceWorker:
                     if newest.spec["mode"] != "allreduce":
                         # Every rank stopped after the same step: hand the replica over.
                         r = self.replica
-                        return Switch(newest, from_model(r.model, r.optimizer, r.step, r.position))
+                        state = from_model(r.model, r.optimizer, r.step, r.position)
+                        log.info(
+                            "event=switched_out job=%s generation=%d worker=%s step=%d digest=%s",
+                            newest.job_id,
+                            newest.generation,
+                            newest.worker_id,
+                            r.step,
+                            state.digest(),
+                        )
+                        return Switch(newest, state)
                     continue
                 self._finish()
                 return 0

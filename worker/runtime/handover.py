@@ -17,6 +17,7 @@ is updated on every step. So slicing and joining by rows is exact.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from elasticd.placement import ShardPlacement, Slice
+from elasticd.wire import as_bytes
 
 # name -> {"exp_avg": tensor, "step": tensor or number, ...}
 NamedState = dict[str, dict[str, Any]]
@@ -38,6 +40,20 @@ class Handover:
     step: int
     position: int = 0  # next batch index (allreduce data position)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def digest(self) -> str:
+        """sha256 of every parameter and optimizer-state value, bit for bit."""
+        h = hashlib.sha256()
+        for name in sorted(self.params):
+            h.update(name.encode())
+            h.update(as_bytes(self.params[name]))
+            for key, value in sorted(self.optimizer_state.get(name, {}).items()):
+                h.update(key.encode())
+                if isinstance(value, torch.Tensor):
+                    h.update(as_bytes(value))
+                else:
+                    h.update(repr(value).encode())
+        return h.hexdigest()
 
 
 def named_optimizer_state(optimizer: torch.optim.Optimizer, names: list[str]) -> NamedState:

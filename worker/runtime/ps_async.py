@@ -21,7 +21,9 @@ from elasticd.placement import ShardPlacement
 from elasticd.ps_client import Fenced, PSTier, StaleGradient
 from elasticd.task import load_task
 from elasticd.worker.runtime.control import Assignment, ControlChannel
+from elasticd.worker.runtime.handover import Handover
 from elasticd.worker.runtime.progress import ProgressReporter
+from elasticd.worker.runtime.switching import Switch, from_ps, into_ps
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,24 @@ def _await_assignment(control: ControlChannel, timeout: float) -> Assignment | N
     return None
 
 
-def train(first: Assignment, control: ControlChannel) -> int:
+def _switch_out(tier: PSTier, placement: ShardPlacement, new: Assignment) -> Switch:
+    """A switch: every worker takes the PS tier's state along, in the new generation."""
+    tier.generation = new.generation
+    state = from_ps(tier, placement)
+    log.info(
+        "event=switched_out job=%s generation=%d worker=%s step=%d digest=%s",
+        new.job_id,
+        new.generation,
+        new.worker_id,
+        state.step,
+        state.digest(),
+    )
+    return Switch(new, state)
+
+
+def train(
+    first: Assignment, control: ControlChannel, handover: Handover | None = None
+) -> int | Switch:
     a = first
     spec: JobSpec = parse_spec(a.spec)
     task = load_task(spec.task, spec.batch_size, spec.seed, spec.task_args)
@@ -57,14 +76,30 @@ def train(first: Assignment, control: ControlChannel) -> int:
         max_version=spec.steps,
     )
     log.info("event=shards_ready job=%s worker=%s created=%s", a.job_id, a.worker_id, created)
+    if handover is not None:
+        # Switched from allreduce: the replica becomes the shards' state.
+        sent, held = into_ps(tier, a, spec, handover)
+        if a.rank == 0:
+            log.info(
+                "event=switched_in job=%s generation=%d worker=%s step=%d digest=%s sent=%s",
+                a.job_id,
+                a.generation,
+                a.worker_id,
+                handover.step,
+                held,
+                sent,
+            )
 
     losses: deque[float] = deque(maxlen=spec.report_every_steps)
-    index = a.rank  # batch indices: this worker takes rank, rank + world, ...
+    # batch indices: this worker takes start + rank, start + rank + world, ...
+    index = (handover.position if handover else 0) + a.rank
     local_steps = 0
     step = 0
     try:
         while True:
             new = control.poll()
+            if new is not None and new.spec["mode"] != "ps-async":
+                return _switch_out(tier, placement, new)
             if new is not None:
                 a = new
                 tier.generation = a.generation
@@ -106,6 +141,8 @@ def train(first: Assignment, control: ControlChannel) -> int:
                 new = _await_assignment(control, FENCED_WAIT_S)
                 if new is None:
                     return 3
+                if new.spec["mode"] != "ps-async":
+                    return _switch_out(tier, placement, new)
                 a = new
                 tier.generation = a.generation
                 reporter.retarget(a.controller)

@@ -1,0 +1,80 @@
+"""A shard's whole state in and out of a PS, for switches between modes.
+
+Export encodes the parameters and the torch.optim state exactly as a
+checkpoint shard (safetensors, no pickle). Import checks every tensor against
+the slices the header announces before building the shard, so a malformed
+import is refused and changes nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from elasticd.checkpoint import ShardFormatError, decode_shard
+from elasticd.server.ps.shard import BadRequest, ParameterShard, ShardConfig
+from elasticd.wire import DTYPES, TensorHeader
+
+
+def export_shard(shard: ParameterShard, generation: int) -> tuple[bytes, int]:
+    return shard.snapshot(generation)
+
+
+def _check_state(
+    state: dict[Any, dict[str, Any]], headers: list[TensorHeader]
+) -> dict[int, dict[str, Any]]:
+    out: dict[int, dict[str, Any]] = {}
+    for raw_index, entry in state.items():
+        try:
+            index = int(raw_index)
+        except (TypeError, ValueError):
+            raise BadRequest(f"optimizer state index {raw_index!r} is not a number") from None
+        if not 0 <= index < len(headers) or not isinstance(entry, dict):
+            raise BadRequest(f"optimizer state for slice #{raw_index} does not match the shard")
+        h = headers[index]
+        for key, value in entry.items():
+            if (
+                isinstance(value, torch.Tensor)
+                and value.dim() >= 1
+                and tuple(value.shape) != h.shape
+            ):
+                raise BadRequest(
+                    f"optimizer state {key!r} of {h.key!r} has shape {list(value.shape)}, "
+                    f"the slice has {list(h.shape)}"
+                )
+        out[index] = entry
+    return out
+
+
+def import_shard(
+    config: ShardConfig,
+    generation: int,
+    headers: list[TensorHeader],
+    data: bytes,
+    version: int,
+) -> ParameterShard:
+    try:
+        tensors, opt_state, meta = decode_shard(data)
+    except ShardFormatError as exc:
+        raise BadRequest(f"import is not a valid shard document: {exc}") from None
+    keys = [h.key for h in headers]
+    if list(meta.get("keys", [])) != keys:
+        raise BadRequest(f"import holds slices {meta.get('keys')}, the header announces {keys}")
+    values = []
+    for h in headers:
+        t = tensors.get(h.key)
+        if t is None or tuple(t.shape) != h.shape or t.dtype != DTYPES[h.dtype]:
+            raise BadRequest(f"import tensor {h.key!r} does not match {h.dtype}{list(h.shape)}")
+        values.append(t.clone())
+    if version < 0:
+        raise BadRequest(f"version {version} is negative")
+    shard = ParameterShard(config, generation, headers, values)
+    state = _check_state((opt_state or {}).get("state", {}), headers)
+    groups = shard.optimizer.state_dict()["param_groups"]  # hyperparameters come from the job
+    try:
+        shard.optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise BadRequest(f"optimizer state does not fit {config.optimizer}: {exc}") from None
+    shard.version = version
+    return shard
