@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -453,6 +454,13 @@ def test_killed_workers_come_back_and_take_the_survivors_state(cluster):
     assert status.state == "COMPLETED", status
     assert status.step == steps
     assert status.loss < status.first_loss / 10, status
+    # 2 workers, then 1 (the survivor alone), then 2 again.
+    sealed = re.findall(
+        rf"event=generation_sealed job={job_id} generation=(\d+) world=(\d+)",
+        (c.base_dir / "logs" / "controller-0.log").read_text(),
+    )
+    worlds = [int(w) for _, w in sorted(sealed, key=lambda g: int(g[0]))]
+    assert worlds[:3] == [2, 1, 2], sealed
     log = (c.base_dir / "logs" / job_id / f"{wid}.log").read_text()
     synced = [line for line in log.splitlines() if "event=state_synced" in line]
     # The fresh process had no state and took the survivor's, mid-training.
