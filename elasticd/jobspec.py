@@ -94,6 +94,8 @@ class JobSpec:
     allreduce: dict[str, Any] = field(default_factory=dict)
     max_restarts: int = 3
     report_every_steps: int = 10
+    # a training process silent for this long is killed and handled as failed (0: never)
+    hang_timeout_s: float = 120.0
 
     def to_dict(self) -> dict[str, Any]:
         """The spec in the shape a user writes it (parse_spec(to_dict()) == self)."""
@@ -207,6 +209,7 @@ def parse_spec(data: Any, base_dir: str | None = None) -> JobSpec:
         allreduce=_allreduce(_mapping(data, "allreduce", "")),
         max_restarts=_int(data, "max_restarts", "", 3, minimum=0),
         report_every_steps=_int(data, "report_every_steps", "", 10, minimum=1),
+        hang_timeout_s=_seconds(data, "hang_timeout_s", 120.0),
     )
 
 
@@ -226,6 +229,13 @@ def _script(raw: dict, mode: str, base_dir: str | None) -> ScriptSpec:
     if port > 65535:
         raise SpecError(f"script.master_port: must be a TCP port, got {port}")
     return ScriptSpec(path, tuple(str(a) for a in args), port)
+
+
+def _seconds(data: dict, key: str, default: float) -> float:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise SpecError(f"{key}: must be a number of seconds >= 0, got {value!r}")
+    return float(value)
 
 
 def _codec_ok(name: str) -> bool:

@@ -21,11 +21,13 @@ lease, written when they change, so they vanish with the agent.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +39,7 @@ from elasticd.coord.keys import Keys
 from elasticd.coord.session import Session
 from elasticd.membership import NodeInfo, WorkerReport
 from elasticd.worker.agent.api import FAILED, RESTARTING, RUNNING, SUCCEEDED, Exited
-from elasticd.worker.agent.launch import process_spec
+from elasticd.worker.agent.launch import heartbeat_path, process_spec
 from elasticd.worker.agent.supervisor import ProcessSupervisor
 
 log = logging.getLogger(__name__)
@@ -121,6 +123,7 @@ class NodeAgent:
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
+            self.kill_hung()
             try:
                 self.reconcile()
             except EtcdError as exc:
@@ -175,14 +178,44 @@ class NodeAgent:
         self.supervisor.stop(key)
         self._launch(key, assignment)
 
+    def kill_hung(self) -> None:
+        """SIGKILL training processes whose heartbeat is older than the job's hang timeout.
+
+        Only processes that have beaten once are judged (start-up is not a hang);
+        script processes do not beat and are never judged.
+        """
+        now = time.time()
+        with self._lock:
+            slots = [s for s in self._slots.values() if s.state == RUNNING]
+        for slot in slots:
+            timeout = float(slot.assignment["spec"].get("hang_timeout_s", 0) or 0)
+            if not timeout or slot.assignment["spec"]["mode"] == "script":
+                continue
+            path = heartbeat_path(str(self.log_dir / slot.job_id / f"{slot.worker_id}.log"))
+            try:
+                silent = now - os.stat(path).st_mtime
+            except FileNotFoundError:
+                continue
+            if silent > timeout:
+                log.warning(
+                    "event=worker_hung job=%s generation=%d worker=%s silent_s=%.1f timeout_s=%.1f",
+                    slot.job_id,
+                    slot.generation,
+                    slot.worker_id,
+                    silent,
+                    timeout,
+                )
+                self.supervisor.kill((slot.job_id, slot.worker_id))
+
     def _launch(self, key: tuple[str, str], assignment: dict) -> None:
         job_id, wid = key
         restarts = self._restarts.get(key, 0)
         slot = Slot(job_id, wid, assignment["generation"], assignment, restarts=restarts)
         self._slots[key] = slot
-        spec = process_spec(
-            assignment, wid, restarts, str(self.log_dir / job_id / f"{wid}.log"), self.address
-        )
+        log_path = str(self.log_dir / job_id / f"{wid}.log")
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(heartbeat_path(log_path))  # a new process is judged by its own beats
+        spec = process_spec(assignment, wid, restarts, log_path, self.address)
         try:
             pid = self.supervisor.start(spec, first_message={"assignment": assignment})
         except OSError as exc:

@@ -40,6 +40,10 @@ def torchrun_env(assignment: dict, worker_id: str, restarts: int) -> dict[str, s
     }
 
 
+def heartbeat_path(log_path: str) -> str:
+    return log_path.removesuffix(".log") + ".heartbeat"
+
+
 def process_spec(
     assignment: dict, worker_id: str, restarts: int, log_path: str, node_address: str = ""
 ) -> ProcessSpec:
@@ -63,4 +67,5 @@ def process_spec(
         env.update(cwd_env)
     else:
         argv = (sys.executable, "-m", "elasticd.worker.runtime")
+        env["ELASTICD_HEARTBEAT_FILE"] = heartbeat_path(log_path)
     return ProcessSpec(job_id=job_id, worker_id=worker_id, argv=argv, env=env, log_path=log_path)

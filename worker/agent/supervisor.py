@@ -142,6 +142,13 @@ class ProcessSupervisor:
             _signal_group(proc, signal.SIGKILL)
             proc.wait()
 
+    def kill(self, key: tuple[str, str]) -> None:
+        """SIGKILL a process and everything it spawned (a hung process ignores SIGTERM)."""
+        with self._lock:
+            proc = self._procs.get(key)
+        if proc is not None:
+            _signal_group(proc, signal.SIGKILL)
+
     def stop_all(self, grace: float = STOP_GRACE_S) -> None:
         with self._lock:
             keys = list(self._procs)

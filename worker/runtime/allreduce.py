@@ -42,6 +42,7 @@ import torch
 
 from elasticd.jobspec import JobSpec, parse_spec
 from elasticd.task import load_task
+from elasticd.worker.runtime import heartbeat
 from elasticd.worker.runtime.control import Assignment, ControlChannel
 from elasticd.worker.runtime.grad_buckets import (
     BUCKET_CAP_BYTES,
@@ -267,6 +268,7 @@ class AllreduceWorker:
     def _train(self) -> str:
         """Steps until the job is done ("done"), told to stop ("stop"), or must re-form."""
         while self.replica.step < self.spec.steps:
+            heartbeat.beat()
             if self.feed.refresh():
                 a = self.feed.current
                 if self.reporter is not None:

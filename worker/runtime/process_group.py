@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from elasticd.retry import Backoff
+from elasticd.worker.runtime import heartbeat
 from elasticd.worker.runtime.control import Assignment, ControlChannel
 from elasticd.worker.runtime.rendezvous import (
     DirectoryUnavailable,
@@ -139,6 +140,7 @@ class ElasticGroup:
         deadline = time.monotonic() + self.reform_timeout_s
         backoff = Backoff(initial=0.02, maximum=0.5)
         while True:
+            heartbeat.beat()
             if feed.closed:
                 raise GroupAbandoned("control pipe closed: the agent is gone")
             if time.monotonic() > deadline:
@@ -302,6 +304,7 @@ class ElasticGroup:
         backoff = Backoff(initial=0.005, maximum=0.2)
 
         def moved_on() -> bool:
+            heartbeat.beat()
             if feed.refresh() and a.rank == 0:
                 self.publish(feed.current)  # a new leader adopted us: tell it too
             return (

@@ -20,6 +20,7 @@ from elasticd.jobspec import JobSpec, parse_spec
 from elasticd.placement import ShardPlacement
 from elasticd.ps_client import Fenced, PSTier, StaleGradient
 from elasticd.task import load_task
+from elasticd.worker.runtime import heartbeat
 from elasticd.worker.runtime.control import Assignment, ControlChannel
 from elasticd.worker.runtime.handover import Handover
 from elasticd.worker.runtime.progress import ProgressReporter
@@ -33,6 +34,7 @@ FENCED_WAIT_S = 60.0  # how long a fenced worker waits for its new assignment
 def _await_assignment(control: ControlChannel, timeout: float) -> Assignment | None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not control.closed.is_set():
+        heartbeat.beat()
         new = control.poll()
         if new is not None:
             return new
@@ -97,6 +99,7 @@ def train(
     step = 0
     try:
         while True:
+            heartbeat.beat()
             new = control.poll()
             if new is not None and new.spec["mode"] != "ps-async":
                 return _switch_out(tier, placement, new)

@@ -26,6 +26,7 @@ import torch
 from elasticd.jobspec import JobSpec
 from elasticd.placement import ShardPlacement
 from elasticd.ps_client import PSTier
+from elasticd.worker.runtime import heartbeat
 from elasticd.worker.runtime.control import Assignment
 from elasticd.worker.runtime.handover import (
     Handover,
@@ -108,6 +109,7 @@ def into_ps(tier: PSTier, a: Assignment, spec: JobSpec, handover: Handover) -> t
         return sent.hexdigest(), held.hexdigest()
     deadline = time.monotonic() + IMPORT_WAIT_S
     while True:
+        heartbeat.beat()
         try:
             infos = tier.info()
             if all(
