@@ -1,6 +1,6 @@
 """PS tier throughput: full pulls and pushes of a >= 64 MB model over 2 real PS processes.
 
-``python -m bench ps [--json] [--scale 1] [--servers 2] [--reps 7] [--server-threads N]``
+``python -m bench ps [--json] [--scale 1] [--servers 2] [--reps 15] [--server-threads N]``
 
 Two parameter servers run in their own processes (the ParameterServer gRPC
 service without etcd: etcd plays no part in the data path). The benchmark
@@ -53,8 +53,10 @@ def _serve(ps_id: str, conn, threads: int) -> None:
     from elasticd.rpc.limits import GRPC_OPTIONS
     from elasticd.server.ps.service import ParameterServerServicer, add_to_server
     from elasticd.serving import GRPC_THREADS
+    from elasticd.wire import retain_chunk_memory
 
     torch.set_num_threads(1)  # as `elasticd ps` does by default (--torch-threads)
+    retain_chunk_memory()  # as `elasticd ps` does
     servicer = ParameterServerServicer(ps_id)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads or GRPC_THREADS), options=GRPC_OPTIONS
@@ -174,7 +176,7 @@ def run(argv: list[str]) -> dict:
     p = argparse.ArgumentParser(prog="python -m bench ps")
     p.add_argument("--scale", type=float, default=1.0, help="model size factor (1: 64 MiB)")
     p.add_argument("--servers", type=int, default=2)
-    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--reps", type=int, default=15)
     p.add_argument("--server-threads", type=int, default=None)
     args = p.parse_args(argv)
 

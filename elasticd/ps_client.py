@@ -140,13 +140,25 @@ class PSTier:
         return ps_pb2.Fence(job_id=self.job_id, generation=self.generation)
 
     def _each(self, fn) -> dict[str, object]:
-        futures = {p: self._pool.submit(fn, p) for p in self.ps_ids}
-        out = {}
+        """``fn(ps_id)`` for every PS in parallel; the last runs in the calling thread
+        (with one PS, a call costs no thread handoff)."""
+        if not self.ps_ids:
+            return {}
+        *others, last = self.ps_ids
+        futures = {p: self._pool.submit(fn, p) for p in others}
+        out: dict[str, object] = {}
+        try:
+            mine = fn(last)
+        except grpc.RpcError as exc:
+            mine = exc
         for p, f in futures.items():
             try:
                 out[p] = f.result()
             except grpc.RpcError as exc:
                 _raise(exc, p)
+        if isinstance(mine, grpc.RpcError):
+            _raise(mine, last)
+        out[last] = mine
         return out
 
     def _stream(self, ps_id: str, header_msg, tensors: Mapping[str, torch.Tensor]) -> Iterator:

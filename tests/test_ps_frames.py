@@ -121,3 +121,18 @@ def test_generated_stub_talks_to_a_framing_ps(cluster: PSCluster) -> None:
         data[r.chunk.index] += r.chunk.data
     for i, key in enumerate(("w", "b")):
         assert data[i] == bytes(as_bytes(tiny_tensors()[key]))
+
+
+def test_pulls_of_one_version_share_its_frames(cluster: PSCluster) -> None:
+    (ps,) = cluster.start(1)
+    tier = cluster.tier([ps], tiny_placement(ps))
+    tier.init(tiny_tensors(), "sgd", {"lr": 0.1}, -1, 1, 0)
+    shard = ps.servicer.shard(JOB)
+    v0, first = shard.read_frames(1)
+    assert shard.read_frames(1) == (v0, first) and shard.read_frames(1)[1] is first
+    tier.push({k: torch.ones_like(v) for k, v in tiny_tensors().items()}, {ps.ps_id: 0})
+    v1, second = shard.read_frames(1)
+    assert (v0, v1) == (0, 1) and second != first
+    out = {k: torch.zeros_like(v) for k, v in tiny_tensors().items()}
+    tier.pull_into(out)
+    assert torch.equal(out["b"], tiny_tensors()["b"] - 0.1)

@@ -56,8 +56,10 @@ def run(args: argparse.Namespace) -> int:
     from elasticd.server.ps.metrics import serve_metrics
     from elasticd.server.ps.service import ParameterServerServicer, add_to_server
     from elasticd.server.ps.shard import SYNC_ROUND_TIMEOUT_S
+    from elasticd.wire import retain_chunk_memory
 
     torch.set_num_threads(max(args.torch_threads, 1))
+    retain_chunk_memory()
     ps_id = args.ps_id or f"ps-{uuid.uuid4().hex[:8]}"
     configure_logging(f"ps:{ps_id}")
     stop = wait_for_stop_signal()

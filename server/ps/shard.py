@@ -138,6 +138,7 @@ class ParameterShard:
         self._changed = threading.Condition(self.lock)  # a synchronous round ended
         self._round: SyncRound | None = None
         self._spare_grads: list[list[torch.Tensor]] = []
+        self._frames: tuple[tuple[int, int], list[bytes]] | None = None  # (version, size), frames
         self.stats = ShardStats()  # applied pushes and steps here; rejections by the servicer
 
     @property
@@ -244,16 +245,22 @@ class ParameterShard:
         """The shard's parameters as chunk frames (see elasticd.wire), and their version.
 
         Framed under the lock, straight from the parameters' memory: the one
-        copy a pull makes on the server is also the consistent snapshot.
+        copy a pull makes on the server is also the consistent snapshot. The
+        frames of the current version are kept (one more copy of the shard in
+        memory), so workers pulling the same version, as every worker of a
+        synchronous round does, share that copy.
         """
         with self.lock:
             self.fence(generation)
-            frames = [
-                encode_chunk_frame(index, offset, piece)
-                for index, p in enumerate(self.params)
-                for offset, piece in chunk(as_bytes(p.detach()), chunk_bytes)
-            ]
-            return self.version, frames
+            key = (self.version, chunk_bytes)
+            if self._frames is None or self._frames[0] != key:
+                frames = [
+                    encode_chunk_frame(index, offset, piece)
+                    for index, p in enumerate(self.params)
+                    for offset, piece in chunk(as_bytes(p.detach()), chunk_bytes)
+                ]
+                self._frames = (key, frames)
+            return self.version, self._frames[1]
 
     def check_grad_headers(self, headers: list[TensorHeader]) -> None:
         if len(headers) != len(self.headers):
