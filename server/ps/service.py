@@ -84,6 +84,32 @@ def _headers(metas) -> list[TensorHeader]:
     return headers
 
 
+def _shard_header(
+    header: ps_pb2.InitShardHeader, context
+) -> tuple[list[TensorHeader], ShardConfig]:
+    """Validate a new shard's header (InitShard, ImportShard); abort with the reason."""
+    if not header.fence.job_id:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "fence.job_id is empty")
+    try:
+        headers = _headers(header.tensors)
+        kwargs = validate_optimizer(
+            header.optimizer.name, json.loads(header.optimizer.kwargs_json or "{}")
+        )
+    except (WireError, OptimizerError, json.JSONDecodeError) as exc:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad shard header: {exc}")
+    if sum(h.nbytes for h in headers) > MAX_SHARD_BYTES:
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "shard larger than this PS accepts")
+    config = ShardConfig(
+        job_id=header.fence.job_id,
+        optimizer=header.optimizer.name,
+        optimizer_kwargs=kwargs,
+        max_staleness=header.max_staleness,
+        workers=max(header.workers, 1),
+        max_version=header.max_version,
+    )
+    return headers, config
+
+
 def _metas(headers: list[TensorHeader]) -> list[ps_pb2.TensorMeta]:
     return [ps_pb2.TensorMeta(key=h.key, dtype=h.dtype, shape=h.shape) for h in headers]
 
@@ -143,17 +169,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     def InitShard(self, request_iterator, context):
         header = self._first(request_iterator, context, "InitShard")
         job_id = header.fence.job_id
-        if not job_id:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "fence.job_id is empty")
-        try:
-            headers = _headers(header.tensors)
-            kwargs = validate_optimizer(
-                header.optimizer.name, json.loads(header.optimizer.kwargs_json or "{}")
-            )
-        except (WireError, OptimizerError, json.JSONDecodeError) as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad shard header: {exc}")
-        if sum(h.nbytes for h in headers) > MAX_SHARD_BYTES:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "shard larger than this PS accepts")
+        headers, config = _shard_header(header, context)
         existing = self.shard(job_id)
         if existing is not None:
             # Keep the first; drain the stream so the caller sees a clean reply.
@@ -167,14 +183,6 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             tensors = assembler.finish()
         except WireError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        config = ShardConfig(
-            job_id=job_id,
-            optimizer=header.optimizer.name,
-            optimizer_kwargs=kwargs,
-            max_staleness=header.max_staleness,
-            workers=max(header.workers, 1),
-            max_version=header.max_version,
-        )
         shard = ParameterShard(config, header.fence.generation, headers, tensors)
         with self._lock:
             winner = self._shards.setdefault(job_id, shard)
@@ -319,18 +327,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         first = self._first(request_iterator, context, "ImportShard")
         header, version = first.shard, first.version
         job_id = header.fence.job_id
-        if not job_id:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "fence.job_id is empty")
-        try:
-            headers = _headers(header.tensors)
-            kwargs = validate_optimizer(
-                header.optimizer.name, json.loads(header.optimizer.kwargs_json or "{}")
-            )
-        except (WireError, OptimizerError, json.JSONDecodeError) as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad shard header: {exc}")
+        headers, config = _shard_header(header, context)
         limit = 2 * sum(h.nbytes for h in headers) + (1 << 20)  # parameters and optimizer state
-        if limit > 3 * MAX_SHARD_BYTES:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "shard larger than this PS accepts")
         buf = bytearray()
         for req in request_iterator:
             if not req.HasField("bytes"):
@@ -344,14 +342,6 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         try:
             if existing is not None:
                 existing.check_fence(header.fence.generation)
-            config = ShardConfig(
-                job_id=job_id,
-                optimizer=header.optimizer.name,
-                optimizer_kwargs=kwargs,
-                max_staleness=header.max_staleness,
-                workers=max(header.workers, 1),
-                max_version=header.max_version,
-            )
             shard = import_shard(config, header.fence.generation, headers, bytes(buf), version)
             # Computed before anyone can push to it: exactly what was imported.
             digest = state_digest(
