@@ -27,14 +27,7 @@ from elasticd.ps_client import PSTier
 from elasticd.rpc import ps_pb2
 from elasticd.task import load_task
 from elasticd.wire import TensorHeader, as_bytes, dtype_name, header_of
-from tests.test_ps_service import (
-    JOB,
-    PS,
-    PSCluster,
-    assert_same_state,
-    shard_state,
-    tiny_tensors,
-)
+from tests.test_ps_service import JOB, PS, PSCluster, assert_same_state, shard_state, tiny_tensors
 
 pytestmark = pytest.mark.filterwarnings("ignore:The given buffer is not writable")
 

@@ -23,15 +23,8 @@ from elasticd.ps_client import Fenced, StaleGradient
 from elasticd.retry import wait_until
 from elasticd.rpc import ps_pb2
 from elasticd.server.ps.metrics import serve_metrics
-from tests.test_ps_service import (
-    B_BYTES,
-    JOB,
-    W_BYTES,
-    PSCluster,
-    malformed_push,
-    tiny_placement,
-    tiny_tensors,
-)
+from tests.test_ps_malformed import malformed_push
+from tests.test_ps_service import B_BYTES, JOB, W_BYTES, PSCluster, tiny_placement, tiny_tensors
 
 pytestmark = pytest.mark.filterwarnings("ignore:The given buffer is not writable")
 

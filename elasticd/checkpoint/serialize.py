@@ -5,7 +5,7 @@ every tensor found inside the optimizer state or the metadata is stored under
 ``o/<n>`` or ``m/<n>``. Everything that is not a tensor (step counts kept as
 Python numbers, hyperparameters, ``betas`` tuples, ``None``, booleans) goes
 into the safetensors header metadata as one JSON document. Reading back uses
-``safetensors.torch.load`` and ``json``, so nothing is ever unpickled
+safetensors' reader and ``json``, so nothing is ever unpickled
 (ARCHITECTURE.md, invariant 7).
 
 JSON alone would lose Python types an optimizer relies on, so the non-tensor
@@ -29,8 +29,9 @@ import json
 import struct
 from typing import Any
 
-import safetensors.torch
 import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from elasticd.checkpoint.manifest import CheckpointError
 
@@ -70,7 +71,7 @@ def encode_shard(
         "meta": _encode(meta, "m", stored, "meta"),
     }
     metadata = {_HEADER_KEY: json.dumps(header, separators=(",", ":"))}
-    return safetensors.torch.save(_prepare(stored), metadata=metadata)
+    return save_safetensors(_prepare(stored), metadata=metadata)
 
 
 def decode_shard(
@@ -79,7 +80,7 @@ def decode_shard(
     """Inverse of :func:`encode_shard`: ``(tensors, optimizer_state, meta)``."""
     header = _read_header(data)
     try:
-        stored = safetensors.torch.load(bytes(data))
+        stored = load_safetensors(bytes(data))
     except Exception as exc:  # safetensors raises its own error types for damaged data
         raise ShardFormatError(f"shard tensor data cannot be read: {exc}") from exc
     names = header.get("tensors")
