@@ -201,29 +201,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser(
-        "controller",
-        help="run a controller (job service, leader-elected)",
-        description="Run a controller: the job service. Several may run; one leads.",
-    )
-    controller_main.add_arguments(p)
-    p.set_defaults(func=controller_main.run)
-
-    p = sub.add_parser(
-        "ps",
-        help="run a parameter server",
-        description="Run a parameter server holding shards of jobs' parameters.",
-    )
-    ps_main.add_arguments(p)
-    p.set_defaults(func=ps_main.run)
-
-    p = sub.add_parser(
-        "agent",
-        help="run a node agent",
-        description="Run the node agent: starts, watches and restarts training processes.",
-    )
-    agent_main.add_arguments(p)
-    p.set_defaults(func=agent_main.run)
+    servers = (
+        ("controller", controller_main, "run a controller (job service, leader-elected)",
+         "Run a controller: the job service. Several may run; one leads."),
+        ("ps", ps_main, "run a parameter server",
+         "Run a parameter server holding shards of jobs' parameters."),
+        ("agent", agent_main, "run a node agent",
+         "Run the node agent: starts, watches and restarts training processes."),
+    )  # fmt: skip
+    for name, module, help_, description in servers:
+        p = sub.add_parser(name, help=help_, description=description)
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
 
     p = sub.add_parser(
         "up",
