@@ -30,6 +30,7 @@ class PrefixCache:
         self.prefix = prefix
         self._on_change = on_change
         self._items: dict[str, bytes] = {}
+        self._mod: dict[str, int] = {}  # key -> mod revision of the value held
         self._revision = 0
         self._cond = threading.Condition()
         self._broken = threading.Event()
@@ -55,6 +56,11 @@ class PrefixCache:
         """Key (with the prefix removed) → value."""
         with self._cond:
             return dict(self._items)
+
+    def entries(self) -> tuple[dict[str, tuple[bytes, int]], int]:
+        """Key → (value, mod revision), and the revision the copy is current at."""
+        with self._cond:
+            return {k: (v, self._mod.get(k, 0)) for k, v in self._items.items()}, self._revision
 
     @property
     def revision(self) -> int:
@@ -83,6 +89,7 @@ class PrefixCache:
                 n = len(self.prefix)
                 with self._cond:
                     self._items = {kv.key[n:]: kv.value for kv in kvs}
+                    self._mod = {kv.key[n:]: kv.mod_revision for kv in kvs}
                     self._revision = revision
                     self._cond.notify_all()
                 self._notify()
@@ -95,8 +102,12 @@ class PrefixCache:
                 self._cancel()
                 if not self._stop.is_set():
                     self.relists += 1
-            except EtcdError as exc:
-                log.debug("event=cache_list_failed prefix=%s error=%s", self.prefix, exc)
+            except Exception as exc:
+                # Never let the thread die: readers would sit on a cache that stopped.
+                if isinstance(exc, EtcdError):
+                    log.debug("event=cache_list_failed prefix=%s error=%s", self.prefix, exc)
+                else:
+                    log.exception("event=cache_error prefix=%s", self.prefix)
                 self._stop.wait(backoff.next_delay())
 
     def _apply(self, events: list[WatchEvent], revision: int) -> None:
@@ -105,8 +116,10 @@ class PrefixCache:
             for ev in events:
                 if ev.kind == "put":
                     self._items[ev.key[n:]] = ev.value
+                    self._mod[ev.key[n:]] = ev.mod_revision
                 else:
                     self._items.pop(ev.key[n:], None)
+                    self._mod.pop(ev.key[n:], None)
             self._revision = max(self._revision, revision)
             self._cond.notify_all()
         if events:

@@ -14,7 +14,7 @@ import logging
 import threading
 
 from elasticd.coord.cache import PrefixCache
-from elasticd.coord.etcd import EtcdClient, EtcdError
+from elasticd.coord.etcd import Compare, EtcdClient, EtcdError
 from elasticd.coord.session import Session
 
 log = logging.getLogger(__name__)
@@ -28,8 +28,13 @@ def leader_of(candidates: dict[str, tuple[int, bytes]]) -> tuple[str, bytes] | N
     return key, candidates[key][1]
 
 
+class NotLeading(RuntimeError):
+    """A write that needs leadership, from a candidate that does not lead."""
+
+
 class Election:
     def __init__(self, session: Session, prefix: str, value: bytes) -> None:
+        self._leading_rev = 0  # create revision of our key when last confirmed leader
         self.session = session
         self.client: EtcdClient = session.client
         self.prefix = prefix.rstrip("/") + "/"
@@ -51,17 +56,38 @@ class Election:
         return {kv.key: (kv.create_revision, kv.value) for kv in kvs}
 
     def is_leader(self) -> bool:
-        """Ask etcd (not the cache) whether this candidate leads right now."""
+        """Ask etcd (not the cache) whether this candidate leads right now.
+
+        Never raises: an etcd error counts as "not leader" for this pass.
+        """
         try:
-            lead = leader_of(self.candidates())
-        except EtcdError:
+            candidates = self.candidates()
+            lead = leader_of(candidates)
+            if lead is None or lead[0] != self.my_key:
+                self._leading_rev = 0
+                if self.my_key not in candidates:
+                    # Our key went with an expired lease: stand again.
+                    self.session.put(self.my_key, self.value)
+                return False
+        except EtcdError as exc:
+            log.info("event=leadership_unknown error=%s", exc)
+            self._leading_rev = 0
             return False
-        if lead is None or lead[0] != self.my_key:
-            # Our key may be gone with an expired lease: stand again.
-            if self.my_key not in self.candidates():
-                self.session.put(self.my_key, self.value)
-            return False
+        self._leading_rev = candidates[self.my_key][0]
         return True
+
+    def guard(self) -> list[Compare]:
+        """Compares that hold only while this candidate still leads, for a transaction.
+
+        As etcd's own election does: the leader's key still exists with the
+        create revision it had when it won. A newer candidate can never have a
+        lower one, so the key unchanged means no one else leads. Raises
+        NotLeading if this candidate has not been confirmed leader.
+        """
+        rev = self._leading_rev
+        if not rev:
+            raise NotLeading("this controller is not the leader")
+        return [Compare(self.my_key, "create", "==", rev)]
 
     def wait_for_change(self, timeout: float) -> None:
         self._changed.wait(timeout)

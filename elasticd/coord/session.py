@@ -144,7 +144,11 @@ class Session:
                     log.info("event=etcd_reachable session=%s", self.name)
                 outage = False
                 backoff.reset()
-            except EtcdError as exc:
-                if not outage:
+            except Exception as exc:
+                # Whatever failed, the thread must live on: a dead keepalive thread
+                # is a lease that expires while its process believes it is alive.
+                if not isinstance(exc, EtcdError):
+                    log.exception("event=keepalive_error session=%s", self.name)
+                elif not outage:
                     log.warning("event=etcd_unreachable session=%s error=%s", self.name, exc)
                 outage = True
