@@ -218,8 +218,9 @@ class LocalCluster:
              "--checkpoint-url", str(self.base_dir / "checkpoints")],
         )  # fmt: skip
 
-    def start_ps(self, ps_id: str) -> Proc:
-        return self._start(ps_id, ["ps", *self._common(), "--id", ps_id])
+    def start_ps(self, ps_id: str, port: int = 0) -> Proc:
+        """Start a PS; ``port`` reuses a fixed port (a restart, as systemd would do it)."""
+        return self._start(ps_id, ["ps", *self._common(), "--id", ps_id, "--port", str(port)])
 
     def start_agent(self, node_id: str, slots: int = 1) -> Proc:
         env = {}

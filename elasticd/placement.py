@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 
 from elasticd.wire import DTYPES
 
@@ -54,6 +54,9 @@ class Slice:
 @dataclass(frozen=True)
 class ShardPlacement:
     slices: tuple[Slice, ...]
+    # ps_id -> boot id of the PS process the slices were placed on. A PS that
+    # registers with another boot id has restarted and lost them.
+    incarnations: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def ps_ids(self) -> list[str]:
@@ -68,12 +71,21 @@ class ShardPlacement:
             out[s.ps_id] = out.get(s.ps_id, 0) + s.nbytes
         return out
 
+    def with_incarnations(self, incarnations: Mapping[str, str]) -> ShardPlacement:
+        return replace(self, incarnations={p: incarnations.get(p, "") for p in self.ps_ids})
+
     def to_json(self) -> str:
-        return json.dumps([asdict(s) for s in self.slices])
+        return json.dumps(
+            {"slices": [asdict(s) for s in self.slices], "incarnations": dict(self.incarnations)}
+        )
 
     @classmethod
     def from_json(cls, text: str | bytes) -> ShardPlacement:
-        return cls(tuple(Slice(**{**d, "shape": tuple(d["shape"])}) for d in json.loads(text)))
+        data = json.loads(text)
+        if isinstance(data, list):  # written before placements carried incarnations
+            data = {"slices": data}
+        slices = tuple(Slice(**{**d, "shape": tuple(d["shape"])}) for d in data["slices"])
+        return cls(slices, dict(data.get("incarnations") or {}))
 
 
 def _split(t: TensorSpec, pieces: int) -> list[tuple[int, int]]:

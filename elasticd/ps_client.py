@@ -50,6 +50,12 @@ class PSUnavailable(Exception):
     """A parameter server did not answer."""
 
 
+class ShardLost(Exception):
+    """A parameter server holds no shard of the job (it restarted, or the job ended
+    there) and will not create one from the caller's parameters. Wait for the
+    controller's next assignment."""
+
+
 class StaleGradient(Exception):
     """The PS did not apply a gradient: it was computed on parameters too many
     versions old, or its synchronous round ended without it. Pull and push again."""
@@ -80,6 +86,8 @@ def _raise(exc: grpc.RpcError, ps_id: str):
         raise DuplicatePush(f"{ps_id}: {exc.details()}") from None
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         raise PSUnavailable(f"{ps_id}: {exc.details()}") from None
+    if code == grpc.StatusCode.NOT_FOUND:
+        raise ShardLost(f"{ps_id}: {exc.details()}") from None
     raise exc
 
 
@@ -91,9 +99,11 @@ class PSTier:
         placement: ShardPlacement,
         addresses: Mapping[str, str],
         worker_id: str = "",
+        workers: int = 0,
     ) -> None:
         self.job_id = job_id
         self.generation = generation
+        self.workers = workers  # the generation's size, sent with every push (0: unknown)
         self.placement = placement
         self.worker_id = worker_id
         self.ps_ids = placement.ps_ids
@@ -197,14 +207,21 @@ class PSTier:
                 max_staleness=max_staleness,
                 workers=workers,
                 max_version=max_version,
+                incarnation=self.placement.incarnations.get(p, ""),
             )
             info = self._stubs[p].ShardInfo(ps_pb2.ShardInfoRequest(job_id=self.job_id))
             if info.exists:
                 return False
-            reply = self._init[p](
-                self._stream(p, ps_pb2.InitShardRequest(header=header), params),
-                timeout=RPC_TIMEOUT_S,
-            )
+            try:
+                reply = self._init[p](
+                    self._stream(p, ps_pb2.InitShardRequest(header=header), params),
+                    timeout=RPC_TIMEOUT_S,
+                )
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    # Restarted since placement, dropped, or fenced: never created here.
+                    raise ShardLost(f"{p}: {exc.details()}") from None
+                raise
             return reply.created
 
         return self._each(one)
@@ -261,7 +278,10 @@ class PSTier:
 
         def dense(p: str) -> PushOutcome:
             header = ps_pb2.PushHeader(
-                fence=self.fence, worker_id=self.worker_id, base_version=base_versions[p]
+                fence=self.fence,
+                worker_id=self.worker_id,
+                base_version=base_versions[p],
+                workers=self.workers,
             )
             reply = self._push[p](
                 self._stream(p, ps_pb2.PushRequest(header=header), grads),
@@ -283,6 +303,7 @@ class PSTier:
                 base_version=base_versions[p],
                 compression=encoder.codec.name,
                 payload=metas,
+                workers=self.workers,
             )
             reply = self._push[p](
                 self._parts_stream(ps_pb2.PushRequest(header=header), parts),
@@ -308,13 +329,6 @@ class PSTier:
             lambda p: self._stubs[p].Snapshot(
                 ps_pb2.SnapshotRequest(fence=self.fence, url=url, name=p, step=step),
                 timeout=RPC_TIMEOUT_S,
-            )
-        )
-
-    def advance(self, workers: int) -> dict[str, ps_pb2.ShardInfoReply]:
-        return self._each(
-            lambda p: self._stubs[p].AdvanceGeneration(
-                ps_pb2.AdvanceGenerationRequest(fence=self.fence, workers=workers), timeout=10
             )
         )
 
@@ -395,13 +409,6 @@ class PSTier:
             return state_digest(tensors, state, keys), reply.digest
 
         return self._each(one)
-
-    def drop(self) -> None:
-        self._each(
-            lambda p: self._stubs[p].DropShard(
-                ps_pb2.DropShardRequest(fence=self.fence), timeout=10
-            )
-        )
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)

@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from elasticd.local import free_port
 from elasticd.ps_client import Fenced, StaleGradient
+from elasticd.ps_control import drop_shards
 from elasticd.retry import wait_until
 from elasticd.rpc import ps_pb2
 from elasticd.server.ps.metrics import serve_metrics
@@ -152,7 +153,7 @@ def test_servers_in_one_process_keep_separate_figures(cluster: PSCluster, metric
     assert ("elasticd_ps_pushes_applied_total", (("job", JOB),)) not in mb
 
     # A dropped shard's series go with it.
-    tier_b.drop()
+    assert drop_shards("job-b", 1, {b.ps_id: b.address}) == {}
     assert ("elasticd_ps_pushes_applied_total", (("job", "job-b"),)) not in scrape(url_b)
     reply = cluster.stub(b).Stats(ps_pb2.StatsRequest())
     assert (reply.ps_id, list(reply.jobs)) == (b.ps_id, [])

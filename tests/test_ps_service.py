@@ -23,7 +23,8 @@ from elasticd.checkpoint import decode_shard
 from elasticd.optimizers import build_optimizer
 from elasticd.placement import ShardPlacement, TensorSpec, place
 from elasticd.ps_client import Fenced, PSTier, StaleGradient, slice_view
-from elasticd.rpc import ps_pb2_grpc
+from elasticd.ps_control import advance_fence, drop_shards, shard_infos
+from elasticd.rpc import ps_pb2, ps_pb2_grpc
 from elasticd.server.ps.service import ParameterServerServicer, add_to_server
 from elasticd.serving import start_grpc_server
 from elasticd.wire import as_bytes, dtype_name
@@ -305,8 +306,9 @@ def test_old_generation_is_fenced_after_advance(cluster: PSCluster, tmp_path: Pa
     ps_step(worker, gen1, 0)
 
     gen2 = cluster.tier(servers, placement, generation=2)
-    infos = gen2.advance(workers=2)
-    assert {i.generation for i in infos.values()} == {2}
+    addresses = {ps.ps_id: ps.address for ps in servers}
+    assert advance_fence(JOB, 2, 2, addresses) == {}
+    assert {i.generation for i in shard_infos(JOB, addresses).values()} == {2}
     before = [shard_state(ps) for ps in servers]
 
     worker.zero_grad(set_to_none=True)
@@ -317,10 +319,15 @@ def test_old_generation_is_fenced_after_advance(cluster: PSCluster, tmp_path: Pa
         gen1.pull_into(weights(worker))
     with pytest.raises(Fenced):
         gen1.snapshot(str(tmp_path), 1)
-    with pytest.raises(Fenced):
-        gen1.advance(workers=1)
-    with pytest.raises(Fenced):
-        gen1.drop()
+    for ps in servers:
+        with pytest.raises(grpc.RpcError) as err:
+            cluster.stub(ps).AdvanceGeneration(
+                ps_pb2.AdvanceGenerationRequest(fence=ps_pb2.Fence(job_id=JOB, generation=1))
+            )
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    refused = drop_shards(JOB, 1, addresses)
+    assert sorted(refused) == sorted(addresses)
+    assert all(r.startswith("FAILED_PRECONDITION") for r in refused.values())
     for ps, b in zip(servers, before, strict=True):
         assert_same_state(b, shard_state(ps))
         assert ps.servicer.shard(JOB).generation == 2

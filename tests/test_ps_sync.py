@@ -20,6 +20,7 @@ from torch import nn
 
 from elasticd.optimizers import build_optimizer
 from elasticd.ps_client import DuplicatePush, PSTier, PushOutcome, StaleGradient
+from elasticd.ps_control import advance_fence
 from elasticd.retry import wait_until
 from elasticd.rpc import ps_pb2
 from elasticd.wire import as_bytes
@@ -173,8 +174,7 @@ def test_generation_change_releases_the_round_unapplied(cluster: PSCluster) -> N
         waiting = push_in_background(pool, w0, g0, v0)
         wait_pending(servers, ["w.0"])
         # The controller seals generation 2 (one worker left, one joined).
-        controller = cluster.tier(servers, w0.placement, generation=2, worker_id="")
-        controller.advance(workers=2)
+        assert advance_fence(JOB, 2, 2, {ps.ps_id: ps.address for ps in servers}) == {}
         with pytest.raises(StaleGradient, match="generation changed from 1 to 2"):
             waiting.result(timeout=30)
     for ps, b in zip(servers, before, strict=True):
@@ -291,7 +291,7 @@ def test_abandoned_round_does_not_block_other_jobs(cluster: PSCluster) -> None:
         g, v = gradient(mlp(1), other, 0)
         assert other.push(g, v)["ps-0"].version == 1
         assert not done.is_set()
-        cluster.tier([ps], w0.placement, generation=2, worker_id="").advance(workers=1)
+        assert advance_fence(JOB, 2, 1, {ps.ps_id: ps.address}) == {}
         with pytest.raises(StaleGradient):
             waiting.result(timeout=30)
     assert ps.servicer.shard(JOB).version == 0

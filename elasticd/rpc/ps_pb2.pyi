@@ -43,20 +43,22 @@ class Chunk(_message.Message):
     def __init__(self, index: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class InitShardHeader(_message.Message):
-    __slots__ = ("fence", "tensors", "optimizer", "max_staleness", "workers", "max_version")
+    __slots__ = ("fence", "tensors", "optimizer", "max_staleness", "workers", "max_version", "incarnation")
     FENCE_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     MAX_STALENESS_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     MAX_VERSION_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     fence: Fence
     tensors: _containers.RepeatedCompositeFieldContainer[TensorMeta]
     optimizer: OptimizerConfig
     max_staleness: int
     workers: int
     max_version: int
-    def __init__(self, fence: _Optional[_Union[Fence, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., max_staleness: _Optional[int] = ..., workers: _Optional[int] = ..., max_version: _Optional[int] = ...) -> None: ...
+    incarnation: str
+    def __init__(self, fence: _Optional[_Union[Fence, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., max_staleness: _Optional[int] = ..., workers: _Optional[int] = ..., max_version: _Optional[int] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class InitShardRequest(_message.Message):
     __slots__ = ("header", "chunk")
@@ -101,18 +103,20 @@ class PullReply(_message.Message):
     def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("fence", "worker_id", "base_version", "compression", "payload")
+    __slots__ = ("fence", "worker_id", "base_version", "compression", "payload", "workers")
     FENCE_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
     fence: Fence
     worker_id: str
     base_version: int
     compression: str
     payload: _containers.RepeatedCompositeFieldContainer[TensorMeta]
-    def __init__(self, fence: _Optional[_Union[Fence, _Mapping]] = ..., worker_id: _Optional[str] = ..., base_version: _Optional[int] = ..., compression: _Optional[str] = ..., payload: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ...) -> None: ...
+    workers: int
+    def __init__(self, fence: _Optional[_Union[Fence, _Mapping]] = ..., worker_id: _Optional[str] = ..., base_version: _Optional[int] = ..., compression: _Optional[str] = ..., payload: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ..., workers: _Optional[int] = ...) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("header", "chunk")
@@ -163,18 +167,20 @@ class ShardInfoRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class ShardInfoReply(_message.Message):
-    __slots__ = ("exists", "generation", "version", "bytes", "tensors")
+    __slots__ = ("exists", "incarnation", "generation", "version", "bytes", "tensors")
     EXISTS_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     exists: bool
+    incarnation: str
     generation: int
     version: int
     bytes: int
     tensors: _containers.RepeatedCompositeFieldContainer[TensorMeta]
-    def __init__(self, exists: _Optional[bool] = ..., generation: _Optional[int] = ..., version: _Optional[int] = ..., bytes: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ...) -> None: ...
+    def __init__(self, exists: _Optional[bool] = ..., incarnation: _Optional[str] = ..., generation: _Optional[int] = ..., version: _Optional[int] = ..., bytes: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ...) -> None: ...
 
 class AdvanceGenerationRequest(_message.Message):
     __slots__ = ("fence", "workers")

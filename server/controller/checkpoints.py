@@ -27,6 +27,13 @@ from elasticd.server.controller.planning import JobSnapshot
 log = logging.getLogger(__name__)
 
 
+def checkpoint_due(snap: JobSnapshot, step: int) -> bool:
+    """Whether a worker's report of ``step`` calls for a periodic checkpoint."""
+    every = snap.spec.checkpoint.every_steps
+    rec = snap.record
+    return bool(every) and rec.mode == "ps-async" and step - rec.checkpoint_step >= every
+
+
 def checkpoint_ps_job(
     snap: JobSnapshot,
     placement: ShardPlacement,

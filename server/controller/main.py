@@ -8,9 +8,10 @@ import os
 import threading
 
 from elasticd.coord.election import Election
-from elasticd.coord.etcd import EtcdClient, EtcdError
+from elasticd.coord.etcd import EtcdClient
 from elasticd.coord.keys import DEFAULT_PREFIX, Keys
 from elasticd.coord.session import DEFAULT_TTL_S, Session
+from elasticd.retry import Backoff
 from elasticd.serving import (
     advertised_host,
     configure_logging,
@@ -42,19 +43,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+LEAD_RETRY_S = (0.1, 2.0)  # backoff after a failed pass of the leader loop: first, longest
+
+
 def lead(controller, election: Election, stop: threading.Event) -> None:
-    """Reconcile while leading; stand by otherwise."""
+    """Reconcile while leading; stand by otherwise. Never dies.
+
+    Any error in a pass (etcd unreachable, a bug) is logged and the pass is
+    tried again after a backoff: a leader whose loop had died would keep its
+    election key alive through its session and never reconcile again.
+    """
+    backoff = Backoff(*LEAD_RETRY_S)
     while not stop.is_set():
-        leader = election.is_leader()
-        controller.set_leader(leader)
-        if leader:
-            try:
+        try:
+            leader = election.is_leader()
+            controller.set_leader(leader)
+            if leader:
                 controller.reconcile()
-            except EtcdError as exc:
-                log.warning("event=reconcile_failed error=%s", exc)
-            controller.wait()
-        else:
-            election.wait_for_change(timeout=0.5)
+                controller.wait()
+            else:
+                election.wait_for_change(timeout=0.5)
+            backoff.reset()
+        except Exception:
+            log.exception("event=leader_loop_error")
+            try:
+                controller.set_leader(False)
+            except Exception:
+                log.exception("event=leader_loop_error")
+            stop.wait(backoff.next_delay())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
     controller.start()
     session = Session(client, ttl=args.lease_ttl, name="controller").start()
     election = Election(session, keys.election, controller.address.encode()).start()
+    controller.election = election
     log.info("event=controller_ready address=%s", controller.address)
     print(f"controller listening on {controller.address}", flush=True)
     loop = threading.Thread(target=lead, args=(controller, election, stop), daemon=True)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from elasticd.jobspec import JobSpec
 from elasticd.membership import Generation, NodeInfo, WorkerReport, choose_workers
+from elasticd.placement import ShardPlacement
 from elasticd.server.controller.records import FAILED, TERMINAL, JobRecord
 
 RESTARTING = "RESTARTING"  # as the agent reports a process waiting to come back
@@ -24,6 +25,12 @@ class JobSnapshot:
     record: JobRecord
     generation: Generation | None
     workers: Mapping[str, WorkerReport] = field(default_factory=dict)
+    placement: ShardPlacement | None = None
+    # etcd mod revisions of the status and generation keys as read (0: absent):
+    # every write about the job compares them, so a decision taken on a stale
+    # snapshot never lands.
+    revision: int = 0
+    generation_revision: int = 0
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,7 @@ class ClusterSnapshot:
     ps: Mapping[str, str]  # ps_id -> address
     # slots each other active job holds per node
     taken: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    ps_incarnations: Mapping[str, str] = field(default_factory=dict)  # ps_id -> boot id
 
     def taken_except(self, job_id: str) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -96,7 +104,13 @@ def decide(job: JobSnapshot, cluster: ClusterSnapshot) -> Action:
                 f"max_restarts is {spec.max_restarts}: see its log with `elasticd logs`"
             )
     if rec.mode == "ps-async" and not cluster.ps:
+        if current:
+            return Seal((), "no parameter server is registered")
         return Wait("waiting for a parameter server to register")
+    trouble = ps_trouble(job, cluster)
+    if trouble:
+        # Never train on a PS tier that lost part of the model: stop, and wait.
+        return Seal((), trouble) if current else Wait(trouble)
 
     restarting = sorted(w for w, r in reports.items() if r.state == RESTARTING and w in current)
     if restarting and spec.mode == "script":
@@ -124,6 +138,38 @@ def decide(job: JobSnapshot, cluster: ClusterSnapshot) -> Action:
             tuple(desired), f"lost={','.join(lost) or '-'} joined={','.join(joined) or '-'}"
         )
     return Nothing()
+
+
+def ps_trouble(job: JobSnapshot, cluster: ClusterSnapshot) -> str:
+    """Why the job's PS tier cannot serve its placement now ("" when it can).
+
+    Only a ps-async job needs its PS tier. A placed PS that is not registered
+    is gone (its lease expired) and may come back as it was; one registered
+    under another boot id restarted, and holds none of the job's slices.
+    """
+    placement = job.placement
+    if job.record.mode != "ps-async" or placement is None:
+        return ""
+    gone = [p for p in placement.ps_ids if p not in cluster.ps]
+    restarted = [
+        p
+        for p in placement.ps_ids
+        if p in cluster.ps
+        and placement.incarnations.get(p)
+        and cluster.ps_incarnations.get(p) != placement.incarnations[p]
+    ]
+    reasons = []
+    if restarted:
+        reasons.append(
+            f"parameter server {', '.join(restarted)} restarted and lost this job's slices "
+            "on it; waiting for them to be restored"
+        )
+    if gone:
+        reasons.append(
+            f"parameter server {', '.join(gone)} is gone (its lease expired); "
+            "waiting for it to come back"
+        )
+    return "; ".join(reasons)
 
 
 def spec_job_id(job: JobSnapshot) -> str:

@@ -11,6 +11,7 @@ from elasticd.coord.etcd import EtcdError
 from elasticd.jobspec import SWITCHABLE, SpecError, load_spec_yaml
 from elasticd.rpc import job_pb2, job_pb2_grpc
 from elasticd.server.controller.controller import Controller, NotLeader, SwitchRefused
+from elasticd.server.controller.errors import Conflict
 from elasticd.server.controller.rendezvous import RendezvousBoard, StaleGeneration, UnknownJob
 from elasticd.server.controller.view import JobNotFound
 from elasticd.task import TaskError
@@ -25,6 +26,8 @@ def _abort_for(context, exc: Exception):
         context.abort(grpc.StatusCode.NOT_FOUND, f"no job with id {exc.args[0]!r}")
     if isinstance(exc, NotLeader):
         context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+    if isinstance(exc, Conflict):
+        context.abort(grpc.StatusCode.ABORTED, f"{exc}; try again")
     if isinstance(exc, EtcdError):
         context.abort(grpc.StatusCode.UNAVAILABLE, f"etcd unreachable: {exc}")
     raise exc

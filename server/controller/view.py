@@ -46,30 +46,45 @@ class EtcdView:
         """Wait until the job cache reflects a write made at ``revision``."""
         self.jobs.wait_for_revision(revision)
 
-    def job_items(self, job_id: str) -> dict[str, bytes]:
+    def _job_entries(self, job_id: str) -> dict[str, tuple[bytes, int]]:
         prefix = f"{job_id}/"
-        return {k[len(prefix) :]: v for k, v in self.jobs.items().items() if k.startswith(prefix)}
+        entries, _ = self.jobs.entries()
+        return {k[len(prefix) :]: v for k, v in entries.items() if k.startswith(prefix)}
+
+    def job_items(self, job_id: str) -> dict[str, bytes]:
+        return {k: v for k, (v, _) in self._job_entries(job_id).items()}
 
     def job_ids(self) -> list[str]:
         return sorted({k.split("/", 1)[0] for k in self.jobs.items()})
 
     def snapshot(self, job_id: str) -> JobSnapshot:
-        items = self.job_items(job_id)
-        if "spec" not in items or "status" not in items:
+        """The job as the cache holds it, with the revisions a conditional write compares."""
+        entries = self._job_entries(job_id)
+        if "spec" not in entries or "status" not in entries:
             raise JobNotFound(job_id)
-        gen = Generation.from_json(items["generation"]) if "generation" in items else None
+        gen_raw, gen_rev = entries.get("generation", (b"", 0))
+        placement_raw, _ = entries.get("placement", (b"", 0))
         workers = {
             k.split("/", 1)[1]: WorkerReport.from_json(v)
-            for k, v in items.items()
+            for k, (v, _) in entries.items()
             if k.startswith("workers/")
         }
+        status, status_rev = entries["status"]
         return JobSnapshot(
-            JobSpec.from_json(items["spec"]), JobRecord.from_json(items["status"]), gen, workers
+            JobSpec.from_json(entries["spec"][0]),
+            JobRecord.from_json(status),
+            Generation.from_json(gen_raw) if gen_raw else None,
+            workers,
+            placement=ShardPlacement.from_json(placement_raw) if placement_raw else None,
+            revision=status_rev,
+            generation_revision=gen_rev,
         )
 
     def cluster(self) -> ClusterSnapshot:
         nodes = {k: NodeInfo.from_json(v) for k, v in self.nodes.items().items()}
-        ps = {k: json.loads(v)["address"] for k, v in self.ps.items().items()}
+        registered = {k: json.loads(v) for k, v in self.ps.items().items()}
+        ps = {k: d["address"] for k, d in registered.items()}
+        incarnations = {k: d.get("incarnation", "") for k, d in registered.items()}
         taken: dict[str, dict[str, int]] = {}
         for job_id in self.job_ids():
             try:
@@ -82,7 +97,7 @@ class EtcdView:
             for m in snap.generation.members:
                 per_node[m.node_id] = per_node.get(m.node_id, 0) + 1
             taken[job_id] = per_node
-        return ClusterSnapshot(nodes, ps, taken)
+        return ClusterSnapshot(nodes, ps, taken, incarnations)
 
     def placement(self, job_id: str) -> ShardPlacement | None:
         raw = self.job_items(job_id).get("placement")

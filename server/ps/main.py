@@ -83,8 +83,11 @@ def run(args: argparse.Namespace) -> int:
     keys = Keys(args.prefix)
     client = EtcdClient(args.etcd)
     session = Session(client, ttl=args.lease_ttl, name=ps_id).start()
-    session.put(keys.ps(ps_id), json.dumps({"ps_id": ps_id, "address": address}).encode())
-    log.info("event=ps_ready ps=%s address=%s", ps_id, address)
+    # The boot id tells the controller and workers that a PS with this id restarted
+    # (and so holds none of the slices placed on it before).
+    registration = {"ps_id": ps_id, "address": address, "incarnation": servicer.incarnation}
+    session.put(keys.ps(ps_id), json.dumps(registration).encode())
+    log.info("event=ps_ready ps=%s address=%s incarnation=%s", ps_id, address, servicer.incarnation)
     print(f"ps {ps_id} listening on {address}", flush=True)
     stop.wait()
     session.close()

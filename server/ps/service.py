@@ -8,7 +8,6 @@ server.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Iterator
@@ -18,16 +17,23 @@ import grpc
 from elasticd.checkpoint.serialize import state_digest
 from elasticd.checkpoint.store import CheckpointStore
 from elasticd.compression import CompressionError, check_payload, codec_for, decode_payload
-from elasticd.optimizers import OptimizerError, validate_optimizer
 from elasticd.rpc import ps_pb2, ps_pb2_grpc
-from elasticd.server.ps.metrics import Histogram, PSCollector, ShardFigures, new_registry
+from elasticd.server.ps.directory import ShardDirectory, ShardRefused
+from elasticd.server.ps.messages import (
+    add_to_server,
+    job_stats,
+    shard_header,
+    shard_info,
+    tensor_headers,
+    tensor_metas,
+)
+from elasticd.server.ps.metrics import PSCollector, ShardFigures, new_registry
 from elasticd.server.ps.shard import (
     SYNC_ROUND_TIMEOUT_S,
     BadRequest,
     DuplicatePush,
     ParameterShard,
     RoundAborted,
-    ShardConfig,
     ShardError,
     StaleGeneration,
     StalePush,
@@ -37,16 +43,13 @@ from elasticd.wire import (
     CHUNK_BYTES,
     Assembler,
     ChunkFrame,
-    TensorHeader,
     WireError,
     chunk_fields,
-    frame_deserializer,
-    frame_serializer,
 )
 
-log = logging.getLogger(__name__)
+__all__ = ["ParameterServerServicer", "add_to_server"]
 
-MAX_SHARD_BYTES = 64 << 30  # refuse shards announcing more than this
+log = logging.getLogger(__name__)
 
 _STATUS = {
     StaleGeneration: grpc.StatusCode.FAILED_PRECONDITION,
@@ -54,6 +57,7 @@ _STATUS = {
     RoundAborted: grpc.StatusCode.ABORTED,
     DuplicatePush: grpc.StatusCode.ALREADY_EXISTS,
     BadRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    ShardRefused: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 # Why a push was not applied: the reason label of elasticd_ps_pushes_rejected_total.
@@ -77,48 +81,13 @@ def _chunks(requests: Iterator) -> Iterator[tuple[int, int, bytes | memoryview]]
         yield fields
 
 
-def _headers(metas) -> list[TensorHeader]:
-    headers = [TensorHeader(m.key, m.dtype, tuple(m.shape)) for m in metas]
-    for h in headers:
-        h.validate()
-    return headers
-
-
-def _shard_header(
-    header: ps_pb2.InitShardHeader, context
-) -> tuple[list[TensorHeader], ShardConfig]:
-    """Validate a new shard's header (InitShard, ImportShard); abort with the reason."""
-    if not header.fence.job_id:
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "fence.job_id is empty")
-    try:
-        headers = _headers(header.tensors)
-        kwargs = validate_optimizer(
-            header.optimizer.name, json.loads(header.optimizer.kwargs_json or "{}")
-        )
-    except (WireError, OptimizerError, json.JSONDecodeError) as exc:
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad shard header: {exc}")
-    if sum(h.nbytes for h in headers) > MAX_SHARD_BYTES:
-        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "shard larger than this PS accepts")
-    config = ShardConfig(
-        job_id=header.fence.job_id,
-        optimizer=header.optimizer.name,
-        optimizer_kwargs=kwargs,
-        max_staleness=header.max_staleness,
-        workers=max(header.workers, 1),
-        max_version=header.max_version,
-    )
-    return headers, config
-
-
-def _metas(headers: list[TensorHeader]) -> list[ps_pb2.TensorMeta]:
-    return [ps_pb2.TensorMeta(key=h.key, dtype=h.dtype, shape=h.shape) for h in headers]
-
-
 class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
-    def __init__(self, ps_id: str, sync_timeout_s: float = SYNC_ROUND_TIMEOUT_S) -> None:
+    def __init__(
+        self, ps_id: str, sync_timeout_s: float = SYNC_ROUND_TIMEOUT_S, incarnation: str = ""
+    ) -> None:
         self.ps_id = ps_id
         self.sync_timeout_s = sync_timeout_s
-        self._shards: dict[str, ParameterShard] = {}
+        self.shards = ShardDirectory(ps_id, incarnation)
         self._lock = threading.Lock()
         self._unknown_jobs = 0
         # Per servicer, so several servers in one process keep separate figures.
@@ -126,14 +95,17 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
     # -- lookup and error mapping -----------------------------------------
 
+    @property
+    def incarnation(self) -> str:
+        """This process's boot id: a restarted PS has a new one."""
+        return self.shards.incarnation
+
     def shard(self, job_id: str) -> ParameterShard | None:
-        with self._lock:
-            return self._shards.get(job_id)
+        return self.shards.get(job_id)
 
     def figures(self, job_id: str = "") -> list[ShardFigures]:
         """State and stats of every shard (or of ``job_id``'s), for Stats and /metrics."""
-        with self._lock:
-            shards = [s for j, s in sorted(self._shards.items()) if not job_id or j == job_id]
+        shards = [s for j, s in self.shards.items() if not job_id or j == job_id]
         return [
             ShardFigures(s.config.job_id, s.generation, s.version, s.nbytes, s.stats.snapshot())
             for s in shards
@@ -169,13 +141,20 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     def InitShard(self, request_iterator, context):
         header = self._first(request_iterator, context, "InitShard")
         job_id = header.fence.job_id
-        headers, config = _shard_header(header, context)
+        headers, config = shard_header(header, context)
         existing = self.shard(job_id)
         if existing is not None:
             # Keep the first; drain the stream so the caller sees a clean reply.
             for _ in request_iterator:
                 pass
             return ps_pb2.InitShardReply(created=False, version=existing.version)
+        try:
+            self.shards.check_create(job_id, header.fence.generation, header.incarnation)
+        except ShardError as exc:
+            log.warning(
+                "event=shard_create_refused ps=%s job=%s reason=%r", self.ps_id, job_id, exc
+            )
+            self._abort(context, exc)
         assembler = Assembler(headers)
         try:
             for index, offset, data in _chunks(request_iterator):
@@ -184,8 +163,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         except WireError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         shard = ParameterShard(config, header.fence.generation, headers, tensors)
-        with self._lock:
-            winner = self._shards.setdefault(job_id, shard)
+        winner = self.shards.add(job_id, shard)
         created = winner is shard
         if created:
             shard.stats.received(shard.nbytes)
@@ -207,7 +185,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             self._abort(context, exc)
         shard.stats.pulled()
         yield ps_pb2.PullReply(
-            header=ps_pb2.PullHeader(version=version, tensors=_metas(shard.headers))
+            header=ps_pb2.PullHeader(version=version, tensors=tensor_metas(shard.headers))
         )
         yield from frames
         shard.stats.sent(shard.nbytes)  # counted once the whole shard went out
@@ -225,7 +203,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 buffers = shard.gradient_buffers()
                 assembler = Assembler(shard.headers, buffers)
             else:
-                parts = _headers(header.payload)
+                parts = tensor_headers(header.payload)
                 check_payload(codec, shard.headers, parts)
                 assembler = Assembler(parts)
             for index, offset, data in _chunks(request_iterator):
@@ -239,6 +217,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 header.base_version,
                 grads,
                 worker_id=header.worker_id,
+                workers=header.workers,
                 timeout=self.sync_timeout_s,
                 cancelled=lambda: not context.is_active(),
             )
@@ -279,10 +258,13 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     def ShardInfo(self, request, context):
         shard = self.shard(request.job_id)
         if shard is None:
-            return ps_pb2.ShardInfoReply(exists=False)
+            return ps_pb2.ShardInfoReply(exists=False, incarnation=self.incarnation)
         return self._info(shard)
 
     def AdvanceGeneration(self, request, context):
+        if self.shard(request.fence.job_id) is None:
+            # No shard here (yet): a late InitShard from an older generation is refused.
+            self.shards.raise_floor(request.fence.job_id, request.fence.generation)
         shard = self._require(request.fence.job_id, context)
         try:
             shard.advance(request.fence.generation, request.workers or None)
@@ -297,8 +279,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 shard.fence(request.fence.generation)
         except ShardError as exc:
             self._abort(context, exc)
-        with self._lock:
-            self._shards.pop(request.fence.job_id, None)
+        self.shards.drop(request.fence.job_id)
         log.info("event=shard_dropped ps=%s job=%s", self.ps_id, request.fence.job_id)
         return ps_pb2.DropShardReply()
 
@@ -308,7 +289,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             self._require(request.job_id, context)
         return ps_pb2.StatsReply(
             ps_id=self.ps_id,
-            jobs=[_job_stats(f) for f in figures],
+            jobs=[job_stats(f) for f in figures],
             unknown_job_requests=self._unknown_jobs,
         )
 
@@ -327,7 +308,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         first = self._first(request_iterator, context, "ImportShard")
         header, version = first.shard, first.version
         job_id = header.fence.job_id
-        headers, config = _shard_header(header, context)
+        headers, config = shard_header(header, context)
         limit = 2 * sum(h.nbytes for h in headers) + (1 << 20)  # parameters and optimizer state
         buf = bytearray()
         for req in request_iterator:
@@ -349,16 +330,9 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 shard.optimizer.state_dict()["state"],
                 [h.key for h in headers],
             )
+            self.shards.replace(job_id, shard)
         except ShardError as exc:
             self._abort(context, exc)
-        with self._lock:
-            current = self._shards.get(job_id)
-            if current is not None and current.generation > header.fence.generation:
-                context.abort(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"job {job_id}: generation {header.fence.generation} is stale",
-                )
-            self._shards[job_id] = shard
         shard.stats.received(len(buf))
         log.info(
             "event=shard_imported ps=%s job=%s generation=%d version=%d bytes=%d",
@@ -370,72 +344,5 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         )
         return ps_pb2.InitShardReply(created=existing is None, version=shard.version, digest=digest)
 
-    @staticmethod
-    def _info(shard: ParameterShard) -> ps_pb2.ShardInfoReply:
-        return ps_pb2.ShardInfoReply(
-            exists=True,
-            generation=shard.generation,
-            version=shard.version,
-            bytes=shard.nbytes,
-            tensors=_metas(shard.headers),
-        )
-
-
-def _histogram(h: Histogram) -> ps_pb2.Histogram:
-    return ps_pb2.Histogram(bounds=h.bounds, counts=h.counts, sum=h.sum, count=h.count)
-
-
-def _job_stats(f: ShardFigures) -> ps_pb2.JobStats:
-    return ps_pb2.JobStats(
-        job_id=f.job_id,
-        generation=f.generation,
-        version=f.version,
-        bytes=f.nbytes,
-        bytes_in=f.stats.bytes_in,
-        bytes_out=f.stats.bytes_out,
-        pulls=f.stats.pulls,
-        pushes_applied=f.stats.pushes_applied,
-        pushes_rejected=f.stats.pushes_rejected,
-        staleness=_histogram(f.stats.staleness),
-        optimizer_step_seconds=_histogram(f.stats.step_seconds),
-    )
-
-
-SERVICE = ps_pb2.DESCRIPTOR.services_by_name["ParameterServer"]
-
-# Tensor streams whose chunks travel as frames (elasticd.wire): (request, reply) codecs.
-_FRAMED = {
-    "InitShard": (frame_deserializer(ps_pb2.InitShardRequest), None),
-    "Push": (frame_deserializer(ps_pb2.PushRequest), None),
-    "Pull": (None, frame_serializer),
-}
-_HANDLER = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}
-
-
-def add_to_server(servicer: ParameterServerServicer, server: grpc.Server) -> None:
-    """Register ``servicer``: every method of the service as protoc would, with chunk
-    frames on the tensor streams.
-
-    Use this rather than the generated ``add_ParameterServerServicer_to_server``:
-    Pull yields pre-encoded frames (bytes), which the generated serializer
-    does not take. Clients may use either the generated stub or frames.
-    """
-    handlers = {}
-    for method in SERVICE.methods:
-        request = getattr(ps_pb2, method.input_type.name)
-        reply = getattr(ps_pb2, method.output_type.name)
-        deserialize, serialize = _FRAMED.get(method.name, (None, None))
-        handlers[method.name] = _HANDLER[(method.client_streaming, method.server_streaming)](
-            getattr(servicer, method.name),
-            request_deserializer=deserialize or request.FromString,
-            response_serializer=serialize or reply.SerializeToString,
-        )
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),)
-    )
-    server.add_registered_method_handlers(SERVICE.full_name, handlers)
+    def _info(self, shard: ParameterShard) -> ps_pb2.ShardInfoReply:
+        return shard_info(shard, self.incarnation)

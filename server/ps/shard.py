@@ -212,10 +212,26 @@ class ParameterShard:
         with self.lock:
             self.fence(generation)
             if workers:
-                self.config = ShardConfig(**{**self.config.__dict__, "workers": workers})
-                r = self._round
-                if r is not None and len(r.grads) >= workers:
-                    self._complete_round(r)
+                self._resize(generation, workers)
+
+    def _resize(self, generation: int, workers: int) -> None:
+        """Size synchronous rounds by ``generation``'s workers, if it is the newest.
+
+        Must be called with the lock held, after :meth:`fence` admitted ``generation``.
+        """
+        if generation != self.generation or workers <= 0 or workers == self.config.workers:
+            return
+        log.info(
+            "event=round_size_changed job=%s generation=%d from=%d to=%d",
+            self.config.job_id,
+            generation,
+            self.config.workers,
+            workers,
+        )
+        self.config = ShardConfig(**{**self.config.__dict__, "workers": workers})
+        r = self._round
+        if r is not None and len(r.grads) >= workers:
+            self._complete_round(r)
 
     def read(self, generation: int) -> tuple[int, list[torch.Tensor]]:
         """A consistent copy of the shard's parameters and their version."""
@@ -282,6 +298,7 @@ class ParameterShard:
         worker_id: str = "",
         timeout: float = SYNC_ROUND_TIMEOUT_S,
         cancelled: Callable[[], bool] | None = None,
+        workers: int = 0,
     ) -> PushResult:
         """Apply one pushed gradient (or, in synchronous mode, add it to the round).
 
@@ -289,9 +306,12 @@ class ParameterShard:
         :class:`RoundAborted` if the round ends otherwise: the generation
         changed, ``timeout`` seconds passed, or ``cancelled()`` became true
         (the caller went away). An aborted push leaves nothing behind.
+        ``workers`` is the size of the pusher's generation (0: unknown); the
+        newest generation's size is the size of a synchronous round.
         """
         with self.lock:
             self.fence(generation)
+            self._resize(generation, workers)
             limit = self.config.max_version
             if limit and self.version >= limit:
                 return PushResult(self.version, False, self.version - base_version)

@@ -69,6 +69,12 @@ class ControlChannel:
                     self._latest = Assignment.from_message(message)
         self.closed.set()
 
+    def push_back(self, assignment: Assignment) -> None:
+        """Return ``assignment`` to the next :meth:`poll`, unless a newer one arrived."""
+        with self._lock:
+            if self._latest is None or self._latest.generation < assignment.generation:
+                self._latest = assignment
+
     def poll(self) -> Assignment | None:
         """The newest assignment received since the last poll, if any."""
         with self._lock:

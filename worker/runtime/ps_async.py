@@ -4,6 +4,12 @@ The PS tier applies the optimizer; a worker holds only a replica of the
 parameters, refreshed by every pull. The PS counts applied updates (its
 version) and stops applying at ``steps``, so the job trains exactly that many
 updates however many workers race for the last one.
+
+A PS that cannot serve the worker is waited for, never crashed on: a fenced
+worker (a newer generation exists) and one whose PS lost its shard (the PS
+restarted) wait for the controller's next assignment; one whose PS does not
+answer tries it again with backoff, since it may come back as it was.
+Crashing instead would spend the job's ``max_restarts`` in seconds.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ import torch
 
 from elasticd.jobspec import JobSpec, parse_spec
 from elasticd.placement import ShardPlacement
-from elasticd.ps_client import Fenced, PSTier, StaleGradient
+from elasticd.ps_client import Fenced, PSTier, PSUnavailable, ShardLost, StaleGradient
+from elasticd.retry import Backoff
 from elasticd.task import load_task
 from elasticd.worker.runtime import heartbeat
 from elasticd.worker.runtime.control import Assignment, ControlChannel
@@ -28,18 +35,90 @@ from elasticd.worker.runtime.switching import Switch, from_ps, into_ps
 
 log = logging.getLogger(__name__)
 
-FENCED_WAIT_S = 60.0  # how long a fenced worker waits for its new assignment
+PS_WAIT_S = 300.0  # how long a worker waits for a lost PS or a new assignment, then exits
+PS_RETRY_S = (0.05, 1.0)  # backoff between tries of a PS that did not answer: first, longest
+
+# A PS tier that cannot serve this worker now: the worker waits on these.
+_WAIT_FOR = (Fenced, ShardLost, PSUnavailable)
 
 
-def _await_assignment(control: ControlChannel, timeout: float) -> Assignment | None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not control.closed.is_set():
+class NewAssignment(Exception):
+    """A new assignment arrived while the worker waited for its PS tier."""
+
+    def __init__(self, assignment: Assignment) -> None:
+        super().__init__(assignment.generation)
+        self.assignment = assignment
+
+
+def _wait(control: ControlChannel, exc: Exception, a: Assignment) -> Assignment | None:
+    """After ``exc``, wait for a new assignment; None means "try the same PS again".
+
+    Raises TimeoutError after PS_WAIT_S without one, or when the agent is gone.
+    """
+    retry = isinstance(exc, PSUnavailable)
+    log.warning(
+        "event=ps_wait job=%s generation=%d worker=%s reason=%s detail=%s",
+        a.job_id,
+        a.generation,
+        a.worker_id,
+        type(exc).__name__,
+        exc,
+    )
+    deadline = time.monotonic() + PS_WAIT_S
+    next_try = time.monotonic() + Backoff(*PS_RETRY_S).next_delay()
+    while not control.closed.is_set():
         heartbeat.beat()
         new = control.poll()
         if new is not None:
             return new
+        now = time.monotonic()
+        if retry and now >= next_try:
+            return None
+        if now > deadline:
+            raise TimeoutError(f"no new assignment in {PS_WAIT_S:g}s after: {exc}")
         time.sleep(0.05)
-    return None
+    raise TimeoutError("the agent closed the control pipe")
+
+
+def _connect(
+    a: Assignment, spec: JobSpec, data: dict[str, torch.Tensor], control: ControlChannel
+) -> PSTier:
+    """A client of ``a``'s PS tier, with the job's shards in place.
+
+    A missing shard is created from this worker's model only on the PS
+    incarnation the controller placed it on; otherwise the worker waits.
+    Raises :class:`NewAssignment` when a new generation arrives meanwhile.
+    """
+    backoff = Backoff(*PS_RETRY_S)
+    while True:
+        placement = ShardPlacement.from_json(json.dumps(a.placement))
+        tier = PSTier(
+            a.job_id, a.generation, placement, a.ps, worker_id=a.worker_id, workers=a.world_size
+        )
+        try:
+            created = tier.init(
+                data,
+                spec.optimizer.name,
+                spec.optimizer.kwargs,
+                spec.ps.max_staleness,
+                workers=a.world_size,
+                max_version=spec.steps,
+            )
+        except _WAIT_FOR as exc:
+            tier.close()
+            new = _wait(control, exc, a)
+            if new is not None:
+                raise NewAssignment(new) from None
+            time.sleep(backoff.next_delay())
+            continue
+        log.info(
+            "event=shards_ready job=%s generation=%d worker=%s created=%s",
+            a.job_id,
+            a.generation,
+            a.worker_id,
+            created,
+        )
+        return tier
 
 
 def _switch_out(tier: PSTier, placement: ShardPlacement, new: Assignment) -> Switch:
@@ -57,30 +136,77 @@ def _switch_out(tier: PSTier, placement: ShardPlacement, new: Assignment) -> Swi
     return Switch(new, state)
 
 
+class PSConnection:
+    """The worker's PS tier for its current assignment; rebuilt when the tier changes."""
+
+    def __init__(
+        self, a: Assignment, spec: JobSpec, data: dict[str, torch.Tensor], control: ControlChannel
+    ) -> None:
+        self.spec, self.data, self.control = spec, data, control
+        self.a = a
+        self.tier: PSTier | None = None
+        while self.tier is None:
+            try:
+                self.tier = _connect(self.a, spec, data, control)
+            except NewAssignment as na:
+                if na.assignment.spec["mode"] != "ps-async":
+                    raise
+                self.a = na.assignment
+
+    @property
+    def placement(self) -> ShardPlacement:
+        return self.tier.placement
+
+    def adopt(self, new: Assignment) -> None:
+        """Move to ``new``'s generation; reconnect if its PS tier or placement changed."""
+        log.info(
+            "event=generation_adopted job=%s generation=%d rank=%d world=%d",
+            new.job_id,
+            new.generation,
+            new.rank,
+            new.world_size,
+        )
+        old, self.a = self.a, new
+        if new.placement == old.placement and new.ps == old.ps:
+            self.tier.generation, self.tier.workers = new.generation, new.world_size
+            return
+        self.tier.close()
+        self.tier = None
+        while self.tier is None:
+            try:
+                self.tier = _connect(self.a, self.spec, self.data, self.control)
+            except NewAssignment as na:
+                if na.assignment.spec["mode"] != "ps-async":
+                    raise
+                self.a = na.assignment
+
+    def close(self) -> None:
+        if self.tier is not None:
+            self.tier.close()
+
+
 def train(
     first: Assignment, control: ControlChannel, handover: Handover | None = None
 ) -> int | Switch:
-    a = first
-    spec: JobSpec = parse_spec(a.spec)
+    spec: JobSpec = parse_spec(first.spec)
     task = load_task(spec.task, spec.batch_size, spec.seed, spec.task_args)
     model = task.build_model()
     params = dict(model.named_parameters())
     data = {n: p.detach() for n, p in params.items()}
-    placement = ShardPlacement.from_json(json.dumps(a.placement))
-    tier = PSTier(a.job_id, a.generation, placement, a.ps, worker_id=a.worker_id)
+    try:
+        ps = PSConnection(first, spec, data, control)
+    except NewAssignment as na:  # switched away before this worker ever trained
+        return Switch(na.assignment, handover) if handover is not None else 3
+    except TimeoutError as exc:
+        log.error(
+            "event=ps_wait_gave_up job=%s worker=%s detail=%s", first.job_id, first.worker_id, exc
+        )
+        return 3
+    a = ps.a
     reporter = ProgressReporter(a.controller, a.job_id, a.worker_id, a.rank)
-    created = tier.init(
-        data,
-        spec.optimizer.name,
-        spec.optimizer.kwargs,
-        spec.ps.max_staleness,
-        workers=a.world_size,
-        max_version=spec.steps,
-    )
-    log.info("event=shards_ready job=%s worker=%s created=%s", a.job_id, a.worker_id, created)
     if handover is not None:
         # Switched from allreduce: the replica becomes the shards' state.
-        sent, held = into_ps(tier, a, spec, handover)
+        sent, held = into_ps(ps.tier, a, spec, handover)
         if a.rank == 0:
             log.info(
                 "event=switched_in job=%s generation=%d worker=%s step=%d digest=%s sent=%s",
@@ -101,22 +227,15 @@ def train(
         while True:
             heartbeat.beat()
             new = control.poll()
-            if new is not None and new.spec["mode"] != "ps-async":
-                return _switch_out(tier, placement, new)
-            if new is not None:
-                a = new
-                tier.generation = a.generation
-                reporter.retarget(a.controller)
-                index = a.rank + a.world_size * (index // max(a.world_size, 1) + 1)
-                log.info(
-                    "event=generation_adopted job=%s generation=%d rank=%d world=%d",
-                    a.job_id,
-                    a.generation,
-                    a.rank,
-                    a.world_size,
-                )
             try:
-                versions = tier.pull_into(data)
+                if new is not None:
+                    if new.spec["mode"] != "ps-async":
+                        return _switch_out(ps.tier, ps.placement, new)
+                    index = new.rank + new.world_size * (index // max(a.world_size, 1) + 1)
+                    ps.adopt(new)
+                    a = ps.a
+                    reporter.retarget(a.controller)
+                versions = ps.tier.pull_into(data)
                 step = min(versions.values())
                 if step >= spec.steps:
                     break
@@ -129,26 +248,19 @@ def train(
                     n: p.grad if p.grad is not None else torch.zeros_like(p)
                     for n, p in params.items()
                 }
-                outcomes = tier.push(grads, versions, spec.ps.compression)
+                outcomes = ps.tier.push(grads, versions, spec.ps.compression)
             except StaleGradient as exc:
                 log.info("event=push_stale job=%s worker=%s detail=%s", a.job_id, a.worker_id, exc)
                 continue
-            except Fenced as exc:
-                log.warning(
-                    "event=fenced job=%s worker=%s generation=%d detail=%s",
-                    a.job_id,
-                    a.worker_id,
-                    a.generation,
-                    exc,
-                )
-                new = _await_assignment(control, FENCED_WAIT_S)
-                if new is None:
-                    return 3
-                if new.spec["mode"] != "ps-async":
-                    return _switch_out(tier, placement, new)
-                a = new
-                tier.generation = a.generation
-                reporter.retarget(a.controller)
+            except NewAssignment as na:  # a switch arrived while reconnecting
+                new = na.assignment
+                placement = ShardPlacement.from_json(json.dumps(new.placement))
+                ps.tier = PSTier(new.job_id, new.generation, placement, new.ps, new.worker_id)
+                return _switch_out(ps.tier, placement, new)
+            except _WAIT_FOR as exc:
+                new = _wait(control, exc, a)
+                if new is not None:
+                    control.push_back(new)  # adopted at the top of the loop
                 continue
             local_steps += 1
             losses.append(loss.item())
@@ -178,6 +290,9 @@ def train(
             mean,
         )
         return 0
+    except TimeoutError as exc:
+        log.error("event=ps_wait_gave_up job=%s worker=%s detail=%s", a.job_id, a.worker_id, exc)
+        return 3
     finally:
-        tier.close()
+        ps.close()
         reporter.close()

@@ -25,7 +25,7 @@ import torch
 
 from elasticd.jobspec import JobSpec
 from elasticd.placement import ShardPlacement
-from elasticd.ps_client import PSTier
+from elasticd.ps_client import PSTier, PSUnavailable
 from elasticd.worker.runtime import heartbeat
 from elasticd.worker.runtime.control import Assignment
 from elasticd.worker.runtime.handover import (
@@ -117,7 +117,7 @@ def into_ps(tier: PSTier, a: Assignment, spec: JobSpec, handover: Handover) -> t
                 for i in infos.values()
             ):
                 return "", ""
-        except Exception:  # a PS restarting, or not reachable yet
+        except PSUnavailable:  # a PS not reachable yet: ask again
             pass
         if time.monotonic() > deadline:
             raise TimeoutError(

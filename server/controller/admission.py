@@ -1,0 +1,67 @@
+"""Admitting a job: check that its task builds, then write its spec and first record.
+
+The controller learns a job's parameter shapes by building the model on the
+``meta`` device: shapes without memory. A task that cannot be built is
+refused at submit, not discovered at placement.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import torch
+
+from elasticd.coord.etcd import Put
+from elasticd.coord.keys import Keys
+from elasticd.jobspec import JobSpec
+from elasticd.placement import TensorSpec
+from elasticd.server.controller.records import PENDING, JobRecord
+from elasticd.task import TaskError, load_task
+from elasticd.wire import dtype_name
+
+
+def tensor_specs(spec: JobSpec) -> list[TensorSpec]:
+    """The job's parameters, built on the meta device: shapes without memory.
+
+    Raises TaskError when the task cannot be imported or built with its arguments.
+    """
+    try:
+        task = load_task(spec.task, spec.batch_size, spec.seed, spec.task_args)
+        with torch.device("meta"):
+            model = task.build_model()
+    except TaskError:
+        raise
+    except Exception as exc:
+        raise TaskError(
+            f"task {spec.task!r} cannot be built with task_args {spec.task_args}: {exc}"
+        ) from exc
+    return [
+        TensorSpec(name, dtype_name(p.dtype), tuple(p.shape))
+        for name, p in model.named_parameters()
+    ]
+
+
+def check_buildable(spec: JobSpec) -> None:
+    """Raise TaskError if the job's model cannot be built (script jobs bring their own)."""
+    if spec.mode != "script":
+        tensor_specs(spec)
+
+
+def new_job(spec: JobSpec, keys: Keys, now: float | None = None) -> tuple[str, list[Put]]:
+    """A fresh job id and the writes that admit the job under it."""
+    job_id = f"{spec.name}-{uuid.uuid4().hex[:6]}"
+    now = time.time() if now is None else now
+    record = JobRecord(
+        job_id=job_id,
+        name=spec.name,
+        mode=spec.mode,
+        state=PENDING,
+        total_steps=spec.steps,
+        submitted_at=now,
+        updated_at=now,
+    )
+    return job_id, [
+        Put(keys.job_spec(job_id), spec.to_json().encode()),
+        Put(keys.job_status(job_id), record.to_json()),
+    ]

@@ -1,0 +1,150 @@
+"""Sealing a generation: fence the PS tier first, then one conditional transaction.
+
+What invariant 3 promises, exactly: once generation N+1 of a job is visible
+in etcd, every parameter server that holds (or will hold) a shard of the job
+refuses generation N and older. The controller keeps that promise by
+ordering: it raises the fence of every registered PS of the placement to
+N+1 and waits for each to acknowledge, and only then commits the seal. A PS
+that does not answer is asked again until its lease expires (then it is
+gone, and the job waits for it); the seal is not committed meanwhile. If
+the commit then loses (the job changed, or leadership moved), the PS tier
+is fenced at a generation that the next successful seal will carry anyway,
+since generation numbers only ever go up by one.
+
+Which workers, which ranks and which placement are plain functions of the
+snapshot; only :func:`fence_tier` and the commit touch the world.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+
+from elasticd.coord.etcd import Delete, Put
+from elasticd.coord.keys import Keys
+from elasticd.membership import Generation, assign_ranks
+from elasticd.placement import ShardPlacement, TensorSpec, place
+from elasticd.ps_control import advance_fence
+from elasticd.retry import Backoff
+from elasticd.server.controller.errors import FenceIncomplete
+from elasticd.server.controller.planning import ClusterSnapshot, JobSnapshot, Seal, master_port
+from elasticd.server.controller.records import RUNNING, WAITING, JobRecord
+
+log = logging.getLogger(__name__)
+
+FENCE_TIMEOUT_S = 15.0  # how long a seal waits for every PS to acknowledge its fence
+FENCE_RPC_TIMEOUT_S = 2.0  # one AdvanceGeneration to one PS
+
+
+def next_generation(snap: JobSnapshot, action: Seal) -> Generation:
+    number = snap.generation.number if snap.generation else 0
+    return assign_ranks(snap.record.job_id, number + 1, action.workers)
+
+
+def placement_for_seal(
+    snap: JobSnapshot, cluster: ClusterSnapshot, tensors: Callable[[], list[TensorSpec]]
+) -> ShardPlacement | None:
+    """The job's placement: the existing one, or (ps-async) a new one on the live PS tier."""
+    if snap.placement is not None or snap.record.mode != "ps-async":
+        return snap.placement  # an allreduce job keeps its placement for a switch back
+    return place(tensors(), sorted(cluster.ps)).with_incarnations(cluster.ps_incarnations)
+
+
+def assignment(
+    snap: JobSnapshot,
+    gen: Generation,
+    placement: ShardPlacement | None,
+    cluster: ClusterSnapshot,
+    node_id: str,
+    controller: str,
+) -> bytes:
+    """What ``node_id``'s agent must run for the job in generation ``gen``."""
+    rank0 = gen.members[0].node_id if gen.members else node_id
+    node = cluster.nodes.get(rank0)
+    ps = {p: cluster.ps[p] for p in placement.ps_ids if p in cluster.ps} if placement else {}
+    return json.dumps(
+        {
+            "job_id": snap.record.job_id,
+            "generation": gen.number,
+            "world_size": gen.world_size,
+            "members": [m.__dict__ for m in gen.on_node(node_id)],
+            "all_members": [m.__dict__ for m in gen.members],
+            "master_addr": (node.address or node.hostname) if node else "",
+            "master_port": master_port(snap.spec, snap.record.job_id, gen.number),
+            "spec": {**snap.spec.to_dict(), "mode": snap.record.mode},
+            "placement": json.loads(placement.to_json()) if placement else None,
+            "ps": ps,
+            "controller": controller,
+        }
+    ).encode()
+
+
+def seal_ops(
+    snap: JobSnapshot,
+    cluster: ClusterSnapshot,
+    gen: Generation,
+    placement: ShardPlacement | None,
+    record: JobRecord,
+    keys: Keys,
+    controller: str,
+) -> list[Put | Delete]:
+    """The writes of one seal: generation, record, placement, every node's assignment."""
+    job_id = snap.record.job_id
+    ops: list[Put | Delete] = [
+        Put(keys.generation(job_id), gen.to_json()),
+        Put(keys.job_status(job_id), record.to_json()),
+    ]
+    if placement is not None and placement != snap.placement:
+        ops.append(Put(keys.placement(job_id), placement.to_json().encode()))
+    for node in gen.nodes:
+        ops.append(
+            Put(
+                keys.assignment(node, job_id),
+                assignment(snap, gen, placement, cluster, node, controller),
+            )
+        )
+    old_nodes = set(snap.generation.nodes) if snap.generation else set()
+    ops += [Delete(keys.assignment(node, job_id)) for node in old_nodes - set(gen.nodes)]
+    return ops
+
+
+def sealed_record(snap: JobSnapshot, gen: Generation, reason: str) -> JobRecord:
+    return snap.record.evolve(
+        state=RUNNING if gen.members else WAITING,
+        generation=gen.number,
+        message=reason,
+        updated_at=time.time(),
+    )
+
+
+def fence_tier(
+    job_id: str,
+    gen: Generation,
+    placement: ShardPlacement,
+    registered: Callable[[], Mapping[str, str]],
+    timeout: float = FENCE_TIMEOUT_S,
+) -> None:
+    """Raise the fence of every registered PS of ``placement`` to ``gen``.
+
+    Asks again until each acknowledges or is no longer registered. Raises
+    FenceIncomplete when ``timeout`` passes first.
+    """
+    backoff = Backoff(initial=0.05, maximum=1.0, deadline=timeout)
+    while True:
+        live = registered()
+        addresses = {p: live[p] for p in placement.ps_ids if p in live}
+        missed = advance_fence(
+            job_id, gen.number, gen.world_size, addresses, timeout=FENCE_RPC_TIMEOUT_S
+        )
+        if not missed:
+            return
+        log.info(
+            "event=fence_retry job=%s generation=%d missed=%s", job_id, gen.number, sorted(missed)
+        )
+        if not backoff.sleep():
+            raise FenceIncomplete(
+                f"job {job_id}: parameter servers {sorted(missed)} did not acknowledge "
+                f"generation {gen.number} in {timeout:g}s: {missed}"
+            )
