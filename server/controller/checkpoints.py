@@ -20,6 +20,7 @@ from elasticd.checkpoint import (
     CheckpointStore,
     ShardRecord,
 )
+from elasticd.coord.etcd import Put
 from elasticd.placement import ShardPlacement
 from elasticd.ps_client import PSTier
 from elasticd.server.controller.planning import JobSnapshot
@@ -79,3 +80,39 @@ def checkpoint_ps_job(
         where,
     )
     return manifest, where
+
+
+def take_checkpoint(controller, job_id: str) -> CheckpointManifest | None:
+    """Write a checkpoint of a ps-async job, then record it in the job's record.
+
+    The storage I/O (PS snapshots, the manifest) runs on the caller's thread,
+    off the job's lane; only the record update goes through the lane, as a
+    conditional write like any other.
+    """
+    snap = controller.snapshot(job_id)
+    if snap.generation is None or snap.placement is None or snap.record.mode != "ps-async":
+        return None
+    live = controller.progress.live(snap.record)
+    url = snap.spec.checkpoint.url or controller.checkpoint_url
+    manifest, where = checkpoint_ps_job(
+        snap, snap.placement, controller.view.cluster().ps, url, extra={"loss": live.loss}
+    )
+    if manifest is None:
+        return None
+
+    def record():
+        fresh = controller.snapshot(job_id)
+        if not (fresh.record.checkpoint_step >= manifest.step and fresh.record.checkpoint):
+            updated = fresh.record.evolve(
+                checkpoint=where,
+                checkpoint_step=manifest.step,
+                step=max(fresh.record.step, manifest.step),
+                updated_at=time.time(),
+            )
+            controller.writer.update(
+                fresh, [Put(controller.keys.job_status(job_id), updated.to_json())]
+            )
+        return controller.snapshot(job_id).record
+
+    controller._on_lane(job_id, record)
+    return manifest

@@ -29,9 +29,9 @@ from elasticd.jobspec import JobSpec
 from elasticd.membership import Generation
 from elasticd.server.controller import sealing
 from elasticd.server.controller.admission import check_buildable, new_job, tensor_specs
-from elasticd.server.controller.checkpoints import checkpoint_due, checkpoint_ps_job
+from elasticd.server.controller.checkpoints import checkpoint_due, take_checkpoint
 from elasticd.server.controller.errors import BUG_GIVE_UP_S, Conflict, is_retryable, is_terminal
-from elasticd.server.controller.executor import JobLanes
+from elasticd.server.controller.executor import JobLanes, OffLane
 from elasticd.server.controller.finishing import finish_ops, release_shards
 from elasticd.server.controller.modes import SwitchRefused, plan_switch
 from elasticd.server.controller.planning import (
@@ -94,11 +94,10 @@ class Controller:
         self.writer = JobWriter(
             client, keys, self._guard, self._still_leading, self.view.wait_for_revision
         )
-        self._lock = threading.Lock()
         self._pending: dict[str, PendingChange] = {}
         self._is_leader = False
         self._adopted: set[str] = set()
-        self._background: set[str] = set()  # jobs with a checkpoint or completion under way
+        self.background = OffLane()  # one checkpoint or completion under way per job
         self._failing_since: dict[str, float] = {}  # job -> first of its unexpected errors
         self.reconciles = 0  # reconcile passes run (read by tests and the metrics)
 
@@ -375,56 +374,15 @@ class Controller:
         log.info("event=job_adopted job=%s generation=%d", snap.record.job_id, gen.number)
 
     def _start_background(self, job_id: str, fn: Callable[[], None]) -> None:
-        """Run ``fn`` (a checkpoint, a completion) off the lanes, one at a time per job:
-        its storage I/O must not hold up the job's reconcile passes."""
-        with self._lock:
-            if job_id in self._background:
-                return
-            self._background.add(job_id)
-
-        def run() -> None:
-            try:
-                fn()
-            except Exception as exc:
-                log.warning(
-                    "event=job_task_failed job=%s error=%s: %s", job_id, type(exc).__name__, exc
-                )
-            finally:
-                with self._lock:
-                    self._background.discard(job_id)
-                self._wake.set()
-
-        threading.Thread(target=run, name=f"job-{job_id}", daemon=True).start()
+        """Run ``fn`` (a checkpoint, a completion) off the lanes: its storage I/O must not
+        hold up the job's reconcile passes."""
+        self.background.start(job_id, fn, self._wake.set)
 
     def _checkpoint(self, job_id: str) -> CheckpointManifest | None:
-        """Write a checkpoint (PS shards, then the manifest), then record it on the lane."""
-        snap = self.snapshot(job_id)
-        if snap.generation is None or snap.placement is None or snap.record.mode != "ps-async":
-            return None
-        live = self.progress.live(snap.record)
-        url = snap.spec.checkpoint.url or self.checkpoint_url
-        manifest, where = checkpoint_ps_job(
-            snap, snap.placement, self._registered_ps(), url, extra={"loss": live.loss}
-        )
-        if manifest is None:
-            return None
-
-        def record() -> None:
-            fresh = self.snapshot(job_id)
-            if fresh.record.checkpoint_step >= manifest.step and fresh.record.checkpoint:
-                return
-            updated = fresh.record.evolve(
-                checkpoint=where,
-                checkpoint_step=manifest.step,
-                step=max(fresh.record.step, manifest.step),
-            )
-            self.writer.update(fresh, [self._record_put(updated)])
-
-        self._on_lane(job_id, lambda: record() or self.snapshot(job_id).record)
-        return manifest
+        return take_checkpoint(self, job_id)
 
     def _complete(self, job_id: str) -> None:
-        self._checkpoint(job_id)
+        take_checkpoint(self, job_id)
 
         def finish() -> JobRecord:
             snap = self.snapshot(job_id)

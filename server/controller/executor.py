@@ -84,3 +84,33 @@ class JobLanes:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class OffLane:
+    """Work about a job that must not hold up its lane (storage I/O), one at a time per job."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: set[str] = set()
+
+    def start(self, job_id: str, fn: Callable[[], None], done: Callable[[], None]) -> bool:
+        """Start ``fn`` on its own thread unless one runs for ``job_id``; ``done`` runs after."""
+        with self._lock:
+            if job_id in self._running:
+                return False
+            self._running.add(job_id)
+
+        def run() -> None:
+            try:
+                fn()
+            except Exception as exc:
+                log.warning(
+                    "event=job_task_failed job=%s error=%s: %s", job_id, type(exc).__name__, exc
+                )
+            finally:
+                with self._lock:
+                    self._running.discard(job_id)
+                done()
+
+        threading.Thread(target=run, name=f"job-{job_id}", daemon=True).start()
+        return True
