@@ -78,10 +78,6 @@ class JobLanes:
             except BaseException as exc:  # handed to whoever waits on the future
                 fut.set_exception(exc)
 
-    def busy(self, job_id: str) -> bool:
-        with self._lock:
-            return job_id in self._running
-
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 

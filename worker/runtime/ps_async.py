@@ -145,9 +145,13 @@ class PSConnection:
         self.spec, self.data, self.control = spec, data, control
         self.a = a
         self.tier: PSTier | None = None
+        self._reconnect()
+
+    def _reconnect(self) -> None:
+        """Connect to ``self.a``'s PS tier, following new ps-async assignments meanwhile."""
         while self.tier is None:
             try:
-                self.tier = _connect(self.a, spec, data, control)
+                self.tier = _connect(self.a, self.spec, self.data, self.control)
             except NewAssignment as na:
                 if na.assignment.spec["mode"] != "ps-async":
                     raise
@@ -172,13 +176,7 @@ class PSConnection:
             return
         self.tier.close()
         self.tier = None
-        while self.tier is None:
-            try:
-                self.tier = _connect(self.a, self.spec, self.data, self.control)
-            except NewAssignment as na:
-                if na.assignment.spec["mode"] != "ps-async":
-                    raise
-                self.a = na.assignment
+        self._reconnect()
 
     def close(self) -> None:
         if self.tier is not None:
