@@ -1,3 +1,3 @@
 """Fixtures shared by every test module."""
 
-pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.cluster"]
+pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.cluster", "tests.fixtures.ps"]

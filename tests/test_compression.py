@@ -6,7 +6,6 @@ The training and rejection tests run the PS over real gRPC on loopback.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -27,20 +26,12 @@ from elasticd.ps_client import PSTier
 from elasticd.rpc import ps_pb2
 from elasticd.task import load_task
 from elasticd.wire import TensorHeader, as_bytes, dtype_name, header_of
-from tests.test_ps_service import JOB, PS, PSCluster, assert_same_state, shard_state, tiny_tensors
+from tests.fixtures.ps import JOB, PS, PSCluster
+from tests.test_ps_service import assert_same_state, shard_state, tiny_tensors
 
 pytestmark = pytest.mark.filterwarnings("ignore:The given buffer is not writable")
 
 LINREG = str(Path(__file__).resolve().parents[1] / "examples" / "linreg.py")
-
-
-@pytest.fixture
-def cluster() -> Iterator[PSCluster]:
-    c = PSCluster()
-    try:
-        yield c
-    finally:
-        c.close()
 
 
 def round_trip(spec: str, g: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -162,15 +153,15 @@ def test_qsgd_leaves_the_global_rng_alone() -> None:
 
 
 @pytest.mark.parametrize("compression", ["none", "fp16", "bf16", "topk", "qsgd"])
-def test_linreg_trains_with_each_codec(cluster: PSCluster, compression: str) -> None:
-    servers = cluster.start(2)
+def test_linreg_trains_with_each_codec(ps_cluster: PSCluster, compression: str) -> None:
+    servers = ps_cluster.start(2)
     task = load_task(LINREG, 32, 0)
     model = task.build_model()
     params = dict(model.named_parameters())
     specs = [TensorSpec(n, dtype_name(p.dtype), tuple(p.shape)) for n, p in params.items()]
     placement = place(specs, [s.ps_id for s in servers])
     assert len(placement.ps_ids) == 2  # weight on one PS, bias on the other
-    tier = cluster.tier(servers, placement)
+    tier = ps_cluster.tier(servers, placement)
     data = {n: p.detach() for n, p in params.items()}
     tier.init(data, "sgd", {"lr": 0.1}, -1, 1, 0)
 
@@ -315,12 +306,12 @@ MALFORMED = {
 
 
 @pytest.fixture
-def tiny(cluster: PSCluster) -> tuple[PS, PSTier]:
-    (ps,) = cluster.start(1)
+def tiny(ps_cluster: PSCluster) -> tuple[PS, PSTier]:
+    (ps,) = ps_cluster.start(1)
     placement = place(
         [TensorSpec("w", "float32", (3, 4)), TensorSpec("b", "float32", (4,))], ["ps-0"]
     )
-    tier = cluster.tier([ps], placement)
+    tier = ps_cluster.tier([ps], placement)
     tier.init(tiny_tensors(), "sgd", {"lr": 0.1, "momentum": 0.9}, -1, 1, 0)
     tier.push({k: torch.ones_like(v) for k, v in tiny_tensors().items()}, {ps.ps_id: 0})
     return ps, tier
@@ -328,10 +319,10 @@ def tiny(cluster: PSCluster) -> tuple[PS, PSTier]:
 
 @pytest.mark.parametrize("case", list(MALFORMED))
 def test_malformed_compressed_push_is_rejected(
-    cluster: PSCluster, tiny: tuple[PS, PSTier], case: str
+    ps_cluster: PSCluster, tiny: tuple[PS, PSTier], case: str
 ) -> None:
     ps, tier = tiny
-    stub = cluster.stub(ps)
+    stub = ps_cluster.stub(ps)
     requests, message = MALFORMED[case]
     before = shard_state(ps)
     with pytest.raises(grpc.RpcError) as err:

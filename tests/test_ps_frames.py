@@ -9,7 +9,6 @@ talks to clients that use the generated stub.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -26,7 +25,8 @@ from elasticd.wire import (
     encode_chunk_frame,
     frame_deserializer,
 )
-from tests.test_ps_service import JOB, PSCluster, tiny_placement, tiny_tensors
+from tests.fixtures.ps import JOB, PSCluster
+from tests.test_ps_service import tiny_placement, tiny_tensors
 
 pytestmark = pytest.mark.filterwarnings("ignore:The given buffer is not writable")
 
@@ -37,15 +37,6 @@ CASES = [
     (2**32 - 1, 2**64 - 1, b"x"),
 ]
 MESSAGES = (ps_pb2.PullReply, ps_pb2.PushRequest, ps_pb2.InitShardRequest)
-
-
-@pytest.fixture
-def cluster() -> Iterator[PSCluster]:
-    c = PSCluster()
-    try:
-        yield c
-    finally:
-        c.close()
 
 
 @pytest.mark.parametrize(("index", "offset", "data"), CASES, ids=["empty", "small", "1MiB", "max"])
@@ -108,12 +99,12 @@ def test_assembler_fills_targets_in_place_from_views() -> None:
         Assembler([TensorHeader("t", "float32", (3, 4))], [torch.zeros(4, 3).t()])
 
 
-def test_generated_stub_talks_to_a_framing_ps(cluster: PSCluster) -> None:
-    (ps,) = cluster.start(1)
-    tier = cluster.tier([ps], tiny_placement(ps))
+def test_generated_stub_talks_to_a_framing_ps(ps_cluster: PSCluster) -> None:
+    (ps,) = ps_cluster.start(1)
+    tier = ps_cluster.tier([ps], tiny_placement(ps))
     tier.init(tiny_tensors(), "sgd", {"lr": 0.1}, -1, 1, 0)
     replies = list(
-        cluster.stub(ps).Pull(ps_pb2.PullRequest(fence=ps_pb2.Fence(job_id=JOB, generation=1)))
+        ps_cluster.stub(ps).Pull(ps_pb2.PullRequest(fence=ps_pb2.Fence(job_id=JOB, generation=1)))
     )
     assert [h.key for h in replies[0].header.tensors] == ["w", "b"]
     data = {0: b"", 1: b""}
@@ -123,9 +114,9 @@ def test_generated_stub_talks_to_a_framing_ps(cluster: PSCluster) -> None:
         assert data[i] == bytes(as_bytes(tiny_tensors()[key]))
 
 
-def test_pulls_of_one_version_share_its_frames(cluster: PSCluster) -> None:
-    (ps,) = cluster.start(1)
-    tier = cluster.tier([ps], tiny_placement(ps))
+def test_pulls_of_one_version_share_its_frames(ps_cluster: PSCluster) -> None:
+    (ps,) = ps_cluster.start(1)
+    tier = ps_cluster.tier([ps], tiny_placement(ps))
     tier.init(tiny_tensors(), "sgd", {"lr": 0.1}, -1, 1, 0)
     shard = ps.servicer.shard(JOB)
     v0, first = shard.read_frames(1)

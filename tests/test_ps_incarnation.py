@@ -6,7 +6,6 @@ same id (a new boot id), as a process restarted by systemd would be.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -14,13 +13,8 @@ import pytest
 
 from elasticd.ps_client import ShardLost
 from elasticd.ps_control import advance_fence, drop_shards, shard_infos
-from tests.test_ps_service import (
-    JOB,
-    PSCluster,
-    mlp,
-    placement_for,
-    weights,
-)
+from tests.fixtures.ps import JOB, PSCluster
+from tests.test_ps_service import mlp, placement_for, weights
 from tests.test_ps_sync import gradient
 
 pytestmark = pytest.mark.filterwarnings("ignore:The given buffer is not writable")
@@ -28,41 +22,32 @@ pytestmark = pytest.mark.filterwarnings("ignore:The given buffer is not writable
 OPT = ("sgd", {"lr": 0.1})
 
 
-@pytest.fixture
-def cluster() -> Iterator[PSCluster]:
-    c = PSCluster()
-    try:
-        yield c
-    finally:
-        c.close()
-
-
-def test_registration_carries_a_boot_id_that_a_restart_changes(cluster: PSCluster) -> None:
-    first, again = cluster.start(2)
+def test_registration_carries_a_boot_id_that_a_restart_changes(ps_cluster: PSCluster) -> None:
+    first, again = ps_cluster.start(2)
     assert first.servicer.incarnation and again.servicer.incarnation
     assert first.servicer.incarnation != again.servicer.incarnation
     info = shard_infos(JOB, {first.ps_id: first.address})[first.ps_id]
     assert not info.exists and info.incarnation == first.servicer.incarnation
 
 
-def test_a_restarted_ps_refuses_to_recreate_a_placed_shard(cluster: PSCluster) -> None:
-    (old,) = cluster.start(1)
+def test_a_restarted_ps_refuses_to_recreate_a_placed_shard(ps_cluster: PSCluster) -> None:
+    (old,) = ps_cluster.start(1)
     model = mlp()
     placement = placement_for(model, [old]).with_incarnations({old.ps_id: "boot-before-restart"})
-    tier = cluster.tier([old], placement)
+    tier = ps_cluster.tier([old], placement)
     with pytest.raises(ShardLost, match="restarted since job job-ps was placed on it"):
         tier.init(weights(model), *OPT, -1, 1, 0)
     assert old.servicer.shard(JOB) is None
 
     # The incarnation the controller placed the job on may create it.
     placed = placement.with_incarnations({old.ps_id: old.servicer.incarnation})
-    assert cluster.tier([old], placed).init(weights(model), *OPT, -1, 1, 0) == {old.ps_id: True}
+    assert ps_cluster.tier([old], placed).init(weights(model), *OPT, -1, 1, 0) == {old.ps_id: True}
 
 
-def test_a_dropped_shard_is_never_created_again(cluster: PSCluster) -> None:
-    (ps,) = cluster.start(1)
+def test_a_dropped_shard_is_never_created_again(ps_cluster: PSCluster) -> None:
+    (ps,) = ps_cluster.start(1)
     model = mlp()
-    tier = cluster.tier([ps], placement_for(model, [ps]))
+    tier = ps_cluster.tier([ps], placement_for(model, [ps]))
     tier.init(weights(model), *OPT, -1, 1, 0)
     assert drop_shards(JOB, 1, {ps.ps_id: ps.address}) == {}
     with pytest.raises(ShardLost, match="dropped job job-ps's shard"):
@@ -70,30 +55,30 @@ def test_a_dropped_shard_is_never_created_again(cluster: PSCluster) -> None:
     assert ps.servicer.shard(JOB) is None
 
 
-def test_a_fence_without_a_shard_refuses_an_older_generations_init(cluster: PSCluster) -> None:
-    (ps,) = cluster.start(1)
+def test_a_fence_without_a_shard_refuses_an_older_generations_init(ps_cluster: PSCluster) -> None:
+    (ps,) = ps_cluster.start(1)
     model = mlp()
     placement = placement_for(model, [ps])
     assert advance_fence(JOB, 3, 1, {ps.ps_id: ps.address}) == {}  # NOT_FOUND, floor kept
     with pytest.raises(ShardLost, match="generation 2 is stale"):
-        cluster.tier([ps], placement, generation=2).init(weights(model), *OPT, -1, 1, 0)
+        ps_cluster.tier([ps], placement, generation=2).init(weights(model), *OPT, -1, 1, 0)
     assert ps.servicer.shard(JOB) is None
-    assert cluster.tier([ps], placement, generation=3).init(weights(model), *OPT, -1, 1, 0)
+    assert ps_cluster.tier([ps], placement, generation=3).init(weights(model), *OPT, -1, 1, 0)
 
 
-def test_a_fence_names_the_ps_that_did_not_answer(cluster: PSCluster) -> None:
-    (ps,) = cluster.start(1)
+def test_a_fence_names_the_ps_that_did_not_answer(ps_cluster: PSCluster) -> None:
+    (ps,) = ps_cluster.start(1)
     missed = advance_fence(JOB, 2, 1, {ps.ps_id: ps.address, "ps-gone": "127.0.0.1:1"})
     assert list(missed) == ["ps-gone"] and missed["ps-gone"].startswith("UNAVAILABLE")
 
 
-def test_a_synchronous_round_follows_the_pushers_generation_size(cluster: PSCluster) -> None:
+def test_a_synchronous_round_follows_the_pushers_generation_size(ps_cluster: PSCluster) -> None:
     """Two workers in generation 1; generation 2 has one. Its push alone completes a round,
     even though no AdvanceGeneration ever told the PS the size changed."""
-    (ps,) = cluster.start(1)
+    (ps,) = ps_cluster.start(1)
     model = mlp()
     placement = placement_for(model, [ps])
-    gen1 = [cluster.tier([ps], placement, generation=1, worker_id=f"w.{i}") for i in range(2)]
+    gen1 = [ps_cluster.tier([ps], placement, generation=1, worker_id=f"w.{i}") for i in range(2)]
     for t in gen1:
         t.workers = 2
     gen1[0].init(weights(model), "sgd", {"lr": 0.1}, 0, 2, 0)
@@ -105,7 +90,7 @@ def test_a_synchronous_round_follows_the_pushers_generation_size(cluster: PSClus
         ]
         assert {o.version for f in pushes for o in f.result(timeout=30).values()} == {1}
 
-    survivor = cluster.tier([ps], placement, generation=2, worker_id="w.0")
+    survivor = ps_cluster.tier([ps], placement, generation=2, worker_id="w.0")
     survivor.workers = 1
     for step in range(1, 4):
         outcomes = survivor.push(*gradient(models[0], survivor, 10 + step))

@@ -8,7 +8,6 @@ leave the server answering the next, well-formed request (invariant 8).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -18,12 +17,10 @@ import torch
 from elasticd.ps_client import PSTier
 from elasticd.rpc import ps_pb2
 from elasticd.wire import as_bytes
+from tests.fixtures.ps import JOB, PS, PSCluster
 from tests.test_ps_service import (
     B_BYTES,
-    JOB,
-    PS,
     W_BYTES,
-    PSCluster,
     assert_same_state,
     bitwise_equal,
     shard_state,
@@ -34,23 +31,14 @@ from tests.test_ps_service import (
 pytestmark = pytest.mark.filterwarnings("ignore:The given buffer is not writable")
 
 
-@pytest.fixture
-def cluster() -> Iterator[PSCluster]:
-    c = PSCluster()
-    try:
-        yield c
-    finally:
-        c.close()
-
-
 # -- malformed requests -------------------------------------------------------------------
 
 
 @pytest.fixture
-def tiny(cluster: PSCluster) -> tuple[PS, PSTier]:
+def tiny(ps_cluster: PSCluster) -> tuple[PS, PSTier]:
     """One PS holding job JOB ("w", "b"; SGD with momentum) after one applied push."""
-    (ps,) = cluster.start(1)
-    tier = cluster.tier([ps], tiny_placement(ps))
+    (ps,) = ps_cluster.start(1)
+    tier = ps_cluster.tier([ps], tiny_placement(ps))
     tier.init(tiny_tensors(), "sgd", {"lr": 0.1, "momentum": 0.9}, -1, 1, 0)
     ones = {k: torch.ones_like(v) for k, v in tiny_tensors().items()}
     tier.push(ones, {ps.ps_id: 0})
@@ -129,10 +117,10 @@ MALFORMED = [
 
 @pytest.mark.parametrize(("case", "code", "message"), MALFORMED, ids=[m[0] for m in MALFORMED])
 def test_malformed_push_is_rejected_and_changes_nothing(
-    cluster: PSCluster, tiny: tuple[PS, PSTier], case: str, code: grpc.StatusCode, message: str
+    ps_cluster: PSCluster, tiny: tuple[PS, PSTier], case: str, code: grpc.StatusCode, message: str
 ) -> None:
     ps, tier = tiny
-    stub = cluster.stub(ps)
+    stub = ps_cluster.stub(ps)
     before = shard_state(ps)
     values_before = tier.pull_into(dict(tiny_tensors()))  # a pull works before
 
@@ -217,10 +205,10 @@ MALFORMED_INIT = [
     ("case", "requests", "message"), MALFORMED_INIT, ids=[m[0] for m in MALFORMED_INIT]
 )
 def test_malformed_init_is_rejected(
-    cluster: PSCluster, tiny: tuple[PS, PSTier], case: str, requests: list, message: str
+    ps_cluster: PSCluster, tiny: tuple[PS, PSTier], case: str, requests: list, message: str
 ) -> None:
     ps, tier = tiny
-    stub = cluster.stub(ps)
+    stub = ps_cluster.stub(ps)
     before = shard_state(ps)
     with pytest.raises(grpc.RpcError) as err:
         stub.InitShard(iter(requests), timeout=10)
@@ -233,22 +221,22 @@ def test_malformed_init_is_rejected(
 
 
 def test_bad_header_for_an_existing_job_is_still_rejected(
-    cluster: PSCluster, tiny: tuple[PS, PSTier]
+    ps_cluster: PSCluster, tiny: tuple[PS, PSTier]
 ) -> None:
     ps, _ = tiny
     before = shard_state(ps)
     with pytest.raises(grpc.RpcError) as err:
-        cluster.stub(ps).InitShard(iter([init_request(JOB, [META_W], optimizer="rmsprop")]))
+        ps_cluster.stub(ps).InitShard(iter([init_request(JOB, [META_W], optimizer="rmsprop")]))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert_same_state(before, shard_state(ps))
 
 
 @pytest.mark.parametrize("rpc", ["Pull", "Snapshot", "AdvanceGeneration", "DropShard"])
 def test_unknown_job_is_not_found(
-    cluster: PSCluster, tiny: tuple[PS, PSTier], rpc: str, tmp_path: Path
+    ps_cluster: PSCluster, tiny: tuple[PS, PSTier], rpc: str, tmp_path: Path
 ) -> None:
     ps, _ = tiny
-    stub = cluster.stub(ps)
+    stub = ps_cluster.stub(ps)
     fence = ps_pb2.Fence(job_id="ghost", generation=1)
     request = {
         "Pull": ps_pb2.PullRequest(fence=fence),
@@ -268,7 +256,7 @@ def test_unknown_job_is_not_found(
 # -- InitShard is create-once ----------------------------------------------------------------
 
 
-def test_init_shard_is_create_once(cluster: PSCluster, tiny: tuple[PS, PSTier]) -> None:
+def test_init_shard_is_create_once(ps_cluster: PSCluster, tiny: tuple[PS, PSTier]) -> None:
     ps, tier = tiny
     before = shard_state(ps)
     other = {k: v + 100 for k, v in tiny_tensors().items()}
@@ -278,7 +266,7 @@ def test_init_shard_is_create_once(cluster: PSCluster, tiny: tuple[PS, PSTier]) 
     # Through the raw stub: the servicer itself keeps the first shard.
     w, b = bytes(as_bytes(other["w"])), bytes(as_bytes(other["b"]))
     metas = [META_W, ps_pb2.TensorMeta(key="b", dtype="float32", shape=[4])]
-    reply = cluster.stub(ps).InitShard(
+    reply = ps_cluster.stub(ps).InitShard(
         iter(
             [
                 init_request(JOB, metas, optimizer="adam", kwargs='{"lr": 0.5}'),
@@ -299,10 +287,10 @@ def test_init_shard_is_create_once(cluster: PSCluster, tiny: tuple[PS, PSTier]) 
     assert not torch.equal(out["w"], other["w"])
 
 
-def test_init_shard_creates_with_the_sent_values(cluster: PSCluster) -> None:
-    (ps,) = cluster.start(1)
+def test_init_shard_creates_with_the_sent_values(ps_cluster: PSCluster) -> None:
+    (ps,) = ps_cluster.start(1)
     values = tiny_tensors()
-    tier = cluster.tier([ps], tiny_placement(ps))
+    tier = ps_cluster.tier([ps], tiny_placement(ps))
     assert tier.init(values, "adagrad", {"lr": 0.1}, 3, 2, 50) == {ps.ps_id: True}
     shard = ps.servicer.shard(JOB)
     assert (shard.config.max_staleness, shard.config.workers, shard.config.max_version) == (

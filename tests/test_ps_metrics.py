@@ -24,8 +24,9 @@ from elasticd.ps_control import drop_shards
 from elasticd.retry import wait_until
 from elasticd.rpc import ps_pb2
 from elasticd.server.ps.metrics import serve_metrics
+from tests.fixtures.ps import JOB, PSCluster
 from tests.test_ps_malformed import malformed_push
-from tests.test_ps_service import B_BYTES, JOB, W_BYTES, PSCluster, tiny_placement, tiny_tensors
+from tests.test_ps_service import B_BYTES, W_BYTES, tiny_placement, tiny_tensors
 
 pytestmark = pytest.mark.filterwarnings("ignore:The given buffer is not writable")
 
@@ -33,16 +34,7 @@ TINY = W_BYTES + B_BYTES
 
 
 @pytest.fixture
-def cluster() -> Iterator[PSCluster]:
-    c = PSCluster()
-    try:
-        yield c
-    finally:
-        c.close()
-
-
-@pytest.fixture
-def metrics_url(cluster: PSCluster) -> Iterator[Callable[..., str]]:
+def metrics_url(ps_cluster: PSCluster) -> Iterator[Callable[..., str]]:
     servers = []
 
     def url_of(ps) -> str:
@@ -72,10 +64,10 @@ def ones() -> dict[str, torch.Tensor]:
     return {k: torch.ones_like(v) for k, v in tiny_tensors().items()}
 
 
-def test_metrics_count_what_happened(cluster: PSCluster, metrics_url) -> None:
-    (ps,) = cluster.start(1)
+def test_metrics_count_what_happened(ps_cluster: PSCluster, metrics_url) -> None:
+    (ps,) = ps_cluster.start(1)
     url = metrics_url(ps)
-    tier = cluster.tier([ps], tiny_placement(ps), generation=2)
+    tier = ps_cluster.tier([ps], tiny_placement(ps), generation=2)
     tier.init(tiny_tensors(), "sgd", {"lr": 0.1}, 1, 1, 0)  # max_staleness 1
 
     out = dict(tiny_tensors())
@@ -86,8 +78,8 @@ def test_metrics_count_what_happened(cluster: PSCluster, metrics_url) -> None:
     with pytest.raises(StaleGradient):
         tier.push(ones(), {ps.ps_id: 2})  # 2 versions old now
     with pytest.raises(Fenced):
-        cluster.tier([ps], tiny_placement(ps), generation=1).push(ones(), {ps.ps_id: 4})
-    stub = cluster.stub(ps)
+        ps_cluster.tier([ps], tiny_placement(ps), generation=1).push(ones(), {ps.ps_id: 4})
+    stub = ps_cluster.stub(ps)
     with pytest.raises(grpc.RpcError):
         stub.Push(iter(malformed_push("too-few-bytes")), timeout=10)  # generation 1: fenced too
     for case in ("too-many-bytes", "unknown-job"):
@@ -138,11 +130,11 @@ def test_metrics_count_what_happened(cluster: PSCluster, metrics_url) -> None:
     assert stats.optimizer_step_seconds.count == 5
 
 
-def test_servers_in_one_process_keep_separate_figures(cluster: PSCluster, metrics_url) -> None:
-    a, b = cluster.start(2)
+def test_servers_in_one_process_keep_separate_figures(ps_cluster: PSCluster, metrics_url) -> None:
+    a, b = ps_cluster.start(2)
     url_a, url_b = metrics_url(a), metrics_url(b)
-    cluster.tier([a], tiny_placement(a)).init(tiny_tensors(), "sgd", {"lr": 0.1}, -1, 1, 0)
-    tier_b = cluster.tier([b], tiny_placement(b), job="job-b")
+    ps_cluster.tier([a], tiny_placement(a)).init(tiny_tensors(), "sgd", {"lr": 0.1}, -1, 1, 0)
+    tier_b = ps_cluster.tier([b], tiny_placement(b), job="job-b")
     tier_b.init(tiny_tensors(), "sgd", {"lr": 0.1}, -1, 1, 0)
     tier_b.push(ones(), {b.ps_id: 0})
 
@@ -155,10 +147,10 @@ def test_servers_in_one_process_keep_separate_figures(cluster: PSCluster, metric
     # A dropped shard's series go with it.
     assert drop_shards("job-b", 1, {b.ps_id: b.address}) == {}
     assert ("elasticd_ps_pushes_applied_total", (("job", "job-b"),)) not in scrape(url_b)
-    reply = cluster.stub(b).Stats(ps_pb2.StatsRequest())
+    reply = ps_cluster.stub(b).Stats(ps_pb2.StatsRequest())
     assert (reply.ps_id, list(reply.jobs)) == (b.ps_id, [])
     with pytest.raises(grpc.RpcError) as err:
-        cluster.stub(b).Stats(ps_pb2.StatsRequest(job_id="job-b"))
+        ps_cluster.stub(b).Stats(ps_pb2.StatsRequest(job_id="job-b"))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -24,86 +22,13 @@ from elasticd.optimizers import build_optimizer
 from elasticd.placement import ShardPlacement, TensorSpec, place
 from elasticd.ps_client import Fenced, PSTier, StaleGradient, slice_view
 from elasticd.ps_control import advance_fence, drop_shards, shard_infos
-from elasticd.rpc import ps_pb2, ps_pb2_grpc
-from elasticd.server.ps.service import ParameterServerServicer, add_to_server
-from elasticd.serving import start_grpc_server
+from elasticd.rpc import ps_pb2
 from elasticd.wire import as_bytes, dtype_name
+from tests.fixtures.ps import JOB, PS, PSCluster
 
 pytestmark = pytest.mark.filterwarnings("ignore:The given buffer is not writable")
 
-JOB = "job-ps"
 STEPS = 10
-
-
-# -- fixtures ------------------------------------------------------------------------
-
-
-@dataclass
-class PS:
-    ps_id: str
-    address: str
-    servicer: ParameterServerServicer
-    server: grpc.Server
-
-
-@dataclass
-class PSCluster:
-    """Parameter servers on loopback ports, and the clients a test opens to them."""
-
-    servers: list[PS] = field(default_factory=list)
-    tiers: list[PSTier] = field(default_factory=list)
-    channels: list[grpc.Channel] = field(default_factory=list)
-
-    def start(self, n: int, **servicer_kwargs) -> list[PS]:
-        out = []
-        for _ in range(n):
-            ps_id = f"ps-{len(self.servers)}"
-            servicer = ParameterServerServicer(ps_id, **servicer_kwargs)
-            server, port = start_grpc_server(
-                lambda s, sv=servicer: add_to_server(sv, s),
-                "127.0.0.1",
-                0,
-            )
-            ps = PS(ps_id, f"127.0.0.1:{port}", servicer, server)
-            self.servers.append(ps)
-            out.append(ps)
-        return out
-
-    def tier(
-        self,
-        servers: list[PS],
-        placement: ShardPlacement,
-        generation: int = 1,
-        job: str = JOB,
-        worker_id: str = "w.0",
-    ) -> PSTier:
-        tier = PSTier(
-            job, generation, placement, {s.ps_id: s.address for s in servers}, worker_id=worker_id
-        )
-        self.tiers.append(tier)
-        return tier
-
-    def stub(self, ps: PS) -> ps_pb2_grpc.ParameterServerStub:
-        channel = grpc.insecure_channel(ps.address)
-        self.channels.append(channel)
-        return ps_pb2_grpc.ParameterServerStub(channel)
-
-    def close(self) -> None:
-        for tier in self.tiers:
-            tier.close()
-        for channel in self.channels:
-            channel.close()
-        for ps in self.servers:
-            ps.server.stop(None).wait()
-
-
-@pytest.fixture
-def cluster() -> Iterator[PSCluster]:
-    c = PSCluster()
-    try:
-        yield c
-    finally:
-        c.close()
 
 
 # -- a small deterministic model -------------------------------------------------------
@@ -172,13 +97,15 @@ OPTIMIZER_CASES = [
 
 
 @pytest.mark.parametrize(("name", "kwargs"), OPTIMIZER_CASES, ids=[c[0] for c in OPTIMIZER_CASES])
-def test_ps_training_equals_local_torch_optim(cluster: PSCluster, name: str, kwargs: dict) -> None:
-    servers = cluster.start(2)
+def test_ps_training_equals_local_torch_optim(
+    ps_cluster: PSCluster, name: str, kwargs: dict
+) -> None:
+    servers = ps_cluster.start(2)
     worker = mlp()
     placement = placement_for(worker, servers)
     assert any(not s.whole for s in placement.slices), "no tensor was split by rows"
     assert len(placement.ps_ids) == 2
-    tier = cluster.tier(servers, placement)
+    tier = ps_cluster.tier(servers, placement)
     created = tier.init(weights(worker), name, kwargs, max_staleness=-1, workers=1, max_version=0)
     assert created == {"ps-0": True, "ps-1": True}
 
@@ -241,10 +168,10 @@ def assert_same_state(before: tuple, after: tuple) -> None:
         assert bitwise_equal(before[2][k], after[2][k]), f"optimizer state {k} changed"
 
 
-def test_push_beyond_max_staleness_is_rejected(cluster: PSCluster) -> None:
-    (ps,) = cluster.start(1)
+def test_push_beyond_max_staleness_is_rejected(ps_cluster: PSCluster) -> None:
+    (ps,) = ps_cluster.start(1)
     worker = mlp()
-    tier = cluster.tier([ps], placement_for(worker, [ps]))
+    tier = ps_cluster.tier([ps], placement_for(worker, [ps]))
     tier.init(weights(worker), "sgd", {"lr": 0.1, "momentum": 0.9}, 1, 1, 0)
 
     base = tier.pull_into(weights(worker))  # version 0
@@ -267,10 +194,10 @@ def test_push_beyond_max_staleness_is_rejected(cluster: PSCluster) -> None:
     assert (outcome.version, outcome.applied, outcome.staleness) == (3, True, 1)
 
 
-def test_unbounded_staleness_accepts_old_gradients(cluster: PSCluster) -> None:
-    (ps,) = cluster.start(1)
+def test_unbounded_staleness_accepts_old_gradients(ps_cluster: PSCluster) -> None:
+    (ps,) = ps_cluster.start(1)
     worker = mlp()
-    tier = cluster.tier([ps], placement_for(worker, [ps]))
+    tier = ps_cluster.tier([ps], placement_for(worker, [ps]))
     tier.init(weights(worker), "sgd", {"lr": 0.1}, -1, 1, 0)
     base = tier.pull_into(weights(worker))
     for i in range(3):
@@ -281,10 +208,10 @@ def test_unbounded_staleness_accepts_old_gradients(cluster: PSCluster) -> None:
     assert (outcome.version, outcome.applied, outcome.staleness) == (4, True, 3)
 
 
-def test_pushes_stop_at_max_version(cluster: PSCluster) -> None:
-    (ps,) = cluster.start(1)
+def test_pushes_stop_at_max_version(ps_cluster: PSCluster) -> None:
+    (ps,) = ps_cluster.start(1)
     worker = mlp()
-    tier = cluster.tier([ps], placement_for(worker, [ps]))
+    tier = ps_cluster.tier([ps], placement_for(worker, [ps]))
     tier.init(weights(worker), "sgd", {"lr": 0.1}, -1, 1, 2)
     ps_step(worker, tier, 0)
     ps_step(worker, tier, 1)
@@ -297,15 +224,15 @@ def test_pushes_stop_at_max_version(cluster: PSCluster) -> None:
 # -- fencing -----------------------------------------------------------------------------
 
 
-def test_old_generation_is_fenced_after_advance(cluster: PSCluster, tmp_path: Path) -> None:
-    servers = cluster.start(2)
+def test_old_generation_is_fenced_after_advance(ps_cluster: PSCluster, tmp_path: Path) -> None:
+    servers = ps_cluster.start(2)
     worker = mlp()
     placement = placement_for(worker, servers)
-    gen1 = cluster.tier(servers, placement, generation=1)
+    gen1 = ps_cluster.tier(servers, placement, generation=1)
     gen1.init(weights(worker), "adam", {"lr": 0.01}, -1, 1, 0)
     ps_step(worker, gen1, 0)
 
-    gen2 = cluster.tier(servers, placement, generation=2)
+    gen2 = ps_cluster.tier(servers, placement, generation=2)
     addresses = {ps.ps_id: ps.address for ps in servers}
     assert advance_fence(JOB, 2, 2, addresses) == {}
     assert {i.generation for i in shard_infos(JOB, addresses).values()} == {2}
@@ -321,7 +248,7 @@ def test_old_generation_is_fenced_after_advance(cluster: PSCluster, tmp_path: Pa
         gen1.snapshot(str(tmp_path), 1)
     for ps in servers:
         with pytest.raises(grpc.RpcError) as err:
-            cluster.stub(ps).AdvanceGeneration(
+            ps_cluster.stub(ps).AdvanceGeneration(
                 ps_pb2.AdvanceGenerationRequest(fence=ps_pb2.Fence(job_id=JOB, generation=1))
             )
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -338,13 +265,13 @@ def test_old_generation_is_fenced_after_advance(cluster: PSCluster, tmp_path: Pa
     assert {o.version for o in outcomes.values()} == {2}
 
 
-def test_newer_generation_push_advances_the_fence(cluster: PSCluster) -> None:
-    (ps,) = cluster.start(1)
+def test_newer_generation_push_advances_the_fence(ps_cluster: PSCluster) -> None:
+    (ps,) = ps_cluster.start(1)
     worker = mlp()
     placement = placement_for(worker, [ps])
-    gen1 = cluster.tier([ps], placement, generation=1)
+    gen1 = ps_cluster.tier([ps], placement, generation=1)
     gen1.init(weights(worker), "sgd", {"lr": 0.1}, -1, 1, 0)
-    gen3 = cluster.tier([ps], placement, generation=3)
+    gen3 = ps_cluster.tier([ps], placement, generation=3)
     ps_step(worker, gen3, 0)
     assert ps.servicer.shard(JOB).generation == 3
     with pytest.raises(Fenced):
@@ -369,12 +296,12 @@ def tiny_placement(ps: PS) -> ShardPlacement:
 # -- snapshot ---------------------------------------------------------------------------------
 
 
-def test_snapshot_writes_loadable_shards(cluster: PSCluster, tmp_path: Path) -> None:
-    servers = cluster.start(2)
+def test_snapshot_writes_loadable_shards(ps_cluster: PSCluster, tmp_path: Path) -> None:
+    servers = ps_cluster.start(2)
     worker = mlp()
     placement = placement_for(worker, servers)
     kwargs = {"lr": 0.01, "betas": [0.8, 0.95]}
-    tier = cluster.tier(servers, placement)
+    tier = ps_cluster.tier(servers, placement)
     tier.init(weights(worker), "adam", kwargs, -1, 1, 0)
     for i in range(3):
         ps_step(worker, tier, i)
@@ -416,9 +343,9 @@ def test_snapshot_writes_loadable_shards(cluster: PSCluster, tmp_path: Path) -> 
             assert bitwise_equal(p.detach(), slice_view(after[s.param], s)), s.key
 
 
-def test_snapshot_reads_no_pickle(cluster: PSCluster, tmp_path: Path) -> None:
-    (ps,) = cluster.start(1)
-    tier = cluster.tier([ps], tiny_placement(ps))
+def test_snapshot_reads_no_pickle(ps_cluster: PSCluster, tmp_path: Path) -> None:
+    (ps,) = ps_cluster.start(1)
+    tier = ps_cluster.tier([ps], tiny_placement(ps))
     tier.init(tiny_tensors(), "sgd", {"lr": 0.1}, -1, 1, 0)
     (reply,) = tier.snapshot(str(tmp_path), 0).values()
     data = (tmp_path / JOB / f"{0:012d}" / reply.path).read_bytes()

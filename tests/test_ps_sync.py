@@ -11,7 +11,6 @@ round is refused.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import grpc
@@ -24,10 +23,8 @@ from elasticd.ps_control import advance_fence
 from elasticd.retry import wait_until
 from elasticd.rpc import ps_pb2
 from elasticd.wire import as_bytes
+from tests.fixtures.ps import JOB, PS, PSCluster
 from tests.test_ps_service import (
-    JOB,
-    PS,
-    PSCluster,
     assert_same_state,
     bitwise_equal,
     grads,
@@ -44,15 +41,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:The given buffer is not writable
 KWARGS = {"lr": 0.05, "momentum": 0.9}
 
 
-@pytest.fixture
-def cluster() -> Iterator[PSCluster]:
-    c = PSCluster()
-    try:
-        yield c
-    finally:
-        c.close()
-
-
 def gradient(model: nn.Module, tier: PSTier, index: int) -> tuple[dict, dict]:
     """Pull into ``model``, compute the gradient of batch ``index``; (grads, versions)."""
     versions = tier.pull_into(weights(model))
@@ -61,10 +49,10 @@ def gradient(model: nn.Module, tier: PSTier, index: int) -> tuple[dict, dict]:
     return {n: g.clone() for n, g in grads(model).items()}, versions
 
 
-def workers_tiers(cluster: PSCluster, servers: list[PS], n: int, generation: int = 1):
+def workers_tiers(ps_cluster: PSCluster, servers: list[PS], n: int, generation: int = 1):
     placement = placement_for(mlp(), servers)
     return [
-        cluster.tier(servers, placement, generation=generation, worker_id=f"w.{i}")
+        ps_cluster.tier(servers, placement, generation=generation, worker_id=f"w.{i}")
         for i in range(n)
     ]
 
@@ -84,9 +72,9 @@ def wait_pending(servers: list[PS], workers: list[str]) -> None:
 
 
 @pytest.mark.parametrize("n_workers", [2, 3])
-def test_round_applies_the_mean_gradient_once(cluster: PSCluster, n_workers: int) -> None:
-    servers = cluster.start(2)
-    tiers = workers_tiers(cluster, servers, n_workers)
+def test_round_applies_the_mean_gradient_once(ps_cluster: PSCluster, n_workers: int) -> None:
+    servers = ps_cluster.start(2)
+    tiers = workers_tiers(ps_cluster, servers, n_workers)
     models = [mlp() for _ in tiers]
     tiers[0].init(weights(models[0]), "sgd", KWARGS, 0, n_workers, 0)
 
@@ -131,10 +119,10 @@ def test_round_applies_the_mean_gradient_once(cluster: PSCluster, n_workers: int
         assert shard.pending_workers() == []
 
 
-def test_second_push_from_one_worker_in_a_round_is_refused(cluster: PSCluster) -> None:
-    servers = cluster.start(1)
-    w0, w1 = workers_tiers(cluster, servers, 2)
-    w0_again = workers_tiers(cluster, servers, 1)[0]  # another client with worker id w.0
+def test_second_push_from_one_worker_in_a_round_is_refused(ps_cluster: PSCluster) -> None:
+    servers = ps_cluster.start(1)
+    w0, w1 = workers_tiers(ps_cluster, servers, 2)
+    w0_again = workers_tiers(ps_cluster, servers, 1)[0]  # another client with worker id w.0
     m0, m1 = mlp(), mlp()
     w0.init(weights(m0), "sgd", {"lr": 0.1}, 0, 2, 0)
 
@@ -162,9 +150,9 @@ def test_second_push_from_one_worker_in_a_round_is_refused(cluster: PSCluster) -
         assert bitwise_equal(remote[n], p.detach()), n
 
 
-def test_generation_change_releases_the_round_unapplied(cluster: PSCluster) -> None:
-    servers = cluster.start(2)
-    w0, w1 = workers_tiers(cluster, servers, 2)
+def test_generation_change_releases_the_round_unapplied(ps_cluster: PSCluster) -> None:
+    servers = ps_cluster.start(2)
+    w0, w1 = workers_tiers(ps_cluster, servers, 2)
     m0, m1 = mlp(), mlp()
     w0.init(weights(m0), "sgd", KWARGS, 0, 2, 0)
     before = [shard_state(ps) for ps in servers]
@@ -182,7 +170,7 @@ def test_generation_change_releases_the_round_unapplied(cluster: PSCluster) -> N
         assert ps.servicer.shard(JOB).pending_workers() == []
 
     # Generation 2 trains: its two workers complete a round.
-    n0, n1 = workers_tiers(cluster, servers, 2, generation=2)
+    n0, n1 = workers_tiers(ps_cluster, servers, 2, generation=2)
     g0, v0 = gradient(m0, n0, 2)
     g1, v1 = gradient(m1, n1, 3)
     with ThreadPoolExecutor(2) as pool:
@@ -190,9 +178,9 @@ def test_generation_change_releases_the_round_unapplied(cluster: PSCluster) -> N
         assert all(o.version == 1 for f in futures for o in f.result(timeout=30).values())
 
 
-def test_round_that_times_out_leaves_nothing_behind(cluster: PSCluster) -> None:
-    servers = cluster.start(1, sync_timeout_s=0.3)
-    w0, w1 = workers_tiers(cluster, servers, 2)
+def test_round_that_times_out_leaves_nothing_behind(ps_cluster: PSCluster) -> None:
+    servers = ps_cluster.start(1, sync_timeout_s=0.3)
+    w0, w1 = workers_tiers(ps_cluster, servers, 2)
     m0, m1 = mlp(), mlp()
     w0.init(weights(m0), "sgd", {"lr": 0.1}, 0, 2, 0)
     before = shard_state(servers[0])
@@ -220,15 +208,15 @@ def test_round_that_times_out_leaves_nothing_behind(cluster: PSCluster) -> None:
         assert bitwise_equal(remote[n], p.detach()), n
 
 
-def test_pusher_that_goes_away_is_withdrawn_from_the_round(cluster: PSCluster) -> None:
-    (ps,) = cluster.start(1)
-    (w0,) = workers_tiers(cluster, [ps], 1)
+def test_pusher_that_goes_away_is_withdrawn_from_the_round(ps_cluster: PSCluster) -> None:
+    (ps,) = ps_cluster.start(1)
+    (w0,) = workers_tiers(ps_cluster, [ps], 1)
     m0 = mlp()
     w0.init(weights(m0), "sgd", {"lr": 0.1}, 0, 2, 0)
     g0, _ = gradient(m0, w0, 0)
     before = shard_state(ps)
 
-    stub = cluster.stub(ps)
+    stub = ps_cluster.stub(ps)
     header = ps_pb2.PushRequest(
         header=ps_pb2.PushHeader(
             fence=ps_pb2.Fence(job_id=JOB, generation=1), worker_id="w.9", base_version=0
@@ -254,9 +242,9 @@ def test_pusher_that_goes_away_is_withdrawn_from_the_round(cluster: PSCluster) -
     assert_same_state(before, shard_state(ps))
 
 
-def test_stale_or_anonymous_push_is_refused_in_synchronous_mode(cluster: PSCluster) -> None:
-    (ps,) = cluster.start(1)
-    (w0,) = workers_tiers(cluster, [ps], 1)
+def test_stale_or_anonymous_push_is_refused_in_synchronous_mode(ps_cluster: PSCluster) -> None:
+    (ps,) = ps_cluster.start(1)
+    (w0,) = workers_tiers(ps_cluster, [ps], 1)
     m0 = mlp()
     w0.init(weights(m0), "sgd", {"lr": 0.1}, 0, 1, 0)
     old, v_old = gradient(m0, w0, 0)
@@ -265,7 +253,7 @@ def test_stale_or_anonymous_push_is_refused_in_synchronous_mode(cluster: PSClust
     before = shard_state(ps)
     with pytest.raises(StaleGradient, match="1 versions old; the job allows 0"):
         w0.push(old, v_old)
-    anonymous = workers_tiers(cluster, [ps], 1)[0]
+    anonymous = workers_tiers(ps_cluster, [ps], 1)[0]
     anonymous.worker_id = ""
     g, v = gradient(m0, w0, 2)
     with pytest.raises(grpc.RpcError) as err:
@@ -275,10 +263,10 @@ def test_stale_or_anonymous_push_is_refused_in_synchronous_mode(cluster: PSClust
     assert_same_state(before, shard_state(ps))
 
 
-def test_abandoned_round_does_not_block_other_jobs(cluster: PSCluster) -> None:
+def test_abandoned_round_does_not_block_other_jobs(ps_cluster: PSCluster) -> None:
     """A pusher waiting for its round holds one handler thread, not the server."""
-    (ps,) = cluster.start(1)
-    (w0,) = workers_tiers(cluster, [ps], 1)
+    (ps,) = ps_cluster.start(1)
+    (w0,) = workers_tiers(ps_cluster, [ps], 1)
     m0 = mlp()
     w0.init(weights(m0), "sgd", {"lr": 0.1}, 0, 2, 0)
     g0, v0 = gradient(m0, w0, 0)
@@ -286,7 +274,7 @@ def test_abandoned_round_does_not_block_other_jobs(cluster: PSCluster) -> None:
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(lambda: (w0.push(g0, v0), done.set()))
         wait_pending([ps], ["w.0"])
-        other = cluster.tier([ps], w0.placement, job="job-other", worker_id="x.0")
+        other = ps_cluster.tier([ps], w0.placement, job="job-other", worker_id="x.0")
         other.init(weights(mlp(1)), "sgd", {"lr": 0.1}, -1, 1, 0)
         g, v = gradient(mlp(1), other, 0)
         assert other.push(g, v)["ps-0"].version == 1

@@ -10,28 +10,19 @@ from elasticd.placement import TensorSpec, place
 from elasticd.rpc import ps_pb2
 from elasticd.wire import dtype_name
 from elasticd.worker.runtime.handover import join_slices, split_state
-from tests.test_ps_service import PSCluster
+from tests.fixtures.ps import PSCluster
 
 OPT = ("adam", {"lr": 0.01})
 
 
-@pytest.fixture
-def ps() -> PSCluster:
-    c = PSCluster()
-    try:
-        yield c
-    finally:
-        c.close()
-
-
-def trained_tier(ps: PSCluster):
+def trained_tier(ps_cluster: PSCluster):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 40), torch.nn.Linear(40, 3))
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     specs = [TensorSpec(n, dtype_name(t.dtype), tuple(t.shape)) for n, t in params.items()]
     placement = place(specs, ["ps-0", "ps-1"], min_split_bytes=0)
-    servers = ps.start(2)
-    tier = ps.tier(servers, placement)
+    servers = ps_cluster.start(2)
+    tier = ps_cluster.tier(servers, placement)
     tier.init(params, *OPT, max_staleness=-1, workers=1, max_version=0)
     g = torch.Generator().manual_seed(1)
     for _ in range(3):
@@ -41,11 +32,11 @@ def trained_tier(ps: PSCluster):
     return servers, placement, tier
 
 
-def test_export_then_import_at_a_newer_generation_is_bitwise_identical(ps):
-    servers, placement, tier = trained_tier(ps)
+def test_export_then_import_at_a_newer_generation_is_bitwise_identical(ps_cluster):
+    servers, placement, tier = trained_tier(ps_cluster)
     params, named = join_slices(placement, tier.export_state())
     assert named  # Adam's moments came along
-    newer = ps.tier(servers, placement, generation=2)
+    newer = ps_cluster.tier(servers, placement, generation=2)
     newer.import_state(
         split_state(placement, params, named),
         *OPT,
@@ -69,8 +60,8 @@ def test_export_then_import_at_a_newer_generation_is_bitwise_identical(ps):
         tier.export_state()
 
 
-def test_malformed_import_is_refused_and_changes_nothing(ps):
-    servers, placement, tier = trained_tier(ps)
+def test_malformed_import_is_refused_and_changes_nothing(ps_cluster):
+    servers, placement, tier = trained_tier(ps_cluster)
     before = tier.export_state()
     params, named = join_slices(placement, before)
     parts = split_state(placement, params, named)
@@ -79,12 +70,12 @@ def test_malformed_import_is_refused_and_changes_nothing(ps):
     first = next(iter(state))
     bad_state = {**state, first: {**state[first], "exp_avg": torch.zeros(1, 1, 1)}}
     bad = {**parts, ps_id: (tensors, bad_state, keys)}
-    newer = ps.tier(servers, placement, generation=2)
+    newer = ps_cluster.tier(servers, placement, generation=2)
     with pytest.raises(grpc.RpcError) as info:
         newer.import_state(bad, *OPT, max_staleness=-1, workers=1, max_version=0, version=9)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "exp_avg" in info.value.details()
-    stub = ps.stub(servers[0])
+    stub = ps_cluster.stub(servers[0])
     with pytest.raises(grpc.RpcError) as info:
         list(
             stub.ImportShard(iter([ps_pb2.ImportShardRequest(bytes=ps_pb2.ShardBytes(data=b"x"))]))
