@@ -76,12 +76,19 @@ def test_a_ps_restarted_under_its_id_and_port_never_reinitializes_the_job(cluste
         before = c.client.get(c.keys.ps("ps-1")).value
         c.kill("ps-1", signal.SIGKILL)
         c.start_ps("ps-1", port=port)
-        wait_until(lambda: c.client.get(c.keys.ps("ps-1")).value != before, 30, "ps-1 back")
-
-        status = wait_until(
-            lambda: (s := client.get(job_id)).state == "WAITING" and s, 60, "the job to wait"
+        # The old lease may expire before the new process registers: the key can be gone
+        # for a while, and the job may wait first for a PS that is gone.
+        wait_until(
+            lambda: (kv := c.client.get(c.keys.ps("ps-1"))) is not None and kv.value != before,
+            30,
+            "ps-1 back",
         )
-        assert "ps-1 restarted and lost this job's slices" in status.message, status.message
+        restarted = "ps-1 restarted and lost this job's slices"
+        wait_until(
+            lambda: (s := client.get(job_id)).state == "WAITING" and restarted in s.message,
+            60,
+            "the job to wait for ps-1's lost slices",
+        )
         gen = generation(c, job_id)
         assert gen.members == ()
         wait_until(lambda: not processes_of_job(job_id), 30, "the job's workers to stop")

@@ -29,6 +29,7 @@ from elasticd.jobspec import JobSpec
 from elasticd.membership import Generation
 from elasticd.server.controller import sealing
 from elasticd.server.controller.admission import check_buildable, new_job, tensor_specs
+from elasticd.server.controller.adoption import adoption_ops
 from elasticd.server.controller.checkpoints import checkpoint_due, take_checkpoint
 from elasticd.server.controller.errors import BUG_GIVE_UP_S, Conflict, is_retryable, is_terminal
 from elasticd.server.controller.executor import JobLanes, OffLane
@@ -342,36 +343,16 @@ class Controller:
         ops = sealing.seal_ops(snap, cluster, gen, placement, record, self.keys, self.address)
         revision = self.writer.update(snap, ops, generation=True)
         self._adopted.add(job_id)
-        log.info(
-            "event=generation_sealed job=%s generation=%d world=%d revision=%d %s",
-            job_id,
-            gen.number,
-            gen.world_size,
-            revision,
-            action.reason,
-        )
-        if placement is not None and placement != snap.placement:
-            log.info(
-                "event=placed job=%s slices=%d bytes_per_ps=%s incarnations=%s",
-                job_id,
-                len(placement.slices),
-                placement.bytes_per_ps(),
-                dict(placement.incarnations),
-            )
+        sealing.log_sealed(snap, gen, placement, revision, action.reason)
 
     def _adopt(self, snap: JobSnapshot, cluster: ClusterSnapshot) -> None:
         """A new leader points the running generation's workers at itself."""
-        gen = snap.generation
-        ops = [
-            Put(
-                self.keys.assignment(node, snap.record.job_id),
-                sealing.assignment(snap, gen, snap.placement, cluster, node, self.address),
-            )
-            for node in gen.nodes
-        ]
+        ops = adoption_ops(snap, cluster, self.keys, self.address)
         self.writer.update(snap, ops, generation=True)
         self._adopted.add(snap.record.job_id)
-        log.info("event=job_adopted job=%s generation=%d", snap.record.job_id, gen.number)
+        log.info(
+            "event=job_adopted job=%s generation=%d", snap.record.job_id, snap.generation.number
+        )
 
     def _start_background(self, job_id: str, fn: Callable[[], None]) -> None:
         """Run ``fn`` (a checkpoint, a completion) off the lanes: its storage I/O must not

@@ -148,3 +148,24 @@ def fence_tier(
                 f"job {job_id}: parameter servers {sorted(missed)} did not acknowledge "
                 f"generation {gen.number} in {timeout:g}s: {missed}"
             )
+
+
+def log_sealed(
+    snap: JobSnapshot, gen: Generation, placement: ShardPlacement | None, revision: int, reason: str
+) -> None:
+    log.info(
+        "event=generation_sealed job=%s generation=%d world=%d revision=%d %s",
+        snap.record.job_id,
+        gen.number,
+        gen.world_size,
+        revision,
+        reason,
+    )
+    if placement is not None and placement != snap.placement:
+        log.info(
+            "event=placed job=%s slices=%d bytes_per_ps=%s incarnations=%s",
+            snap.record.job_id,
+            len(placement.slices),
+            placement.bytes_per_ps(),
+            dict(placement.incarnations),
+        )
