@@ -26,7 +26,7 @@ from elasticd.coord.election import observe_leader
 from elasticd.coord.etcd import EtcdClient, EtcdError
 from elasticd.coord.keys import DEFAULT_PREFIX, Keys
 from elasticd.retry import wait_until
-from elasticd.worker.agent.supervisor import _die_with_parent
+from elasticd.spawn import spawn
 
 STOP_GRACE_S = 15.0
 
@@ -61,13 +61,12 @@ class Proc:
 def start_process(name: str, argv: list[str], log_path: Path, env: dict | None = None) -> Proc:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        popen = subprocess.Popen(
+        popen = spawn(
             argv,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env={**os.environ, **(env or {})},
-            preexec_fn=_die_with_parent,
         )
     return Proc(name, popen, log_path)
 

@@ -9,7 +9,6 @@ A process exit is seen at once by a waiting thread, not by polling etcd.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -19,21 +18,12 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from elasticd.spawn import spawn
 from elasticd.worker.agent.api import Exited, ProcessSpec
 
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 10.0  # SIGTERM, then SIGKILL after this long
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    os.setsid()
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
 
 
 class ProcessSupervisor:
@@ -90,13 +80,12 @@ class ProcessSupervisor:
         Path(spec.log_path).parent.mkdir(parents=True, exist_ok=True)
         logfile = open(spec.log_path, "ab")  # noqa: SIM115 - owned by the child
         try:
-            proc = subprocess.Popen(
-                list(spec.argv),
+            proc = spawn(
+                spec.argv,
                 env={**os.environ, **spec.env},
                 stdin=subprocess.PIPE,
                 stdout=logfile,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
             )
         finally:
             logfile.close()
