@@ -7,13 +7,9 @@ import torch
 
 from elasticd.optimizers import build_optimizer
 from elasticd.placement import TensorSpec, place
+from elasticd.slicing import join_slices, split_state
 from elasticd.wire import dtype_name
-from elasticd.worker.runtime.handover import (
-    join_slices,
-    load_named_optimizer_state,
-    named_optimizer_state,
-    split_state,
-)
+from elasticd.worker.runtime.handover import load_named_optimizer_state, named_optimizer_state
 
 OPTIMIZERS = [
     ("sgd", {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}),

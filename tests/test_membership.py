@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pytest
 
@@ -23,6 +24,7 @@ from elasticd.membership import (
     split_worker_id,
     worker_id,
 )
+from elasticd.placement import TensorSpec, place
 from elasticd.server.controller.planning import (
     ClusterSnapshot,
     Complete,
@@ -33,6 +35,7 @@ from elasticd.server.controller.planning import (
     Wait,
     decide,
 )
+from elasticd.server.controller.progress import ProgressBook
 from elasticd.server.controller.records import (
     COMPLETED,
     FAILED,
@@ -321,3 +324,56 @@ def test_failed_worker_of_an_older_generation_is_replaced_not_fatal() -> None:
 def test_terminal_jobs_do_nothing(state: str) -> None:
     job = snapshot(["a.0"], state=state)
     assert decide(job, ClusterSnapshot(nodes(b=4), PS)) == Nothing()
+
+
+# -- a PS tier that lost part of the job ------------------------------------------------
+
+
+def placed(job: JobSnapshot, checkpoint: str = "") -> JobSnapshot:
+    """``job`` placed on ps-0 (boot id b0) and ps-1 (boot id b1), with ``checkpoint``."""
+    placement = place(
+        [TensorSpec("w", "float32", (64, 64)), TensorSpec("b", "float32", (64,))],
+        ["ps-0", "ps-1"],
+    ).with_incarnations({"ps-0": "b0", "ps-1": "b1"})
+    record = job.record.evolve(checkpoint=checkpoint, checkpoint_step=40 if checkpoint else 0)
+    return replace(job, placement=placement, record=record)
+
+
+TWO_PS = {"ps-0": "127.0.0.1:1", "ps-1": "127.0.0.1:2"}
+
+
+@pytest.mark.parametrize(
+    ("ps", "incarnations", "why"),
+    [
+        ({"ps-0": TWO_PS["ps-0"]}, {"ps-0": "b0"}, "ps-1 is gone"),
+        (TWO_PS, {"ps-0": "b0", "ps-1": "b1-again"}, "ps-1 restarted and lost"),
+    ],
+    ids=["gone", "restarted"],
+)
+def test_a_lost_ps_restores_the_job_from_its_checkpoint(ps, incarnations, why) -> None:
+    running = snapshot(["a.0", "b.0"], reports=[report("a.0", "RUNNING"), report("b.0", "RUNNING")])
+    cluster = ClusterSnapshot(nodes(a=1, b=1), ps, ps_incarnations=incarnations)
+    action = decide(placed(running, checkpoint="file:///c/job-1/40"), cluster)
+    assert action == Seal(("a.0", "b.0"), action.reason, restore=True)
+    assert why in action.reason and "file:///c/job-1/40" in action.reason
+
+    # Without a checkpoint the job stops and waits: nothing is trained on a fresh slice.
+    action = decide(placed(running), cluster)
+    assert action.workers == () and not action.restore
+    assert why in action.reason and "no checkpoint to restore from" in action.reason
+
+
+def test_an_intact_ps_tier_restores_nothing() -> None:
+    running = snapshot(["a.0"], reports=[report("a.0", "RUNNING")])
+    cluster = ClusterSnapshot(nodes(a=1), TWO_PS, ps_incarnations={"ps-0": "b0", "ps-1": "b1"})
+    assert decide(placed(running, checkpoint="file:///c/job-1/40"), cluster) == Nothing()
+
+
+def test_progress_from_before_a_restore_no_longer_counts() -> None:
+    book = ProgressBook()
+    book.record(JOB, "a.0", 1, 90, 0.5, False)  # trained past the checkpoint, then lost
+    restored = JobRecord(JOB, "job", "ps-async", state=RUNNING, generation=2, step=40)
+    restored = restored.evolve(restored_generation=2, restored_step=40)
+    assert book.live(restored).step == 40
+    book.record(JOB, "a.0", 2, 45, 0.4, False)
+    assert book.live(restored).step == 45

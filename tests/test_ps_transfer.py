@@ -8,8 +8,8 @@ import torch
 
 from elasticd.placement import TensorSpec, place
 from elasticd.rpc import ps_pb2
+from elasticd.slicing import join_slices, split_state
 from elasticd.wire import dtype_name
-from elasticd.worker.runtime.handover import join_slices, split_state
 from tests.fixtures.ps import PSCluster
 
 OPT = ("adam", {"lr": 0.01})

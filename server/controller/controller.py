@@ -56,6 +56,7 @@ from elasticd.server.controller.records import (
     WAITING,
     JobRecord,
 )
+from elasticd.server.controller.restore import NothingToRestore, restore_for_seal
 from elasticd.server.controller.view import EtcdView, JobNotFound
 from elasticd.server.controller.writes import JobWriter
 
@@ -335,11 +336,22 @@ class Controller:
     def _seal(self, snap: JobSnapshot, cluster: ClusterSnapshot, action: Seal) -> None:
         job_id = snap.record.job_id
         gen = sealing.next_generation(snap, action)
-        placement = sealing.placement_for_seal(snap, cluster, lambda: tensor_specs(snap.spec))
-        if placement is not None:
+        record = sealing.sealed_record(snap, gen, action.reason)
+        if action.restore:
+            # The import at the new generation fences every PS of the new placement.
+            try:
+                placement, record = restore_for_seal(
+                    snap, cluster, gen, record, self.checkpoint_url, self.progress.live(snap.record)
+                )
+            except NothingToRestore as exc:  # the job waits: decide() sees no checkpoint
+                lost = snap.record.evolve(checkpoint="", message=f"{action.reason}; {exc}")
+                self.writer.update(snap, [self._record_put(lost)])
+                return
+        else:
+            placement = sealing.placement_for_seal(snap, cluster, lambda: tensor_specs(snap.spec))
+        if placement is not None and not action.restore:
             # Invariant 3: the PS tier refuses the old generation before the new one exists.
             sealing.fence_tier(job_id, gen, placement, self._registered_ps)
-        record = sealing.sealed_record(snap, gen, action.reason)
         ops = sealing.seal_ops(snap, cluster, gen, placement, record, self.keys, self.address)
         revision = self.writer.update(snap, ops, generation=True)
         self._adopted.add(job_id)

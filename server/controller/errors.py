@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import grpc
 
+from elasticd.checkpoint import CorruptShard
 from elasticd.coord.election import NotLeading
 from elasticd.coord.etcd import EtcdError
 from elasticd.ps_client import Fenced, PSUnavailable, ShardLost, StaleGradient
@@ -41,6 +42,7 @@ RETRYABLE = (
     NotLeading,
     TimeoutError,
     ConnectionError,
+    CorruptShard,  # changed since it verified: the next pass picks an older checkpoint
 )
 TERMINAL = (TaskError,)
 

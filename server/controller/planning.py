@@ -62,6 +62,9 @@ class Seal:
 
     workers: tuple[str, ...]
     reason: str
+    # The PS tier lost part of the job: place it again on the live tier and
+    # restore it from the newest verified checkpoint, in this seal.
+    restore: bool = False
 
 
 @dataclass(frozen=True)
@@ -108,8 +111,9 @@ def decide(job: JobSnapshot, cluster: ClusterSnapshot) -> Action:
             return Seal((), "no parameter server is registered")
         return Wait("waiting for a parameter server to register")
     trouble = ps_trouble(job, cluster)
-    if trouble:
+    if trouble and not rec.checkpoint:
         # Never train on a PS tier that lost part of the model: stop, and wait.
+        trouble += "; no checkpoint to restore from (set checkpoint.every_steps)"
         return Seal((), trouble) if current else Wait(trouble)
 
     restarting = sorted(w for w, r in reports.items() if r.state == RESTARTING and w in current)
@@ -131,6 +135,8 @@ def decide(job: JobSnapshot, cluster: ClusterSnapshot) -> Action:
             # Below the minimum: end the running generation; the job waits.
             return Seal((), f"{len(desired)} of at least {spec.workers.min} workers available")
         return Wait(f"waiting for workers: {len(desired)} of at least {spec.workers.min} available")
+    if trouble:
+        return Seal(tuple(desired), f"restore from {rec.checkpoint}: {trouble}", restore=True)
     if set(desired) != current:
         lost = sorted(current - set(desired))
         joined = sorted(set(desired) - current)

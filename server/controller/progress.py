@@ -55,6 +55,10 @@ class ProgressBook:
         progress = self.of(record.job_id)
         if record.state in TERMINAL or not progress:
             return record
+        # Reports from before the last restore count no more: that state was lost.
+        progress = {w: p for w, p in progress.items() if p.generation >= record.restored_generation}
+        if not progress:
+            return record
         current = [p for p in progress.values() if p.generation == record.generation]
         losses = [p.loss for p in current or progress.values() if not math.isnan(p.loss)]
         with self._lock:

@@ -31,6 +31,12 @@ class JobRecord:
     checkpoint_step: int = 0
     message: str = ""
     switches_done: int = 0  # how many of the spec's scheduled switches have happened
+    # The last restore from a checkpoint: its manifest URL, the generation that
+    # began from it, its step, and how many applied updates it lost.
+    restored_from: str = ""
+    restored_generation: int = 0
+    restored_step: int = 0
+    updates_lost: int = 0
     submitted_at: float = 0.0
     updated_at: float = 0.0
 

@@ -21,6 +21,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 
 from elasticd.coord.etcd import Delete, Put
 from elasticd.coord.keys import Keys
@@ -77,6 +78,11 @@ def assignment(
             "placement": json.loads(placement.to_json()) if placement else None,
             "ps": ps,
             "controller": controller,
+            # where the data stream starts again after a restore from a checkpoint
+            "resume": {
+                "generation": snap.record.restored_generation,
+                "position": snap.record.restored_step,
+            },
         }
     ).encode()
 
@@ -98,11 +104,12 @@ def seal_ops(
     ]
     if placement is not None and placement != snap.placement:
         ops.append(Put(keys.placement(job_id), placement.to_json().encode()))
+    sealed = replace(snap, record=record)  # assignments follow the record as sealed
     for node in gen.nodes:
         ops.append(
             Put(
                 keys.assignment(node, job_id),
-                assignment(snap, gen, placement, cluster, node, controller),
+                assignment(sealed, gen, placement, cluster, node, controller),
             )
         )
     old_nodes = set(snap.generation.nodes) if snap.generation else set()

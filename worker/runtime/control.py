@@ -25,6 +25,10 @@ class Assignment:
     placement: list | None
     ps: dict[str, str]
     controller: str
+    # After a restore from a checkpoint: the generation that began from it, and
+    # the batch index its data stream starts again at.
+    resume_generation: int = 0
+    resume_position: int = 0
 
     @classmethod
     def from_message(cls, message: dict[str, Any]) -> Assignment:
@@ -41,6 +45,8 @@ class Assignment:
             placement=a.get("placement"),
             ps=a.get("ps", {}),
             controller=a["controller"],
+            resume_generation=int(a.get("resume", {}).get("generation", 0)),
+            resume_position=int(a.get("resume", {}).get("position", 0)),
         )
 
 

@@ -218,7 +218,7 @@ def train(
 
     losses: deque[float] = deque(maxlen=spec.report_every_steps)
     # batch indices: this worker takes start + rank, start + rank + world, ...
-    index = (handover.position if handover else 0) + a.rank
+    index = (handover.position if handover else a.resume_position) + a.rank
     local_steps = 0
     step = 0
     try:
@@ -229,7 +229,10 @@ def train(
                 if new is not None:
                     if new.spec["mode"] != "ps-async":
                         return _switch_out(ps.tier, ps.placement, new)
-                    index = new.rank + new.world_size * (index // max(a.world_size, 1) + 1)
+                    if new.generation == new.resume_generation:  # restored: rewind the data
+                        index = new.resume_position + new.rank
+                    else:
+                        index = new.rank + new.world_size * (index // max(a.world_size, 1) + 1)
                     ps.adopt(new)
                     a = ps.a
                     reporter.retarget(a.controller)

@@ -26,14 +26,13 @@ import torch
 from elasticd.jobspec import JobSpec
 from elasticd.placement import ShardPlacement
 from elasticd.ps_client import PSTier, PSUnavailable
+from elasticd.slicing import join_slices, split_state
 from elasticd.worker.runtime import heartbeat
 from elasticd.worker.runtime.control import Assignment
 from elasticd.worker.runtime.handover import (
     Handover,
-    join_slices,
     load_named_optimizer_state,
     named_optimizer_state,
-    split_state,
 )
 
 IMPORT_WAIT_S = 120.0  # how long non-zero ranks wait for rank 0's import

@@ -1,0 +1,143 @@
+"""Restoring a ps-async job's PS tier from its newest verified checkpoint.
+
+When a placed parameter server is gone (its lease expired) or came back
+empty (a new boot id), the slices it held are lost. The controller then:
+
+1. places the whole job again on the live PS tier (:func:`restore_placement`,
+   a pure function of the tensors and the live tier);
+2. reads the newest checkpoint whose every shard verifies (an older one when
+   the newest is corrupt or half written; invariant 4);
+3. joins its shards into whole parameters and torch.optim state, cuts them
+   for the new placement, and imports them into every PS at the generation
+   about to be sealed, with the checkpoint's step as their version;
+4. seals that generation with the new placement, in one transaction.
+
+Every slice comes back from the same checkpoint, surviving ones included, so
+parameters, optimizer state, step and data position stay one consistent cut.
+The updates applied after that checkpoint are lost, and the job's record says
+how many. An import is idempotent: a controller that dies between the import
+and the seal imports again, at the same generation, on the next pass.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from elasticd.checkpoint import CheckpointManifest, CheckpointStore, CorruptShard, decode_shard
+from elasticd.jobspec import JobSpec
+from elasticd.membership import Generation
+from elasticd.placement import ShardPlacement, TensorSpec, place
+from elasticd.ps_client import PSTier
+from elasticd.server.controller.admission import tensor_specs
+from elasticd.server.controller.planning import ClusterSnapshot, JobSnapshot
+from elasticd.server.controller.records import JobRecord
+from elasticd.slicing import join_slices, split_state
+
+log = logging.getLogger(__name__)
+
+
+class NothingToRestore(Exception):
+    """The job has no checkpoint whose shards all verify."""
+
+
+@dataclass(frozen=True)
+class Restored:
+    manifest: CheckpointManifest
+    url: str  # the manifest's URL
+    placement: ShardPlacement  # where the state now lives
+
+
+def restore_placement(
+    tensors: list[TensorSpec], live_ps: Mapping[str, str], incarnations: Mapping[str, str]
+) -> ShardPlacement:
+    """The job's slices spread over every live PS, each named with its boot id."""
+    return place(tensors, sorted(live_ps)).with_incarnations(incarnations)
+
+
+def newest_checkpoint(url: str, job_id: str) -> tuple[CheckpointStore, CheckpointManifest]:
+    store = CheckpointStore(url)
+    manifest = store.latest(job_id)
+    if manifest is None:
+        raise NothingToRestore(f"job {job_id} has no verified checkpoint under {url}")
+    return store, manifest
+
+
+def restore_tier(
+    spec: JobSpec,
+    job_id: str,
+    generation: int,
+    world_size: int,
+    placement: ShardPlacement,
+    ps_addresses: Mapping[str, str],
+    url: str,
+) -> Restored:
+    """Import the newest verified checkpoint of ``job_id`` into ``placement`` at ``generation``.
+
+    Raises NothingToRestore when there is none, PSUnavailable when a PS does
+    not answer (the caller retries), CorruptShard when a shard changed since it
+    was verified (the next try picks an older checkpoint).
+    """
+    store, manifest = newest_checkpoint(url, job_id)
+    saved = ShardPlacement.from_json(json.dumps(manifest.extra["placement"]))
+    payloads = {r.name: decode_shard(store.read_shard(manifest, r.name)) for r in manifest.shards}
+    params, named = join_slices(saved, payloads)
+    tier = PSTier(job_id, generation, placement, {p: ps_addresses[p] for p in placement.ps_ids})
+    try:
+        digests = tier.import_state(
+            split_state(placement, params, named),
+            spec.optimizer.name,
+            spec.optimizer.kwargs,
+            spec.ps.max_staleness,
+            workers=world_size,
+            max_version=spec.steps,
+            version=manifest.step,
+        )
+    finally:
+        tier.close()
+    differ = sorted(p for p, (sent, held) in digests.items() if sent != held)
+    if differ:
+        raise CorruptShard(f"parameter servers {differ} hold other state than was restored")
+    where = store.url_of(manifest)
+    log.info(
+        "event=job_restored job=%s generation=%d step=%d checkpoint=%s bytes_per_ps=%s",
+        job_id,
+        generation,
+        manifest.step,
+        where,
+        placement.bytes_per_ps(),
+    )
+    return Restored(manifest, where, placement)
+
+
+def restore_for_seal(
+    snap: JobSnapshot,
+    cluster: ClusterSnapshot,
+    gen: Generation,
+    record: JobRecord,
+    default_url: str,
+    live: JobRecord,
+) -> tuple[ShardPlacement, JobRecord]:
+    """Restore ``snap``'s job onto the live PS tier for generation ``gen``.
+
+    Returns the new placement and ``record`` (the sealed record) saying where
+    the job restarted from and how many applied updates (after ``live.step``)
+    were lost. Raises NothingToRestore when no checkpoint verifies.
+    """
+    placement = restore_placement(tensor_specs(snap.spec), cluster.ps, cluster.ps_incarnations)
+    url = snap.spec.checkpoint.url or default_url
+    restored = restore_tier(
+        snap.spec, snap.record.job_id, gen.number, gen.world_size, placement, cluster.ps, url
+    )
+    step = restored.manifest.step
+    return placement, record.evolve(
+        step=step,
+        checkpoint=restored.url,
+        checkpoint_step=step,
+        restored_from=restored.url,
+        restored_generation=gen.number,
+        restored_step=step,
+        updates_lost=record.updates_lost + max(live.step - step, 0),
+    )
