@@ -160,7 +160,7 @@ def cmd_up(args) -> int:
         signal.signal(sig, lambda *_: stop.set())
     code = 0
     try:
-        cluster.start_etcd(args.etcd_port)
+        cluster.start_etcd(args.etcd_port, fresh=args.fresh)
         cluster.start(ps=args.ps, agents=args.agents)
         print("elasticd local cluster is up:", flush=True)
         for name, address in cluster.addresses().items():
@@ -227,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--etcd-port", type=int, default=None, help="etcd client port (default: a free port)"
+    )
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="forget the jobs of an earlier run in --dir (they resume by default)",
     )
     p.add_argument("--prefix", default=DEFAULT_PREFIX, help="etcd key prefix")
     p.add_argument(

@@ -193,9 +193,11 @@ class LocalCluster:
             self._client = EtcdClient(self.etcd)
         return self._client
 
-    def start_etcd(self, port: int | None = None) -> EtcdServer:
+    def start_etcd(self, port: int | None = None, fresh: bool = False) -> EtcdServer:
+        """Start etcd on ``base_dir``'s data: a cluster started again keeps its jobs."""
         data = self.base_dir / "etcd"
-        shutil.rmtree(data, ignore_errors=True)
+        if fresh:
+            shutil.rmtree(data, ignore_errors=True)
         server = EtcdServer(data, client_port=port or free_port())
         self.etcd_server = server.start()
         self._etcd_endpoint = server.endpoint

@@ -21,12 +21,14 @@ and the seal imports again, at the same generation, on the next pass.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from elasticd.checkpoint import CheckpointManifest, CheckpointStore, CorruptShard, decode_shard
+from elasticd.checkpoint.serialize import state_digest
 from elasticd.jobspec import JobSpec
 from elasticd.membership import Generation
 from elasticd.placement import ShardPlacement, TensorSpec, place
@@ -55,6 +57,16 @@ def restore_placement(
 ) -> ShardPlacement:
     """The job's slices spread over every live PS, each named with its boot id."""
     return place(tensors, sorted(live_ps)).with_incarnations(incarnations)
+
+
+def combined_digest(per_ps: Mapping[str, str]) -> str:
+    return hashlib.sha256("".join(per_ps[p] for p in sorted(per_ps)).encode()).hexdigest()
+
+
+def tier_digest(placement: ShardPlacement, params: dict, named: dict) -> str:
+    """The digest a PS tier holding ``params`` and ``named`` state on ``placement`` reports."""
+    parts = split_state(placement, params, named)
+    return combined_digest({p: state_digest(t, st, keys) for p, (t, st, keys) in parts.items()})
 
 
 def newest_checkpoint(url: str, job_id: str) -> tuple[CheckpointStore, CheckpointManifest]:
@@ -102,12 +114,13 @@ def restore_tier(
         raise CorruptShard(f"parameter servers {differ} hold other state than was restored")
     where = store.url_of(manifest)
     log.info(
-        "event=job_restored job=%s generation=%d step=%d checkpoint=%s bytes_per_ps=%s",
+        "event=job_restored job=%s generation=%d step=%d checkpoint=%s bytes_per_ps=%s digest=%s",
         job_id,
         generation,
         manifest.step,
         where,
         placement.bytes_per_ps(),
+        combined_digest({p: held for p, (_, held) in digests.items()}),
     )
     return Restored(manifest, where, placement)
 

@@ -92,10 +92,12 @@ def _connect(
     backoff = Backoff(*PS_RETRY_S)
     while True:
         placement = ShardPlacement.from_json(json.dumps(a.placement))
-        tier = PSTier(
-            a.job_id, a.generation, placement, a.ps, worker_id=a.worker_id, workers=a.world_size
-        )
+        tier = None
         try:
+            # Raises PSUnavailable when a placed PS had no address (it was not registered).
+            tier = PSTier(
+                a.job_id, a.generation, placement, a.ps, worker_id=a.worker_id, workers=a.world_size
+            )
             created = tier.init(
                 data,
                 spec.optimizer.name,
@@ -105,7 +107,8 @@ def _connect(
                 max_version=spec.steps,
             )
         except _WAIT_FOR as exc:
-            tier.close()
+            if tier is not None:
+                tier.close()
             new = _wait(control, exc, a)
             if new is not None:
                 raise NewAssignment(new) from None
