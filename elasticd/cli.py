@@ -86,7 +86,7 @@ def cmd_submit(args) -> int:
 
     client = _client(args)
     try:
-        job_id = client.submit_file(args.spec)
+        job_id = client.submit_file(args.spec, args.resume_from or "")
     except SpecError as exc:
         print(f"elasticd submit: {args.spec}: {exc}", file=sys.stderr)
         return 2
@@ -246,6 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="submit a job spec", description="Submit a job spec (YAML).")
     p.add_argument("spec", help="path to the job spec")
     p.add_argument("--follow", action="store_true", help="follow the job's progress until it ends")
+    p.add_argument(
+        "--resume-from",
+        metavar="JOB_ID|URL",
+        default=None,
+        help="start from a checkpoint: a job's newest verified one, or a checkpoint's URL "
+        "(to revive a failed or cancelled job, or to fine-tune from it)",
+    )
     p.add_argument("--timeout", type=float, default=3600, help="seconds to follow")
     _client_args(p)
     p.set_defaults(func=cmd_submit)

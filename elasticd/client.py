@@ -73,18 +73,20 @@ class JobClient:
                     raise
                 self._address = ""  # ask etcd who leads now
 
-    def submit_yaml(self, text: str, base_dir: str = "") -> str:
-        return self._call(
-            "SubmitJob", job_pb2.SubmitJobRequest(spec_yaml=text, base_dir=base_dir)
-        ).job_id
+    def submit_yaml(self, text: str, base_dir: str = "", resume_from: str = "") -> str:
+        """Submit a spec; ``resume_from`` (a job id or checkpoint URL) starts it from there."""
+        request = job_pb2.SubmitJobRequest(
+            spec_yaml=text, base_dir=base_dir, resume_from=resume_from
+        )
+        return self._call("SubmitJob", request).job_id
 
-    def submit_file(self, path: str) -> str:
+    def submit_file(self, path: str, resume_from: str = "") -> str:
         """Submit a spec file; it is validated here first so errors name the field at once."""
         with open(path, encoding="utf-8") as f:
             text = f.read()
         base_dir = os.path.dirname(os.path.abspath(path))
         load_spec_yaml(text, base_dir)
-        return self.submit_yaml(text, base_dir)
+        return self.submit_yaml(text, base_dir, resume_from)
 
     def get(self, job_id: str) -> job_pb2.JobStatus:
         return self._call("GetJob", job_pb2.GetJobRequest(job_id=job_id))

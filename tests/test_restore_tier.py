@@ -17,13 +17,14 @@ import pytest
 import torch
 
 from elasticd.checkpoint import CheckpointStore, decode_shard
+from elasticd.checkpoint.locate import NoSuchCheckpoint
 from elasticd.jobspec import parse_spec
 from elasticd.membership import assign_ranks
 from elasticd.placement import ShardPlacement, place
 from elasticd.server.controller.checkpoints import checkpoint_ps_job
 from elasticd.server.controller.planning import JobSnapshot
 from elasticd.server.controller.records import RUNNING, JobRecord
-from elasticd.server.controller.restore import NothingToRestore, restore_tier
+from elasticd.server.controller.restore import restore_source, restore_tier
 from elasticd.slicing import join_slices
 from tests.fixtures.ps import JOB, PSCluster
 from tests.test_ps_service import bitwise_equal, mlp, placement_for, ps_step, specs, weights
@@ -104,7 +105,8 @@ def test_a_checkpoint_restores_onto_another_placement_bit_for_bit(ps_cluster, tm
     target = place(specs(model), [s.ps_id for s in fresh], min_split_bytes=64)
     if targets > 1:
         assert any(not s.whole for s in target.slices)
-    restored = restore_tier(SPEC, JOB, 2, 1, target, addresses(fresh), url)
+    store = CheckpointStore(url)
+    restored = restore_tier(SPEC, JOB, 2, 1, target, addresses(fresh), store, store.latest(JOB))
     assert restored.manifest.step == 7
 
     tier = ps_cluster.tier(fresh, target, generation=2)
@@ -128,15 +130,13 @@ def test_a_corrupt_newest_checkpoint_is_never_restored(ps_cluster, tmp_path):
 
     (fresh,) = ps_cluster.start(1)
     target = place(specs(model), [fresh.ps_id])
-    restored = restore_tier(SPEC, JOB, 2, 1, target, addresses([fresh]), url)
+    chosen = restore_source(snapshot(2), url)[1]  # the job's newest checkpoint that verifies
+    restored = restore_tier(SPEC, JOB, 2, 1, target, addresses([fresh]), store, chosen)
     assert restored.manifest.step == older.step
     held = join_slices(target, ps_cluster.tier([fresh], target, generation=2).export_state())
     assert_bitwise(held, checkpoint_state(store, older))
 
 
-def test_nothing_to_restore_without_a_checkpoint(ps_cluster, tmp_path):
-    (fresh,) = ps_cluster.start(1)
-    target = place(specs(mlp()), [fresh.ps_id])
-    with pytest.raises(NothingToRestore, match="no verified checkpoint"):
-        restore_tier(SPEC, JOB, 2, 1, target, addresses([fresh]), str(tmp_path / "none"))
-    assert fresh.servicer.shard(JOB) is None
+def test_nothing_to_restore_without_a_checkpoint(tmp_path):
+    with pytest.raises(NoSuchCheckpoint, match="no verified checkpoint"):
+        restore_source(snapshot(2), str(tmp_path / "none"))

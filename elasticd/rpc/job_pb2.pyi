@@ -7,12 +7,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SubmitJobRequest(_message.Message):
-    __slots__ = ("spec_yaml", "base_dir")
+    __slots__ = ("spec_yaml", "base_dir", "resume_from")
     SPEC_YAML_FIELD_NUMBER: _ClassVar[int]
     BASE_DIR_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FROM_FIELD_NUMBER: _ClassVar[int]
     spec_yaml: str
     base_dir: str
-    def __init__(self, spec_yaml: _Optional[str] = ..., base_dir: _Optional[str] = ...) -> None: ...
+    resume_from: str
+    def __init__(self, spec_yaml: _Optional[str] = ..., base_dir: _Optional[str] = ..., resume_from: _Optional[str] = ...) -> None: ...
 
 class SubmitJobReply(_message.Message):
     __slots__ = ("job_id",)

@@ -12,6 +12,7 @@ import uuid
 
 import torch
 
+from elasticd.checkpoint.locate import NoSuchCheckpoint, check_fits, locate
 from elasticd.coord.etcd import Put
 from elasticd.coord.keys import Keys
 from elasticd.jobspec import JobSpec
@@ -48,7 +49,24 @@ def check_buildable(spec: JobSpec) -> None:
         tensor_specs(spec)
 
 
-def new_job(spec: JobSpec, keys: Keys, now: float | None = None) -> tuple[str, list[Put]]:
+def check_resumable(spec: JobSpec, resume_from: str, default_root: str) -> str:
+    """The URL of the verified checkpoint ``resume_from`` names, if it fits ``spec``'s model.
+
+    Raises NoSuchCheckpoint (with what to fix) when it does not exist, does not
+    verify or holds another model.
+    """
+    if spec.mode != "ps-async":
+        raise NoSuchCheckpoint(
+            f"only ps-async jobs can start from a checkpoint yet, this job is {spec.mode}"
+        )
+    store, manifest = locate(resume_from, spec.checkpoint.url or default_root)
+    check_fits(manifest, tensor_specs(spec))
+    return store.url_of(manifest)
+
+
+def new_job(
+    spec: JobSpec, keys: Keys, now: float | None = None, resume_from: str = ""
+) -> tuple[str, list[Put]]:
     """A fresh job id and the writes that admit the job under it."""
     job_id = f"{spec.name}-{uuid.uuid4().hex[:6]}"
     now = time.time() if now is None else now
@@ -58,6 +76,7 @@ def new_job(spec: JobSpec, keys: Keys, now: float | None = None) -> tuple[str, l
         mode=spec.mode,
         state=PENDING,
         total_steps=spec.steps,
+        resume_from=resume_from,
         submitted_at=now,
         updated_at=now,
     )

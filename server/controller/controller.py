@@ -22,13 +22,19 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from elasticd.checkpoint import CheckpointManifest
+from elasticd.checkpoint.locate import NoSuchCheckpoint
 from elasticd.coord.election import Election, NotLeading
 from elasticd.coord.etcd import Compare, EtcdClient, Put
 from elasticd.coord.keys import Keys
 from elasticd.jobspec import JobSpec
 from elasticd.membership import Generation
 from elasticd.server.controller import sealing
-from elasticd.server.controller.admission import check_buildable, new_job, tensor_specs
+from elasticd.server.controller.admission import (
+    check_buildable,
+    check_resumable,
+    new_job,
+    tensor_specs,
+)
 from elasticd.server.controller.adoption import adoption_ops
 from elasticd.server.controller.checkpoints import checkpoint_due, take_checkpoint
 from elasticd.server.controller.errors import BUG_GIVE_UP_S, Conflict, is_retryable, is_terminal
@@ -56,7 +62,7 @@ from elasticd.server.controller.records import (
     WAITING,
     JobRecord,
 )
-from elasticd.server.controller.restore import NothingToRestore, restore_for_seal
+from elasticd.server.controller.restore import restore_for_seal
 from elasticd.server.controller.view import EtcdView, JobNotFound
 from elasticd.server.controller.writes import JobWriter
 
@@ -152,11 +158,14 @@ class Controller:
 
     # -- user requests ------------------------------------------------------------
 
-    def submit(self, spec: JobSpec) -> str:
+    def submit(self, spec: JobSpec, resume_from: str = "") -> str:
+        """Admit a job; ``resume_from`` names a checkpoint it starts from (NoSuchCheckpoint)."""
         self._require_leader()
         check_buildable(spec)  # a task that cannot be built is refused now
+        if resume_from:
+            resume_from = check_resumable(spec, resume_from, self.checkpoint_url)
         for _ in range(CONFLICT_RETRIES):
-            job_id, ops = new_job(spec, self.keys)
+            job_id, ops = new_job(spec, self.keys, resume_from=resume_from)
             try:
                 self.writer.create(job_id, ops)
             except Conflict:
@@ -343,9 +352,13 @@ class Controller:
                 placement, record = restore_for_seal(
                     snap, cluster, gen, record, self.checkpoint_url, self.progress.live(snap.record)
                 )
-            except NothingToRestore as exc:  # the job waits: decide() sees no checkpoint
-                lost = snap.record.evolve(checkpoint="", message=f"{action.reason}; {exc}")
-                self.writer.update(snap, [self._record_put(lost)])
+            except NoSuchCheckpoint as exc:
+                if snap.placement is None:  # the checkpoint the user named is gone
+                    failed = snap.record.evolve(state=FAILED, message=f"resume-from: {exc}")
+                    self._finish(snap, failed)
+                else:  # the job waits: decide() sees no checkpoint
+                    lost = snap.record.evolve(checkpoint="", message=f"{action.reason}; {exc}")
+                    self.writer.update(snap, [self._record_put(lost)])
                 return
         else:
             placement = sealing.placement_for_seal(snap, cluster, lambda: tensor_specs(snap.spec))

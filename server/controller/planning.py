@@ -140,8 +140,12 @@ def decide(job: JobSnapshot, cluster: ClusterSnapshot) -> Action:
     if set(desired) != current:
         lost = sorted(current - set(desired))
         joined = sorted(set(desired) - current)
+        # A job submitted with --resume-from starts from that checkpoint.
+        resume = rec.mode == "ps-async" and job.placement is None and bool(rec.resume_from)
         return Seal(
-            tuple(desired), f"lost={','.join(lost) or '-'} joined={','.join(joined) or '-'}"
+            tuple(desired),
+            f"lost={','.join(lost) or '-'} joined={','.join(joined) or '-'}",
+            restore=resume,
         )
     return Nothing()
 

@@ -33,6 +33,7 @@ class JobRecord:
     switches_done: int = 0  # how many of the spec's scheduled switches have happened
     # The last restore from a checkpoint: its manifest URL, the generation that
     # began from it, its step, and how many applied updates it lost.
+    resume_from: str = ""  # the checkpoint the user asked the job to start from
     restored_from: str = ""
     restored_generation: int = 0
     restored_step: int = 0

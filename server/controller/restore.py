@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from elasticd.checkpoint import CheckpointManifest, CheckpointStore, CorruptShard, decode_shard
+from elasticd.checkpoint.locate import NoSuchCheckpoint, check_fits, locate
 from elasticd.checkpoint.serialize import state_digest
 from elasticd.jobspec import JobSpec
 from elasticd.membership import Generation
@@ -39,10 +40,6 @@ from elasticd.server.controller.records import JobRecord
 from elasticd.slicing import join_slices, split_state
 
 log = logging.getLogger(__name__)
-
-
-class NothingToRestore(Exception):
-    """The job has no checkpoint whose shards all verify."""
 
 
 @dataclass(frozen=True)
@@ -69,11 +66,18 @@ def tier_digest(placement: ShardPlacement, params: dict, named: dict) -> str:
     return combined_digest({p: state_digest(t, st, keys) for p, (t, st, keys) in parts.items()})
 
 
-def newest_checkpoint(url: str, job_id: str) -> tuple[CheckpointStore, CheckpointManifest]:
+def restore_source(
+    snap: JobSnapshot, default_url: str
+) -> tuple[CheckpointStore, CheckpointManifest]:
+    """What a restore reads: the checkpoint the user named for a job's start (--resume-from),
+    else the job's own newest verified checkpoint. Raises NoSuchCheckpoint."""
+    if snap.placement is None and snap.record.resume_from:
+        return locate(snap.record.resume_from, default_url)
+    url = snap.spec.checkpoint.url or default_url
     store = CheckpointStore(url)
-    manifest = store.latest(job_id)
+    manifest = store.latest(snap.record.job_id)
     if manifest is None:
-        raise NothingToRestore(f"job {job_id} has no verified checkpoint under {url}")
+        raise NoSuchCheckpoint(f"job {snap.record.job_id} has no verified checkpoint under {url}")
     return store, manifest
 
 
@@ -84,15 +88,15 @@ def restore_tier(
     world_size: int,
     placement: ShardPlacement,
     ps_addresses: Mapping[str, str],
-    url: str,
+    store: CheckpointStore,
+    manifest: CheckpointManifest,
 ) -> Restored:
-    """Import the newest verified checkpoint of ``job_id`` into ``placement`` at ``generation``.
+    """Import checkpoint ``manifest`` into ``placement`` at ``generation``.
 
-    Raises NothingToRestore when there is none, PSUnavailable when a PS does
-    not answer (the caller retries), CorruptShard when a shard changed since it
-    was verified (the next try picks an older checkpoint).
+    Raises PSUnavailable when a PS does not answer (the caller retries), and
+    CorruptShard when a shard changed since it was verified (the next try
+    picks an older checkpoint).
     """
-    store, manifest = newest_checkpoint(url, job_id)
     saved = ShardPlacement.from_json(json.dumps(manifest.extra["placement"]))
     payloads = {r.name: decode_shard(store.read_shard(manifest, r.name)) for r in manifest.shards}
     params, named = join_slices(saved, payloads)
@@ -137,12 +141,21 @@ def restore_for_seal(
 
     Returns the new placement and ``record`` (the sealed record) saying where
     the job restarted from and how many applied updates (after ``live.step``)
-    were lost. Raises NothingToRestore when no checkpoint verifies.
+    were lost. Raises NoSuchCheckpoint when no checkpoint verifies or fits.
     """
-    placement = restore_placement(tensor_specs(snap.spec), cluster.ps, cluster.ps_incarnations)
-    url = snap.spec.checkpoint.url or default_url
+    tensors = tensor_specs(snap.spec)
+    store, manifest = restore_source(snap, default_url)
+    check_fits(manifest, tensors)
+    placement = restore_placement(tensors, cluster.ps, cluster.ps_incarnations)
     restored = restore_tier(
-        snap.spec, snap.record.job_id, gen.number, gen.world_size, placement, cluster.ps, url
+        snap.spec,
+        snap.record.job_id,
+        gen.number,
+        gen.world_size,
+        placement,
+        cluster.ps,
+        store,
+        manifest,
     )
     step = restored.manifest.step
     return placement, record.evolve(

@@ -7,6 +7,7 @@ import math
 
 import grpc
 
+from elasticd.checkpoint.locate import NoSuchCheckpoint
 from elasticd.coord.etcd import EtcdError
 from elasticd.jobspec import SWITCHABLE, SpecError, load_spec_yaml
 from elasticd.rpc import job_pb2, job_pb2_grpc
@@ -79,9 +80,11 @@ class JobServiceServicer(job_pb2_grpc.JobServiceServicer):
         except SpecError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid job spec: {exc}")
         try:
-            job_id = self.controller.submit(spec)
+            job_id = self.controller.submit(spec, request.resume_from)
         except TaskError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid job spec: task: {exc}")
+        except NoSuchCheckpoint as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"resume-from: {exc}")
         except Exception as exc:
             _abort_for(context, exc)
         return job_pb2.SubmitJobReply(job_id=job_id)
