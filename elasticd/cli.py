@@ -283,10 +283,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker", default=None, help="worker id (default: all)")
     p.add_argument("--log-dir", default=".elasticd/logs", help="agents' log directory")
     p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser(
+        "checkpoint",
+        help="list, verify or export checkpoints (ls|verify|export URL)",
+        add_help=False,  # `elasticd checkpoint --help` is answered by the subcommand's parser
+    )
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_checkpoint)
     return parser
 
 
+def cmd_checkpoint(args) -> int:
+    from elasticd.checkpoint.tools import main as checkpoint_main
+
+    return checkpoint_main(args.rest)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["checkpoint"]:  # its own parser, so that its --help is its own
+        return cmd_checkpoint(argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0

@@ -20,7 +20,7 @@ class NoSuchCheckpoint(CheckpointError):
     """The named checkpoint does not exist, or does not verify."""
 
 
-def _split(url: str) -> tuple[str, str, int] | None:
+def split_checkpoint_url(url: str) -> tuple[str, str, int] | None:
     """(root, job_id, step) of a checkpoint URL, or None if it is not one."""
     path = url.rstrip("/")
     if path.endswith("/" + MANIFEST_NAME):
@@ -37,7 +37,7 @@ def locate(ref: str, default_root: str) -> tuple[CheckpointStore, CheckpointMani
     ref = ref.strip()
     if not ref:
         raise NoSuchCheckpoint("no checkpoint named")
-    parts = _split(ref)
+    parts = split_checkpoint_url(ref)
     if parts is None:
         if "/" in ref or ":" in ref:
             raise NoSuchCheckpoint(
