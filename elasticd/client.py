@@ -133,8 +133,13 @@ def format_status(s: job_pb2.JobStatus) -> str:
         f"{s.job_id}  {s.state:<9} mode={s.mode} gen={s.generation} workers={workers} "
         f"step={s.step}/{s.total_steps} loss={loss}"
     )
+    if s.ps:
+        line += " ps=" + ",".join(f"{h.ps_id}:{h.bytes}B" for h in s.ps)
     if s.checkpoint:
         line += f" checkpoint={s.checkpoint}"
+    if s.restored_from:
+        line += f" restored_from={s.restored_from} (step {s.restored_step}"
+        line += f", {s.updates_lost} updates lost)"
     if s.message and s.state not in ("RUNNING", "COMPLETED"):
         line += f"  ({s.message})"
     return line

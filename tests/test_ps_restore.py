@@ -12,6 +12,7 @@ import json
 import signal
 
 from elasticd.checkpoint import CheckpointStore
+from elasticd.client import JobClient, format_status
 from elasticd.local import LocalCluster
 from elasticd.ps_control import shard_infos
 from elasticd.retry import wait_until
@@ -33,11 +34,25 @@ def checkpointed(c: LocalCluster, job_id: str) -> JobRecord:
     )
 
 
-def check_restored(c: LocalCluster, job_id: str, states: StateLog) -> JobRecord:
-    """The job restored from a committed, verified checkpoint and then completed."""
+def check_restored(c: LocalCluster, job_id: str, states: StateLog, ps: list[str]) -> JobRecord:
+    """The job restored from a committed, verified checkpoint onto ``ps``, then completed."""
     restored = wait_until(
         lambda: (r := record(c, job_id)).restored_generation and r, 60, "a restore"
     )
+    client = JobClient(etcd=c.etcd, prefix=c.prefix)
+    try:  # what `elasticd status JOB` shows, once the controller's cache has the restore
+        status = wait_until(
+            lambda: (st := client.get(job_id)).restored_from and st, 30, "status of the restore"
+        )
+        assert sorted(h.ps_id for h in status.ps if h.bytes > 0) == ps
+        assert (status.restored_from, status.restored_step) == (
+            restored.restored_from,
+            restored.restored_step,
+        )
+        line = format_status(status)
+        assert f"restored_from={restored.restored_from}" in line and "ps=" in line
+    finally:
+        client.close()
     store = CheckpointStore(str(c.base_dir / "checkpoints"))
     manifests = {m.step: m for m in store.list_manifests(job_id)}
     assert restored.restored_step in manifests
@@ -67,7 +82,7 @@ def test_a_ps_restarted_under_its_id_gets_its_slices_back(cluster):
         c.client.put(key, c.client.get(key).value, lease=held)
         c.kill("ps-1", signal.SIGKILL)
         c.start_ps("ps-1", port=port)
-        final = check_restored(c, job_id, states)
+        final = check_restored(c, job_id, states, ["ps-0", "ps-1"])
         c.client.revoke_lease(held)
         assert final.restored_step >= before.checkpoint_step
         placement = json.loads(c.client.get(c.keys.placement(job_id)).value)
@@ -89,7 +104,7 @@ def test_a_ps_that_stays_gone_is_replaced_by_the_live_tier(cluster):
     try:
         checkpointed(c, job_id)
         c.kill("ps-1", signal.SIGKILL)
-        final = check_restored(c, job_id, states)
+        final = check_restored(c, job_id, states, ["ps-0"])
         placement = json.loads(c.client.get(c.keys.placement(job_id)).value)
         assert list(placement["incarnations"]) == ["ps-0"]
         assert final.updates_lost >= 0

@@ -39,7 +39,7 @@ class WorkerStatus(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., node_id: _Optional[str] = ..., rank: _Optional[int] = ..., state: _Optional[str] = ..., step: _Optional[int] = ..., loss: _Optional[float] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("job_id", "name", "state", "mode", "generation", "workers", "step", "total_steps", "loss", "first_loss", "checkpoint", "message", "submitted_at", "updated_at")
+    __slots__ = ("job_id", "name", "state", "mode", "generation", "workers", "step", "total_steps", "loss", "first_loss", "checkpoint", "message", "submitted_at", "updated_at", "ps", "restored_from", "restored_step", "updates_lost")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,10 @@ class JobStatus(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     SUBMITTED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    PS_FIELD_NUMBER: _ClassVar[int]
+    RESTORED_FROM_FIELD_NUMBER: _ClassVar[int]
+    RESTORED_STEP_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_LOST_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     name: str
     state: str
@@ -68,7 +72,19 @@ class JobStatus(_message.Message):
     message: str
     submitted_at: float
     updated_at: float
-    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., mode: _Optional[str] = ..., generation: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., first_loss: _Optional[float] = ..., checkpoint: _Optional[str] = ..., message: _Optional[str] = ..., submitted_at: _Optional[float] = ..., updated_at: _Optional[float] = ...) -> None: ...
+    ps: _containers.RepeatedCompositeFieldContainer[PSHolding]
+    restored_from: str
+    restored_step: int
+    updates_lost: int
+    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., mode: _Optional[str] = ..., generation: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., first_loss: _Optional[float] = ..., checkpoint: _Optional[str] = ..., message: _Optional[str] = ..., submitted_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., ps: _Optional[_Iterable[_Union[PSHolding, _Mapping]]] = ..., restored_from: _Optional[str] = ..., restored_step: _Optional[int] = ..., updates_lost: _Optional[int] = ...) -> None: ...
+
+class PSHolding(_message.Message):
+    __slots__ = ("ps_id", "bytes")
+    PS_ID_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    ps_id: str
+    bytes: int
+    def __init__(self, ps_id: _Optional[str] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("job_id",)

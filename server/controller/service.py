@@ -36,6 +36,8 @@ def _abort_for(context, exc: Exception):
 
 def status_message(controller: Controller, job_id: str) -> job_pb2.JobStatus:
     record, gen, progress = controller.status(job_id)
+    placement = controller.snapshot(job_id).placement
+    held = placement.bytes_per_ps() if placement is not None and record.mode == "ps-async" else {}
     workers = []
     if gen is not None:
         for m in gen.members:
@@ -65,6 +67,10 @@ def status_message(controller: Controller, job_id: str) -> job_pb2.JobStatus:
         message=record.message,
         submitted_at=record.submitted_at,
         updated_at=record.updated_at,
+        ps=[job_pb2.PSHolding(ps_id=p, bytes=n) for p, n in sorted(held.items())],
+        restored_from=record.restored_from,
+        restored_step=record.restored_step,
+        updates_lost=record.updates_lost,
     )
 
 
