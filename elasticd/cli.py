@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "checkpoint",
-        help="list, verify or export checkpoints (ls|verify|export URL)",
+        help="checkpoint a job now (JOB), or list, verify, export checkpoints (ls|verify|export URL)",
         add_help=False,  # `elasticd checkpoint --help` is answered by the subcommand's parser
     )
     p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -294,7 +294,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TOOLS = ("ls", "verify", "export", "-h", "--help")
+
+
 def cmd_checkpoint(args) -> int:
+    """`checkpoint ls|verify|export URL` reads storage; `checkpoint JOB` asks the controller."""
+    if args.rest[:1] and args.rest[0] not in TOOLS:
+        from elasticd.client import format_status
+
+        p = argparse.ArgumentParser(prog="elasticd checkpoint", description="Checkpoint a job now.")
+        p.add_argument("job", help="job id")
+        _client_args(p)
+        job_args = p.parse_args(args.rest)
+        print(format_status(_client(job_args).checkpoint(job_args.job)))
+        return 0
     from elasticd.checkpoint.tools import main as checkpoint_main
 
     return checkpoint_main(args.rest)
@@ -302,9 +315,10 @@ def cmd_checkpoint(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["checkpoint"]:  # its own parser, so that its --help is its own
-        return cmd_checkpoint(argparse.Namespace(rest=argv[1:]))
-    args = build_parser().parse_args(argv)
+    if argv[:1] == ["checkpoint"]:  # its own parsers, so that their --help is their own
+        args = argparse.Namespace(command="checkpoint", func=cmd_checkpoint, rest=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
     except grpc.RpcError as exc:

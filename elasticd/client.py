@@ -97,6 +97,10 @@ class JobClient:
     def cancel(self, job_id: str) -> job_pb2.JobStatus:
         return self._call("CancelJob", job_pb2.CancelJobRequest(job_id=job_id))
 
+    def checkpoint(self, job_id: str) -> job_pb2.JobStatus:
+        """Checkpoint a running job now; the status names the new checkpoint."""
+        return self._call("CheckpointJob", job_pb2.CheckpointJobRequest(job_id=job_id))
+
     def switch(self, job_id: str, mode: str) -> job_pb2.JobStatus:
         return self._call("SwitchMode", job_pb2.SwitchModeRequest(job_id=job_id, mode=mode))
 

@@ -52,7 +52,9 @@ class PSSpec:
 @dataclass(frozen=True)
 class CheckpointSpec:
     url: str = ""  # empty: the controller's default checkpoint location
-    every_steps: int = 0  # 0: only when the job completes
+    every_steps: int = 0  # 0: not by steps
+    every_s: float = 0.0  # 0: not by time (checkpoints are also taken at completion and cancel)
+    keep: int = 0  # how many checkpoints to keep, newest first; 0: all
 
 
 @dataclass(frozen=True)
@@ -183,7 +185,7 @@ def parse_spec(data: Any, base_dir: str | None = None) -> JobSpec:
         )
 
     ck_raw = _mapping(data, "checkpoint", "")
-    _reject_unknown(ck_raw, {"url", "every_steps"}, "checkpoint.")
+    _reject_unknown(ck_raw, {"url", "every_steps", "every_s", "keep"}, "checkpoint.")
     ck_url = ck_raw.get("url", "")
     if not isinstance(ck_url, str):
         raise SpecError(f"checkpoint.url: must be a string, got {ck_url!r}")
@@ -203,7 +205,12 @@ def parse_spec(data: Any, base_dir: str | None = None) -> JobSpec:
         workers=WorkersSpec(wmin, wmax),
         optimizer=OptimizerSpec(opt_name, opt_kwargs),
         ps=PSSpec(staleness, compression),
-        checkpoint=CheckpointSpec(ck_url, _int(ck_raw, "every_steps", "checkpoint.", 0, 0)),
+        checkpoint=CheckpointSpec(
+            ck_url,
+            _int(ck_raw, "every_steps", "checkpoint.", 0, 0),
+            _seconds(ck_raw, "every_s", 0.0, "checkpoint."),
+            _int(ck_raw, "keep", "checkpoint.", 0, 0),
+        ),
         script=script,
         switch=_switches(data.get("switch", []), mode),
         allreduce=_allreduce(_mapping(data, "allreduce", "")),
@@ -231,10 +238,10 @@ def _script(raw: dict, mode: str, base_dir: str | None) -> ScriptSpec:
     return ScriptSpec(path, tuple(str(a) for a in args), port)
 
 
-def _seconds(data: dict, key: str, default: float) -> float:
+def _seconds(data: dict, key: str, default: float, path: str = "") -> float:
     value = data.get(key, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise SpecError(f"{key}: must be a number of seconds >= 0, got {value!r}")
+        raise SpecError(f"{path}{key}: must be a number of seconds >= 0, got {value!r}")
     return float(value)
 
 

@@ -350,3 +350,18 @@ def test_optimizer_state_continues_bitwise(kind: str) -> None:
         for key, value in entry.items():
             other = again["state"][index][key]
             assert torch.equal(value, other) if torch.is_tensor(value) else value == other
+
+
+def test_prune_keeps_the_newest_and_the_newest_that_verifies(
+    store: CheckpointStore, target: Any
+) -> None:
+    for step in (1, 2, 3, 4):
+        save(store, step)
+    for step in (3, 4):  # the two newest are damaged
+        manifest = next(m for m in store.list_manifests(JOB) if m.step == step)
+        fs, path = shard_location(store, target, manifest, "ps-0")
+        fs.pipe_file(path, b"damaged")
+    assert store.prune(JOB, keep=1) == [1, 3]
+    assert [m.step for m in store.list_manifests(JOB)] == [2, 4]
+    assert store.latest(JOB).step == 2
+    assert store.prune(JOB, keep=0) == []  # 0 keeps everything

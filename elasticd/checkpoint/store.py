@@ -319,6 +319,30 @@ class CheckpointStore:
         log.info("checkpoint chosen job_id=%s step=%s", job_id, chosen and chosen.step)
         return chosen
 
+    def prune(self, job_id: str, keep: int) -> list[int]:
+        """Delete all but the ``keep`` newest checkpoints of ``job_id``; returns the steps deleted.
+
+        The newest checkpoint that verifies is never deleted, even when newer
+        ones exist. Each manifest goes first, so a checkpoint stops existing
+        before any of its shards does.
+        """
+        manifests = self.list_manifests(job_id)
+        newest_verified = self.latest(job_id)
+        kept = {m.step for m in manifests[-keep:]} if keep > 0 else {m.step for m in manifests}
+        if newest_verified is not None:
+            kept.add(newest_verified.step)
+        deleted = []
+        for m in manifests:
+            if m.step in kept:
+                continue
+            directory = self._dir(job_id, m.step)
+            self._fs.rm(f"{directory}/{MANIFEST_NAME}")
+            self._fs.rm(directory, recursive=True)
+            deleted.append(m.step)
+        if deleted:
+            log.info("checkpoints pruned job_id=%s steps=%s keep=%d", job_id, deleted, keep)
+        return deleted
+
     def read_shard(self, manifest: CheckpointManifest, name: str) -> bytes:
         """The bytes of shard ``name``, checked against the manifest (CorruptShard if not)."""
         record = manifest.shard(name)

@@ -108,6 +108,12 @@ class CancelJobRequest(_message.Message):
     job_id: str
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
+class CheckpointJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
 class SwitchModeRequest(_message.Message):
     __slots__ = ("job_id", "mode")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]

@@ -54,6 +54,11 @@ class JobServiceStub:
                 request_serializer=elasticd_dot_rpc_dot_job__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=elasticd_dot_rpc_dot_job__pb2.JobStatus.FromString,
                 _registered_method=True)
+        self.CheckpointJob = channel.unary_unary(
+                '/elasticd.job.JobService/CheckpointJob',
+                request_serializer=elasticd_dot_rpc_dot_job__pb2.CheckpointJobRequest.SerializeToString,
+                response_deserializer=elasticd_dot_rpc_dot_job__pb2.JobStatus.FromString,
+                _registered_method=True)
         self.SwitchMode = channel.unary_unary(
                 '/elasticd.job.JobService/SwitchMode',
                 request_serializer=elasticd_dot_rpc_dot_job__pb2.SwitchModeRequest.SerializeToString,
@@ -88,6 +93,13 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckpointJob(self, request, context):
+        """Checkpoint a running job now; FAILED_PRECONDITION if it cannot be.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SwitchMode(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -115,6 +127,11 @@ def add_JobServiceServicer_to_server(servicer, server):
             'CancelJob': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelJob,
                     request_deserializer=elasticd_dot_rpc_dot_job__pb2.CancelJobRequest.FromString,
+                    response_serializer=elasticd_dot_rpc_dot_job__pb2.JobStatus.SerializeToString,
+            ),
+            'CheckpointJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckpointJob,
+                    request_deserializer=elasticd_dot_rpc_dot_job__pb2.CheckpointJobRequest.FromString,
                     response_serializer=elasticd_dot_rpc_dot_job__pb2.JobStatus.SerializeToString,
             ),
             'SwitchMode': grpc.unary_unary_rpc_method_handler(
@@ -230,6 +247,33 @@ class JobService:
             target,
             '/elasticd.job.JobService/CancelJob',
             elasticd_dot_rpc_dot_job__pb2.CancelJobRequest.SerializeToString,
+            elasticd_dot_rpc_dot_job__pb2.JobStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckpointJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/elasticd.job.JobService/CheckpointJob',
+            elasticd_dot_rpc_dot_job__pb2.CheckpointJobRequest.SerializeToString,
             elasticd_dot_rpc_dot_job__pb2.JobStatus.FromString,
             options,
             channel_credentials,

@@ -24,15 +24,20 @@ from elasticd.coord.etcd import Put
 from elasticd.placement import ShardPlacement
 from elasticd.ps_client import PSTier
 from elasticd.server.controller.planning import JobSnapshot
+from elasticd.server.controller.records import RUNNING
 
 log = logging.getLogger(__name__)
 
 
-def checkpoint_due(snap: JobSnapshot, step: int) -> bool:
-    """Whether a worker's report of ``step`` calls for a periodic checkpoint."""
-    every = snap.spec.checkpoint.every_steps
-    rec = snap.record
-    return bool(every) and rec.mode == "ps-async" and step - rec.checkpoint_step >= every
+def checkpoint_due(snap: JobSnapshot, step: int, now: float) -> bool:
+    """Whether a worker's report of ``step`` at ``now`` calls for a periodic checkpoint."""
+    spec, rec = snap.spec.checkpoint, snap.record
+    if rec.mode != "ps-async" or step <= rec.checkpoint_step:
+        return False
+    by_steps = bool(spec.every_steps) and step - rec.checkpoint_step >= spec.every_steps
+    since = rec.checkpoint_at or rec.submitted_at
+    by_time = bool(spec.every_s) and now - since >= spec.every_s
+    return by_steps or by_time
 
 
 def checkpoint_ps_job(
@@ -106,6 +111,7 @@ def take_checkpoint(controller, job_id: str) -> CheckpointManifest | None:
             updated = fresh.record.evolve(
                 checkpoint=where,
                 checkpoint_step=manifest.step,
+                checkpoint_at=manifest.created_at,
                 step=max(fresh.record.step, manifest.step),
                 updated_at=time.time(),
             )
@@ -115,4 +121,34 @@ def take_checkpoint(controller, job_id: str) -> CheckpointManifest | None:
         return controller.snapshot(job_id).record
 
     controller._on_lane(job_id, record)
+    if snap.spec.checkpoint.keep:
+        CheckpointStore(url).prune(job_id, snap.spec.checkpoint.keep)
     return manifest
+
+
+class NotCheckpointable(Exception):
+    """The job has no state to checkpoint now (not running, or not ps-async)."""
+
+
+def checkpoint_now(controller, job_id: str) -> CheckpointManifest | None:
+    """A checkpoint of a running job, after the one under way (if any). Raises NotCheckpointable."""
+    snap = controller.snapshot(job_id)
+    rec = snap.record
+    if rec.mode != "ps-async":
+        raise NotCheckpointable(f"job {job_id} is {rec.mode}: only ps-async jobs checkpoint yet")
+    if rec.state != RUNNING or snap.generation is None or not snap.generation.members:
+        raise NotCheckpointable(f"job {job_id} is {rec.state}: only a running job checkpoints")
+    return controller.background.run(job_id, lambda: take_checkpoint(controller, job_id))
+
+
+def final_checkpoint(controller, job_id: str) -> None:
+    """Before a cancel: keep the job's last state, so --resume-from can pick it up. Best effort:
+    a PS that is gone or does not answer costs the checkpoint, never the cancel."""
+    try:
+        checkpoint_now(controller, job_id)
+    except NotCheckpointable:
+        return
+    except Exception as exc:
+        log.warning(
+            "event=final_checkpoint_failed job=%s error=%s: %s", job_id, type(exc).__name__, exc
+        )

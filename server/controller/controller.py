@@ -21,26 +21,19 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from elasticd.checkpoint import CheckpointManifest
 from elasticd.checkpoint.locate import NoSuchCheckpoint
 from elasticd.coord.election import Election, NotLeading
 from elasticd.coord.etcd import Compare, EtcdClient, Put
 from elasticd.coord.keys import Keys
 from elasticd.jobspec import JobSpec
 from elasticd.membership import Generation
-from elasticd.server.controller import sealing
-from elasticd.server.controller.admission import (
-    check_buildable,
-    check_resumable,
-    new_job,
-    tensor_specs,
-)
+from elasticd.server.controller import admission, checkpoints, sealing
+from elasticd.server.controller.admission import tensor_specs
 from elasticd.server.controller.adoption import adoption_ops
-from elasticd.server.controller.checkpoints import checkpoint_due, take_checkpoint
 from elasticd.server.controller.errors import BUG_GIVE_UP_S, Conflict, is_retryable, is_terminal
 from elasticd.server.controller.executor import JobLanes, OffLane
 from elasticd.server.controller.finishing import finish_ops, release_shards
-from elasticd.server.controller.modes import SwitchRefused, plan_switch
+from elasticd.server.controller.modes import SwitchRefused, plan_switch, switch_due
 from elasticd.server.controller.planning import (
     ClusterSnapshot,
     Complete,
@@ -57,7 +50,6 @@ from elasticd.server.controller.records import (
     CANCELLED,
     COMPLETED,
     FAILED,
-    RUNNING,
     TERMINAL,
     WAITING,
     JobRecord,
@@ -161,11 +153,11 @@ class Controller:
     def submit(self, spec: JobSpec, resume_from: str = "") -> str:
         """Admit a job; ``resume_from`` names a checkpoint it starts from (NoSuchCheckpoint)."""
         self._require_leader()
-        check_buildable(spec)  # a task that cannot be built is refused now
+        admission.check_buildable(spec)  # a task that cannot be built is refused now
         if resume_from:
-            resume_from = check_resumable(spec, resume_from, self.checkpoint_url)
+            resume_from = admission.check_resumable(spec, resume_from, self.checkpoint_url)
         for _ in range(CONFLICT_RETRIES):
-            job_id, ops = new_job(spec, self.keys, resume_from=resume_from)
+            job_id, ops = admission.new_job(spec, self.keys, resume_from=resume_from)
             try:
                 self.writer.create(job_id, ops)
             except Conflict:
@@ -177,7 +169,14 @@ class Controller:
 
     def cancel(self, job_id: str) -> JobRecord:
         self._require_leader()
+        checkpoints.final_checkpoint(self, job_id)
         return self._on_lane(job_id, lambda: self._cancel(job_id))
+
+    def checkpoint(self, job_id: str) -> JobRecord:
+        """Checkpoint a running job now (NotCheckpointable if it cannot be)."""
+        self._require_leader()
+        checkpoints.checkpoint_now(self, job_id)
+        return self.snapshot(job_id).record
 
     def switch(self, job_id: str, mode: str, reason: str = "") -> JobRecord:
         """Move a running job to ``mode`` at its next step boundary."""
@@ -195,10 +194,7 @@ class Controller:
         raise AssertionError("unreachable")
 
     def _cancel(self, job_id: str) -> JobRecord:
-        snap = self.snapshot(job_id)
-        if snap.record.state not in TERMINAL:
-            self._finish(snap, snap.record.evolve(state=CANCELLED, message="cancelled by user"))
-        return self.snapshot(job_id).record
+        return self._end(job_id, CANCELLED, "cancelled by user")
 
     def _switch(self, job_id: str, mode: str, reason: str, scheduled: bool) -> JobRecord:
         snap = self.snapshot(job_id)
@@ -225,20 +221,16 @@ class Controller:
         except JobNotFound:
             return True
         rec = snap.record
-        if self._is_leader and checkpoint_due(snap, step):
-            self._start_background(job_id, lambda: self._checkpoint(job_id))
-        schedule = snap.spec.switch
-        if rec.switches_done < len(schedule) and step >= schedule[rec.switches_done].at_step:
-            if self._is_leader and rec.state == RUNNING:
-                due = schedule[rec.switches_done]
-                reason = f"scheduled at step {due.at_step}"
-                self.lanes.submit(
-                    job_id,
-                    lambda: self._guarded(
-                        job_id, lambda: self._switch(job_id, due.mode, reason, True)
-                    ),
-                    kind="switch",
-                )
+        if self._is_leader and checkpoints.checkpoint_due(snap, step, time.time()):
+            self._start_background(job_id, lambda: checkpoints.take_checkpoint(self, job_id))
+        due = switch_due(snap, step)
+        if self._is_leader and due is not None:
+            reason = f"scheduled at step {due.at_step}"
+
+            def switch() -> None:
+                self._switch(job_id, due.mode, reason, True)
+
+            self.lanes.submit(job_id, lambda: self._guarded(job_id, switch), kind="switch")
         return rec.state in TERMINAL
 
     # -- the reconcile loop ---------------------------------------------------------
@@ -285,10 +277,7 @@ class Controller:
 
     def _fail(self, job_id: str, message: str) -> None:
         try:
-            snap = self.snapshot(job_id)
-            if snap.record.state not in TERMINAL:
-                live = self.progress.live(snap.record)
-                self._finish(snap, live.evolve(state=FAILED, message=message))
+            self._end(job_id, FAILED, message)
         except Exception:
             log.exception("event=job_fail_failed job=%s", job_id)
 
@@ -384,20 +373,17 @@ class Controller:
         hold up the job's reconcile passes."""
         self.background.start(job_id, fn, self._wake.set)
 
-    def _checkpoint(self, job_id: str) -> CheckpointManifest | None:
-        return take_checkpoint(self, job_id)
-
     def _complete(self, job_id: str) -> None:
-        take_checkpoint(self, job_id)
+        checkpoints.take_checkpoint(self, job_id)
+        self._on_lane(job_id, lambda: self._end(job_id, COMPLETED, "completed"))
 
-        def finish() -> JobRecord:
-            snap = self.snapshot(job_id)
-            if snap.record.state not in TERMINAL:
-                live = self.progress.live(snap.record)
-                self._finish(snap, live.evolve(state=COMPLETED, message="completed"))
-            return self.snapshot(job_id).record
-
-        self._on_lane(job_id, finish)
+    def _end(self, job_id: str, state: str, message: str) -> JobRecord:
+        """Move a job that has not ended yet to ``state``, with its progress as reported."""
+        snap = self.snapshot(job_id)
+        if snap.record.state not in TERMINAL:
+            live = self.progress.live(snap.record)
+            self._finish(snap, live.evolve(state=state, message=message))
+        return self.snapshot(job_id).record
 
     def _finish(self, snap: JobSnapshot, record: JobRecord) -> None:
         """Move a job to a terminal state, withdraw its assignments, free its shards."""

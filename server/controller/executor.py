@@ -86,13 +86,14 @@ class OffLane:
     """Work about a job that must not hold up its lane (storage I/O), one at a time per job."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
         self._running: set[str] = set()
 
     def start(self, job_id: str, fn: Callable[[], None], done: Callable[[], None]) -> bool:
         """Start ``fn`` on its own thread unless one runs for ``job_id``; ``done`` runs after."""
-        with self._lock:
+        with self._cond:
             if job_id in self._running:
+                log.info("event=job_task_skipped job=%s reason=one is under way", job_id)
                 return False
             self._running.add(job_id)
 
@@ -104,9 +105,23 @@ class OffLane:
                     "event=job_task_failed job=%s error=%s: %s", job_id, type(exc).__name__, exc
                 )
             finally:
-                with self._lock:
-                    self._running.discard(job_id)
+                self._release(job_id)
                 done()
 
         threading.Thread(target=run, name=f"job-{job_id}", daemon=True).start()
         return True
+
+    def run(self, job_id: str, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on this thread, after the task under way for ``job_id`` (if any) ends."""
+        with self._cond:
+            self._cond.wait_for(lambda: job_id not in self._running)
+            self._running.add(job_id)
+        try:
+            return fn()
+        finally:
+            self._release(job_id)
+
+    def _release(self, job_id: str) -> None:
+        with self._cond:
+            self._running.discard(job_id)
+            self._cond.notify_all()

@@ -7,7 +7,7 @@ decides whether a switch may happen now; the controller seals it.
 
 from __future__ import annotations
 
-from elasticd.jobspec import SWITCHABLE
+from elasticd.jobspec import SWITCHABLE, ModeSwitch
 from elasticd.server.controller.planning import ClusterSnapshot, JobSnapshot, Seal, ps_trouble
 from elasticd.server.controller.records import RUNNING, JobRecord
 
@@ -44,3 +44,12 @@ def plan_switch(
             raise SwitchRefused(f"cannot switch job {job_id} to ps-async: {trouble}")
     workers = tuple(sorted(snap.generation.worker_ids))
     return rec.evolve(mode=mode, switches_done=done), Seal(workers, reason or f"switch to {mode}")
+
+
+def switch_due(snap: JobSnapshot, step: int) -> ModeSwitch | None:
+    """The spec's next scheduled switch, if a report of ``step`` reached it on a running job."""
+    rec, schedule = snap.record, snap.spec.switch
+    if rec.state != RUNNING or rec.switches_done >= len(schedule):
+        return None
+    due = schedule[rec.switches_done]
+    return due if step >= due.at_step else None

@@ -29,6 +29,7 @@ class JobRecord:
     first_loss: float = float("nan")
     checkpoint: str = ""
     checkpoint_step: int = 0
+    checkpoint_at: float = 0.0  # when the newest checkpoint was committed (Unix time)
     message: str = ""
     switches_done: int = 0  # how many of the spec's scheduled switches have happened
     # The last restore from a checkpoint: its manifest URL, the generation that

@@ -11,6 +11,7 @@ from elasticd.checkpoint.locate import NoSuchCheckpoint
 from elasticd.coord.etcd import EtcdError
 from elasticd.jobspec import SWITCHABLE, SpecError, load_spec_yaml
 from elasticd.rpc import job_pb2, job_pb2_grpc
+from elasticd.server.controller.checkpoints import NotCheckpointable
 from elasticd.server.controller.controller import Controller, NotLeader, SwitchRefused
 from elasticd.server.controller.errors import Conflict
 from elasticd.server.controller.rendezvous import RendezvousBoard, StaleGeneration, UnknownJob
@@ -114,6 +115,15 @@ class JobServiceServicer(job_pb2_grpc.JobServiceServicer):
         try:
             self.controller.cancel(request.job_id)
             return status_message(self.controller, request.job_id)
+        except Exception as exc:
+            _abort_for(context, exc)
+
+    def CheckpointJob(self, request, context):
+        try:
+            self.controller.checkpoint(request.job_id)
+            return status_message(self.controller, request.job_id)
+        except NotCheckpointable as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except Exception as exc:
             _abort_for(context, exc)
 

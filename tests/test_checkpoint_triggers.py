@@ -1,0 +1,69 @@
+"""When checkpoints are taken, and how many are kept: by time, on request, at cancel; `keep`."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from elasticd.checkpoint import CheckpointStore
+from elasticd.cli import main as cli
+from elasticd.client import JobClient
+from elasticd.retry import wait_until
+from tests.jobs import spec_yaml
+from tests.test_ps_failures import ENDLESS, start
+from tests.test_ps_restore import record
+
+
+def test_checkpoints_by_time_on_request_and_at_cancel_keeping_the_newest(cluster, capsys):
+    c = cluster(ps=2, agents=1)
+    client, job_id = start(c, steps=ENDLESS, checkpoint={"every_s": 0.5, "keep": 2})
+    store = CheckpointStore(str(c.base_dir / "checkpoints"))
+    try:
+        seen: set[int] = set()
+
+        def three_by_time() -> bool:
+            seen.add(record(c, job_id).checkpoint_step)
+            return len(seen - {0}) >= 3
+
+        wait_until(three_by_time, 90, "three checkpoints taken by time (every_s)")
+        wait_until(lambda: len(store.list_manifests(job_id)) == 2, 30, "older ones pruned")
+        assert store.latest(job_id).step == max(m.step for m in store.list_manifests(job_id))
+
+        # On request: `elasticd checkpoint JOB`.
+        before = record(c, job_id).checkpoint_step
+        wait_until(lambda: client.get(job_id).step > before + 5, 60, "progress")
+        assert cli(["checkpoint", job_id, "--etcd", c.etcd, "--prefix", c.prefix]) == 0
+        assert f"checkpoint={store.url_of(store.latest(job_id))}" in capsys.readouterr().out
+        assert record(c, job_id).checkpoint_step > before
+
+        # At cancel: the state the job reached is kept, for --resume-from.
+        before = record(c, job_id).checkpoint_step
+        wait_until(lambda: client.get(job_id).step > before + 5, 60, "progress")
+        assert client.cancel(job_id).state == "CANCELLED"
+        final = record(c, job_id)
+        assert final.checkpoint_step > before
+        assert store.latest(job_id).step == final.checkpoint_step
+        assert len(store.list_manifests(job_id)) == 2
+
+        # An ended job has nothing to checkpoint.
+        with pytest.raises(grpc.RpcError) as err:
+            client.checkpoint(job_id)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "only a running job checkpoints" in err.value.details()
+    finally:
+        client.close()
+
+
+def test_an_allreduce_job_is_refused_a_checkpoint_it_cannot_take(cluster):
+    c = cluster(ps=1, agents=1)
+    client = JobClient(etcd=c.etcd, prefix=c.prefix)
+    try:
+        job_id = client.submit_yaml(spec_yaml(mode="allreduce", steps=ENDLESS))
+        wait_until(lambda: client.get(job_id).state == "RUNNING", 60, "the job to run")
+        with pytest.raises(grpc.RpcError) as err:
+            client.checkpoint(job_id)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "only ps-async jobs checkpoint yet" in err.value.details()
+        client.cancel(job_id)
+    finally:
+        client.close()
