@@ -23,7 +23,7 @@ from elasticd.checkpoint import (
 from elasticd.coord.etcd import Put
 from elasticd.placement import ShardPlacement
 from elasticd.ps_client import PSTier
-from elasticd.server.controller.planning import JobSnapshot
+from elasticd.server.controller.planning import JobSnapshot, ps_trouble
 from elasticd.server.controller.records import RUNNING
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,8 @@ def final_checkpoint(controller, job_id: str) -> None:
     """Before a cancel: keep the job's last state, so --resume-from can pick it up. Best effort:
     a PS that is gone or does not answer costs the checkpoint, never the cancel."""
     try:
+        if ps_trouble(controller.snapshot(job_id), controller.view.cluster()):
+            return  # a PS is gone or lost the job: there is no whole state to keep
         checkpoint_now(controller, job_id)
     except NotCheckpointable:
         return
