@@ -11,7 +11,9 @@ uses it:
 - ``pull_gbps``: a full pull of every parameter into the model's tensors;
 - ``push_gbps``: a full push of a gradient of every parameter, applied by the
   PS (an SGD step on its shard) before the reply;
-- ``small_rpc_per_s``: a push and a pull of a single 4 KB tensor, as pairs per second;
+- ``small_rpc_per_s``: a push and a pull of a single 4 KB tensor, as pairs per second, and
+  ``echo_rpc_per_s``: round trips of a bare grpcio unary method echoing 4 KB (its baseline);
+  ``small_rpc_ratio = small_rpc_per_s / (echo_rpc_per_s / 2)`` (a pair is two round trips);
 - ``socket_gbps``: the same byte count sent over one raw loopback TCP
   connection to another process (``sendall`` from the tensor's memory,
   ``recv_into`` a preallocated buffer) — the baseline.
@@ -40,7 +42,8 @@ from dataclasses import dataclass
 import psutil
 import torch
 
-SMALL_RPC_SECONDS = 1.5
+SMALL_RPC_SECONDS = 3.0  # for each of the two, in total
+SMALL_RPC_SLICES = 6
 MODEL_SHAPES = ((8192, 1024), (4096, 1024), (2048, 1024), (2048, 1024))  # 64 MiB of float32
 
 
@@ -67,6 +70,41 @@ def _serve(ps_id: str, conn, threads: int) -> None:
     conn.send(port)
     conn.recv()  # anything: stop
     server.stop(None).wait()
+
+
+def _echo(conn) -> None:
+    """The small-RPC baseline's server: a bare grpcio unary method that returns its request."""
+    from concurrent import futures
+
+    import grpc
+
+    from elasticd.rpc.limits import GRPC_OPTIONS
+    from elasticd.serving import GRPC_THREADS
+
+    handler = grpc.unary_unary_rpc_method_handler(lambda request, _context: request)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=GRPC_THREADS), options=GRPC_OPTIONS)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("bench.Echo", {"Echo": handler}),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    conn.send(port)
+    conn.recv()  # anything: stop
+    server.stop(None).wait()
+
+
+def small_rpc_rates(pair: Callable[[], None], echo: Callable[[], None]) -> tuple[float, float]:
+    """(PS push+pull pairs/s, bare unary round trips/s), timed in alternating slices so
+    background load falls on both alike."""
+    counts, spent = {"pair": 0, "echo": 0}, {"pair": 0.0, "echo": 0.0}
+    for _ in range(SMALL_RPC_SLICES):
+        for name, fn in (("pair", pair), ("echo", echo)):
+            started = time.perf_counter()
+            while time.perf_counter() - started < SMALL_RPC_SECONDS / SMALL_RPC_SLICES:
+                fn()
+                counts[name] += 1
+            spent[name] += time.perf_counter() - started
+    return counts["pair"] / spent["pair"], counts["echo"] / spent["echo"]
 
 
 def _sink(conn) -> None:
@@ -238,14 +276,25 @@ def run(argv: list[str]) -> dict:
         )
         small_tier.init(small, "sgd", {"lr": 1e-6}, -1, 1, 0)
         small_grad = {"x": torch.randn(1024) * 1e-3}
+
+        def pair() -> None:
+            small_tier.push(small_grad, small_tier.pull_into(small))
+
+        import grpc
+
+        parent, child = ctx.Pipe()
+        echo_proc = ctx.Process(target=_echo, args=(child,), daemon=True)
+        echo_proc.start()
+        procs.append(echo_proc)
+        pipes.append(parent)
+        channel = grpc.insecure_channel(f"127.0.0.1:{parent.recv()}")
+        echo_call = channel.unary_unary("/bench.Echo/Echo")
+        request = bytes(4096)
         for _ in range(20):
-            small_tier.push(small_grad, small_tier.pull_into(small))
-        pairs = 0
-        started = time.perf_counter()
-        while time.perf_counter() - started < SMALL_RPC_SECONDS:
-            small_tier.push(small_grad, small_tier.pull_into(small))
-            pairs += 1
-        small_rate = pairs / (time.perf_counter() - started)
+            pair()
+            echo_call(request)
+        small_rate, echo_rate = small_rpc_rates(pair, lambda: echo_call(request))
+        channel.close()
         small_tier.close()
         tier.close()
     finally:
@@ -269,6 +318,9 @@ def run(argv: list[str]) -> dict:
         "socket_gbps": round(socket_gbps, 3),
         "ratio": round(min(pull_gbps, push_gbps) / socket_gbps, 3),
         "small_rpc_per_s": round(small_rate, 1),
+        "echo_rpc_per_s": round(echo_rate, 1),
+        # a pair is two round trips: 1.0 would mean each costs no more than a bare unary echo
+        "small_rpc_ratio": round(small_rate / (echo_rate / 2), 3),
         "pull_s": round(pull_s, 4),
         "push_s": round(push_s, 4),
         "socket_s": round(socket_s, 4),

@@ -21,6 +21,11 @@ from elasticd.checkpoint import decode_shard, encode_shard
 from elasticd.checkpoint.serialize import state_digest
 from elasticd.compression import GradientEncoder, codec_for
 from elasticd.placement import ShardPlacement, Slice
+from elasticd.ps_errors import (
+    PSUnavailable,
+    ShardLost,
+    raise_for,
+)
 from elasticd.rpc import ps_pb2, ps_pb2_grpc
 from elasticd.rpc.limits import GRPC_OPTIONS
 from elasticd.wire import (
@@ -39,30 +44,10 @@ from elasticd.wire import (
 )
 
 RPC_TIMEOUT_S = 60.0  # one pull/push of a whole shard
+# A shard this small is pulled and pushed in one unary call each way: grpcio's
+# streams cost about four unary calls each, which dominates for small tensors.
+SMALL_RPC_BYTES = 256 * 1024
 SERVICE = ps_pb2.DESCRIPTOR.services_by_name["ParameterServer"].full_name
-
-
-class Fenced(Exception):
-    """The PS has moved on to a newer generation than the caller's."""
-
-
-class PSUnavailable(Exception):
-    """A parameter server did not answer."""
-
-
-class ShardLost(Exception):
-    """A parameter server holds no shard of the job (it restarted, or the job ended
-    there) and will not create one from the caller's parameters. Wait for the
-    controller's next assignment."""
-
-
-class StaleGradient(Exception):
-    """The PS did not apply a gradient: it was computed on parameters too many
-    versions old, or its synchronous round ended without it. Pull and push again."""
-
-
-class DuplicatePush(StaleGradient):
-    """The worker already pushed into the open synchronous round."""
 
 
 @dataclass(frozen=True)
@@ -74,21 +59,6 @@ class PushOutcome:
 
 def slice_view(tensor: torch.Tensor, s: Slice) -> torch.Tensor:
     return tensor if s.whole else tensor[s.row_start : s.row_end]
-
-
-def _raise(exc: grpc.RpcError, ps_id: str):
-    code = exc.code()
-    if code == grpc.StatusCode.FAILED_PRECONDITION:
-        raise Fenced(f"{ps_id}: {exc.details()}") from None
-    if code == grpc.StatusCode.ABORTED:
-        raise StaleGradient(f"{ps_id}: {exc.details()}") from None
-    if code == grpc.StatusCode.ALREADY_EXISTS:
-        raise DuplicatePush(f"{ps_id}: {exc.details()}") from None
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        raise PSUnavailable(f"{ps_id}: {exc.details()}") from None
-    if code == grpc.StatusCode.NOT_FOUND:
-        raise ShardLost(f"{ps_id}: {exc.details()}") from None
-    raise exc
 
 
 class PSTier:
@@ -140,6 +110,9 @@ class PSTier:
             for p, c in self._channels.items()
         }
         self._slices = {p: placement.for_ps(p) for p in self.ps_ids}
+        self._small = {
+            p: sum(s.nbytes for s in self._slices[p]) <= SMALL_RPC_BYTES for p in self.ps_ids
+        }
         self._pool = ThreadPoolExecutor(
             max_workers=max(len(self.ps_ids), 1), thread_name_prefix="ps"
         )
@@ -165,9 +138,9 @@ class PSTier:
             try:
                 out[p] = f.result()
             except grpc.RpcError as exc:
-                _raise(exc, p)
+                raise_for(exc, p)
         if isinstance(mine, grpc.RpcError):
-            _raise(mine, last)
+            raise_for(mine, last)
         out[last] = mine
         return out
 
@@ -231,13 +204,15 @@ class PSTier:
 
         def one(p: str) -> int:
             slices = self._slices[p]
-            replies = self._pull[p](
-                ps_pb2.PullRequest(fence=self.fence, worker_id=self.worker_id),
-                timeout=RPC_TIMEOUT_S,
-            )
-            first = next(replies)
-            if chunk_fields(first) is not None:
-                raise WireError(f"{p}: pull reply does not start with a header")
+            request = ps_pb2.PullRequest(fence=self.fence, worker_id=self.worker_id)
+            if self._small[p]:
+                whole = self._stubs[p].PullOnce(request, timeout=RPC_TIMEOUT_S)
+                first, replies = whole, iter(ps_pb2.PullReply(chunk=c) for c in whole.chunks)
+            else:
+                replies = self._pull[p](request, timeout=RPC_TIMEOUT_S)
+                first = next(replies)
+                if chunk_fields(first) is not None:
+                    raise WireError(f"{p}: pull reply does not start with a header")
             headers = [TensorHeader(m.key, m.dtype, tuple(m.shape)) for m in first.header.tensors]
             if [h.key for h in headers] != [s.key for s in slices]:
                 raise PSUnavailable(f"{p} holds {[h.key for h in headers]}, expected other slices")
@@ -283,10 +258,21 @@ class PSTier:
                 base_version=base_versions[p],
                 workers=self.workers,
             )
-            reply = self._push[p](
-                self._stream(p, ps_pb2.PushRequest(header=header), grads),
-                timeout=RPC_TIMEOUT_S,
-            )
+            if self._small[p]:
+                whole = ps_pb2.PushWhole(
+                    header=header,
+                    chunks=[
+                        ps_pb2.Chunk(index=index, offset=offset, data=bytes(piece))
+                        for index, s in enumerate(self._slices[p])
+                        for offset, piece in chunk(as_bytes(slice_view(grads[s.param], s)))
+                    ],
+                )
+                reply = self._stubs[p].PushOnce(whole, timeout=RPC_TIMEOUT_S)
+            else:
+                reply = self._push[p](
+                    self._stream(p, ps_pb2.PushRequest(header=header), grads),
+                    timeout=RPC_TIMEOUT_S,
+                )
             return PushOutcome(reply.version, reply.applied, reply.staleness)
 
         def encoded(p: str) -> PushOutcome:

@@ -21,7 +21,8 @@ from elasticd.coord.etcd import Compacted, EtcdClient, EtcdUnavailable
 from elasticd.local import EtcdServer, LocalCluster
 from elasticd.membership import Generation
 from elasticd.placement import ShardPlacement
-from elasticd.ps_client import Fenced, PSTier
+from elasticd.ps_client import PSTier
+from elasticd.ps_errors import Fenced
 from elasticd.retry import wait_until
 from tests.jobs import spec_yaml
 from tests.test_local_cluster import processes_of_job

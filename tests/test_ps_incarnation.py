@@ -11,8 +11,8 @@ from dataclasses import replace
 
 import pytest
 
-from elasticd.ps_client import ShardLost
 from elasticd.ps_control import advance_fence, drop_shards, shard_infos
+from elasticd.ps_errors import ShardLost
 from tests.fixtures.ps import JOB, PSCluster
 from tests.test_ps_service import mlp, placement_for, weights
 from tests.test_ps_sync import gradient

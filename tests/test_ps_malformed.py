@@ -124,10 +124,22 @@ def test_malformed_push_is_rejected_and_changes_nothing(
     before = shard_state(ps)
     values_before = tier.pull_into(dict(tiny_tensors()))  # a pull works before
 
+    requests = malformed_push(case)
     with pytest.raises(grpc.RpcError) as err:
-        stub.Push(iter(malformed_push(case)), timeout=10)
+        stub.Push(iter(requests), timeout=10)
     assert err.value.code() == code, err.value.details()
     assert message in err.value.details()
+    # The same push in one message, where one message can say it: refused alike.
+    if (
+        requests
+        and requests[0].HasField("header")
+        and all(r.HasField("chunk") for r in requests[1:])
+    ):
+        whole = ps_pb2.PushWhole(header=requests[0].header, chunks=[r.chunk for r in requests[1:]])
+        with pytest.raises(grpc.RpcError) as err:
+            stub.PushOnce(whole, timeout=10)
+        assert err.value.code() == code, err.value.details()
+        assert message in err.value.details()
 
     assert_same_state(before, shard_state(ps))
     # The server still serves: a normal pull returns the unchanged parameters...

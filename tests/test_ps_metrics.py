@@ -19,8 +19,8 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from elasticd.local import free_port
-from elasticd.ps_client import Fenced, StaleGradient
 from elasticd.ps_control import drop_shards
+from elasticd.ps_errors import Fenced, StaleGradient
 from elasticd.retry import wait_until
 from elasticd.rpc import ps_pb2
 from elasticd.server.ps.metrics import serve_metrics

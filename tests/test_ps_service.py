@@ -20,8 +20,9 @@ from torch import nn
 from elasticd.checkpoint import decode_shard
 from elasticd.optimizers import build_optimizer
 from elasticd.placement import ShardPlacement, TensorSpec, place
-from elasticd.ps_client import Fenced, PSTier, StaleGradient, slice_view
+from elasticd.ps_client import PSTier, slice_view
 from elasticd.ps_control import advance_fence, drop_shards, shard_infos
+from elasticd.ps_errors import Fenced, StaleGradient
 from elasticd.rpc import ps_pb2
 from elasticd.wire import as_bytes, dtype_name
 from tests.fixtures.ps import JOB, PS, PSCluster
@@ -98,7 +99,7 @@ OPTIMIZER_CASES = [
 
 @pytest.mark.parametrize(("name", "kwargs"), OPTIMIZER_CASES, ids=[c[0] for c in OPTIMIZER_CASES])
 def test_ps_training_equals_local_torch_optim(
-    ps_cluster: PSCluster, name: str, kwargs: dict
+    ps_cluster: PSCluster, name: str, kwargs: dict, rpc_path: str
 ) -> None:
     servers = ps_cluster.start(2)
     worker = mlp()

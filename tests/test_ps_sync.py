@@ -18,8 +18,9 @@ import pytest
 from torch import nn
 
 from elasticd.optimizers import build_optimizer
-from elasticd.ps_client import DuplicatePush, PSTier, PushOutcome, StaleGradient
+from elasticd.ps_client import PSTier, PushOutcome
 from elasticd.ps_control import advance_fence
+from elasticd.ps_errors import DuplicatePush, StaleGradient
 from elasticd.retry import wait_until
 from elasticd.rpc import ps_pb2
 from elasticd.wire import as_bytes
@@ -72,7 +73,9 @@ def wait_pending(servers: list[PS], workers: list[str]) -> None:
 
 
 @pytest.mark.parametrize("n_workers", [2, 3])
-def test_round_applies_the_mean_gradient_once(ps_cluster: PSCluster, n_workers: int) -> None:
+def test_round_applies_the_mean_gradient_once(
+    ps_cluster: PSCluster, n_workers: int, rpc_path: str
+) -> None:
     servers = ps_cluster.start(2)
     tiers = workers_tiers(ps_cluster, servers, n_workers)
     models = [mlp() for _ in tiers]

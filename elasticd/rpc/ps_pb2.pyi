@@ -126,6 +126,22 @@ class PushRequest(_message.Message):
     chunk: Chunk
     def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
+class PushWhole(_message.Message):
+    __slots__ = ("header", "chunks")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    header: PushHeader
+    chunks: _containers.RepeatedCompositeFieldContainer[Chunk]
+    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ...) -> None: ...
+
+class PullWhole(_message.Message):
+    __slots__ = ("header", "chunks")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    header: PullHeader
+    chunks: _containers.RepeatedCompositeFieldContainer[Chunk]
+    def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ...) -> None: ...
+
 class PushReply(_message.Message):
     __slots__ = ("version", "applied", "staleness")
     VERSION_FIELD_NUMBER: _ClassVar[int]

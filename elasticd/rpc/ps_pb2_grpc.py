@@ -49,6 +49,16 @@ class ParameterServerStub:
                 request_serializer=elasticd_dot_rpc_dot_ps__pb2.PushRequest.SerializeToString,
                 response_deserializer=elasticd_dot_rpc_dot_ps__pb2.PushReply.FromString,
                 _registered_method=True)
+        self.PullOnce = channel.unary_unary(
+                '/elasticd.ps.ParameterServer/PullOnce',
+                request_serializer=elasticd_dot_rpc_dot_ps__pb2.PullRequest.SerializeToString,
+                response_deserializer=elasticd_dot_rpc_dot_ps__pb2.PullWhole.FromString,
+                _registered_method=True)
+        self.PushOnce = channel.unary_unary(
+                '/elasticd.ps.ParameterServer/PushOnce',
+                request_serializer=elasticd_dot_rpc_dot_ps__pb2.PushWhole.SerializeToString,
+                response_deserializer=elasticd_dot_rpc_dot_ps__pb2.PushReply.FromString,
+                _registered_method=True)
         self.Snapshot = channel.unary_unary(
                 '/elasticd.ps.ParameterServer/Snapshot',
                 request_serializer=elasticd_dot_rpc_dot_ps__pb2.SnapshotRequest.SerializeToString,
@@ -103,6 +113,19 @@ class ParameterServerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Push(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PullOnce(self, request, context):
+        """Pull and Push for shards of at most a few hundred KiB, in one message each way.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushOnce(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -172,6 +195,16 @@ def add_ParameterServerServicer_to_server(servicer, server):
             'Push': grpc.stream_unary_rpc_method_handler(
                     servicer.Push,
                     request_deserializer=elasticd_dot_rpc_dot_ps__pb2.PushRequest.FromString,
+                    response_serializer=elasticd_dot_rpc_dot_ps__pb2.PushReply.SerializeToString,
+            ),
+            'PullOnce': grpc.unary_unary_rpc_method_handler(
+                    servicer.PullOnce,
+                    request_deserializer=elasticd_dot_rpc_dot_ps__pb2.PullRequest.FromString,
+                    response_serializer=elasticd_dot_rpc_dot_ps__pb2.PullWhole.SerializeToString,
+            ),
+            'PushOnce': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushOnce,
+                    request_deserializer=elasticd_dot_rpc_dot_ps__pb2.PushWhole.FromString,
                     response_serializer=elasticd_dot_rpc_dot_ps__pb2.PushReply.SerializeToString,
             ),
             'Snapshot': grpc.unary_unary_rpc_method_handler(
@@ -290,6 +323,60 @@ class ParameterServer:
             target,
             '/elasticd.ps.ParameterServer/Push',
             elasticd_dot_rpc_dot_ps__pb2.PushRequest.SerializeToString,
+            elasticd_dot_rpc_dot_ps__pb2.PushReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullOnce(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/elasticd.ps.ParameterServer/PullOnce',
+            elasticd_dot_rpc_dot_ps__pb2.PullRequest.SerializeToString,
+            elasticd_dot_rpc_dot_ps__pb2.PullWhole.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushOnce(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/elasticd.ps.ParameterServer/PushOnce',
+            elasticd_dot_rpc_dot_ps__pb2.PushWhole.SerializeToString,
             elasticd_dot_rpc_dot_ps__pb2.PushReply.FromString,
             options,
             channel_credentials,

@@ -17,7 +17,7 @@ import grpc
 from elasticd.checkpoint import CorruptShard
 from elasticd.coord.election import NotLeading
 from elasticd.coord.etcd import EtcdError
-from elasticd.ps_client import Fenced, PSUnavailable, ShardLost, StaleGradient
+from elasticd.ps_errors import Fenced, PSUnavailable, ShardLost, StaleGradient
 from elasticd.task import TaskError
 
 BUG_GIVE_UP_S = 300.0  # an unexpected error that persists this long fails the job

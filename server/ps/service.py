@@ -45,6 +45,7 @@ from elasticd.wire import (
     ChunkFrame,
     WireError,
     chunk_fields,
+    decode_chunk_frame,
 )
 
 __all__ = ["ParameterServerServicer", "add_to_server"]
@@ -189,6 +190,21 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         )
         yield from frames
         shard.stats.sent(shard.nbytes)  # counted once the whole shard went out
+
+    def PullOnce(self, request, context):
+        header, *frames = self.Pull(request, context)
+        chunks = [decode_chunk_frame(f) for f in frames]
+        return ps_pb2.PullWhole(
+            header=header.header,
+            chunks=[
+                ps_pb2.Chunk(index=c.index, offset=c.offset, data=bytes(c.data)) for c in chunks
+            ],
+        )
+
+    def PushOnce(self, request, context):
+        requests = [ps_pb2.PushRequest(header=request.header)]
+        requests += [ps_pb2.PushRequest(chunk=c) for c in request.chunks]
+        return self.Push(iter(requests), context)
 
     def Push(self, request_iterator, context):
         header = self._first(request_iterator, context, "Push")

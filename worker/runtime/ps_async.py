@@ -24,7 +24,8 @@ import torch
 
 from elasticd.jobspec import JobSpec, parse_spec
 from elasticd.placement import ShardPlacement
-from elasticd.ps_client import Fenced, PSTier, PSUnavailable, ShardLost, StaleGradient
+from elasticd.ps_client import PSTier
+from elasticd.ps_errors import Fenced, PSUnavailable, ShardLost, StaleGradient
 from elasticd.retry import Backoff
 from elasticd.task import load_task
 from elasticd.worker.runtime import heartbeat

@@ -25,7 +25,8 @@ import torch
 
 from elasticd.jobspec import JobSpec
 from elasticd.placement import ShardPlacement
-from elasticd.ps_client import PSTier, PSUnavailable
+from elasticd.ps_client import PSTier
+from elasticd.ps_errors import PSUnavailable
 from elasticd.slicing import join_slices, split_state
 from elasticd.worker.runtime import heartbeat
 from elasticd.worker.runtime.control import Assignment
