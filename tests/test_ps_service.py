@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -24,6 +26,7 @@ from elasticd.ps_client import PSTier, slice_view
 from elasticd.ps_control import advance_fence, drop_shards, shard_infos
 from elasticd.ps_errors import Fenced, StaleGradient
 from elasticd.rpc import ps_pb2
+from elasticd.server.ps import transfer
 from elasticd.wire import as_bytes, dtype_name
 from tests.fixtures.ps import JOB, PS, PSCluster
 
@@ -357,3 +360,40 @@ def test_snapshot_reads_no_pickle(ps_cluster: PSCluster, tmp_path: Path) -> None
     tensors, _, _ = decode_shard(data)
     for k, v in tiny_tensors().items():
         assert bitwise_equal(tensors[k], v)
+
+
+def test_pushes_wait_only_for_a_snapshots_copy_not_its_encoding(
+    ps_cluster: PSCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (ps,) = ps_cluster.start(1)
+    tier = ps_cluster.tier([ps], tiny_placement(ps))
+    tier.init(tiny_tensors(), "adam", {"lr": 0.1}, -1, 1, 0)
+    ones = {k: torch.ones_like(v) for k, v in tiny_tensors().items()}
+    tier.push(ones, {ps.ps_id: 0})
+    before = tier.pull_into(dict(tiny_tensors()))
+    held = {k: v.clone() for k, v in tiny_tensors().items()}
+    tier.pull_into(held)
+
+    encoding, release = threading.Event(), threading.Event()
+    real_encode = transfer.encode_shard
+
+    def held_encode(*args, **kwargs):
+        encoding.set()
+        assert release.wait(30)
+        return real_encode(*args, **kwargs)
+
+    monkeypatch.setattr(transfer, "encode_shard", held_encode)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(tier.snapshot, str(tmp_path), 1)
+        assert encoding.wait(30)
+        # The snapshot is still encoding: a push is applied meanwhile.
+        (outcome,) = tier.push(ones, before).values()
+        assert outcome.applied and outcome.version == 2
+        release.set()
+        (reply,) = pending.result(timeout=30).values()
+    # ...and the snapshot holds the state as it was copied, before that push.
+    assert reply.version == 1
+    tensors, _, meta = decode_shard((tmp_path / JOB / f"{1:012d}" / reply.path).read_bytes())
+    assert meta["version"] == 1
+    for key, value in held.items():
+        assert bitwise_equal(tensors[key], value)

@@ -254,7 +254,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     def Snapshot(self, request, context):
         shard = self._require(request.fence.job_id, context)
         try:
-            data, version = shard.snapshot(request.fence.generation)
+            data, version = export_shard(shard, request.fence.generation)
         except ShardError as exc:
             self._abort(context, exc)
         store = CheckpointStore(request.url)

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from elasticd.checkpoint.serialize import encode_shard
 from elasticd.optimizers import build_optimizer
 from elasticd.server.ps.metrics import ShardStats
 from elasticd.wire import CHUNK_BYTES, DTYPES, TensorHeader, as_bytes, chunk, encode_chunk_frame
@@ -383,21 +382,6 @@ class ParameterShard:
             len(r.grads),
         )
         self._changed.notify_all()
-
-    def snapshot(self, generation: int) -> tuple[bytes, int]:
-        """The shard's parameters and optimizer state, encoded; and its version."""
-        with self.lock:
-            self.fence(generation)
-            tensors = {h.key: p.detach() for h, p in zip(self.headers, self.params, strict=True)}
-            meta = {
-                "job_id": self.config.job_id,
-                "version": self.version,
-                "generation": generation,
-                "optimizer": self.config.optimizer,
-                "keys": [h.key for h in self.headers],
-            }
-            # Encoded under the lock: the optimizer state must not move meanwhile.
-            return encode_shard(tensors, self.optimizer.state_dict(), meta), self.version
 
 
 def empty_like_headers(headers: list[TensorHeader]) -> list[torch.Tensor]:

@@ -1,6 +1,6 @@
 """A shard's whole state in and out of a PS, for switches between modes.
 
-Export encodes the parameters and the torch.optim state exactly as a
+Export (for switches and checkpoints) encodes the parameters and the torch.optim state exactly as a
 checkpoint shard (safetensors, no pickle). Import checks every tensor against
 the slices the header announces before building the shard, so a malformed
 import is refused and changes nothing.
@@ -12,13 +12,43 @@ from typing import Any
 
 import torch
 
-from elasticd.checkpoint import ShardFormatError, decode_shard
+from elasticd.checkpoint import ShardFormatError, decode_shard, encode_shard
 from elasticd.server.ps.shard import BadRequest, ParameterShard, ShardConfig
 from elasticd.wire import DTYPES, TensorHeader
 
 
 def export_shard(shard: ParameterShard, generation: int) -> tuple[bytes, int]:
-    return shard.snapshot(generation)
+    """The shard's parameters and optimizer state, encoded; and its version.
+
+    Only a copy in memory happens under the shard's lock, so pushes wait for a
+    memcpy of the shard, never for its encoding (nor, in a checkpoint, its upload).
+    """
+    with shard.lock:
+        shard.fence(generation)
+        tensors = {
+            h.key: p.detach().clone() for h, p in zip(shard.headers, shard.params, strict=True)
+        }
+        state = _cloned(shard.optimizer.state_dict())
+        version = shard.version
+    meta = {
+        "job_id": shard.config.job_id,
+        "version": version,
+        "generation": generation,
+        "optimizer": shard.config.optimizer,
+        "keys": [h.key for h in shard.headers],
+    }
+    return encode_shard(tensors, state, meta), version
+
+
+def _cloned(value: Any) -> Any:
+    """``value`` with every tensor in it copied (an optimizer state_dict holds live ones)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _cloned(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cloned(v) for v in value)
+    return value
 
 
 def _check_state(
