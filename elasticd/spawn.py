@@ -30,7 +30,14 @@ except (OSError, AttributeError):
     pass
 if os.getppid() != int(sys.argv[1]):
     os._exit(1)
-os.execvp(sys.argv[2], sys.argv[2:])
+# Python ignores these at start-up, and exec keeps what is ignored: give them back.
+for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+    signal.signal(sig, signal.SIG_DFL)
+try:
+    os.execvp(sys.argv[2], sys.argv[2:])
+except OSError as exc:
+    sys.stderr.write(f"cannot run {{sys.argv[2]!r}}: {{exc}}\\n")
+    os._exit(127)
 """
 
 

@@ -377,3 +377,16 @@ def test_progress_from_before_a_restore_no_longer_counts() -> None:
     assert book.live(restored).step == 40
     book.record(JOB, "a.0", 2, 45, 0.4, False)
     assert book.live(restored).step == 45
+
+
+def test_a_restore_that_began_is_finished_even_if_the_lost_ps_came_back() -> None:
+    running = snapshot(["a.0"], reports=[report("a.0", "RUNNING")])
+    job = placed(running, checkpoint="file:///c/job-1/40")
+    cluster = ClusterSnapshot(nodes(a=1), TWO_PS, ps_incarnations={"ps-0": "b0", "ps-1": "b1"})
+    assert decide(job, cluster) == Nothing()  # the PS tier is whole
+    begun = replace(job, record=job.record.evolve(restore_pending=2, restored_generation=0))
+    action = decide(begun, cluster)
+    assert action == Seal(("a.0",), action.reason, restore=True)
+    assert "a restore that did not finish" in action.reason
+    done = replace(job, record=job.record.evolve(restore_pending=2, restored_generation=2))
+    assert decide(done, cluster) == Nothing()

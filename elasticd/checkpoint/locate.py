@@ -84,3 +84,13 @@ def check_fits(manifest: CheckpointManifest, tensors: list[TensorSpec]) -> None:
                 f"checkpoint {manifest.job_id}@{manifest.step} does not fit this model: "
                 f"parameter {name!r} is {have} in the checkpoint, {need} in the task"
             )
+
+
+def check_optimizer(manifest: CheckpointManifest, optimizer: str) -> None:
+    """Raise NoSuchCheckpoint if ``manifest`` holds another optimizer's state than ``optimizer``."""
+    saved = manifest.extra.get("optimizer")
+    if saved is not None and saved != optimizer:
+        raise NoSuchCheckpoint(
+            f"checkpoint {manifest.job_id}@{manifest.step} holds {saved} optimizer state, "
+            f"the job uses {optimizer}: set optimizer.name: {saved}"
+        )

@@ -24,6 +24,7 @@ import fsspec
 import torch
 
 from elasticd.checkpoint.locate import NoSuchCheckpoint, locate, split_checkpoint_url
+from elasticd.checkpoint.manifest import _NAME as JOB_ID
 from elasticd.checkpoint.manifest import CheckpointError, CheckpointManifest
 from elasticd.checkpoint.serialize import decode_shard
 from elasticd.checkpoint.store import CheckpointStore
@@ -35,7 +36,7 @@ def _job_stores(url: str) -> list[tuple[CheckpointStore, str]]:
     """(store, job id) for a job directory, or for every job under a root."""
     url = url.rstrip("/")
     root, _, job_id = url.rpartition("/")
-    if root and job_id and CheckpointStore(root).list_manifests(job_id):
+    if root and JOB_ID.fullmatch(job_id) and CheckpointStore(root).list_manifests(job_id):
         return [(CheckpointStore(root), job_id)]
     fs, path = fsspec.core.url_to_fs(url)
     try:
@@ -43,10 +44,8 @@ def _job_stores(url: str) -> list[tuple[CheckpointStore, str]]:
     except FileNotFoundError:
         return []
     store = CheckpointStore(url)
-    jobs = sorted(
-        e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory"
-    )
-    return [(store, j) for j in jobs]
+    names = (e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory")
+    return [(store, j) for j in sorted(names) if JOB_ID.fullmatch(j)]  # lost+found is no job
 
 
 def rows(url: str) -> list[dict]:

@@ -12,7 +12,7 @@ import uuid
 
 import torch
 
-from elasticd.checkpoint.locate import NoSuchCheckpoint, check_fits, locate
+from elasticd.checkpoint.locate import NoSuchCheckpoint, check_fits, check_optimizer, locate
 from elasticd.coord.etcd import Put
 from elasticd.coord.keys import Keys
 from elasticd.jobspec import JobSpec
@@ -61,6 +61,7 @@ def check_resumable(spec: JobSpec, resume_from: str, default_root: str) -> str:
         )
     store, manifest = locate(resume_from, spec.checkpoint.url or default_root)
     check_fits(manifest, tensor_specs(spec))
+    check_optimizer(manifest, spec.optimizer.name)
     return store.url_of(manifest)
 
 

@@ -64,7 +64,8 @@ def checkpoint_ps_job(
         created_at=time.time(),
         shards=tuple(ShardRecord(p, r.path, r.sha256, r.size) for p, r in sorted(replies.items())),
         extra={
-            "mode": snap.spec.mode,
+            "mode": snap.record.mode,
+            "optimizer": snap.spec.optimizer.name,
             "versions": {p: r.version for p, r in replies.items()},
             "placement": json.loads(placement.to_json()),
             **(extra or {}),
@@ -97,6 +98,8 @@ def take_checkpoint(controller, job_id: str) -> CheckpointManifest | None:
     snap = controller.snapshot(job_id)
     if snap.generation is None or snap.placement is None or snap.record.mode != "ps-async":
         return None
+    if ps_trouble(snap, controller.view.cluster()):
+        return None  # a PS is gone or lost the job: there is no whole state to keep
     live = controller.progress.live(snap.record)
     url = snap.spec.checkpoint.url or controller.checkpoint_url
     manifest, where = checkpoint_ps_job(
@@ -107,6 +110,8 @@ def take_checkpoint(controller, job_id: str) -> CheckpointManifest | None:
 
     def record():
         fresh = controller.snapshot(job_id)
+        if manifest.generation < fresh.record.restored_generation:
+            return fresh.record  # taken before a restore: not the job's state any more
         if not (fresh.record.checkpoint_step >= manifest.step and fresh.record.checkpoint):
             updated = fresh.record.evolve(
                 checkpoint=where,
@@ -145,8 +150,6 @@ def final_checkpoint(controller, job_id: str) -> None:
     """Before a cancel: keep the job's last state, so --resume-from can pick it up. Best effort:
     a PS that is gone or does not answer costs the checkpoint, never the cancel."""
     try:
-        if ps_trouble(controller.snapshot(job_id), controller.view.cluster()):
-            return  # a PS is gone or lost the job: there is no whole state to keep
         checkpoint_now(controller, job_id)
     except NotCheckpointable:
         return

@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from elasticd.checkpoint.locate import NoSuchCheckpoint
 from elasticd.coord.election import Election, NotLeading
 from elasticd.coord.etcd import Compare, EtcdClient, Put
 from elasticd.coord.keys import Keys
@@ -54,7 +53,7 @@ from elasticd.server.controller.records import (
     WAITING,
     JobRecord,
 )
-from elasticd.server.controller.restore import restore_for_seal
+from elasticd.server.controller.restore import RestoreBackoff, restore_in_seal
 from elasticd.server.controller.view import EtcdView, JobNotFound
 from elasticd.server.controller.writes import JobWriter
 
@@ -98,6 +97,7 @@ class Controller:
         self._is_leader = False
         self._adopted: set[str] = set()
         self.background = OffLane()  # one checkpoint or completion under way per job
+        self.restores = RestoreBackoff()
         self._failing_since: dict[str, float] = {}  # job -> first of its unexpected errors
         self.reconciles = 0  # reconcile passes run (read by tests and the metrics)
 
@@ -337,18 +337,10 @@ class Controller:
         record = sealing.sealed_record(snap, gen, action.reason)
         if action.restore:
             # The import at the new generation fences every PS of the new placement.
-            try:
-                placement, record = restore_for_seal(
-                    snap, cluster, gen, record, self.checkpoint_url, self.progress.live(snap.record)
-                )
-            except NoSuchCheckpoint as exc:
-                if snap.placement is None:  # the checkpoint the user named is gone
-                    failed = snap.record.evolve(state=FAILED, message=f"resume-from: {exc}")
-                    self._finish(snap, failed)
-                else:  # the job waits: decide() sees no checkpoint
-                    lost = snap.record.evolve(checkpoint="", message=f"{action.reason}; {exc}")
-                    self.writer.update(snap, [self._record_put(lost)])
+            done = restore_in_seal(self, snap, cluster, gen, record, action.reason)
+            if done is None:
                 return
+            snap, placement, record = done
         else:
             placement = sealing.placement_for_seal(snap, cluster, lambda: tensor_specs(snap.spec))
         if placement is not None and not action.restore:

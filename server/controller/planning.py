@@ -111,9 +111,15 @@ def decide(job: JobSnapshot, cluster: ClusterSnapshot) -> Action:
             return Seal((), "no parameter server is registered")
         return Wait("waiting for a parameter server to register")
     trouble = ps_trouble(job, cluster)
-    if trouble and not rec.checkpoint:
+    # A restore that began (a PS may hold the checkpoint's state already) is finished
+    # before anything else trains, even if the PS it replaced came back meanwhile.
+    unfinished = rec.restore_pending > rec.restored_generation
+    if trouble and not rec.checkpoint and not unfinished:
         # Never train on a PS tier that lost part of the model: stop, and wait.
-        trouble += "; no checkpoint to restore from (set checkpoint.every_steps)"
+        trouble += (
+            "; no checkpoint to restore from (set checkpoint.every_steps or every_s): "
+            "waiting for the parameter server to come back with its state"
+        )
         return Seal((), trouble) if current else Wait(trouble)
 
     restarting = sorted(w for w, r in reports.items() if r.state == RESTARTING and w in current)
@@ -135,8 +141,9 @@ def decide(job: JobSnapshot, cluster: ClusterSnapshot) -> Action:
             # Below the minimum: end the running generation; the job waits.
             return Seal((), f"{len(desired)} of at least {spec.workers.min} workers available")
         return Wait(f"waiting for workers: {len(desired)} of at least {spec.workers.min} available")
-    if trouble:
-        return Seal(tuple(desired), f"restore from {rec.checkpoint}: {trouble}", restore=True)
+    if trouble or unfinished:
+        why = trouble or "a restore that did not finish"
+        return Seal(tuple(desired), f"restore from {rec.checkpoint}: {why}", restore=True)
     if set(desired) != current:
         lost = sorted(current - set(desired))
         joined = sorted(set(desired) - current)
@@ -171,14 +178,10 @@ def ps_trouble(job: JobSnapshot, cluster: ClusterSnapshot) -> str:
     reasons = []
     if restarted:
         reasons.append(
-            f"parameter server {', '.join(restarted)} restarted and lost this job's slices "
-            "on it; waiting for them to be restored"
+            f"parameter server {', '.join(restarted)} restarted and lost this job's slices on it"
         )
     if gone:
-        reasons.append(
-            f"parameter server {', '.join(gone)} is gone (its lease expired); "
-            "waiting for it to come back"
-        )
+        reasons.append(f"parameter server {', '.join(gone)} is gone (its lease expired)")
     return "; ".join(reasons)
 
 

@@ -35,6 +35,10 @@ class JobRecord:
     # The last restore from a checkpoint: its manifest URL, the generation that
     # began from it, its step, and how many applied updates it lost.
     resume_from: str = ""  # the checkpoint the user asked the job to start from
+    # A restore under way: the generation it imports into, written before the first
+    # import. Until a generation that began from it is sealed (restored_generation
+    # reaches it), every seal of the job is a restore.
+    restore_pending: int = 0
     restored_from: str = ""
     restored_generation: int = 0
     restored_step: int = 0

@@ -24,19 +24,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from elasticd.checkpoint import CheckpointManifest, CheckpointStore, CorruptShard, decode_shard
-from elasticd.checkpoint.locate import NoSuchCheckpoint, check_fits, locate
+from elasticd.checkpoint.locate import NoSuchCheckpoint, check_fits, check_optimizer, locate
 from elasticd.checkpoint.serialize import state_digest
+from elasticd.coord.election import NotLeading
+from elasticd.coord.etcd import Put
 from elasticd.jobspec import JobSpec
 from elasticd.membership import Generation
 from elasticd.placement import ShardPlacement, TensorSpec, place
 from elasticd.ps_client import PSTier
+from elasticd.ps_errors import PSUnavailable
 from elasticd.server.controller.admission import tensor_specs
 from elasticd.server.controller.planning import ClusterSnapshot, JobSnapshot
-from elasticd.server.controller.records import JobRecord
+from elasticd.server.controller.records import WAITING, JobRecord
 from elasticd.slicing import join_slices, split_state
 
 log = logging.getLogger(__name__)
@@ -71,13 +75,16 @@ def restore_source(
 ) -> tuple[CheckpointStore, CheckpointManifest]:
     """What a restore reads: the checkpoint the user named for a job's start (--resume-from),
     else the job's own newest verified checkpoint. Raises NoSuchCheckpoint."""
-    if snap.placement is None and snap.record.resume_from:
-        return locate(snap.record.resume_from, default_url)
+    rec = snap.record
+    if snap.placement is None and rec.resume_from:
+        return locate(rec.resume_from, default_url)
     url = snap.spec.checkpoint.url or default_url
     store = CheckpointStore(url)
-    manifest = store.latest(snap.record.job_id)
+    manifest = store.latest(rec.job_id)
+    if manifest is None and rec.resume_from:  # none of its own yet: where it started from
+        return locate(rec.resume_from, default_url)
     if manifest is None:
-        raise NoSuchCheckpoint(f"job {snap.record.job_id} has no verified checkpoint under {url}")
+        raise NoSuchCheckpoint(f"job {rec.job_id} has no verified checkpoint under {url}")
     return store, manifest
 
 
@@ -146,6 +153,7 @@ def restore_for_seal(
     tensors = tensor_specs(snap.spec)
     store, manifest = restore_source(snap, default_url)
     check_fits(manifest, tensors)
+    check_optimizer(manifest, snap.spec.optimizer.name)
     placement = restore_placement(tensors, cluster.ps, cluster.ps_incarnations)
     restored = restore_tier(
         snap.spec,
@@ -167,3 +175,64 @@ def restore_for_seal(
         restored_step=step,
         updates_lost=record.updates_lost + max(live.step - step, 0),
     )
+
+
+RETRY_S = (1.0, 60.0)  # a failed restore is tried again after this long, doubling: first, longest
+
+
+class RestoreBackoff:
+    """When a job's failed restore may be tried again. In memory: a new leader tries at once."""
+
+    def __init__(self) -> None:
+        self._next: dict[str, tuple[float, float]] = {}  # job -> (not before, last delay)
+
+    def wait(self, job_id: str, now: float) -> float:
+        return max(self._next.get(job_id, (0.0, 0.0))[0] - now, 0.0)
+
+    def failed(self, job_id: str, now: float) -> float:
+        delay = min(self._next.get(job_id, (0.0, RETRY_S[0] / 2))[1] * 2, RETRY_S[1])
+        self._next[job_id] = (now + delay, delay)
+        return delay
+
+    def succeeded(self, job_id: str) -> None:
+        self._next.pop(job_id, None)
+
+
+def restore_in_seal(controller, snap, cluster, gen, record, reason: str):
+    """The restore part of a seal: (placement, sealed record), or None to seal nothing now.
+
+    Marks the restore as under way in the job record first (a conditional
+    write, like every write), so that a half-done restore is finished by the
+    next pass or the next leader. A failure (storage, a PS, a checkpoint that
+    changed) leaves the job waiting with the reason, tried again with backoff.
+    """
+    job_id = snap.record.job_id
+    now = time.monotonic()
+    if controller.restores.wait(job_id, now) > 0:
+        controller._wake_later(controller.restores.wait(job_id, now))
+        return None
+    if snap.record.restore_pending != gen.number:
+        intent = snap.record.evolve(restore_pending=gen.number, updated_at=time.time())
+        controller.writer.update(snap, [Put(controller.keys.job_status(job_id), intent.to_json())])
+        snap = controller.snapshot(job_id)
+        record = record.evolve(restore_pending=gen.number)
+    if not controller._still_leading():  # a deposed leader must not import
+        raise NotLeading("leadership lost before the restore")
+    try:
+        placement, record = restore_for_seal(
+            snap,
+            cluster,
+            gen,
+            record,
+            controller.checkpoint_url,
+            controller.progress.live(snap.record),
+        )
+    except (NoSuchCheckpoint, CorruptShard, PSUnavailable) as exc:
+        delay = controller.restores.failed(job_id, now)
+        message = f"{reason}; the restore failed, trying again in {delay:g}s: {exc}"
+        waiting = snap.record.evolve(state=WAITING, message=message, updated_at=time.time())
+        controller.writer.update(snap, [Put(controller.keys.job_status(job_id), waiting.to_json())])
+        controller._wake_later(delay)
+        return None
+    controller.restores.succeeded(job_id)
+    return snap, placement, record

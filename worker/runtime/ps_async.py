@@ -233,7 +233,7 @@ def train(
                 if new is not None:
                     if new.spec["mode"] != "ps-async":
                         return _switch_out(ps.tier, ps.placement, new)
-                    if new.generation == new.resume_generation:  # restored: rewind the data
+                    if new.resume_generation > a.generation:  # restored since: rewind the data
                         index = new.resume_position + new.rank
                     else:
                         index = new.rank + new.world_size * (index // max(a.world_size, 1) + 1)
