@@ -134,17 +134,30 @@ class EtcdClient:
         except _LIBRARY_ERRORS as exc:
             raise _translate(exc) from exc
 
+    def _read(self, fn: Callable, *args, **kwargs):
+        """A read, tried on each endpoint in turn: the library marks an endpoint that
+        cannot be reached as failed but raises for that call. Writes are not retried
+        here (a write may have landed before its connection broke)."""
+        for _ in range(len(self.endpoints) - 1):
+            try:
+                return fn(*args, **kwargs)
+            except etcd3.exceptions.ConnectionFailedError:
+                continue
+            except _LIBRARY_ERRORS as exc:
+                raise _translate(exc) from exc
+        return self._call(fn, *args, **kwargs)
+
     # -- key/value -------------------------------------------------------
 
     def get(self, key: str) -> KeyValue | None:
-        value, meta = self._call(self._client.get, key)
+        value, meta = self._read(self._client.get, key)
         if value is None:
             return None
         return _kv(meta, value)
 
     def get_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
         """All keys under ``prefix`` and the store revision they were read at."""
-        resp = self._call(self._client.get_prefix_response, prefix)
+        resp = self._read(self._client.get_prefix_response, prefix)
         kvs = [
             KeyValue(kv.key.decode(), kv.value, kv.create_revision, kv.mod_revision, kv.lease)
             for kv in resp.kvs
