@@ -365,3 +365,7 @@ def test_prune_keeps_the_newest_and_the_newest_that_verifies(
     assert [m.step for m in store.list_manifests(JOB)] == [2, 4]
     assert store.latest(JOB).step == 2
     assert store.prune(JOB, keep=0) == []  # 0 keeps everything
+    # A writer that just committed names it as verified: nothing older is read again.
+    newest = save(store, 5)
+    assert store.prune(JOB, keep=1, verified=newest) == [2, 4]
+    assert [m.step for m in store.list_manifests(JOB)] == [5]

@@ -10,17 +10,16 @@ the one restored.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from elasticd.checkpoint import CheckpointStore, decode_shard
-from elasticd.checkpoint.locate import NoSuchCheckpoint
+from elasticd.checkpoint import CheckpointStore
+from elasticd.checkpoint.locate import NoSuchCheckpoint, load_state
 from elasticd.jobspec import parse_spec
 from elasticd.membership import assign_ranks
-from elasticd.placement import ShardPlacement, place
+from elasticd.placement import place
 from elasticd.server.controller.checkpoints import checkpoint_ps_job
 from elasticd.server.controller.planning import JobSnapshot
 from elasticd.server.controller.records import RUNNING, JobRecord
@@ -67,9 +66,7 @@ def addresses(servers) -> dict[str, str]:
 
 
 def checkpoint_state(store: CheckpointStore, manifest) -> tuple[dict, dict]:
-    saved = ShardPlacement.from_json(json.dumps(manifest.extra["placement"]))
-    payloads = {r.name: decode_shard(store.read_shard(manifest, r.name)) for r in manifest.shards}
-    return join_slices(saved, payloads)
+    return load_state(store, manifest)
 
 
 def flip_byte(path: Path) -> None:

@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 
 from elasticd.checkpoint.manifest import MANIFEST_NAME, CheckpointError, CheckpointManifest
+from elasticd.checkpoint.serialize import decode_shard
 from elasticd.checkpoint.store import CheckpointStore
 from elasticd.placement import ShardPlacement, TensorSpec
+from elasticd.slicing import join_slices
 
 
 class NoSuchCheckpoint(CheckpointError):
@@ -61,7 +63,7 @@ def locate(ref: str, default_root: str) -> tuple[CheckpointStore, CheckpointMani
 
 def saved_shapes(manifest: CheckpointManifest) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Each parameter's (dtype, whole shape) as ``manifest``'s placement saved it."""
-    saved = ShardPlacement.from_json(json.dumps(manifest.extra["placement"]))
+    saved = saved_placement(manifest)
     out: dict[str, tuple[str, tuple[int, ...]]] = {}
     for s in sorted(saved.slices, key=lambda s: (s.param, s.row_start)):
         if s.whole or s.param not in out:
@@ -94,3 +96,17 @@ def check_optimizer(manifest: CheckpointManifest, optimizer: str) -> None:
             f"checkpoint {manifest.job_id}@{manifest.step} holds {saved} optimizer state, "
             f"the job uses {optimizer}: set optimizer.name: {saved}"
         )
+
+
+def saved_placement(manifest: CheckpointManifest) -> ShardPlacement:
+    """Which rows of which parameter each of ``manifest``'s shards holds."""
+    return ShardPlacement.from_json(json.dumps(manifest.extra["placement"]))
+
+
+def load_state(store: CheckpointStore, manifest: CheckpointManifest) -> tuple[dict, dict]:
+    """The checkpoint's whole parameters and torch.optim state, by parameter name.
+
+    Every shard is checked against the manifest as it is read (CorruptShard if not).
+    """
+    payloads = {r.name: decode_shard(store.read_shard(manifest, r.name)) for r in manifest.shards}
+    return join_slices(saved_placement(manifest), payloads)

@@ -319,15 +319,19 @@ class CheckpointStore:
         log.info("checkpoint chosen job_id=%s step=%s", job_id, chosen and chosen.step)
         return chosen
 
-    def prune(self, job_id: str, keep: int) -> list[int]:
+    def prune(
+        self, job_id: str, keep: int, verified: CheckpointManifest | None = None
+    ) -> list[int]:
         """Delete all but the ``keep`` newest checkpoints of ``job_id``; returns the steps deleted.
 
         The newest checkpoint that verifies is never deleted, even when newer
-        ones exist. Each manifest goes first, so a checkpoint stops existing
+        ones exist. ``verified`` names it when the caller knows (one it just
+        committed, whose shards its writers hashed), which saves reading every
+        shard again. Each manifest goes first, so a checkpoint stops existing
         before any of its shards does.
         """
         manifests = self.list_manifests(job_id)
-        newest_verified = self.latest(job_id)
+        newest_verified = verified or self.latest(job_id)
         kept = {m.step for m in manifests[-keep:]} if keep > 0 else {m.step for m in manifests}
         if newest_verified is not None:
             kept.add(newest_verified.step)

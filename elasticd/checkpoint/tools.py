@@ -10,8 +10,8 @@ unpickles: manifests are JSON, shards are safetensors.
   directory for its newest): exit 0 if every shard has its recorded size and
   SHA-256, else 1 with the shard that does not;
 * ``export URL --out FILE`` — the checkpoint's parameters as a plain PyTorch
-  state dict (``torch.save``), which loads with ``torch.load(FILE,
-  weights_only=True)`` into the task's model.
+  state dict (``torch.save``) that loads into the task's model with
+  ``torch.load(FILE, weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -23,13 +23,10 @@ import sys
 import fsspec
 import torch
 
-from elasticd.checkpoint.locate import NoSuchCheckpoint, locate, split_checkpoint_url
+from elasticd.checkpoint.locate import NoSuchCheckpoint, load_state, locate, split_checkpoint_url
 from elasticd.checkpoint.manifest import _NAME as JOB_ID
 from elasticd.checkpoint.manifest import CheckpointError, CheckpointManifest
-from elasticd.checkpoint.serialize import decode_shard
 from elasticd.checkpoint.store import CheckpointStore
-from elasticd.placement import ShardPlacement
-from elasticd.slicing import join_slices
 
 
 def _job_stores(url: str) -> list[tuple[CheckpointStore, str]]:
@@ -76,9 +73,7 @@ def _one(url: str) -> tuple[CheckpointStore, CheckpointManifest]:
 
 def state_dict(store: CheckpointStore, manifest: CheckpointManifest) -> dict[str, torch.Tensor]:
     """The checkpoint's parameters, whole, by parameter name."""
-    saved = ShardPlacement.from_json(json.dumps(manifest.extra["placement"]))
-    payloads = {r.name: decode_shard(store.read_shard(manifest, r.name)) for r in manifest.shards}
-    params, _ = join_slices(saved, payloads)
+    params, _ = load_state(store, manifest)
     return {name: params[name].contiguous() for name in sorted(params)}
 
 

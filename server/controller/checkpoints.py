@@ -127,7 +127,7 @@ def take_checkpoint(controller, job_id: str) -> CheckpointManifest | None:
 
     controller._on_lane(job_id, record)
     if snap.spec.checkpoint.keep:
-        CheckpointStore(url).prune(job_id, snap.spec.checkpoint.keep)
+        CheckpointStore(url).prune(job_id, snap.spec.checkpoint.keep, verified=manifest)
     return manifest
 
 

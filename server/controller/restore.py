@@ -22,14 +22,19 @@ and the seal imports again, at the same generation, on the next pass.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from elasticd.checkpoint import CheckpointManifest, CheckpointStore, CorruptShard, decode_shard
-from elasticd.checkpoint.locate import NoSuchCheckpoint, check_fits, check_optimizer, locate
+from elasticd.checkpoint import CheckpointManifest, CheckpointStore, CorruptShard
+from elasticd.checkpoint.locate import (
+    NoSuchCheckpoint,
+    check_fits,
+    check_optimizer,
+    load_state,
+    locate,
+)
 from elasticd.checkpoint.serialize import state_digest
 from elasticd.coord.election import NotLeading
 from elasticd.coord.etcd import Put
@@ -41,7 +46,7 @@ from elasticd.ps_errors import PSUnavailable
 from elasticd.server.controller.admission import tensor_specs
 from elasticd.server.controller.planning import ClusterSnapshot, JobSnapshot
 from elasticd.server.controller.records import WAITING, JobRecord
-from elasticd.slicing import join_slices, split_state
+from elasticd.slicing import split_state
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +109,7 @@ def restore_tier(
     CorruptShard when a shard changed since it was verified (the next try
     picks an older checkpoint).
     """
-    saved = ShardPlacement.from_json(json.dumps(manifest.extra["placement"]))
-    payloads = {r.name: decode_shard(store.read_shard(manifest, r.name)) for r in manifest.shards}
-    params, named = join_slices(saved, payloads)
+    params, named = load_state(store, manifest)
     tier = PSTier(job_id, generation, placement, {p: ps_addresses[p] for p in placement.ps_ids})
     try:
         digests = tier.import_state(
