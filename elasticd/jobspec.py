@@ -47,6 +47,13 @@ class OptimizerSpec:
 class PSSpec:
     max_staleness: int = -1  # < 0: unbounded; 0: synchronous parameter server
     compression: str = "none"
+    # 2: every slice group has a hot backup on another PS, which applies every
+    # update before the push is acknowledged; a PS loss then loses no
+    # acknowledged update. 1: the checkpoint is the only other copy.
+    replicas: int = 1
+
+
+MAX_REPLICAS = 2
 
 
 @dataclass(frozen=True)
@@ -175,8 +182,11 @@ def parse_spec(data: Any, base_dir: str | None = None) -> JobSpec:
         raise SpecError(f"optimizer.{exc.field}: {exc.reason}") from None
 
     ps_raw = _mapping(data, "ps", "")
-    _reject_unknown(ps_raw, {"max_staleness", "compression"}, "ps.")
+    _reject_unknown(ps_raw, {"max_staleness", "compression", "replicas"}, "ps.")
     staleness = _int(ps_raw, "max_staleness", "ps.", -1, minimum=-1)
+    replicas = _int(ps_raw, "replicas", "ps.", 1, minimum=1)
+    if replicas > MAX_REPLICAS:
+        raise SpecError(f"ps.replicas: at most {MAX_REPLICAS} copies are kept, got {replicas}")
     compression = ps_raw.get("compression", "none")
     if not isinstance(compression, str) or not _codec_ok(compression):
         raise SpecError(
@@ -204,7 +214,7 @@ def parse_spec(data: Any, base_dir: str | None = None) -> JobSpec:
         task_args=dict(task_args),
         workers=WorkersSpec(wmin, wmax),
         optimizer=OptimizerSpec(opt_name, opt_kwargs),
-        ps=PSSpec(staleness, compression),
+        ps=PSSpec(staleness, compression, replicas),
         checkpoint=CheckpointSpec(
             ck_url,
             _int(ck_raw, "every_steps", "checkpoint.", 0, 0),

@@ -5,6 +5,14 @@ processing time first). A tensor larger than an even share is cut by rows so
 that no single server carries a disproportionate piece. The optimizers elasticd
 allows (SGD, Adam, AdamW, Adagrad) act element by element, so a row slice of a
 tensor is updated exactly as the whole tensor would be.
+
+The slices placed on one PS form a *group*, named after that PS: the unit a
+PS keeps as one shard (job, group), versions, snapshots and hands over. With
+``ps.replicas: 2`` every group also has a backup on the next PS of the ring,
+which applies every update the primary applies, in the same order. When a PS
+is lost, :func:`failover` promotes the backups of its groups and picks new
+backups; groups never change their slices, so a group's version and optimizer
+state move with it unchanged.
 """
 
 from __future__ import annotations
@@ -39,8 +47,15 @@ class Slice:
     row_end: int
     shape: tuple[int, ...]  # shape of the slice
     dtype: str
-    ps_id: str
+    ps_id: str  # the PS that holds the primary copy and serves workers
     whole: bool
+    group: str = ""  # the shard this slice belongs to ("": ps_id, placements before groups)
+    backup: str = ""  # the PS that holds the backup copy ("": none)
+
+    @property
+    def shard(self) -> str:
+        """The name of the group (the PS shard) this slice is kept in."""
+        return self.group or self.ps_id
 
     @property
     def key(self) -> str:
@@ -60,15 +75,38 @@ class ShardPlacement:
 
     @property
     def ps_ids(self) -> list[str]:
-        return sorted({s.ps_id for s in self.slices})
+        """Every PS that holds a copy of some group, primary or backup."""
+        return sorted({s.ps_id for s in self.slices} | {s.backup for s in self.slices if s.backup})
 
-    def for_ps(self, ps_id: str) -> list[Slice]:
-        return [s for s in self.slices if s.ps_id == ps_id]
+    @property
+    def groups(self) -> list[str]:
+        return sorted({s.shard for s in self.slices})
+
+    def in_group(self, group: str) -> list[Slice]:
+        return [s for s in self.slices if s.shard == group]
+
+    def holders(self, group: str) -> tuple[str, str]:
+        """(primary, backup) of ``group``; backup is "" when it has none."""
+        first = next(s for s in self.slices if s.shard == group)
+        return first.ps_id, first.backup
+
+    @property
+    def replicated(self) -> bool:
+        return any(s.backup for s in self.slices)
 
     def bytes_per_ps(self) -> dict[str, int]:
+        """Bytes of parameters each PS holds, primary and backup copies counted alike."""
         out: dict[str, int] = {}
         for s in self.slices:
-            out[s.ps_id] = out.get(s.ps_id, 0) + s.nbytes
+            for p in filter(None, (s.ps_id, s.backup)):
+                out[p] = out.get(p, 0) + s.nbytes
+        return out
+
+    def backup_bytes_per_ps(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for s in self.slices:
+            if s.backup:
+                out[s.backup] = out.get(s.backup, 0) + s.nbytes
         return out
 
     def with_incarnations(self, incarnations: Mapping[str, str]) -> ShardPlacement:
@@ -99,8 +137,14 @@ def place(
     tensors: Sequence[TensorSpec],
     ps_ids: Sequence[str],
     min_split_bytes: int = MIN_SPLIT_BYTES,
+    replicas: int = 1,
 ) -> ShardPlacement:
-    """Assign every tensor (or row slice of one) to a PS, balancing bytes."""
+    """Assign every tensor (or row slice of one) to a PS, balancing bytes.
+
+    With ``replicas`` 2 and more than one PS, the group placed on each PS has
+    its backup on the next PS in sorted order (a ring), so every PS carries
+    one group's backup and the load stays balanced.
+    """
     if not ps_ids:
         raise ValueError("no parameter server to place parameters on")
     servers = sorted(ps_ids)
@@ -126,7 +170,70 @@ def place(
         target = min(servers, key=lambda s: (load[s], servers.index(s)))
         load[target] += size(p)
         shape = t.shape if whole else (b - a, *t.shape[1:])
-        slices.append(Slice(t.name, a, b, tuple(shape), t.dtype, target, whole))
+        backup = _ring_next(servers, target) if replicas > 1 else ""
+        slices.append(Slice(t.name, a, b, tuple(shape), t.dtype, target, whole, target, backup))
     order = {t.name: i for i, t in enumerate(tensors)}
     slices.sort(key=lambda s: (order[s.param], s.row_start))
     return ShardPlacement(tuple(slices))
+
+
+def _ring_next(servers: Sequence[str], ps_id: str) -> str:
+    if len(servers) < 2:
+        return ""
+    return servers[(servers.index(ps_id) + 1) % len(servers)]
+
+
+@dataclass(frozen=True, order=True)
+class Copy:
+    """Fill ``group``'s new backup on ``target`` from its primary on ``source``."""
+
+    group: str
+    source: str
+    target: str
+
+
+def failover(
+    placement: ShardPlacement, live: Mapping[str, str], replicas: int
+) -> tuple[ShardPlacement, list[Copy]] | None:
+    """The placement after PS losses when every group kept a live copy, else None.
+
+    ``live`` maps each registered PS to its boot id; a copy counts only on a PS
+    registered under the boot id the placement names (a restarted PS lost it).
+    A group whose primary is lost is served by its backup; a group without a
+    live backup gets a new one (``replicas`` > 1) on the live PS that carries
+    the fewest bytes, other than its primary. The returned copies fill those.
+    """
+
+    def alive(p: str) -> bool:
+        return bool(p) and p in live and live[p] == placement.incarnations.get(p, live[p])
+
+    plan: dict[str, tuple[str, str]] = {}
+    for g in placement.groups:
+        primary, backup = placement.holders(g)
+        holders = [p for p in (primary, backup) if alive(p)]
+        if not holders:
+            return None
+        plan[g] = (holders[0], holders[1] if len(holders) > 1 else "")
+    load: dict[str, int] = dict.fromkeys(sorted(live), 0)
+    for g, (primary, backup) in plan.items():
+        size = sum(s.nbytes for s in placement.in_group(g))
+        for p in filter(None, (primary, backup)):
+            load[p] += size
+    copies = []
+    for g in sorted(plan):
+        primary, backup = plan[g]
+        if backup or replicas < 2:
+            continue
+        candidates = [p for p in sorted(live) if p != primary]
+        if not candidates:
+            continue  # one PS left: the group runs without a backup until another registers
+        target = min(candidates, key=lambda p: (load[p], p))
+        load[target] += sum(s.nbytes for s in placement.in_group(g))
+        plan[g] = (primary, target)
+        copies.append(Copy(g, primary, target))
+    slices = tuple(
+        replace(s, group=s.shard, ps_id=plan[s.shard][0], backup=plan[s.shard][1])
+        for s in placement.slices
+    )
+    moved = ShardPlacement(slices, placement.incarnations)
+    return moved.with_incarnations(live), copies

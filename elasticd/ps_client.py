@@ -1,4 +1,8 @@
-"""Client of a job's parameter servers: one channel per PS, calls in parallel.
+"""Client of a job's parameter servers: one channel per PS, calls per slice group in parallel.
+
+A job's slices form groups (elasticd.placement); each group is one shard on
+its primary PS, which serves pulls and pushes, and with hot replicas one more
+on its backup PS, which only the primary and the controller talk to.
 
 Pull writes the bytes straight into the caller's tensors (a worker's own
 parameters), so a pull costs one copy from the wire and no allocation. Every
@@ -17,8 +21,6 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from elasticd.checkpoint import decode_shard, encode_shard
-from elasticd.checkpoint.serialize import state_digest
 from elasticd.compression import GradientEncoder, codec_for
 from elasticd.placement import ShardPlacement, Slice
 from elasticd.ps_errors import (
@@ -26,24 +28,22 @@ from elasticd.ps_errors import (
     ShardLost,
     raise_for,
 )
+from elasticd.ps_state import RPC_TIMEOUT_S, TierState
 from elasticd.rpc import ps_pb2, ps_pb2_grpc
 from elasticd.rpc.limits import GRPC_OPTIONS
 from elasticd.wire import (
-    CHUNK_BYTES,
     Assembler,
     TensorHeader,
     WireError,
     as_bytes,
     chunk,
     chunk_fields,
-    dtype_name,
     encode_chunk_frame,
     frame_deserializer,
     frame_serializer,
     header_of,
 )
 
-RPC_TIMEOUT_S = 60.0  # one pull/push of a whole shard
 # A shard this small is pulled and pushed in one unary call each way: grpcio's
 # streams cost about four unary calls each, which dominates for small tensors.
 SMALL_RPC_BYTES = 256 * 1024
@@ -61,7 +61,7 @@ def slice_view(tensor: torch.Tensor, s: Slice) -> torch.Tensor:
     return tensor if s.whole else tensor[s.row_start : s.row_end]
 
 
-class PSTier:
+class PSTier(TierState):
     def __init__(
         self,
         job_id: str,
@@ -77,13 +77,18 @@ class PSTier:
         self.placement = placement
         self.worker_id = worker_id
         self.ps_ids = placement.ps_ids
+        self.groups = placement.groups
+        self._holders = {g: placement.holders(g) for g in self.groups}
         missing = [p for p in self.ps_ids if p not in addresses]
         if missing:
             raise PSUnavailable(f"no address for parameter servers {missing}")
+        self.addresses = {p: addresses[p] for p in self.ps_ids}
         self._channels = {
             p: grpc.insecure_channel(addresses[p], options=GRPC_OPTIONS) for p in self.ps_ids
         }
-        self._stubs = {p: ps_pb2_grpc.ParameterServerStub(c) for p, c in self._channels.items()}
+        self._ps_stubs = {p: ps_pb2_grpc.ParameterServerStub(c) for p, c in self._channels.items()}
+        # Workers talk to each group's primary; the stubs below are by group.
+        self._stubs = {g: self._ps_stubs[self._holders[g][0]] for g in self.groups}
         # The tensor streams carry chunk frames (elasticd.wire): one copy each way.
         self._pull = {
             p: c.unary_stream(
@@ -109,25 +114,32 @@ class PSTier:
             )
             for p, c in self._channels.items()
         }
-        self._slices = {p: placement.for_ps(p) for p in self.ps_ids}
+        self._slices = {g: placement.in_group(g) for g in self.groups}
         self._small = {
-            p: sum(s.nbytes for s in self._slices[p]) <= SMALL_RPC_BYTES for p in self.ps_ids
+            g: sum(s.nbytes for s in self._slices[g]) <= SMALL_RPC_BYTES for g in self.groups
         }
         self._pool = ThreadPoolExecutor(
-            max_workers=max(len(self.ps_ids), 1), thread_name_prefix="ps"
+            max_workers=max(len(self.groups), 1), thread_name_prefix="ps"
         )
         self._encoders: dict[str, GradientEncoder] = {}
 
     @property
     def fence(self) -> ps_pb2.Fence:
+        """The job-wide fence (AdvanceGeneration, DropShard act on every group)."""
         return ps_pb2.Fence(job_id=self.job_id, generation=self.generation)
 
+    def _fence(self, group: str) -> ps_pb2.Fence:
+        return ps_pb2.Fence(job_id=self.job_id, generation=self.generation, shard=group)
+
+    def primary(self, group: str) -> str:
+        return self._holders[group][0]
+
     def _each(self, fn) -> dict[str, object]:
-        """``fn(ps_id)`` for every PS in parallel; the last runs in the calling thread
-        (with one PS, a call costs no thread handoff)."""
-        if not self.ps_ids:
+        """``fn(group)`` for every group in parallel; the last runs in the calling thread
+        (with one group, a call costs no thread handoff). Errors name the group's primary."""
+        if not self.groups:
             return {}
-        *others, last = self.ps_ids
+        *others, last = self.groups
         futures = {p: self._pool.submit(fn, p) for p in others}
         out: dict[str, object] = {}
         try:
@@ -138,21 +150,21 @@ class PSTier:
             try:
                 out[p] = f.result()
             except grpc.RpcError as exc:
-                raise_for(exc, p)
+                raise_for(exc, self.primary(p))
         if isinstance(mine, grpc.RpcError):
-            raise_for(mine, last)
+            raise_for(mine, self.primary(last))
         out[last] = mine
         return out
 
-    def _stream(self, ps_id: str, header_msg, tensors: Mapping[str, torch.Tensor]) -> Iterator:
+    def _stream(self, group: str, header_msg, tensors: Mapping[str, torch.Tensor]) -> Iterator:
         yield header_msg
-        for index, s in enumerate(self._slices[ps_id]):
+        for index, s in enumerate(self._slices[group]):
             for offset, piece in chunk(as_bytes(slice_view(tensors[s.param], s))):
                 yield encode_chunk_frame(index, offset, piece)
 
-    def _metas(self, ps_id: str, tensors: Mapping[str, torch.Tensor]) -> list[ps_pb2.TensorMeta]:
+    def _metas(self, group: str, tensors: Mapping[str, torch.Tensor]) -> list[ps_pb2.TensorMeta]:
         out = []
-        for s in self._slices[ps_id]:
+        for s in self._slices[group]:
             h = header_of(s.key, slice_view(tensors[s.param], s))
             out.append(ps_pb2.TensorMeta(key=h.key, dtype=h.dtype, shape=h.shape))
         return out
@@ -170,43 +182,55 @@ class PSTier:
     ) -> dict[str, bool]:
         """Create the job's shards from ``params`` where they do not exist yet."""
 
-        def one(p: str) -> bool:
+        def create(g: str, ps_id: str, backup: bool) -> bool:
+            primary, backup_ps = self._holders[g]
             header = ps_pb2.InitShardHeader(
-                fence=self.fence,
-                tensors=self._metas(p, params),
+                fence=self._fence(g),
+                tensors=self._metas(g, params),
                 optimizer=ps_pb2.OptimizerConfig(
                     name=optimizer, kwargs_json=json.dumps(optimizer_kwargs)
                 ),
                 max_staleness=max_staleness,
                 workers=workers,
                 max_version=max_version,
-                incarnation=self.placement.incarnations.get(p, ""),
+                incarnation=self.placement.incarnations.get(ps_id, ""),
+                backup=backup,
+                backup_address="" if backup or not backup_ps else self.addresses[backup_ps],
             )
-            info = self._stubs[p].ShardInfo(ps_pb2.ShardInfoRequest(job_id=self.job_id))
-            if info.exists:
+            request = ps_pb2.ShardInfoRequest(job_id=self.job_id, shard=g)
+            if self._ps_stubs[ps_id].ShardInfo(request, timeout=RPC_TIMEOUT_S).exists:
                 return False
             try:
-                reply = self._init[p](
-                    self._stream(p, ps_pb2.InitShardRequest(header=header), params),
+                reply = self._init[ps_id](
+                    self._stream(g, ps_pb2.InitShardRequest(header=header), params),
                     timeout=RPC_TIMEOUT_S,
                 )
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
                     # Restarted since placement, dropped, or fenced: never created here.
-                    raise ShardLost(f"{p}: {exc.details()}") from None
+                    raise ShardLost(f"{ps_id}: {exc.details()}") from None
                 raise
             return reply.created
+
+        def one(g: str) -> bool:
+            primary, backup = self._holders[g]
+            if backup:  # the backup exists before the primary takes its first push
+                try:
+                    create(g, backup, True)
+                except grpc.RpcError as exc:
+                    raise_for(exc, backup)
+            return create(g, primary, False)
 
         return self._each(one)
 
     def pull_into(self, params: Mapping[str, torch.Tensor]) -> dict[str, int]:
         """Overwrite ``params`` with the PS tier's values; returns each shard's version."""
 
-        def one(p: str) -> int:
-            slices = self._slices[p]
-            request = ps_pb2.PullRequest(fence=self.fence, worker_id=self.worker_id)
-            if self._small[p]:
-                whole = self._stubs[p].PullOnce(request, timeout=RPC_TIMEOUT_S)
+        def one(g: str) -> int:
+            slices, p = self._slices[g], self.primary(g)
+            request = ps_pb2.PullRequest(fence=self._fence(g), worker_id=self.worker_id)
+            if self._small[g]:
+                whole = self._stubs[g].PullOnce(request, timeout=RPC_TIMEOUT_S)
                 first, replies = whole, iter(ps_pb2.PullReply(chunk=c) for c in whole.chunks)
             else:
                 replies = self._pull[p](request, timeout=RPC_TIMEOUT_S)
@@ -247,51 +271,59 @@ class PSTier:
         grads: Mapping[str, torch.Tensor],
         base_versions: Mapping[str, int],
         compression: str = "none",
+        push_id: int = 0,
     ) -> dict[str, PushOutcome]:
-        """Push ``grads`` to every PS; ``compression`` names a codec of elasticd.compression."""
+        """Push ``grads`` to every group; ``compression`` names a codec of elasticd.compression.
+
+        ``base_versions`` are the group versions the gradient was computed on. The
+        same push sent again with the same ``push_id`` (after an error left its
+        outcome unknown) is applied at most once by each group.
+        """
         encoder = self.encoder(compression)
 
-        def dense(p: str) -> PushOutcome:
+        def dense(g: str) -> PushOutcome:
             header = ps_pb2.PushHeader(
-                fence=self.fence,
+                fence=self._fence(g),
                 worker_id=self.worker_id,
-                base_version=base_versions[p],
+                base_version=base_versions[g],
                 workers=self.workers,
+                push_id=push_id,
             )
-            if self._small[p]:
+            if self._small[g]:
                 whole = ps_pb2.PushWhole(
                     header=header,
                     chunks=[
                         ps_pb2.Chunk(index=index, offset=offset, data=bytes(piece))
-                        for index, s in enumerate(self._slices[p])
+                        for index, s in enumerate(self._slices[g])
                         for offset, piece in chunk(as_bytes(slice_view(grads[s.param], s)))
                     ],
                 )
-                reply = self._stubs[p].PushOnce(whole, timeout=RPC_TIMEOUT_S)
+                reply = self._stubs[g].PushOnce(whole, timeout=RPC_TIMEOUT_S)
             else:
-                reply = self._push[p](
-                    self._stream(p, ps_pb2.PushRequest(header=header), grads),
+                reply = self._push[self.primary(g)](
+                    self._stream(g, ps_pb2.PushRequest(header=header), grads),
                     timeout=RPC_TIMEOUT_S,
                 )
             return PushOutcome(reply.version, reply.applied, reply.staleness)
 
-        def encoded(p: str) -> PushOutcome:
+        def encoded(g: str) -> PushOutcome:
             metas, parts, pending = [], [], {}
-            for s in self._slices[p]:
+            for s in self._slices[g]:
                 h, t, residual = encoder.encode(s.key, slice_view(grads[s.param], s))
                 metas += [ps_pb2.TensorMeta(key=m.key, dtype=m.dtype, shape=m.shape) for m in h]
                 parts += t
                 if residual is not None:
                     pending[s.key] = residual
             header = ps_pb2.PushHeader(
-                fence=self.fence,
+                fence=self._fence(g),
                 worker_id=self.worker_id,
-                base_version=base_versions[p],
+                base_version=base_versions[g],
                 compression=encoder.codec.name,
                 payload=metas,
                 workers=self.workers,
+                push_id=push_id,
             )
-            reply = self._push[p](
+            reply = self._push[self.primary(g)](
                 self._parts_stream(ps_pb2.PushRequest(header=header), parts),
                 timeout=RPC_TIMEOUT_S,
             )
@@ -307,94 +339,6 @@ class PSTier:
         for index, t in enumerate(parts):
             for offset, piece in chunk(as_bytes(t)):
                 yield encode_chunk_frame(index, offset, piece)
-
-    # -- controller side ------------------------------------------------------
-
-    def snapshot(self, url: str, step: int) -> dict[str, ps_pb2.SnapshotReply]:
-        return self._each(
-            lambda p: self._stubs[p].Snapshot(
-                ps_pb2.SnapshotRequest(fence=self.fence, url=url, name=p, step=step),
-                timeout=RPC_TIMEOUT_S,
-            )
-        )
-
-    def info(self) -> dict[str, ps_pb2.ShardInfoReply]:
-        return self._each(
-            lambda p: self._stubs[p].ShardInfo(
-                ps_pb2.ShardInfoRequest(job_id=self.job_id), timeout=10
-            )
-        )
-
-    def stats(self) -> dict[str, ps_pb2.JobStats]:
-        """Each PS's figures for this job: traffic, push outcomes, staleness, step time."""
-        replies = self._each(
-            lambda p: self._stubs[p].Stats(ps_pb2.StatsRequest(job_id=self.job_id), timeout=10)
-        )
-        return {p: r.jobs[0] for p, r in replies.items()}
-
-    def export_state(self) -> dict[str, tuple[dict, dict, dict]]:
-        """Every shard's (tensors by slice key, optimizer state_dict, meta), for a switch."""
-
-        def one(p: str):
-            replies = self._stubs[p].ExportShard(
-                ps_pb2.ExportShardRequest(fence=self.fence), timeout=RPC_TIMEOUT_S
-            )
-            return decode_shard(b"".join(r.data for r in replies))
-
-        return self._each(one)
-
-    def import_state(
-        self,
-        parts: Mapping[str, tuple[dict, dict, list[str]]],
-        optimizer: str,
-        optimizer_kwargs: dict,
-        max_staleness: int,
-        workers: int,
-        max_version: int,
-        version: int,
-    ) -> dict[str, tuple[str, str]]:
-        """Replace every shard with ``parts[ps_id]`` = (tensors, optimizer state, slice keys).
-
-        Returns, per PS, (digest of what was sent, digest of what the shard holds).
-        """
-
-        def one(p: str) -> tuple[str, str]:
-            tensors, state, keys = parts[p]
-            header = ps_pb2.InitShardHeader(
-                fence=self.fence,
-                tensors=[
-                    ps_pb2.TensorMeta(
-                        key=k, dtype=dtype_name(tensors[k].dtype), shape=tuple(tensors[k].shape)
-                    )
-                    for k in keys
-                ],
-                optimizer=ps_pb2.OptimizerConfig(
-                    name=optimizer, kwargs_json=json.dumps(optimizer_kwargs)
-                ),
-                max_staleness=max_staleness,
-                workers=workers,
-                max_version=max_version,
-            )
-            data = encode_shard(
-                tensors,
-                {"state": state, "param_groups": [{"params": list(range(len(keys)))}]},
-                {"keys": keys, "version": version},
-            )
-
-            def requests():
-                yield ps_pb2.ImportShardRequest(
-                    header=ps_pb2.ImportShardHeader(shard=header, version=version)
-                )
-                view = memoryview(data)
-                for offset in range(0, max(len(data), 1), CHUNK_BYTES):
-                    yield ps_pb2.ImportShardRequest(
-                        bytes=ps_pb2.ShardBytes(data=bytes(view[offset : offset + CHUNK_BYTES]))
-                    )
-
-            reply = self._stubs[p].ImportShard(requests(), timeout=RPC_TIMEOUT_S)
-            return state_digest(tensors, state, keys), reply.digest
-
-        return self._each(one)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)

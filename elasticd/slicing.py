@@ -5,8 +5,8 @@ into slices (whole tensors or row ranges, see :mod:`elasticd.placement`):
 
 * :func:`join_slices` puts a parameter's slices and their optimizer state back
   together, keyed by parameter name (from a PS export or a checkpoint's shards);
-* :func:`split_state` cuts whole state into the slices each PS of a placement
-  holds (for a switch into ps-async, or a restore onto another placement).
+* :func:`split_state` cuts whole state into the slices each group of a
+  placement holds (for a switch into ps-async, or a restore onto another placement).
 
 The optimizers elasticd allows keep per-element state (SGD momentum, Adam's
 moments, Adagrad's sums) shaped like the parameter, plus scalars (``step``)
@@ -35,18 +35,18 @@ def join_slices(
     placement: ShardPlacement,
     payloads: Mapping[str, tuple[dict[str, torch.Tensor], dict, dict]],
 ) -> tuple[dict[str, torch.Tensor], NamedState]:
-    """Whole parameters and their optimizer state from every PS's exported shard.
+    """Whole parameters and their optimizer state from every group's exported shard.
 
-    ``payloads[ps_id]`` is ``(tensors by slice key, optimizer state_dict, meta)``
+    ``payloads[group]`` is ``(tensors by slice key, optimizer state_dict, meta)``
     as :func:`elasticd.checkpoint.decode_shard` returns it; the optimizer's
     state indices follow the shard's slice order (``meta["keys"]``).
     """
     params: dict[str, list[tuple[int, torch.Tensor]]] = {}
     states: dict[str, list[tuple[Slice, dict[str, Any]]]] = {}
-    for ps_id in placement.ps_ids:
-        tensors, opt_state, meta = payloads[ps_id]
+    for group in placement.groups:
+        tensors, opt_state, meta = payloads[group]
         keys = meta["keys"]
-        by_key = {s.key: s for s in placement.for_ps(ps_id)}
+        by_key = {s.key: s for s in placement.in_group(group)}
         for index, key in enumerate(keys):
             s = by_key[key]
             params.setdefault(s.param, []).append((s.row_start, tensors[key]))
@@ -79,13 +79,13 @@ def split_state(
     params: Mapping[str, torch.Tensor],
     named: NamedState,
 ) -> dict[str, tuple[dict[str, torch.Tensor], dict[int, dict[str, Any]], list[str]]]:
-    """Per PS: (tensors by slice key, optimizer state by slice index, slice keys in order)."""
+    """Per group: (tensors by slice key, optimizer state by slice index, slice keys in order)."""
     out = {}
-    for ps_id in placement.ps_ids:
+    for group in placement.groups:
         tensors: dict[str, torch.Tensor] = {}
         state: dict[int, dict[str, Any]] = {}
         keys = []
-        for index, s in enumerate(placement.for_ps(ps_id)):
+        for index, s in enumerate(placement.in_group(group)):
             keys.append(s.key)
             whole = params[s.param]
             tensors[s.key] = (whole if s.whole else whole[s.row_start : s.row_end]).detach().clone()
@@ -102,5 +102,5 @@ def split_state(
                     else:
                         per[k] = v.clone() if isinstance(v, torch.Tensor) else v
                 state[index] = per
-        out[ps_id] = (tensors, state, keys)
+        out[group] = (tensors, state, keys)
     return out

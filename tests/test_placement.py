@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from elasticd.placement import MIN_SPLIT_BYTES, ShardPlacement, Slice, TensorSpec, place
+from elasticd.placement import (
+    MIN_SPLIT_BYTES,
+    Copy,
+    ShardPlacement,
+    Slice,
+    TensorSpec,
+    failover,
+    place,
+)
 from elasticd.task import import_task_module
 from elasticd.wire import DTYPES, dtype_name
 
@@ -185,7 +194,7 @@ def test_json_round_trip() -> None:
 
 def test_for_ps_partitions_slices() -> None:
     placement = place(charlm_tensors(), ["a", "b"], min_split_bytes=0)
-    parts = [placement.for_ps(p) for p in placement.ps_ids]
+    parts = [placement.in_group(p) for p in placement.ps_ids]
     assert sum(len(p) for p in parts) == len(placement.slices)
     assert {s.key for p in parts for s in p} == {s.key for s in placement.slices}
 
@@ -212,3 +221,82 @@ def test_zero_dim_and_single_row_never_split() -> None:
 def test_no_servers_is_an_error() -> None:
     with pytest.raises(ValueError, match="no parameter server"):
         place(charlm_tensors(), [])
+
+
+# -- hot replicas ---------------------------------------------------------------
+
+
+def test_replicas_put_each_group_backup_on_the_next_ps_of_the_ring() -> None:
+    placement = place(charlm_tensors(), ["a", "b", "c"], min_split_bytes=0, replicas=2)
+    assert placement.groups == ["a", "b", "c"]
+    assert {g: placement.holders(g) for g in placement.groups} == {
+        "a": ("a", "b"),
+        "b": ("b", "c"),
+        "c": ("c", "a"),
+    }
+    for s in placement.slices:
+        assert s.backup and s.backup != s.ps_id and s.shard == s.ps_id
+    assert placement.ps_ids == ["a", "b", "c"]
+    unreplicated = place(charlm_tensors(), ["a", "b", "c"], min_split_bytes=0)
+    # Same slices, same primaries; each PS also carries one other group's bytes.
+    assert [replace(s, backup="") for s in placement.slices] == list(unreplicated.slices)
+    total = sum(unreplicated.bytes_per_ps().values())
+    assert sum(placement.bytes_per_ps().values()) == 2 * total
+    assert ShardPlacement.from_json(placement.to_json()) == placement
+
+
+def test_one_ps_has_no_backup() -> None:
+    placement = place(charlm_tensors(), ["a"], replicas=2)
+    assert not placement.replicated
+    assert placement.holders("a") == ("a", "")
+
+
+def test_failover_promotes_the_backup_and_picks_a_new_one() -> None:
+    live = {"a": "boot-a", "b": "boot-b", "c": "boot-c"}
+    placement = place(charlm_tensors(), sorted(live), min_split_bytes=0, replicas=2)
+    placement = placement.with_incarnations(live)
+    del live["b"]
+    moved, copies = failover(placement, live, replicas=2)
+    # a's backup (b) is lost: a keeps serving, gets a new backup on c.
+    # b's primary is lost: its backup c takes over, and gets a new backup on a.
+    assert moved.holders("a") == ("a", "c")
+    assert moved.holders("b") == ("c", "a")
+    assert moved.holders("c") == ("c", "a")
+    assert sorted(copies) == sorted([Copy("a", "a", "c"), Copy("b", "c", "a")])
+    assert "b" not in moved.ps_ids and set(moved.incarnations) == {"a", "c"}
+    # Groups keep their slices: a group's version and optimizer state move with it.
+    for g in placement.groups:
+        assert [(s.param, s.row_start, s.row_end) for s in placement.in_group(g)] == [
+            (s.param, s.row_start, s.row_end) for s in moved.in_group(g)
+        ]
+    # Nothing lost: failing over again changes nothing.
+    assert failover(moved, live, replicas=2) == (moved, [])
+
+
+def test_a_ps_back_under_a_new_boot_id_holds_nothing_but_may_take_backups() -> None:
+    live = {"a": "boot-a", "b": "boot-b"}
+    placement = place(charlm_tensors(), sorted(live), replicas=2).with_incarnations(live)
+    moved, copies = failover(placement, {"a": "boot-a", "b": "boot-b2"}, replicas=2)
+    assert moved.holders("a") == ("a", "b") and moved.holders("b") == ("a", "b")
+    assert sorted(copies) == [Copy("a", "a", "b"), Copy("b", "a", "b")]
+    assert moved.incarnations["b"] == "boot-b2"
+
+
+def test_failover_gives_up_when_a_group_lost_both_copies() -> None:
+    live = {p: p for p in "abc"}
+    placement = place(charlm_tensors(), sorted(live), replicas=2).with_incarnations(live)
+    assert failover(placement, {"c": "c"}, replicas=2) is None  # group a was on a and b
+    unreplicated = place(charlm_tensors(), sorted(live)).with_incarnations(live)
+    assert failover(unreplicated, {"a": "a", "c": "c"}, replicas=1) is None
+
+
+def test_the_last_ps_serves_every_group_without_a_backup() -> None:
+    live = {"a": "a", "b": "b"}
+    placement = place(charlm_tensors(), sorted(live), replicas=2).with_incarnations(live)
+    moved, copies = failover(placement, {"a": "a"}, replicas=2)
+    assert copies == [] and not moved.replicated
+    assert {moved.holders(g) for g in moved.groups} == {("a", "")}
+    # When a second PS registers, every group gets its backup there.
+    again, copies = failover(moved, {"a": "a", "c": "c"}, replicas=2)
+    assert {again.holders(g) for g in again.groups} == {("a", "c")}
+    assert sorted(c.group for c in copies) == ["a", "b"]

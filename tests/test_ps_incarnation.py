@@ -12,7 +12,8 @@ from dataclasses import replace
 import pytest
 
 from elasticd.ps_control import advance_fence, drop_shards, shard_infos
-from elasticd.ps_errors import ShardLost
+from elasticd.ps_errors import Fenced, ShardLost
+from elasticd.slicing import join_slices, split_state
 from tests.fixtures.ps import JOB, PSCluster
 from tests.test_ps_service import mlp, placement_for, weights
 from tests.test_ps_sync import gradient
@@ -53,6 +54,28 @@ def test_a_dropped_shard_is_never_created_again(ps_cluster: PSCluster) -> None:
     with pytest.raises(ShardLost, match="dropped job job-ps's shard"):
         tier.init(weights(model), *OPT, -1, 1, 0)
     assert ps.servicer.shard(JOB) is None
+
+
+def test_a_late_import_does_not_bring_back_a_dropped_job(ps_cluster: PSCluster) -> None:
+    """A restore or failover import that lands after the job ended (and its shard was
+    dropped) is refused: it would leave a dead job's state on the PS for good."""
+    (ps,) = ps_cluster.start(1)
+    model = mlp()
+    placement = placement_for(model, [ps])
+    tier = ps_cluster.tier([ps], placement)
+    tier.init(weights(model), *OPT, -1, 1, 0)
+    state = join_slices(placement, tier.export_state())
+    assert drop_shards(JOB, 1, {ps.ps_id: ps.address}) == {}
+    late = ps_cluster.tier([ps], placement, generation=2)
+    with pytest.raises(Fenced, match="dropped job job-ps's shards"):
+        late.import_state(split_state(placement, *state), *OPT, -1, 1, 0, version=3)
+    assert ps.servicer.shard(JOB) is None
+    # And below a fence raised without a shard, an import of an older generation is stale.
+    assert advance_fence("other", 5, 1, {ps.ps_id: ps.address}) == {}
+    older = ps_cluster.tier([ps], placement, generation=4, job="other")
+    with pytest.raises(Fenced, match="generation 4 is stale"):
+        older.import_state(split_state(placement, *state), *OPT, -1, 1, 0, version=3)
+    assert ps.servicer.shard("other") is None
 
 
 def test_a_fence_without_a_shard_refuses_an_older_generations_init(ps_cluster: PSCluster) -> None:

@@ -49,15 +49,22 @@ def metrics_url(ps_cluster: PSCluster) -> Iterator[Callable[..., str]]:
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:
-    """Every sample on the page, keyed by (name, sorted labels)."""
+    """Every sample on the page, keyed by (name, sorted labels).
+
+    A primary copy's series are keyed by job alone, after checking that their
+    group is the PS's own (tiny_placement puts the one group there).
+    """
     with urllib.request.urlopen(url, timeout=10) as r:
         assert r.status == 200
         text = r.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = dict(s.labels)
+            if labels.pop("role", "primary") == "primary" and "group" in labels:
+                assert labels.pop("group").startswith("ps-"), s
+            out[(s.name, tuple(sorted(labels.items())))] = s.value
+    return out
 
 
 def ones() -> dict[str, torch.Tensor]:

@@ -138,7 +138,7 @@ def test_ps_training_equals_local_torch_optim(
     for ps in servers:
         shard = ps.servicer.shard(JOB)
         assert shard.version == STEPS
-        for s, shard_param in zip(placement.for_ps(ps.ps_id), shard.params, strict=True):
+        for s, shard_param in zip(placement.in_group(ps.ps_id), shard.params, strict=True):
             full = local_params[s.param]
             mine, theirs = opt.state[full], shard.optimizer.state[shard_param]
             assert set(mine) == set(theirs) and mine, f"{name}: state keys of {s.key}"
@@ -328,7 +328,7 @@ def test_snapshot_writes_loadable_shards(ps_cluster: PSCluster, tmp_path: Path) 
         assert (len(data), hashlib.sha256(data).hexdigest()) == (reply.size, reply.sha256)
         assert reply.version == 3
         tensors, opt_state, meta = decode_shard(data)
-        slices = placement.for_ps(ps_id)
+        slices = placement.in_group(ps_id)
         assert meta["keys"] == [s.key for s in slices]
         assert (meta["version"], meta["job_id"], meta["optimizer"]) == (3, JOB, "adam")
         assert set(tensors) == {s.key for s in slices}

@@ -225,7 +225,7 @@ def test_pusher_that_goes_away_is_withdrawn_from_the_round(ps_cluster: PSCluster
             fence=ps_pb2.Fence(job_id=JOB, generation=1), worker_id="w.9", base_version=0
         )
     )
-    slices = w0.placement.for_ps(ps.ps_id)
+    slices = w0.placement.in_group(ps.ps_id)
     chunks = [
         ps_pb2.PushRequest(
             chunk=ps_pb2.Chunk(

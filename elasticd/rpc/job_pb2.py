@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65lasticd/rpc/job.proto\x12\x0c\x65lasticd.job\"L\n\x10SubmitJobRequest\x12\x11\n\tspec_yaml\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61se_dir\x18\x02 \x01(\t\x12\x13\n\x0bresume_from\x18\x03 \x01(\t\" \n\x0eSubmitJobReply\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"k\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0c\n\x04step\x18\x05 \x01(\x03\x12\x0c\n\x04loss\x18\x06 \x01(\x01\"\x84\x03\n\tJobStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0c\n\x04mode\x18\x04 \x01(\t\x12\x12\n\ngeneration\x18\x05 \x01(\x03\x12+\n\x07workers\x18\x06 \x03(\x0b\x32\x1a.elasticd.job.WorkerStatus\x12\x0c\n\x04step\x18\x07 \x01(\x03\x12\x13\n\x0btotal_steps\x18\x08 \x01(\x03\x12\x0c\n\x04loss\x18\t \x01(\x01\x12\x12\n\nfirst_loss\x18\n \x01(\x01\x12\x12\n\ncheckpoint\x18\x0b \x01(\t\x12\x0f\n\x07message\x18\x0c \x01(\t\x12\x14\n\x0csubmitted_at\x18\r \x01(\x01\x12\x12\n\nupdated_at\x18\x0e \x01(\x01\x12#\n\x02ps\x18\x0f \x03(\x0b\x32\x17.elasticd.job.PSHolding\x12\x15\n\rrestored_from\x18\x10 \x01(\t\x12\x15\n\rrestored_step\x18\x11 \x01(\x03\x12\x14\n\x0cupdates_lost\x18\x12 \x01(\x03\")\n\tPSHolding\x12\r\n\x05ps_id\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x11\n\x0fListJobsRequest\"6\n\rListJobsReply\x12%\n\x04jobs\x18\x01 \x03(\x0b\x32\x17.elasticd.job.JobStatus\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"&\n\x14\x43heckpointJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"1\n\x11SwitchModeRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\"\x83\x01\n\x0eProgressReport\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\x0c\n\x04step\x18\x05 \x01(\x03\x12\x0c\n\x04loss\x18\x06 \x01(\x01\x12\x10\n\x08\x66inished\x18\x07 \x01(\x08\"\x1b\n\x0bProgressAck\x12\x0c\n\x04stop\x18\x01 \x01(\x08\"[\n\x11RendezvousAddress\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\"5\n\x0fRendezvousQuery\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\"\x0f\n\rRendezvousAck2\xbb\x03\n\nJobService\x12I\n\tSubmitJob\x12\x1e.elasticd.job.SubmitJobRequest\x1a\x1c.elasticd.job.SubmitJobReply\x12>\n\x06GetJob\x12\x1b.elasticd.job.GetJobRequest\x1a\x17.elasticd.job.JobStatus\x12\x46\n\x08ListJobs\x12\x1d.elasticd.job.ListJobsRequest\x1a\x1b.elasticd.job.ListJobsReply\x12\x44\n\tCancelJob\x12\x1e.elasticd.job.CancelJobRequest\x1a\x17.elasticd.job.JobStatus\x12L\n\rCheckpointJob\x12\".elasticd.job.CheckpointJobRequest\x1a\x17.elasticd.job.JobStatus\x12\x46\n\nSwitchMode\x12\x1f.elasticd.job.SwitchModeRequest\x1a\x17.elasticd.job.JobStatus2\x87\x02\n\x13TrainingCoordinator\x12I\n\x0eReportProgress\x12\x1c.elasticd.job.ProgressReport\x1a\x19.elasticd.job.ProgressAck\x12Q\n\x11PublishRendezvous\x12\x1f.elasticd.job.RendezvousAddress\x1a\x1b.elasticd.job.RendezvousAck\x12R\n\x10LookupRendezvous\x12\x1d.elasticd.job.RendezvousQuery\x1a\x1f.elasticd.job.RendezvousAddressb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65lasticd/rpc/job.proto\x12\x0c\x65lasticd.job\"L\n\x10SubmitJobRequest\x12\x11\n\tspec_yaml\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61se_dir\x18\x02 \x01(\t\x12\x13\n\x0bresume_from\x18\x03 \x01(\t\" \n\x0eSubmitJobReply\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"k\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0c\n\x04step\x18\x05 \x01(\x03\x12\x0c\n\x04loss\x18\x06 \x01(\x01\"\x84\x03\n\tJobStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0c\n\x04mode\x18\x04 \x01(\t\x12\x12\n\ngeneration\x18\x05 \x01(\x03\x12+\n\x07workers\x18\x06 \x03(\x0b\x32\x1a.elasticd.job.WorkerStatus\x12\x0c\n\x04step\x18\x07 \x01(\x03\x12\x13\n\x0btotal_steps\x18\x08 \x01(\x03\x12\x0c\n\x04loss\x18\t \x01(\x01\x12\x12\n\nfirst_loss\x18\n \x01(\x01\x12\x12\n\ncheckpoint\x18\x0b \x01(\t\x12\x0f\n\x07message\x18\x0c \x01(\t\x12\x14\n\x0csubmitted_at\x18\r \x01(\x01\x12\x12\n\nupdated_at\x18\x0e \x01(\x01\x12#\n\x02ps\x18\x0f \x03(\x0b\x32\x17.elasticd.job.PSHolding\x12\x15\n\rrestored_from\x18\x10 \x01(\t\x12\x15\n\rrestored_step\x18\x11 \x01(\x03\x12\x14\n\x0cupdates_lost\x18\x12 \x01(\x03\"?\n\tPSHolding\x12\r\n\x05ps_id\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\x12\x14\n\x0c\x62\x61\x63kup_bytes\x18\x03 \x01(\x03\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x11\n\x0fListJobsRequest\"6\n\rListJobsReply\x12%\n\x04jobs\x18\x01 \x03(\x0b\x32\x17.elasticd.job.JobStatus\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"&\n\x14\x43heckpointJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"1\n\x11SwitchModeRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\"\x83\x01\n\x0eProgressReport\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\x0c\n\x04step\x18\x05 \x01(\x03\x12\x0c\n\x04loss\x18\x06 \x01(\x01\x12\x10\n\x08\x66inished\x18\x07 \x01(\x08\"\x1b\n\x0bProgressAck\x12\x0c\n\x04stop\x18\x01 \x01(\x08\"[\n\x11RendezvousAddress\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\"5\n\x0fRendezvousQuery\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\"\x0f\n\rRendezvousAck2\xbb\x03\n\nJobService\x12I\n\tSubmitJob\x12\x1e.elasticd.job.SubmitJobRequest\x1a\x1c.elasticd.job.SubmitJobReply\x12>\n\x06GetJob\x12\x1b.elasticd.job.GetJobRequest\x1a\x17.elasticd.job.JobStatus\x12\x46\n\x08ListJobs\x12\x1d.elasticd.job.ListJobsRequest\x1a\x1b.elasticd.job.ListJobsReply\x12\x44\n\tCancelJob\x12\x1e.elasticd.job.CancelJobRequest\x1a\x17.elasticd.job.JobStatus\x12L\n\rCheckpointJob\x12\".elasticd.job.CheckpointJobRequest\x1a\x17.elasticd.job.JobStatus\x12\x46\n\nSwitchMode\x12\x1f.elasticd.job.SwitchModeRequest\x1a\x17.elasticd.job.JobStatus2\x87\x02\n\x13TrainingCoordinator\x12I\n\x0eReportProgress\x12\x1c.elasticd.job.ProgressReport\x1a\x19.elasticd.job.ProgressAck\x12Q\n\x11PublishRendezvous\x12\x1f.elasticd.job.RendezvousAddress\x1a\x1b.elasticd.job.RendezvousAck\x12R\n\x10LookupRendezvous\x12\x1d.elasticd.job.RendezvousQuery\x1a\x1f.elasticd.job.RendezvousAddressb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,31 +40,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBSTATUS']._serialized_start=262
   _globals['_JOBSTATUS']._serialized_end=650
   _globals['_PSHOLDING']._serialized_start=652
-  _globals['_PSHOLDING']._serialized_end=693
-  _globals['_GETJOBREQUEST']._serialized_start=695
-  _globals['_GETJOBREQUEST']._serialized_end=726
-  _globals['_LISTJOBSREQUEST']._serialized_start=728
-  _globals['_LISTJOBSREQUEST']._serialized_end=745
-  _globals['_LISTJOBSREPLY']._serialized_start=747
-  _globals['_LISTJOBSREPLY']._serialized_end=801
-  _globals['_CANCELJOBREQUEST']._serialized_start=803
-  _globals['_CANCELJOBREQUEST']._serialized_end=837
-  _globals['_CHECKPOINTJOBREQUEST']._serialized_start=839
-  _globals['_CHECKPOINTJOBREQUEST']._serialized_end=877
-  _globals['_SWITCHMODEREQUEST']._serialized_start=879
-  _globals['_SWITCHMODEREQUEST']._serialized_end=928
-  _globals['_PROGRESSREPORT']._serialized_start=931
-  _globals['_PROGRESSREPORT']._serialized_end=1062
-  _globals['_PROGRESSACK']._serialized_start=1064
-  _globals['_PROGRESSACK']._serialized_end=1091
-  _globals['_RENDEZVOUSADDRESS']._serialized_start=1093
-  _globals['_RENDEZVOUSADDRESS']._serialized_end=1184
-  _globals['_RENDEZVOUSQUERY']._serialized_start=1186
-  _globals['_RENDEZVOUSQUERY']._serialized_end=1239
-  _globals['_RENDEZVOUSACK']._serialized_start=1241
-  _globals['_RENDEZVOUSACK']._serialized_end=1256
-  _globals['_JOBSERVICE']._serialized_start=1259
-  _globals['_JOBSERVICE']._serialized_end=1702
-  _globals['_TRAININGCOORDINATOR']._serialized_start=1705
-  _globals['_TRAININGCOORDINATOR']._serialized_end=1968
+  _globals['_PSHOLDING']._serialized_end=715
+  _globals['_GETJOBREQUEST']._serialized_start=717
+  _globals['_GETJOBREQUEST']._serialized_end=748
+  _globals['_LISTJOBSREQUEST']._serialized_start=750
+  _globals['_LISTJOBSREQUEST']._serialized_end=767
+  _globals['_LISTJOBSREPLY']._serialized_start=769
+  _globals['_LISTJOBSREPLY']._serialized_end=823
+  _globals['_CANCELJOBREQUEST']._serialized_start=825
+  _globals['_CANCELJOBREQUEST']._serialized_end=859
+  _globals['_CHECKPOINTJOBREQUEST']._serialized_start=861
+  _globals['_CHECKPOINTJOBREQUEST']._serialized_end=899
+  _globals['_SWITCHMODEREQUEST']._serialized_start=901
+  _globals['_SWITCHMODEREQUEST']._serialized_end=950
+  _globals['_PROGRESSREPORT']._serialized_start=953
+  _globals['_PROGRESSREPORT']._serialized_end=1084
+  _globals['_PROGRESSACK']._serialized_start=1086
+  _globals['_PROGRESSACK']._serialized_end=1113
+  _globals['_RENDEZVOUSADDRESS']._serialized_start=1115
+  _globals['_RENDEZVOUSADDRESS']._serialized_end=1206
+  _globals['_RENDEZVOUSQUERY']._serialized_start=1208
+  _globals['_RENDEZVOUSQUERY']._serialized_end=1261
+  _globals['_RENDEZVOUSACK']._serialized_start=1263
+  _globals['_RENDEZVOUSACK']._serialized_end=1278
+  _globals['_JOBSERVICE']._serialized_start=1281
+  _globals['_JOBSERVICE']._serialized_end=1724
+  _globals['_TRAININGCOORDINATOR']._serialized_start=1727
+  _globals['_TRAININGCOORDINATOR']._serialized_end=1990
 # @@protoc_insertion_point(module_scope)

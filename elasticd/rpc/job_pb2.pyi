@@ -79,12 +79,14 @@ class JobStatus(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., mode: _Optional[str] = ..., generation: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., first_loss: _Optional[float] = ..., checkpoint: _Optional[str] = ..., message: _Optional[str] = ..., submitted_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., ps: _Optional[_Iterable[_Union[PSHolding, _Mapping]]] = ..., restored_from: _Optional[str] = ..., restored_step: _Optional[int] = ..., updates_lost: _Optional[int] = ...) -> None: ...
 
 class PSHolding(_message.Message):
-    __slots__ = ("ps_id", "bytes")
+    __slots__ = ("ps_id", "bytes", "backup_bytes")
     PS_ID_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
+    BACKUP_BYTES_FIELD_NUMBER: _ClassVar[int]
     ps_id: str
     bytes: int
-    def __init__(self, ps_id: _Optional[str] = ..., bytes: _Optional[int] = ...) -> None: ...
+    backup_bytes: int
+    def __init__(self, ps_id: _Optional[str] = ..., bytes: _Optional[int] = ..., backup_bytes: _Optional[int] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("job_id",)

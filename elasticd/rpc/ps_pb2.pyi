@@ -7,12 +7,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Fence(_message.Message):
-    __slots__ = ("job_id", "generation")
+    __slots__ = ("job_id", "generation", "shard")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     generation: int
-    def __init__(self, job_id: _Optional[str] = ..., generation: _Optional[int] = ...) -> None: ...
+    shard: str
+    def __init__(self, job_id: _Optional[str] = ..., generation: _Optional[int] = ..., shard: _Optional[str] = ...) -> None: ...
 
 class TensorMeta(_message.Message):
     __slots__ = ("key", "dtype", "shape")
@@ -43,7 +45,7 @@ class Chunk(_message.Message):
     def __init__(self, index: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class InitShardHeader(_message.Message):
-    __slots__ = ("fence", "tensors", "optimizer", "max_staleness", "workers", "max_version", "incarnation")
+    __slots__ = ("fence", "tensors", "optimizer", "max_staleness", "workers", "max_version", "incarnation", "backup", "backup_address")
     FENCE_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +53,8 @@ class InitShardHeader(_message.Message):
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     MAX_VERSION_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    BACKUP_FIELD_NUMBER: _ClassVar[int]
+    BACKUP_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     fence: Fence
     tensors: _containers.RepeatedCompositeFieldContainer[TensorMeta]
     optimizer: OptimizerConfig
@@ -58,7 +62,9 @@ class InitShardHeader(_message.Message):
     workers: int
     max_version: int
     incarnation: str
-    def __init__(self, fence: _Optional[_Union[Fence, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., max_staleness: _Optional[int] = ..., workers: _Optional[int] = ..., max_version: _Optional[int] = ..., incarnation: _Optional[str] = ...) -> None: ...
+    backup: bool
+    backup_address: str
+    def __init__(self, fence: _Optional[_Union[Fence, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., max_staleness: _Optional[int] = ..., workers: _Optional[int] = ..., max_version: _Optional[int] = ..., incarnation: _Optional[str] = ..., backup: _Optional[bool] = ..., backup_address: _Optional[str] = ...) -> None: ...
 
 class InitShardRequest(_message.Message):
     __slots__ = ("header", "chunk")
@@ -103,20 +109,22 @@ class PullReply(_message.Message):
     def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("fence", "worker_id", "base_version", "compression", "payload", "workers")
+    __slots__ = ("fence", "worker_id", "base_version", "compression", "payload", "workers", "push_id")
     FENCE_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    PUSH_ID_FIELD_NUMBER: _ClassVar[int]
     fence: Fence
     worker_id: str
     base_version: int
     compression: str
     payload: _containers.RepeatedCompositeFieldContainer[TensorMeta]
     workers: int
-    def __init__(self, fence: _Optional[_Union[Fence, _Mapping]] = ..., worker_id: _Optional[str] = ..., base_version: _Optional[int] = ..., compression: _Optional[str] = ..., payload: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ..., workers: _Optional[int] = ...) -> None: ...
+    push_id: int
+    def __init__(self, fence: _Optional[_Union[Fence, _Mapping]] = ..., worker_id: _Optional[str] = ..., base_version: _Optional[int] = ..., compression: _Optional[str] = ..., payload: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ..., workers: _Optional[int] = ..., push_id: _Optional[int] = ...) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("header", "chunk")
@@ -177,26 +185,34 @@ class SnapshotReply(_message.Message):
     def __init__(self, path: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ShardInfoRequest(_message.Message):
-    __slots__ = ("job_id",)
+    __slots__ = ("job_id", "shard")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
     job_id: str
-    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+    shard: str
+    def __init__(self, job_id: _Optional[str] = ..., shard: _Optional[str] = ...) -> None: ...
 
 class ShardInfoReply(_message.Message):
-    __slots__ = ("exists", "incarnation", "generation", "version", "bytes", "tensors")
+    __slots__ = ("exists", "incarnation", "generation", "version", "bytes", "tensors", "backup", "backup_address", "shard")
     EXISTS_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
+    BACKUP_FIELD_NUMBER: _ClassVar[int]
+    BACKUP_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
     exists: bool
     incarnation: str
     generation: int
     version: int
     bytes: int
     tensors: _containers.RepeatedCompositeFieldContainer[TensorMeta]
-    def __init__(self, exists: _Optional[bool] = ..., incarnation: _Optional[str] = ..., generation: _Optional[int] = ..., version: _Optional[int] = ..., bytes: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ...) -> None: ...
+    backup: bool
+    backup_address: str
+    shard: str
+    def __init__(self, exists: _Optional[bool] = ..., incarnation: _Optional[str] = ..., generation: _Optional[int] = ..., version: _Optional[int] = ..., bytes: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ..., backup: _Optional[bool] = ..., backup_address: _Optional[str] = ..., shard: _Optional[str] = ...) -> None: ...
 
 class AdvanceGenerationRequest(_message.Message):
     __slots__ = ("fence", "workers")
@@ -229,7 +245,7 @@ class Histogram(_message.Message):
     def __init__(self, bounds: _Optional[_Iterable[float]] = ..., counts: _Optional[_Iterable[int]] = ..., sum: _Optional[float] = ..., count: _Optional[int] = ...) -> None: ...
 
 class JobStats(_message.Message):
-    __slots__ = ("job_id", "generation", "version", "bytes", "bytes_in", "bytes_out", "pulls", "pushes_applied", "pushes_rejected", "staleness", "optimizer_step_seconds")
+    __slots__ = ("job_id", "generation", "version", "bytes", "bytes_in", "bytes_out", "pulls", "pushes_applied", "pushes_rejected", "staleness", "optimizer_step_seconds", "shard", "backup")
     class PushesRejectedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -248,6 +264,8 @@ class JobStats(_message.Message):
     PUSHES_REJECTED_FIELD_NUMBER: _ClassVar[int]
     STALENESS_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    BACKUP_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     generation: int
     version: int
@@ -259,7 +277,9 @@ class JobStats(_message.Message):
     pushes_rejected: _containers.ScalarMap[str, int]
     staleness: Histogram
     optimizer_step_seconds: Histogram
-    def __init__(self, job_id: _Optional[str] = ..., generation: _Optional[int] = ..., version: _Optional[int] = ..., bytes: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., pulls: _Optional[int] = ..., pushes_applied: _Optional[int] = ..., pushes_rejected: _Optional[_Mapping[str, int]] = ..., staleness: _Optional[_Union[Histogram, _Mapping]] = ..., optimizer_step_seconds: _Optional[_Union[Histogram, _Mapping]] = ...) -> None: ...
+    shard: str
+    backup: bool
+    def __init__(self, job_id: _Optional[str] = ..., generation: _Optional[int] = ..., version: _Optional[int] = ..., bytes: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., pulls: _Optional[int] = ..., pushes_applied: _Optional[int] = ..., pushes_rejected: _Optional[_Mapping[str, int]] = ..., staleness: _Optional[_Union[Histogram, _Mapping]] = ..., optimizer_step_seconds: _Optional[_Union[Histogram, _Mapping]] = ..., shard: _Optional[str] = ..., backup: _Optional[bool] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ("job_id",)
@@ -288,6 +308,42 @@ class ExportShardRequest(_message.Message):
     FENCE_FIELD_NUMBER: _ClassVar[int]
     fence: Fence
     def __init__(self, fence: _Optional[_Union[Fence, _Mapping]] = ...) -> None: ...
+
+class ReplicateHeader(_message.Message):
+    __slots__ = ("fence", "version", "workers", "push_ids")
+    FENCE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    PUSH_IDS_FIELD_NUMBER: _ClassVar[int]
+    fence: Fence
+    version: int
+    workers: _containers.RepeatedScalarFieldContainer[str]
+    push_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, fence: _Optional[_Union[Fence, _Mapping]] = ..., version: _Optional[int] = ..., workers: _Optional[_Iterable[str]] = ..., push_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ReplicateRequest(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: ReplicateHeader
+    chunk: Chunk
+    def __init__(self, header: _Optional[_Union[ReplicateHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class ReplicateReply(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    def __init__(self, version: _Optional[int] = ...) -> None: ...
+
+class ConfigureShardRequest(_message.Message):
+    __slots__ = ("fence", "backup", "backup_address")
+    FENCE_FIELD_NUMBER: _ClassVar[int]
+    BACKUP_FIELD_NUMBER: _ClassVar[int]
+    BACKUP_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    fence: Fence
+    backup: bool
+    backup_address: str
+    def __init__(self, fence: _Optional[_Union[Fence, _Mapping]] = ..., backup: _Optional[bool] = ..., backup_address: _Optional[str] = ...) -> None: ...
 
 class ImportShardHeader(_message.Message):
     __slots__ = ("shard", "version")

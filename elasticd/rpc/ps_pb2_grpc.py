@@ -94,6 +94,16 @@ class ParameterServerStub:
                 request_serializer=elasticd_dot_rpc_dot_ps__pb2.ImportShardRequest.SerializeToString,
                 response_deserializer=elasticd_dot_rpc_dot_ps__pb2.InitShardReply.FromString,
                 _registered_method=True)
+        self.Replicate = channel.stream_unary(
+                '/elasticd.ps.ParameterServer/Replicate',
+                request_serializer=elasticd_dot_rpc_dot_ps__pb2.ReplicateRequest.SerializeToString,
+                response_deserializer=elasticd_dot_rpc_dot_ps__pb2.ReplicateReply.FromString,
+                _registered_method=True)
+        self.ConfigureShard = channel.unary_unary(
+                '/elasticd.ps.ParameterServer/ConfigureShard',
+                request_serializer=elasticd_dot_rpc_dot_ps__pb2.ConfigureShardRequest.SerializeToString,
+                response_deserializer=elasticd_dot_rpc_dot_ps__pb2.ShardInfoReply.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -179,6 +189,19 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Replicate(self, request_iterator, context):
+        """Hot replicas: a primary's updates, applied in version order on its backup.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConfigureShard(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -241,6 +264,16 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.ImportShard,
                     request_deserializer=elasticd_dot_rpc_dot_ps__pb2.ImportShardRequest.FromString,
                     response_serializer=elasticd_dot_rpc_dot_ps__pb2.InitShardReply.SerializeToString,
+            ),
+            'Replicate': grpc.stream_unary_rpc_method_handler(
+                    servicer.Replicate,
+                    request_deserializer=elasticd_dot_rpc_dot_ps__pb2.ReplicateRequest.FromString,
+                    response_serializer=elasticd_dot_rpc_dot_ps__pb2.ReplicateReply.SerializeToString,
+            ),
+            'ConfigureShard': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfigureShard,
+                    request_deserializer=elasticd_dot_rpc_dot_ps__pb2.ConfigureShardRequest.FromString,
+                    response_serializer=elasticd_dot_rpc_dot_ps__pb2.ShardInfoReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -567,6 +600,60 @@ class ParameterServer:
             '/elasticd.ps.ParameterServer/ImportShard',
             elasticd_dot_rpc_dot_ps__pb2.ImportShardRequest.SerializeToString,
             elasticd_dot_rpc_dot_ps__pb2.InitShardReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Replicate(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/elasticd.ps.ParameterServer/Replicate',
+            elasticd_dot_rpc_dot_ps__pb2.ReplicateRequest.SerializeToString,
+            elasticd_dot_rpc_dot_ps__pb2.ReplicateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfigureShard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/elasticd.ps.ParameterServer/ConfigureShard',
+            elasticd_dot_rpc_dot_ps__pb2.ConfigureShardRequest.SerializeToString,
+            elasticd_dot_rpc_dot_ps__pb2.ShardInfoReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -31,6 +31,7 @@ from elasticd.server.controller.admission import tensor_specs
 from elasticd.server.controller.adoption import adoption_ops
 from elasticd.server.controller.errors import BUG_GIVE_UP_S, Conflict, is_retryable, is_terminal
 from elasticd.server.controller.executor import JobLanes, OffLane
+from elasticd.server.controller.failover import fail_over
 from elasticd.server.controller.finishing import finish_ops, release_shards
 from elasticd.server.controller.modes import SwitchRefused, plan_switch, switch_due
 from elasticd.server.controller.planning import (
@@ -335,15 +336,21 @@ class Controller:
         job_id = snap.record.job_id
         gen = sealing.next_generation(snap, action)
         record = sealing.sealed_record(snap, gen, action.reason)
-        if action.restore:
+        restored = False
+        moved = fail_over(snap, cluster, gen) if action.restore else None
+        if moved is not None:  # hot replicas took over: nothing is read from storage
+            placement, summary = moved
+            record = record.evolve(message=f"{action.reason}; {summary}")
+        elif action.restore:
             # The import at the new generation fences every PS of the new placement.
             done = restore_in_seal(self, snap, cluster, gen, record, action.reason)
             if done is None:
                 return
             snap, placement, record = done
+            restored = True
         else:
             placement = sealing.placement_for_seal(snap, cluster, lambda: tensor_specs(snap.spec))
-        if placement is not None and not action.restore:
+        if placement is not None and not restored:
             # Invariant 3: the PS tier refuses the old generation before the new one exists.
             sealing.fence_tier(job_id, gen, placement, self._registered_ps)
         ops = sealing.seal_ops(snap, cluster, gen, placement, record, self.keys, self.address)

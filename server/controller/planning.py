@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from elasticd.jobspec import JobSpec
 from elasticd.membership import Generation, NodeInfo, WorkerReport, choose_workers
-from elasticd.placement import ShardPlacement
+from elasticd.placement import Copy, ShardPlacement, failover
 from elasticd.server.controller.records import FAILED, TERMINAL, JobRecord
 
 RESTARTING = "RESTARTING"  # as the agent reports a process waiting to come back
@@ -114,7 +114,8 @@ def decide(job: JobSnapshot, cluster: ClusterSnapshot) -> Action:
     # A restore that began (a PS may hold the checkpoint's state already) is finished
     # before anything else trains, even if the PS it replaced came back meanwhile.
     unfinished = rec.restore_pending > rec.restored_generation
-    if trouble and not rec.checkpoint and not unfinished:
+    in_memory = bool(trouble) and not unfinished and planned_failover(job, cluster) is not None
+    if trouble and not rec.checkpoint and not unfinished and not in_memory:
         # Never train on a PS tier that lost part of the model: stop, and wait.
         trouble += (
             "; no checkpoint to restore from (set checkpoint.every_steps or every_s): "
@@ -141,9 +142,14 @@ def decide(job: JobSnapshot, cluster: ClusterSnapshot) -> Action:
             # Below the minimum: end the running generation; the job waits.
             return Seal((), f"{len(desired)} of at least {spec.workers.min} workers available")
         return Wait(f"waiting for workers: {len(desired)} of at least {spec.workers.min} available")
+    if in_memory:
+        return Seal(tuple(desired), f"fail over to hot replicas: {trouble}", restore=True)
     if trouble or unfinished:
         why = trouble or "a restore that did not finish"
         return Seal(tuple(desired), f"restore from {rec.checkpoint}: {why}", restore=True)
+    wanted = replica_wanted(job, cluster)
+    if wanted and current:
+        return Seal(tuple(desired), wanted, restore=True)
     if set(desired) != current:
         lost = sorted(current - set(desired))
         joined = sorted(set(desired) - current)
@@ -183,6 +189,33 @@ def ps_trouble(job: JobSnapshot, cluster: ClusterSnapshot) -> str:
     if gone:
         reasons.append(f"parameter server {', '.join(gone)} is gone (its lease expired)")
     return "; ".join(reasons)
+
+
+def live_tier(cluster: ClusterSnapshot) -> dict[str, str]:
+    """Registered PS servers and their boot ids."""
+    return {p: cluster.ps_incarnations.get(p, "") for p in cluster.ps}
+
+
+def planned_failover(
+    job: JobSnapshot, cluster: ClusterSnapshot
+) -> tuple[ShardPlacement, list[Copy]] | None:
+    """The placement a failover from hot replicas gives now, or None: no replicas, or
+    some group has no live copy (see server/controller/failover.py)."""
+    if job.placement is None or job.spec.ps.replicas < 2:
+        return None
+    return failover(job.placement, live_tier(cluster), job.spec.ps.replicas)
+
+
+def replica_wanted(job: JobSnapshot, cluster: ClusterSnapshot) -> str:
+    """Why the job's replicas need a seal although no copy was lost ("" when they do not):
+    a group runs without a backup while another PS could hold one."""
+    if job.record.mode != "ps-async" or job.spec.ps.replicas < 2 or job.placement is None:
+        return ""
+    plan = planned_failover(job, cluster)
+    if plan is None or not plan[1]:
+        return ""
+    groups = ",".join(c.group for c in plan[1])
+    return f"groups {groups} get a backup on another parameter server"
 
 
 def spec_job_id(job: JobSnapshot) -> str:

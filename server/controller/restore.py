@@ -59,10 +59,13 @@ class Restored:
 
 
 def restore_placement(
-    tensors: list[TensorSpec], live_ps: Mapping[str, str], incarnations: Mapping[str, str]
+    tensors: list[TensorSpec],
+    live_ps: Mapping[str, str],
+    incarnations: Mapping[str, str],
+    replicas: int = 1,
 ) -> ShardPlacement:
     """The job's slices spread over every live PS, each named with its boot id."""
-    return place(tensors, sorted(live_ps)).with_incarnations(incarnations)
+    return place(tensors, sorted(live_ps), replicas=replicas).with_incarnations(incarnations)
 
 
 def combined_digest(per_ps: Mapping[str, str]) -> str:
@@ -157,7 +160,9 @@ def restore_for_seal(
     store, manifest = restore_source(snap, default_url)
     check_fits(manifest, tensors)
     check_optimizer(manifest, snap.spec.optimizer.name)
-    placement = restore_placement(tensors, cluster.ps, cluster.ps_incarnations)
+    placement = restore_placement(
+        tensors, cluster.ps, cluster.ps_incarnations, snap.spec.ps.replicas
+    )
     restored = restore_tier(
         snap.spec,
         snap.record.job_id,

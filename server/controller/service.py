@@ -38,7 +38,9 @@ def _abort_for(context, exc: Exception):
 def status_message(controller: Controller, job_id: str) -> job_pb2.JobStatus:
     record, gen, progress = controller.status(job_id)
     placement = controller.snapshot(job_id).placement
-    held = placement.bytes_per_ps() if placement is not None and record.mode == "ps-async" else {}
+    shown = placement is not None and record.mode == "ps-async"
+    held = placement.bytes_per_ps() if shown else {}
+    backups = placement.backup_bytes_per_ps() if shown else {}
     workers = []
     if gen is not None:
         for m in gen.members:
@@ -68,7 +70,10 @@ def status_message(controller: Controller, job_id: str) -> job_pb2.JobStatus:
         message=record.message,
         submitted_at=record.submitted_at,
         updated_at=record.updated_at,
-        ps=[job_pb2.PSHolding(ps_id=p, bytes=n) for p, n in sorted(held.items())],
+        ps=[
+            job_pb2.PSHolding(ps_id=p, bytes=n, backup_bytes=backups.get(p, 0))
+            for p, n in sorted(held.items())
+        ],
         restored_from=record.restored_from,
         restored_step=record.restored_step,
         updates_lost=record.updates_lost,

@@ -43,18 +43,23 @@ class ShardDirectory:
     def __init__(self, ps_id: str, incarnation: str = "", max_floors: int = MAX_FLOORS) -> None:
         self.ps_id = ps_id
         self.incarnation = incarnation or new_incarnation()
-        self._shards: dict[str, ParameterShard] = {}
+        self._shards: dict[tuple[str, str], ParameterShard] = {}  # (job, group) -> shard
         self._floors: OrderedDict[str, int] = OrderedDict()
         self._max_floors = max_floors
         self._lock = threading.Lock()
 
-    def get(self, job_id: str) -> ParameterShard | None:
+    def get(self, job_id: str, group: str = "") -> ParameterShard | None:
         with self._lock:
-            return self._shards.get(job_id)
+            return self._shards.get((job_id, group))
 
-    def items(self) -> list[tuple[str, ParameterShard]]:
+    def of_job(self, job_id: str) -> list[tuple[str, ParameterShard]]:
+        """(group, shard) of every group of ``job_id`` held here."""
         with self._lock:
-            return sorted(self._shards.items())
+            return sorted((g, s) for (j, g), s in self._shards.items() if j == job_id)
+
+    def items(self) -> list[tuple[tuple[str, str], ParameterShard]]:
+        with self._lock:
+            return sorted(self._shards.items(), key=lambda kv: kv[0])
 
     def check_create(self, job_id: str, generation: int, incarnation: str) -> None:
         """Raise unless a worker may create ``job_id``'s shard here now."""
@@ -77,38 +82,50 @@ class ShardDirectory:
                 f"job {job_id}: generation {generation} is stale, the job is at generation {floor}"
             )
 
-    def add(self, job_id: str, shard: ParameterShard) -> ParameterShard:
+    def add(self, job_id: str, group: str, shard: ParameterShard) -> ParameterShard:
         """Keep ``shard`` unless one exists already; returns the one kept."""
         with self._lock:
-            return self._shards.setdefault(job_id, shard)
+            return self._shards.setdefault((job_id, group), shard)
 
-    def replace(self, job_id: str, shard: ParameterShard) -> None:
+    def replace(self, job_id: str, group: str, shard: ParameterShard) -> None:
         """Install an imported shard, unless a newer generation's shard is already here."""
         with self._lock:
-            current = self._shards.get(job_id)
+            floor = self._floors.get(job_id, 0)
+            if floor >= DROPPED:
+                raise ShardRefused(
+                    f"ps {self.ps_id} dropped job {job_id}'s shards when the job ended; "
+                    "a late import does not bring them back"
+                )
+            if shard.generation < floor:
+                raise StaleGeneration(
+                    f"job {job_id}: generation {shard.generation} is stale, "
+                    f"the job is at generation {floor}"
+                )
+            current = self._shards.get((job_id, group))
             if current is not None and current.generation > shard.generation:
                 raise StaleGeneration(
                     f"job {job_id}: generation {shard.generation} is stale, "
                     f"the job is at generation {current.generation}"
                 )
-            self._shards[job_id] = shard
+            self._shards[(job_id, group)] = shard
             self._floors.pop(job_id, None)
 
     def raise_floor(self, job_id: str, generation: int) -> None:
         """Remember that ``generation`` is current for a job without a shard here."""
         with self._lock:
-            if job_id in self._shards:
+            if any(j == job_id for j, _ in self._shards):
                 return
             self._floors[job_id] = max(self._floors.get(job_id, 0), generation)
             self._floors.move_to_end(job_id)
             while len(self._floors) > self._max_floors:
                 self._floors.popitem(last=False)
 
-    def drop(self, job_id: str) -> ParameterShard | None:
+    def drop(self, job_id: str) -> list[ParameterShard]:
+        """Forget every group of ``job_id``; no worker may create one again."""
         with self._lock:
-            shard = self._shards.pop(job_id, None)
+            dropped = [self._shards.pop(k) for k in [k for k in self._shards if k[0] == job_id]]
             self._floors[job_id] = DROPPED
             self._floors.move_to_end(job_id)
             while len(self._floors) > self._max_floors:
                 self._floors.popitem(last=False)
-            return shard
+            return dropped

@@ -8,6 +8,7 @@ the servicer with chunk frames on the tensor streams.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import grpc
 
@@ -15,7 +16,13 @@ from elasticd.optimizers import OptimizerError, validate_optimizer
 from elasticd.rpc import ps_pb2
 from elasticd.server.ps.metrics import Histogram, ShardFigures
 from elasticd.server.ps.shard import ShardConfig
-from elasticd.wire import TensorHeader, WireError, frame_deserializer, frame_serializer
+from elasticd.wire import (
+    TensorHeader,
+    WireError,
+    chunk_fields,
+    frame_deserializer,
+    frame_serializer,
+)
 
 MAX_SHARD_BYTES = 64 << 30  # refuse shards announcing more than this
 
@@ -72,6 +79,8 @@ def job_stats(f: ShardFigures) -> ps_pb2.JobStats:
         pushes_rejected=f.stats.pushes_rejected,
         staleness=histogram(f.stats.staleness),
         optimizer_step_seconds=histogram(f.stats.step_seconds),
+        shard=f.group,
+        backup=f.backup,
     )
 
 
@@ -81,6 +90,7 @@ SERVICE = ps_pb2.DESCRIPTOR.services_by_name["ParameterServer"]
 _FRAMED = {
     "InitShard": (frame_deserializer(ps_pb2.InitShardRequest), None),
     "Push": (frame_deserializer(ps_pb2.PushRequest), None),
+    "Replicate": (frame_deserializer(ps_pb2.ReplicateRequest), None),
     "Pull": (None, frame_serializer),
 }
 _HANDLER = {
@@ -115,12 +125,24 @@ def add_to_server(servicer, server: grpc.Server) -> None:
     server.add_registered_method_handlers(SERVICE.full_name, handlers)
 
 
-def shard_info(shard, incarnation: str) -> ps_pb2.ShardInfoReply:
+def shard_info(shard, incarnation: str, group: str = "") -> ps_pb2.ShardInfoReply:
     return ps_pb2.ShardInfoReply(
         exists=True,
+        shard=group,
+        backup=shard.backup,
+        backup_address=shard.backup_address,
         generation=shard.generation,
         version=shard.version,
         bytes=shard.nbytes,
         tensors=tensor_metas(shard.headers),
         incarnation=incarnation,
     )
+
+
+def chunks_of(requests: Iterator) -> Iterator[tuple[int, int, bytes | memoryview]]:
+    """(index, offset, data) of every request; anything but a chunk is an error."""
+    for req in requests:
+        fields = chunk_fields(req)
+        if fields is None:
+            raise WireError("only chunks may follow the header")
+        yield fields

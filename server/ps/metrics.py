@@ -41,7 +41,15 @@ from prometheus_client.registry import Collector
 
 STALENESS_BOUNDS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
 STEP_SECONDS_BOUNDS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
-REJECT_REASONS = ("stale", "fenced", "malformed", "duplicate", "round_aborted", "max_version")
+REJECT_REASONS = (
+    "stale",
+    "fenced",
+    "malformed",
+    "duplicate",
+    "round_aborted",
+    "max_version",
+    "replica_unavailable",
+)
 
 
 @dataclass
@@ -145,6 +153,12 @@ class ShardFigures:
     version: int
     nbytes: int
     stats: StatsSnapshot
+    group: str = ""
+    backup: bool = False
+
+    @property
+    def labels(self) -> list[str]:
+        return [self.job_id, self.group, "backup" if self.backup else "primary"]
 
 
 class PSCollector(Collector):
@@ -158,18 +172,22 @@ class PSCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         shards = list(self._figures())
-        job = ["job"]
+        job = [
+            "job",
+            "group",
+            "role",
+        ]  # a PS may hold a job's primary of one group, backup of another
 
         def counter(name: str, doc: str, value: Callable[[ShardFigures], float]):
             m = CounterMetricFamily(name, doc, labels=job)
             for f in shards:
-                m.add_metric([f.job_id], value(f))
+                m.add_metric(f.labels, value(f))
             return m
 
         def gauge(name: str, doc: str, value: Callable[[ShardFigures], float]):
             m = GaugeMetricFamily(name, doc, labels=job)
             for f in shards:
-                m.add_metric([f.job_id], value(f))
+                m.add_metric(f.labels, value(f))
             return m
 
         yield counter(
@@ -181,11 +199,13 @@ class PSCollector(Collector):
             "elasticd_ps_pushes_applied", "Pushes applied", lambda f: f.stats.pushes_applied
         )
         rejected = CounterMetricFamily(
-            "elasticd_ps_pushes_rejected", "Pushes not applied, by reason", labels=["job", "reason"]
+            "elasticd_ps_pushes_rejected",
+            "Pushes not applied, by reason",
+            labels=[*job, "reason"],
         )
         for f in shards:
             for reason in sorted({*REJECT_REASONS, *f.stats.pushes_rejected}):
-                rejected.add_metric([f.job_id, reason], f.stats.pushes_rejected.get(reason, 0))
+                rejected.add_metric([*f.labels, reason], f.stats.pushes_rejected.get(reason, 0))
         yield rejected
         for name, doc, pick in (
             (
@@ -202,7 +222,7 @@ class PSCollector(Collector):
             h = HistogramMetricFamily(name, doc, labels=job)
             for f in shards:
                 hist = pick(f)
-                h.add_metric([f.job_id], hist.cumulative(), hist.sum)
+                h.add_metric(f.labels, hist.cumulative(), hist.sum)
             yield h
         yield gauge("elasticd_ps_shard_version", "Updates applied", lambda f: f.version)
         yield gauge(

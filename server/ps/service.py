@@ -14,13 +14,12 @@ from collections.abc import Iterator
 
 import grpc
 
-from elasticd.checkpoint.serialize import state_digest
-from elasticd.checkpoint.store import CheckpointStore
 from elasticd.compression import CompressionError, check_payload, codec_for, decode_payload
 from elasticd.rpc import ps_pb2, ps_pb2_grpc
 from elasticd.server.ps.directory import ShardDirectory, ShardRefused
 from elasticd.server.ps.messages import (
     add_to_server,
+    chunks_of,
     job_stats,
     shard_header,
     shard_info,
@@ -28,23 +27,24 @@ from elasticd.server.ps.messages import (
     tensor_metas,
 )
 from elasticd.server.ps.metrics import PSCollector, ShardFigures, new_registry
+from elasticd.server.ps.replication import BackupLink
 from elasticd.server.ps.shard import (
     SYNC_ROUND_TIMEOUT_S,
     BadRequest,
     DuplicatePush,
+    NotPrimary,
     ParameterShard,
+    ReplicaUnavailable,
     RoundAborted,
     ShardError,
     StaleGeneration,
     StalePush,
 )
-from elasticd.server.ps.transfer import export_shard, import_shard
+from elasticd.server.ps.state_rpcs import ShardStateRPCs
 from elasticd.wire import (
-    CHUNK_BYTES,
     Assembler,
     ChunkFrame,
     WireError,
-    chunk_fields,
     decode_chunk_frame,
 )
 
@@ -59,6 +59,8 @@ _STATUS = {
     DuplicatePush: grpc.StatusCode.ALREADY_EXISTS,
     BadRequest: grpc.StatusCode.INVALID_ARGUMENT,
     ShardRefused: grpc.StatusCode.FAILED_PRECONDITION,
+    NotPrimary: grpc.StatusCode.FAILED_PRECONDITION,
+    ReplicaUnavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
 # Why a push was not applied: the reason label of elasticd_ps_pushes_rejected_total.
@@ -70,19 +72,12 @@ _REJECTED = {
     BadRequest: "malformed",
     WireError: "malformed",
     CompressionError: "malformed",
+    NotPrimary: "fenced",
+    ReplicaUnavailable: "replica_unavailable",
 }
 
 
-def _chunks(requests: Iterator) -> Iterator[tuple[int, int, bytes | memoryview]]:
-    """(index, offset, data) of every request; anything but a chunk is an error."""
-    for req in requests:
-        fields = chunk_fields(req)
-        if fields is None:
-            raise WireError("only chunks may follow the header")
-        yield fields
-
-
-class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
+class ParameterServerServicer(ShardStateRPCs, ps_pb2_grpc.ParameterServerServicer):
     def __init__(
         self, ps_id: str, sync_timeout_s: float = SYNC_ROUND_TIMEOUT_S, incarnation: str = ""
     ) -> None:
@@ -101,28 +96,56 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         """This process's boot id: a restarted PS has a new one."""
         return self.shards.incarnation
 
-    def shard(self, job_id: str) -> ParameterShard | None:
-        return self.shards.get(job_id)
+    def shard(self, job_id: str, group: str | None = None) -> ParameterShard | None:
+        """``job_id``'s shard of ``group`` here; with no group, the first the PS holds."""
+        if group is None:
+            held = self.shards.of_job(job_id)
+            return held[0][1] if held else None
+        return self.shards.get(job_id, group)
 
     def figures(self, job_id: str = "") -> list[ShardFigures]:
         """State and stats of every shard (or of ``job_id``'s), for Stats and /metrics."""
-        shards = [s for j, s in self.shards.items() if not job_id or j == job_id]
+        shards = [(g, s) for (j, g), s in self.shards.items() if not job_id or j == job_id]
         return [
-            ShardFigures(s.config.job_id, s.generation, s.version, s.nbytes, s.stats.snapshot())
-            for s in shards
+            ShardFigures(
+                s.config.job_id,
+                s.generation,
+                s.version,
+                s.nbytes,
+                s.stats.snapshot(),
+                group=g,
+                backup=s.backup,
+            )
+            for g, s in shards
         ]
 
-    def _require(self, job_id: str, context) -> ParameterShard:
-        shard = self.shard(job_id)
+    def _require(self, job_id: str, context, group: str = "") -> ParameterShard:
+        shard = self.shard(job_id, group)
         if shard is None:
             with self._lock:
                 self._unknown_jobs += 1
+            which = f" group {group!r}" if group else ""
             context.abort(
                 grpc.StatusCode.NOT_FOUND,
-                f"ps {self.ps_id} holds no shard of job {job_id!r}: unknown job, "
+                f"ps {self.ps_id} holds no shard of job {job_id!r}{which}: unknown job, "
                 "or the shard was never initialised",
             )
         return shard
+
+    def group_of(self, fence) -> str:
+        """The group a fence names; an unnamed one is the job's one group here, if any."""
+        if fence.shard:
+            return fence.shard
+        held = self.shards.of_job(fence.job_id)
+        return held[0][0] if len(held) == 1 else ""
+
+    def _of(self, fence, context) -> ParameterShard:
+        """The shard a fence names; an unnamed group means the job's one shard here."""
+        if not fence.shard:
+            shard = self.shard(fence.job_id)
+            if shard is not None:
+                return shard
+        return self._require(fence.job_id, context, fence.shard)
 
     @staticmethod
     def _abort(context, exc: Exception):
@@ -141,9 +164,9 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
     def InitShard(self, request_iterator, context):
         header = self._first(request_iterator, context, "InitShard")
-        job_id = header.fence.job_id
+        job_id, group = header.fence.job_id, self.group_of(header.fence)
         headers, config = shard_header(header, context)
-        existing = self.shard(job_id)
+        existing = self.shard(job_id, group)
         if existing is not None:
             # Keep the first; drain the stream so the caller sees a clean reply.
             for _ in request_iterator:
@@ -158,20 +181,24 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             self._abort(context, exc)
         assembler = Assembler(headers)
         try:
-            for index, offset, data in _chunks(request_iterator):
+            for index, offset, data in chunks_of(request_iterator):
                 assembler.add(index, offset, data)
             tensors = assembler.finish()
         except WireError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         shard = ParameterShard(config, header.fence.generation, headers, tensors)
-        winner = self.shards.add(job_id, shard)
+        self._role(shard, header.fence, header.backup, header.backup_address)
+        winner = self.shards.add(job_id, group, shard)
         created = winner is shard
         if created:
             shard.stats.received(shard.nbytes)
             log.info(
-                "event=shard_created ps=%s job=%s generation=%d tensors=%d bytes=%d",
+                "event=shard_created ps=%s job=%s group=%s backup=%s generation=%d tensors=%d "
+                "bytes=%d",
                 self.ps_id,
                 job_id,
+                group,
+                header.backup,
                 header.fence.generation,
                 len(headers),
                 shard.nbytes,
@@ -179,7 +206,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         return ps_pb2.InitShardReply(created=created, version=winner.version)
 
     def Pull(self, request, context):
-        shard = self._require(request.fence.job_id, context)
+        shard = self._of(request.fence, context)
         try:
             version, frames = shard.read_frames(request.fence.generation)
         except ShardError as exc:
@@ -208,7 +235,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
     def Push(self, request_iterator, context):
         header = self._first(request_iterator, context, "Push")
-        shard = self._require(header.fence.job_id, context)
+        shard = self._of(header.fence, context)
         buffers = None
         try:
             codec = codec_for(header.compression)
@@ -222,7 +249,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 parts = tensor_headers(header.payload)
                 check_payload(codec, shard.headers, parts)
                 assembler = Assembler(parts)
-            for index, offset, data in _chunks(request_iterator):
+            for index, offset, data in chunks_of(request_iterator):
                 shard.stats.received(len(data))
                 assembler.add(index, offset, data)
             grads = assembler.finish()
@@ -236,6 +263,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 workers=header.workers,
                 timeout=self.sync_timeout_s,
                 cancelled=lambda: not context.is_active(),
+                push_id=header.push_id,
             )
         except (ShardError, WireError, CompressionError) as exc:
             shard.stats.rejected(_REJECTED.get(type(exc), "malformed"))
@@ -251,51 +279,41 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             version=result.version, applied=result.applied, staleness=result.staleness
         )
 
-    def Snapshot(self, request, context):
-        shard = self._require(request.fence.job_id, context)
-        try:
-            data, version = export_shard(shard, request.fence.generation)
-        except ShardError as exc:
-            self._abort(context, exc)
-        store = CheckpointStore(request.url)
-        record = store.write_shard(request.fence.job_id, request.step, request.name, data)
-        log.info(
-            "event=shard_snapshot ps=%s job=%s step=%d version=%d bytes=%d",
-            self.ps_id,
-            request.fence.job_id,
-            request.step,
-            version,
-            record.size,
-        )
-        return ps_pb2.SnapshotReply(
-            path=record.path, sha256=record.sha256, size=record.size, version=version
-        )
-
     def ShardInfo(self, request, context):
-        shard = self.shard(request.job_id)
+        group, shard = request.shard, self.shard(request.job_id, request.shard)
+        if shard is None and not request.shard and self.shards.of_job(request.job_id):
+            group, shard = self.shards.of_job(request.job_id)[0]
         if shard is None:
             return ps_pb2.ShardInfoReply(exists=False, incarnation=self.incarnation)
-        return self._info(shard)
+        return self._info(shard, group)
 
     def AdvanceGeneration(self, request, context):
-        if self.shard(request.fence.job_id) is None:
+        """Fence every group of the job held here (and, holding none, remember the floor)."""
+        shards = self.shards.of_job(request.fence.job_id)
+        if not shards:
             # No shard here (yet): a late InitShard from an older generation is refused.
             self.shards.raise_floor(request.fence.job_id, request.fence.generation)
-        shard = self._require(request.fence.job_id, context)
+            self._require(request.fence.job_id, context)
         try:
-            shard.advance(request.fence.generation, request.workers or None)
+            for _, shard in shards:
+                shard.advance(request.fence.generation, request.workers or None)
         except ShardError as exc:
             self._abort(context, exc)
-        return self._info(shard)
+        return self._info(shards[0][1], shards[0][0])
 
     def DropShard(self, request, context):
-        shard = self._require(request.fence.job_id, context)
+        shards = self.shards.of_job(request.fence.job_id)
+        if not shards:
+            self._require(request.fence.job_id, context)
         try:
-            with shard.lock:
-                shard.fence(request.fence.generation)
+            for _, shard in shards:
+                with shard.lock:
+                    shard.fence(request.fence.generation)
         except ShardError as exc:
             self._abort(context, exc)
-        self.shards.drop(request.fence.job_id)
+        for shard in self.shards.drop(request.fence.job_id):
+            if isinstance(shard.forward, BackupLink):
+                shard.forward.close()
         log.info("event=shard_dropped ps=%s job=%s", self.ps_id, request.fence.job_id)
         return ps_pb2.DropShardReply()
 
@@ -309,56 +327,5 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             unknown_job_requests=self._unknown_jobs,
         )
 
-    def ExportShard(self, request, context):
-        shard = self._require(request.fence.job_id, context)
-        try:
-            data, _ = export_shard(shard, request.fence.generation)
-        except ShardError as exc:
-            self._abort(context, exc)
-        shard.stats.sent(len(data))
-        view = memoryview(data)
-        for offset in range(0, max(len(data), 1), CHUNK_BYTES):
-            yield ps_pb2.ShardBytes(data=bytes(view[offset : offset + CHUNK_BYTES]))
-
-    def ImportShard(self, request_iterator, context):
-        first = self._first(request_iterator, context, "ImportShard")
-        header, version = first.shard, first.version
-        job_id = header.fence.job_id
-        headers, config = shard_header(header, context)
-        limit = 2 * sum(h.nbytes for h in headers) + (1 << 20)  # parameters and optimizer state
-        buf = bytearray()
-        for req in request_iterator:
-            if not req.HasField("bytes"):
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "only bytes may follow the header")
-            buf += req.bytes.data
-            if len(buf) > 2 * limit:
-                context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT, "import larger than its slices need"
-                )
-        existing = self.shard(job_id)
-        try:
-            if existing is not None:
-                existing.check_fence(header.fence.generation)
-            shard = import_shard(config, header.fence.generation, headers, bytes(buf), version)
-            # Computed before anyone can push to it: exactly what was imported.
-            digest = state_digest(
-                {h.key: p for h, p in zip(headers, shard.params, strict=True)},
-                shard.optimizer.state_dict()["state"],
-                [h.key for h in headers],
-            )
-            self.shards.replace(job_id, shard)
-        except ShardError as exc:
-            self._abort(context, exc)
-        shard.stats.received(len(buf))
-        log.info(
-            "event=shard_imported ps=%s job=%s generation=%d version=%d bytes=%d",
-            self.ps_id,
-            job_id,
-            header.fence.generation,
-            version,
-            len(buf),
-        )
-        return ps_pb2.InitShardReply(created=existing is None, version=shard.version, digest=digest)
-
-    def _info(self, shard: ParameterShard) -> ps_pb2.ShardInfoReply:
-        return shard_info(shard, self.incarnation)
+    def _info(self, shard: ParameterShard, group: str = "") -> ps_pb2.ShardInfoReply:
+        return shard_info(shard, self.incarnation, group)

@@ -16,6 +16,18 @@ Two consistency models share the code:
   their mean in one optimizer step, and only then answers the pushers. The mean
   is summed in worker-id order, so the result does not depend on which push
   arrived first.
+
+With hot replicas (``ps.replicas: 2``) one copy of a group is the primary and
+one the backup. The primary forwards every update it applies (the gradient
+passed to the optimizer, its version and the pushes it came from) to the
+backup before stepping itself, under its lock, so the backup applies the same
+updates in the same order with the same arithmetic: the two stay equal bit
+for bit. A push is acknowledged only once both applied it.
+
+A push names its worker and the version its gradient was computed on. The
+shard remembers, per worker, the last push it applied; the same push sent
+again (the worker did not hear the answer: its PS died, or the generation
+changed under it) is answered as applied and not applied twice.
 """
 
 from __future__ import annotations
@@ -24,99 +36,35 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
 from elasticd.optimizers import build_optimizer
 from elasticd.server.ps.metrics import ShardStats
+from elasticd.server.ps.rules import (  # noqa: F401  (re-exported: callers import them from here)
+    BadRequest,
+    DuplicatePush,
+    Forward,
+    NotPrimary,
+    PushResult,
+    ReplicaUnavailable,
+    RoundAborted,
+    ShardConfig,
+    ShardError,
+    StaleGeneration,
+    StalePush,
+    SyncRound,
+    check_staleness,
+    mean_gradient,
+)
 from elasticd.wire import CHUNK_BYTES, DTYPES, TensorHeader, as_bytes, chunk, encode_chunk_frame
 
 log = logging.getLogger(__name__)
 
 
-class ShardError(Exception):
-    """Base of the errors a shard raises; each maps to one gRPC status."""
-
-
-class StaleGeneration(ShardError):
-    pass
-
-
-class BadRequest(ShardError):
-    pass
-
-
-class StalePush(ShardError):
-    pass
-
-
-class DuplicatePush(ShardError):
-    """A worker pushed twice into one synchronous round."""
-
-
-class RoundAborted(ShardError):
-    """A synchronous round ended without applying this push (generation change, timeout)."""
-
-
 SPARE_GRADIENT_SETS = 2  # gradient buffers a shard keeps for reuse (each: the shard's size)
 SYNC_ROUND_TIMEOUT_S = 30.0  # how long a synchronous push waits for the rest of its round
 _WAIT_SLICE_S = 0.25  # how often a waiting pusher checks whether its caller went away
-
-
-@dataclass(frozen=True)
-class PushResult:
-    version: int
-    applied: bool
-    staleness: int
-
-
-@dataclass(frozen=True)
-class ShardConfig:
-    job_id: str
-    optimizer: str
-    optimizer_kwargs: dict
-    max_staleness: int = -1  # < 0: unbounded
-    workers: int = 1
-    max_version: int = 0  # 0: no limit
-
-
-@dataclass
-class SyncRound:
-    """The gradients of one synchronous round: at most one push per worker, for one version."""
-
-    version: int
-    generation: int
-    grads: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    outcome: PushResult | None = None
-    aborted: str = ""
-
-
-def mean_gradient(contributions: dict[str, list[torch.Tensor]]) -> list[torch.Tensor]:
-    """The element-wise mean of the workers' gradients, summed in worker-id order."""
-    workers = sorted(contributions)
-    total = [g.clone() for g in contributions[workers[0]]]
-    for w in workers[1:]:
-        for t, g in zip(total, contributions[w], strict=True):
-            t.add_(g)
-    for t in total:
-        t.div_(len(workers))
-    return total
-
-
-def check_staleness(version: int, base_version: int, max_staleness: int) -> int:
-    """Staleness of a gradient computed at ``base_version``; raises past the bound."""
-    if base_version > version or base_version < 0:
-        raise BadRequest(
-            f"base_version {base_version} is not a version this shard had (now {version})"
-        )
-    staleness = version - base_version
-    if 0 <= max_staleness < staleness:
-        raise StalePush(
-            f"gradient computed on version {base_version} is {staleness} versions old; "
-            f"the job allows {max_staleness}: pull and push again"
-        )
-    return staleness
 
 
 class ParameterShard:
@@ -138,6 +86,11 @@ class ParameterShard:
         self._round: SyncRound | None = None
         self._spare_grads: list[list[torch.Tensor]] = []
         self._frames: tuple[tuple[int, int], list[bytes]] | None = None  # (version, size), frames
+        self.backup = False  # a backup applies only what its primary forwards
+        self.forward: Forward | None = None  # a primary's link to its backup
+        self.backup_address = ""
+        self.last_push: dict[str, int] = {}  # worker -> base version of its last applied push
+        self._last_forwarded = -1  # a backup: the version the newest forwarded update applied to
         self.stats = ShardStats()  # applied pushes and steps here; rejections by the servicer
 
     @property
@@ -173,10 +126,10 @@ class ParameterShard:
                     "pull and push again"
                 )
 
-    def _abort_round(self, reason: str) -> None:
+    def _abort_round(self, reason: str, error: type[ShardError] = RoundAborted) -> None:
         """Release the waiters of the open synchronous round without applying it."""
         r, self._round = self._round, None
-        r.aborted = reason  # each waiter raises it, and counts itself as rejected
+        r.aborted, r.error = reason, error  # each waiter raises it, and counts itself rejected
         log.info(
             "event=sync_round_aborted job=%s version=%d pushes=%d reason=%r",
             self.config.job_id,
@@ -298,6 +251,7 @@ class ParameterShard:
         timeout: float = SYNC_ROUND_TIMEOUT_S,
         cancelled: Callable[[], bool] | None = None,
         workers: int = 0,
+        push_id: int = 0,
     ) -> PushResult:
         """Apply one pushed gradient (or, in synchronous mode, add it to the round).
 
@@ -306,20 +260,80 @@ class ParameterShard:
         changed, ``timeout`` seconds passed, or ``cancelled()`` became true
         (the caller went away). An aborted push leaves nothing behind.
         ``workers`` is the size of the pusher's generation (0: unknown); the
-        newest generation's size is the size of a synchronous round.
+        newest generation's size is the size of a synchronous round. A push
+        whose ``push_id`` is the worker's last applied one is acknowledged
+        again and not applied twice.
         """
         with self.lock:
             self.fence(generation)
+            if self.backup:
+                raise NotPrimary(
+                    f"job {self.config.job_id}: this copy is a backup and takes updates only "
+                    "from its primary: wait for the new placement"
+                )
             self._resize(generation, workers)
             limit = self.config.max_version
             if limit and self.version >= limit:
                 return PushResult(self.version, False, self.version - base_version)
+            if push_id and worker_id and self.last_push.get(worker_id) == push_id:
+                # Sent again by a worker that never heard the answer: applied once already.
+                return PushResult(self.version, True, max(self.version - base_version - 1, 0))
             staleness = check_staleness(self.version, base_version, self.config.max_staleness)
             if self.synchronous:
-                return self._join_round(worker_id, grads, timeout, cancelled)
-            self._step(grads)
+                return self._join_round(worker_id, push_id, grads, timeout, cancelled)
+            self._commit(grads, [(worker_id, push_id)])
             self.stats.applied(staleness)
             return PushResult(self.version, True, staleness)
+
+    def _commit(self, grads: list[torch.Tensor], contributors: list[tuple[str, int]]) -> None:
+        """Apply one update: on the backup first (if any), then here. Lock held."""
+        if self.forward is not None:
+            self.forward(self.generation, self.version, grads, contributors)
+        self._step(grads)
+        for worker, push_id in contributors:
+            if worker and push_id:
+                self.last_push[worker] = push_id
+
+    def apply_replica(
+        self,
+        generation: int,
+        version: int,
+        grads: list[torch.Tensor],
+        contributors: list[tuple[str, int]],
+    ) -> int:
+        """A backup applies one update its primary forwarded; returns its version after it.
+
+        Updates apply in version order only. The same update sent twice (the
+        primary did not hear the answer) is acknowledged once more and not
+        applied again.
+        """
+        with self.lock:
+            self.fence(generation)
+            if not self.backup:
+                raise NotPrimary(
+                    f"job {self.config.job_id}: this copy is a primary; it takes no forwarded "
+                    "updates"
+                )
+            if self.version == version + 1 and self._last_forwarded == version:
+                return self.version
+            if self.version != version:
+                raise BadRequest(
+                    f"job {self.config.job_id}: the backup is at version {self.version}, the "
+                    f"forwarded update applies to version {version}"
+                )
+            self._commit(grads, contributors)
+            self._last_forwarded = version
+            for _ in contributors:
+                self.stats.applied(0)
+            return self.version
+
+    def configure(self, generation: int, backup: bool, forward: Forward | None, address: str):
+        """Make this copy a backup, or a primary forwarding to ``address`` (a failover)."""
+        with self.lock:
+            self.fence(generation)
+            self.backup = backup
+            self.forward = None if backup else forward
+            self.backup_address = "" if backup else address
 
     def _step(self, grads: list[torch.Tensor]) -> None:
         for p, g in zip(self.params, grads, strict=True):
@@ -334,6 +348,7 @@ class ParameterShard:
     def _join_round(
         self,
         worker_id: str,
+        push_id: int,
         grads: list[torch.Tensor],
         timeout: float,
         cancelled: Callable[[], bool] | None,
@@ -349,6 +364,7 @@ class ParameterShard:
                 f"waits for {self.config.workers - len(r.grads)} more worker(s)"
             )
         r.grads[worker_id] = grads
+        r.push_ids[worker_id] = push_id
         if len(r.grads) >= self.config.workers:
             self._complete_round(r)
         deadline = time.monotonic() + timeout
@@ -357,6 +373,7 @@ class ParameterShard:
             gone = cancelled is not None and cancelled()
             if remaining <= 0 or gone:
                 del r.grads[worker_id]
+                r.push_ids.pop(worker_id, None)
                 if gone:
                     raise RoundAborted(f"push of worker {worker_id!r} cancelled by its caller")
                 raise RoundAborted(
@@ -366,11 +383,17 @@ class ParameterShard:
                 )
             self._changed.wait(min(remaining, _WAIT_SLICE_S))
         if r.aborted:
-            raise RoundAborted(r.aborted)
+            raise r.error(r.aborted)
         return r.outcome
 
     def _complete_round(self, r: SyncRound) -> None:
-        self._step(mean_gradient(r.grads))
+        try:
+            self._commit(mean_gradient(r.grads), [(w, r.push_ids[w]) for w in sorted(r.grads)])
+        except ReplicaUnavailable as exc:
+            self._abort_round(
+                f"the round for version {r.version} was not applied: {exc}", ReplicaUnavailable
+            )
+            return
         for _ in r.grads:
             self.stats.applied(0)
         r.outcome = PushResult(self.version, True, 0)

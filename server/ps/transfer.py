@@ -30,12 +30,15 @@ def export_shard(shard: ParameterShard, generation: int) -> tuple[bytes, int]:
         }
         state = _cloned(shard.optimizer.state_dict())
         version = shard.version
+        last_push = dict(shard.last_push)
     meta = {
         "job_id": shard.config.job_id,
         "version": version,
         "generation": generation,
         "optimizer": shard.config.optimizer,
         "keys": [h.key for h in shard.headers],
+        # which pushes are in this state: a copy that takes over still knows a retried push
+        "last_push": last_push,
     }
     return encode_shard(tensors, state, meta), version
 
@@ -107,4 +110,16 @@ def import_shard(
     except (ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise BadRequest(f"optimizer state does not fit {config.optimizer}: {exc}") from None
     shard.version = version
+    shard.last_push = _last_push(meta.get("last_push"))
     return shard
+
+
+def _last_push(value: Any) -> dict[str, int]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+        for k, v in value.items()
+    ):
+        raise BadRequest("import meta last_push must map worker ids to versions")
+    return dict(value)

@@ -10,22 +10,32 @@ worker (a newer generation exists) and one whose PS lost its shard (the PS
 restarted) wait for the controller's next assignment; one whose PS does not
 answer tries it again with backoff, since it may come back as it was.
 Crashing instead would spend the job's ``max_restarts`` in seconds.
+
+A push whose outcome the worker did not learn (its PS died, its backup did
+not answer, the generation changed under a synchronous round) is sent again,
+the same gradient under the same push id, once the PS tier can serve it: a
+group that applied it already acknowledges it without applying it twice.
+So a PS failover neither loses nor doubles an update, and the worker's data
+stream goes on where it was.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
+import secrets
 import time
 from collections import deque
+from dataclasses import dataclass
 
 import torch
 
 from elasticd.jobspec import JobSpec, parse_spec
 from elasticd.placement import ShardPlacement
 from elasticd.ps_client import PSTier
-from elasticd.ps_errors import Fenced, PSUnavailable, ShardLost, StaleGradient
+from elasticd.ps_errors import DuplicatePush, Fenced, PSUnavailable, ShardLost, StaleGradient
 from elasticd.retry import Backoff
 from elasticd.task import load_task
 from elasticd.worker.runtime import heartbeat
@@ -39,8 +49,22 @@ log = logging.getLogger(__name__)
 PS_WAIT_S = 300.0  # how long a worker waits for a lost PS or a new assignment, then exits
 PS_RETRY_S = (0.05, 1.0)  # backoff between tries of a PS that did not answer: first, longest
 
+WAIT_LOG_EVERY_S = 5.0  # a wait that goes on is logged again this often
+_last_wait: list = [None, 0.0]  # (reason, generation) and when the last wait was logged
+
 # A PS tier that cannot serve this worker now: the worker waits on these.
 _WAIT_FOR = (Fenced, ShardLost, PSUnavailable)
+
+
+@dataclass
+class PendingPush:
+    """A push whose outcome is unknown, kept to be sent again unchanged."""
+
+    grads: dict[str, torch.Tensor]
+    versions: dict[str, int]
+    push_id: int
+    loss: float
+    stale_tries: int = 0  # times it was answered "not applied, pull again"
 
 
 class NewAssignment(Exception):
@@ -57,14 +81,17 @@ def _wait(control: ControlChannel, exc: Exception, a: Assignment) -> Assignment 
     Raises TimeoutError after PS_WAIT_S without one, or when the agent is gone.
     """
     retry = isinstance(exc, PSUnavailable)
-    log.warning(
-        "event=ps_wait job=%s generation=%d worker=%s reason=%s detail=%s",
-        a.job_id,
-        a.generation,
-        a.worker_id,
-        type(exc).__name__,
-        exc,
-    )
+    now = time.monotonic()
+    if (type(exc), a.generation) != _last_wait[0] or now - _last_wait[1] >= WAIT_LOG_EVERY_S:
+        _last_wait[:] = [(type(exc), a.generation), now]  # one line per streak, not per try
+        log.warning(
+            "event=ps_wait job=%s generation=%d worker=%s reason=%s detail=%s",
+            a.job_id,
+            a.generation,
+            a.worker_id,
+            type(exc).__name__,
+            exc,
+        )
     deadline = time.monotonic() + PS_WAIT_S
     next_try = time.monotonic() + Backoff(*PS_RETRY_S).next_delay()
     while not control.closed.is_set():
@@ -220,11 +247,14 @@ def train(
                 sent,
             )
 
+    synchronous = spec.ps.max_staleness == 0
     losses: deque[float] = deque(maxlen=spec.report_every_steps)
     # batch indices: this worker takes start + rank, start + rank + world, ...
     index = (handover.position if handover else a.resume_position) + a.rank
     local_steps = 0
     step = 0
+    push_ids = itertools.count(secrets.randbits(48) + 1)  # unique across restarts of the slot
+    pending: PendingPush | None = None
     try:
         while True:
             heartbeat.beat()
@@ -235,27 +265,50 @@ def train(
                         return _switch_out(ps.tier, ps.placement, new)
                     if new.resume_generation > a.generation:  # restored since: rewind the data
                         index = new.resume_position + new.rank
-                    else:
+                        pending = None  # its versions are gone with the state it was computed on
+                    elif (new.rank, new.world_size) != (a.rank, a.world_size):
                         index = new.rank + new.world_size * (index // max(a.world_size, 1) + 1)
                     ps.adopt(new)
                     a = ps.a
                     reporter.retarget(a.controller)
-                versions = ps.tier.pull_into(data)
-                step = min(versions.values())
-                if step >= spec.steps:
-                    break
-                batch = task.batch(index)
-                index += a.world_size
-                model.zero_grad(set_to_none=False)
-                loss = task.loss(model, batch)
-                loss.backward()
-                grads = {
-                    n: p.grad if p.grad is not None else torch.zeros_like(p)
-                    for n, p in params.items()
-                }
-                outcomes = ps.tier.push(grads, versions, spec.ps.compression)
+                if pending is None:
+                    versions = ps.tier.pull_into(data)
+                    step = min(versions.values())
+                    if step >= spec.steps:
+                        break
+                    batch = task.batch(index)
+                    index += a.world_size
+                    model.zero_grad(set_to_none=False)
+                    loss = task.loss(model, batch)
+                    loss.backward()
+                    grads = {
+                        n: p.grad if p.grad is not None else torch.zeros_like(p)
+                        for n, p in params.items()
+                    }
+                    pending = PendingPush(grads, versions, next(push_ids), loss.item())
+                else:
+                    log.info(
+                        "event=push_again job=%s generation=%d worker=%s push_id=%d",
+                        a.job_id,
+                        a.generation,
+                        a.worker_id,
+                        pending.push_id,
+                    )
+                outcomes = ps.tier.push(
+                    pending.grads, pending.versions, spec.ps.compression, push_id=pending.push_id
+                )
+                loss_value, pending = pending.loss, None
+            except DuplicatePush:
+                time.sleep(0.05)  # its first copy still waits in the round: ask again shortly
+                continue
             except StaleGradient as exc:
                 log.info("event=push_stale job=%s worker=%s detail=%s", a.job_id, a.worker_id, exc)
+                # A synchronous round aborted by a generation change is joined again with the
+                # same push; a push refused as too old (or refused twice) is given up.
+                if pending is not None and (not synchronous or pending.stale_tries > 0):
+                    pending = None
+                elif pending is not None:
+                    pending.stale_tries += 1
                 continue
             except NewAssignment as na:  # a switch arrived while reconnecting
                 new = na.assignment
@@ -268,7 +321,7 @@ def train(
                     control.push_back(new)  # adopted at the top of the loop
                 continue
             local_steps += 1
-            losses.append(loss.item())
+            losses.append(loss_value)
             step = min(o.version for o in outcomes.values())
             if local_steps == 1 or local_steps % spec.report_every_steps == 0:
                 mean = sum(losses) / len(losses)

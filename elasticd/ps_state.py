@@ -1,0 +1,131 @@
+"""The controller's side of a job's PS tier: snapshots, shard info and figures,
+and whole-state export and import (switches, restores, failovers).
+
+A mixin of :class:`elasticd.ps_client.PSTier`: the same channels and the same
+per-group fan-out as the worker's pulls and pushes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+from elasticd.checkpoint import decode_shard, encode_shard
+from elasticd.checkpoint.serialize import state_digest
+from elasticd.rpc import ps_pb2, ps_pb2_grpc
+from elasticd.wire import CHUNK_BYTES, dtype_name
+
+RPC_TIMEOUT_S = 60.0  # one whole shard in or out
+
+
+class TierState:
+    def snapshot(self, url: str, step: int) -> dict[str, ps_pb2.SnapshotReply]:
+        """Each group's primary writes the group to the checkpoint, named after the group."""
+        return self._each(
+            lambda g: self._stubs[g].Snapshot(
+                ps_pb2.SnapshotRequest(fence=self._fence(g), url=url, name=g, step=step),
+                timeout=RPC_TIMEOUT_S,
+            )
+        )
+
+    def info(self) -> dict[str, ps_pb2.ShardInfoReply]:
+        """Each group's primary copy: generation, version, bytes, role."""
+        return self._each(
+            lambda g: self._stubs[g].ShardInfo(
+                ps_pb2.ShardInfoRequest(job_id=self.job_id, shard=g), timeout=10
+            )
+        )
+
+    def stats(self) -> dict[str, ps_pb2.JobStats]:
+        """Each group's figures on its primary: traffic, push outcomes, staleness, step time."""
+
+        def one(g: str) -> ps_pb2.JobStats:
+            reply = self._stubs[g].Stats(ps_pb2.StatsRequest(job_id=self.job_id), timeout=10)
+            return next(j for j in reply.jobs if j.shard == g or len(reply.jobs) == 1)
+
+        return self._each(one)
+
+    def export_state(self) -> dict[str, tuple[dict, dict, dict]]:
+        """Every group's (tensors by slice key, optimizer state_dict, meta), for a switch."""
+
+        def one(g: str):
+            replies = self._stubs[g].ExportShard(
+                ps_pb2.ExportShardRequest(fence=self._fence(g)), timeout=RPC_TIMEOUT_S
+            )
+            return decode_shard(b"".join(r.data for r in replies))
+
+        return self._each(one)
+
+    def import_state(
+        self,
+        parts: Mapping[str, tuple[dict, dict, list[str]]],
+        optimizer: str,
+        optimizer_kwargs: dict,
+        max_staleness: int,
+        workers: int,
+        max_version: int,
+        version: int,
+    ) -> dict[str, tuple[str, str]]:
+        """Replace every group with ``parts[group]`` = (tensors, optimizer state, slice keys),
+        on its backup first (if any), then on its primary.
+
+        Returns, per group, (digest of what was sent, digest of what the copies hold:
+        the backup's when it differs from the primary's).
+        """
+
+        def one(g: str) -> tuple[str, str]:
+            tensors, state, keys = parts[g]
+            primary, backup = self._holders[g]
+            header = ps_pb2.InitShardHeader(
+                fence=self._fence(g),
+                tensors=[
+                    ps_pb2.TensorMeta(
+                        key=k, dtype=dtype_name(tensors[k].dtype), shape=tuple(tensors[k].shape)
+                    )
+                    for k in keys
+                ],
+                optimizer=ps_pb2.OptimizerConfig(
+                    name=optimizer, kwargs_json=json.dumps(optimizer_kwargs)
+                ),
+                max_staleness=max_staleness,
+                workers=workers,
+                max_version=max_version,
+            )
+            data = encode_shard(
+                tensors,
+                {"state": state, "param_groups": [{"params": list(range(len(keys)))}]},
+                {"keys": keys, "version": version},
+            )
+
+            held = {}
+            for ps_id in filter(None, (backup, primary)):
+                header.backup = ps_id == backup
+                header.backup_address = (
+                    self.addresses[backup] if backup and not header.backup else ""
+                )
+                held[ps_id] = import_bytes(self._ps_stubs[ps_id], header, version, data)
+            sent = state_digest(tensors, state, keys)
+            return sent, next((d for d in held.values() if d != sent), held[primary])
+
+        return self._each(one)
+
+
+def import_bytes(
+    stub: ps_pb2_grpc.ParameterServerStub,
+    header: ps_pb2.InitShardHeader,
+    version: int,
+    data: bytes,
+) -> str:
+    """ImportShard ``data`` (an encoded shard) at ``version``; the digest the PS now holds."""
+
+    def requests():
+        yield ps_pb2.ImportShardRequest(
+            header=ps_pb2.ImportShardHeader(shard=header, version=version)
+        )
+        view = memoryview(data)
+        for offset in range(0, max(len(data), 1), CHUNK_BYTES):
+            yield ps_pb2.ImportShardRequest(
+                bytes=ps_pb2.ShardBytes(data=bytes(view[offset : offset + CHUNK_BYTES]))
+            )
+
+    return stub.ImportShard(requests(), timeout=RPC_TIMEOUT_S).digest

@@ -1,0 +1,80 @@
+"""A primary's link to its backup: one update forwarded per call, in order.
+
+The primary calls the link under its shard lock, before it steps itself, so
+updates reach the backup in the order the primary applies them, and a push
+is acknowledged only once both copies applied it (see
+:mod:`elasticd.server.ps.shard`). A backup that does not answer within
+:data:`REPLICATE_TIMEOUT_S` fails the update on both: the worker sends its
+push again once the controller has moved the group to live servers.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+import torch
+
+from elasticd.rpc import ps_pb2
+from elasticd.rpc.limits import GRPC_OPTIONS
+from elasticd.server.ps.shard import ReplicaUnavailable
+from elasticd.wire import as_bytes, chunk, encode_chunk_frame, frame_serializer
+
+log = logging.getLogger(__name__)
+
+REPLICATE_TIMEOUT_S = 10.0  # one forwarded update; the push it carries waits this long at most
+SERVICE = ps_pb2.DESCRIPTOR.services_by_name["ParameterServer"].full_name
+
+
+class BackupLink:
+    """Forwards ``job_id``'s updates of ``group`` to the backup at ``address``."""
+
+    def __init__(self, job_id: str, group: str, address: str) -> None:
+        self.job_id, self.group, self.address = job_id, group, address
+        self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        self._replicate = self._channel.stream_unary(
+            f"/{SERVICE}/Replicate",
+            request_serializer=frame_serializer,
+            response_deserializer=ps_pb2.ReplicateReply.FromString,
+        )
+
+    def __call__(
+        self,
+        generation: int,
+        version: int,
+        grads: list[torch.Tensor],
+        contributors: list[tuple[str, int]],
+    ) -> None:
+        header = ps_pb2.ReplicateHeader(
+            fence=ps_pb2.Fence(job_id=self.job_id, generation=generation, shard=self.group),
+            version=version,
+            workers=[w for w, _ in contributors],
+            push_ids=[b for _, b in contributors],
+        )
+
+        def requests():
+            yield ps_pb2.ReplicateRequest(header=header)
+            for index, g in enumerate(grads):
+                for offset, piece in chunk(as_bytes(g.contiguous())):
+                    yield encode_chunk_frame(index, offset, piece)
+
+        try:
+            self._replicate(requests(), timeout=REPLICATE_TIMEOUT_S)
+        except grpc.RpcError as exc:
+            log.warning(
+                "event=replicate_failed job=%s group=%s backup=%s version=%d code=%s detail=%s",
+                self.job_id,
+                self.group,
+                self.address,
+                version,
+                exc.code().name,
+                exc.details(),
+            )
+            raise ReplicaUnavailable(
+                f"job {self.job_id} group {self.group}: the backup at {self.address} did not "
+                f"apply the update to version {version} ({exc.code().name}: {exc.details()}); "
+                "nothing was applied: push again once the group has a live backup"
+            ) from None
+
+    def close(self) -> None:
+        self._channel.close()

@@ -1,0 +1,163 @@
+"""The PS RPCs that move a whole shard: snapshots, exports, imports, and the
+hot-replica pair (Replicate from a primary, ConfigureShard from the controller).
+
+A mixin of :class:`elasticd.server.ps.service.ParameterServerServicer`, kept
+apart so that the servicer's module stays about serving pushes and pulls.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from elasticd.checkpoint.serialize import state_digest
+from elasticd.checkpoint.store import CheckpointStore
+from elasticd.rpc import ps_pb2
+from elasticd.server.ps.messages import chunks_of, shard_header
+from elasticd.server.ps.replication import BackupLink
+from elasticd.server.ps.shard import ParameterShard, ShardError
+from elasticd.server.ps.transfer import export_shard, import_shard
+from elasticd.wire import CHUNK_BYTES, Assembler, WireError
+
+log = logging.getLogger(__name__)
+
+
+class ShardStateRPCs:
+    @staticmethod
+    def _role(
+        shard: ParameterShard,
+        fence: ps_pb2.Fence,
+        backup: bool,
+        address: str,
+    ) -> None:
+        """Make ``shard`` a backup, or a primary forwarding to ``address`` ("": none)."""
+        old = shard.forward
+        link = BackupLink(fence.job_id, fence.shard, address) if address and not backup else None
+        try:
+            shard.configure(fence.generation, backup, link, address)
+        except ShardError:
+            if link is not None:
+                link.close()
+            raise
+        if isinstance(old, BackupLink):
+            old.close()
+
+    def Snapshot(self, request, context):
+        shard = self._of(request.fence, context)
+        try:
+            data, version = export_shard(shard, request.fence.generation)
+        except ShardError as exc:
+            self._abort(context, exc)
+        store = CheckpointStore(request.url)
+        record = store.write_shard(request.fence.job_id, request.step, request.name, data)
+        log.info(
+            "event=shard_snapshot ps=%s job=%s step=%d version=%d bytes=%d",
+            self.ps_id,
+            request.fence.job_id,
+            request.step,
+            version,
+            record.size,
+        )
+        return ps_pb2.SnapshotReply(
+            path=record.path, sha256=record.sha256, size=record.size, version=version
+        )
+
+    def ExportShard(self, request, context):
+        shard = self._of(request.fence, context)
+        try:
+            data, _ = export_shard(shard, request.fence.generation)
+        except ShardError as exc:
+            self._abort(context, exc)
+        shard.stats.sent(len(data))
+        view = memoryview(data)
+        for offset in range(0, max(len(data), 1), CHUNK_BYTES):
+            yield ps_pb2.ShardBytes(data=bytes(view[offset : offset + CHUNK_BYTES]))
+
+    def ImportShard(self, request_iterator, context):
+        first = self._first(request_iterator, context, "ImportShard")
+        header, version = first.shard, first.version
+        job_id, group = header.fence.job_id, self.group_of(header.fence)
+        headers, config = shard_header(header, context)
+        limit = 2 * sum(h.nbytes for h in headers) + (1 << 20)  # parameters and optimizer state
+        buf = bytearray()
+        for req in request_iterator:
+            if not req.HasField("bytes"):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "only bytes may follow the header")
+            buf += req.bytes.data
+            if len(buf) > 2 * limit:
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, "import larger than its slices need"
+                )
+        existing = self.shard(job_id, group)
+        try:
+            if existing is not None:
+                existing.check_fence(header.fence.generation)
+            shard = import_shard(config, header.fence.generation, headers, bytes(buf), version)
+            # Computed before anyone can push to it: exactly what was imported.
+            digest = state_digest(
+                {h.key: p for h, p in zip(headers, shard.params, strict=True)},
+                shard.optimizer.state_dict()["state"],
+                [h.key for h in headers],
+            )
+            self._role(shard, header.fence, header.backup, header.backup_address)
+            self.shards.replace(job_id, group, shard)
+        except ShardError as exc:
+            self._abort(context, exc)
+        if existing is not None and isinstance(existing.forward, BackupLink):
+            existing.forward.close()
+        shard.stats.received(len(buf))
+        log.info(
+            "event=shard_imported ps=%s job=%s group=%s backup=%s generation=%d version=%d "
+            "bytes=%d",
+            self.ps_id,
+            job_id,
+            group,
+            header.backup,
+            header.fence.generation,
+            version,
+            len(buf),
+        )
+        return ps_pb2.InitShardReply(created=existing is None, version=shard.version, digest=digest)
+
+    def Replicate(self, request_iterator, context):
+        """A primary's update, applied on this backup copy (see server/ps/replication.py)."""
+        header = self._first(request_iterator, context, "Replicate")
+        shard = self._of(header.fence, context)
+        if len(header.workers) != len(header.push_ids):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "workers and push_ids differ in length")
+        buffers = shard.gradient_buffers()
+        try:
+            shard.check_fence(header.fence.generation)
+            assembler = Assembler(shard.headers, buffers)
+            for index, offset, data in chunks_of(request_iterator):
+                shard.stats.received(len(data))
+                assembler.add(index, offset, data)
+            version = shard.apply_replica(
+                header.fence.generation,
+                header.version,
+                assembler.finish(),
+                list(zip(header.workers, header.push_ids, strict=True)),
+            )
+        except (ShardError, WireError) as exc:
+            self._abort(context, exc)
+        finally:
+            shard.recycle(buffers)
+        return ps_pb2.ReplicateReply(version=version)
+
+    def ConfigureShard(self, request, context):
+        """Make a copy the group's primary (forwarding to ``backup_address``) or its backup."""
+        shard = self._of(request.fence, context)
+        try:
+            self._role(shard, request.fence, request.backup, request.backup_address)
+        except ShardError as exc:
+            self._abort(context, exc)
+        log.info(
+            "event=shard_configured ps=%s job=%s group=%s backup=%s forwards_to=%s",
+            self.ps_id,
+            request.fence.job_id,
+            request.fence.shard,
+            request.backup,
+            request.backup_address or "-",
+        )
+        return self._info(shard, request.fence.shard)

@@ -1,0 +1,199 @@
+"""Hot replicas on real PS servers: every update applied on both copies, in order.
+
+A primary forwards each update to its backup before it steps, so after any
+sequence of pushes (asynchronous, synchronous, compressed) the two copies of a
+group hold the same parameters and optimizer state bit for bit. A push sent
+again under the same push id is applied once. A backup that does not answer
+fails the push on both copies, and a worker cannot push to a backup.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+import torch
+
+from elasticd.placement import ShardPlacement, place
+from elasticd.ps_client import PSTier
+from elasticd.ps_errors import Fenced, PSUnavailable
+from elasticd.rpc import ps_pb2
+from tests.fixtures.ps import JOB, PS, PSCluster
+from tests.test_ps_service import bitwise_equal, grads, loss_of, mlp, specs, weights
+
+
+def replicated(servers: list[PS]) -> ShardPlacement:
+    # Small split threshold: the first layer's weight is cut by rows, so groups hold slices.
+    return place(specs(mlp()), [s.ps_id for s in servers], min_split_bytes=256, replicas=2)
+
+
+def two_servers(ps_cluster: PSCluster) -> tuple[list[PS], ShardPlacement, PSTier]:
+    """Two PS, each the primary of one group and the backup of the other, with shards."""
+    servers = ps_cluster.start(2)
+    placement = replicated(servers)
+    tier = ps_cluster.tier(servers, placement)
+    tier.init(weights(mlp()), "sgd", {"lr": 0.1}, -1, 1, 0)
+    return servers, placement, tier
+
+
+def copies(servers: list[PS], group: str):
+    """The (primary, backup) shards of ``group`` as the servers hold them."""
+    by_id = {s.ps_id: s for s in servers}
+    held = [s.servicer.shard(JOB, group) for s in by_id.values() if s.servicer.shard(JOB, group)]
+    primary = next(c for c in held if not c.backup)
+    backup = next(c for c in held if c.backup)
+    return primary, backup
+
+
+def assert_copies_equal(servers: list[PS], placement: ShardPlacement) -> None:
+    for g in placement.groups:
+        primary, backup = copies(servers, g)
+        assert primary.version == backup.version
+        for a, b in zip(primary.params, backup.params, strict=True):
+            assert bitwise_equal(a.detach(), b.detach())
+        sa, sb = primary.optimizer.state_dict()["state"], backup.optimizer.state_dict()["state"]
+        assert sa.keys() == sb.keys()
+        for i in sa:
+            for k, v in sa[i].items():
+                assert bitwise_equal(v, sb[i][k]), f"group {g} optimizer {k} of #{i} differs"
+        assert primary.last_push == backup.last_push
+
+
+def step(model, tier, index: int, push_id: int, compression: str = "none"):
+    versions = tier.pull_into(weights(model))
+    model.zero_grad(set_to_none=True)
+    loss_of(model, index).backward()
+    return tier.push(grads(model), versions, compression, push_id=push_id)
+
+
+@pytest.mark.parametrize("compression", ["none", "fp16"])
+def test_both_copies_apply_every_asynchronous_push_bit_for_bit(
+    ps_cluster: PSCluster, compression: str
+) -> None:
+    servers = ps_cluster.start(3)
+    placement = replicated(servers)
+    tiers = [ps_cluster.tier(servers, placement, worker_id=f"w.{i}") for i in range(2)]
+    assert tiers[0].init(weights(mlp()), "adam", {"lr": 0.01}, -1, 2, 0) == dict.fromkeys(
+        placement.groups, True
+    )
+    models = [mlp(), mlp()]
+    with ThreadPoolExecutor(2) as pool:  # two workers race: the primary decides the order
+        for i in range(10):
+            list(
+                pool.map(
+                    lambda w, i=i: step(
+                        models[w], tiers[w], 2 * i + w, 100 * w + i + 1, compression
+                    ),
+                    range(2),
+                )
+            )
+    assert {tiers[0].info()[g].version for g in placement.groups} == {20}
+    assert_copies_equal(servers, placement)
+
+
+def test_a_synchronous_round_is_applied_on_both_copies(ps_cluster: PSCluster) -> None:
+    servers = ps_cluster.start(2)
+    placement = replicated(servers)
+    tiers = [ps_cluster.tier(servers, placement, worker_id=f"w.{i}") for i in range(2)]
+    tiers[0].init(weights(mlp()), "sgd", {"lr": 0.1, "momentum": 0.9}, 0, 2, 0)
+    models = [mlp(), mlp()]
+    with ThreadPoolExecutor(2) as pool:
+        for i in range(5):
+            list(
+                pool.map(
+                    lambda w, i=i: step(models[w], tiers[w], 2 * i + w, 10 * i + w + 1), range(2)
+                )
+            )
+    assert {tiers[0].info()[g].version for g in placement.groups} == {5}
+    assert_copies_equal(servers, placement)
+
+
+def test_a_push_sent_again_is_applied_once(ps_cluster: PSCluster) -> None:
+    servers, placement, tier = two_servers(ps_cluster)
+    model = mlp()
+    versions = tier.pull_into(weights(model))
+    loss_of(model, 0).backward()
+    g = {n: t.clone() for n, t in grads(model).items()}
+    first = tier.push(g, versions, push_id=7)
+    again = tier.push(g, versions, push_id=7)
+    assert {o.version for o in first.values()} == {o.version for o in again.values()} == {1}
+    assert all(o.applied for o in again.values())
+    # Another push id is another push, though its gradient is the same.
+    assert {o.version for o in tier.push(g, versions, push_id=8).values()} == {2}
+    assert_copies_equal(servers, placement)
+
+
+def test_a_backup_that_does_not_answer_fails_the_push_on_both_copies(
+    ps_cluster: PSCluster,
+) -> None:
+    servers, placement, tier = two_servers(ps_cluster)
+    model = mlp()
+    step(model, tier, 0, 1)
+    group_on_0 = next(g for g in placement.groups if placement.holders(g)[0] == "ps-0")
+    primary = servers[0].servicer.shard(JOB, group_on_0)
+    before = (primary.version, [p.detach().clone() for p in primary.params])
+    servers[1].server.stop(None).wait()  # the backup of ps-0's group, and a primary
+    solo = ps_cluster.tier(
+        servers, ShardPlacement(tuple(placement.in_group(group_on_0)), {})
+    )  # only the group whose primary is alive
+    versions = solo.pull_into(weights(model))
+    loss_of(model, 1).backward()
+    with pytest.raises(PSUnavailable, match="backup"):
+        solo.push(grads(model), versions, push_id=2)
+    assert primary.version == before[0]
+    for a, b in zip(before[1], primary.params, strict=True):
+        assert bitwise_equal(a, b.detach())
+    assert primary.stats.snapshot().pushes_rejected == {"replica_unavailable": 1}
+
+
+def test_a_worker_cannot_push_to_a_backup(ps_cluster: PSCluster) -> None:
+    servers, placement, tier = two_servers(ps_cluster)
+    g = placement.groups[0]
+    primary, backup = placement.holders(g)
+    # A stale placement that still names the backup as the group's primary.
+    swapped = ShardPlacement(
+        tuple(
+            s.__class__(**{**s.__dict__, "ps_id": backup, "backup": primary})
+            for s in placement.in_group(g)
+        ),
+        {},
+    )
+    wrong = ps_cluster.tier(servers, swapped)
+    model = mlp()
+    versions = wrong.pull_into(weights(model))  # reading a backup is harmless
+    loss_of(model, 0).backward()
+    with pytest.raises(Fenced, match="backup"):
+        wrong.push(grads(model), versions, push_id=1)
+    assert_copies_equal(servers, placement)
+
+
+def test_an_update_forwarded_out_of_order_is_refused(ps_cluster: PSCluster) -> None:
+    servers, placement, tier = two_servers(ps_cluster)
+    g = placement.groups[0]
+    _, backup_ps = placement.holders(g)
+    backup = next(s for s in servers if s.ps_id == backup_ps)
+    shard = backup.servicer.shard(JOB, g)
+    before = [p.detach().clone() for p in shard.params]
+    header = ps_pb2.ReplicateHeader(
+        fence=ps_pb2.Fence(job_id=JOB, generation=1, shard=g),
+        version=5,
+        workers=["w.0"],
+        push_ids=[1],
+    )
+    chunks = [
+        ps_pb2.ReplicateRequest(
+            chunk=ps_pb2.Chunk(index=i, offset=0, data=bytes(p.detach().numpy().tobytes()))
+        )
+        for i, p in enumerate(shard.params)
+    ]
+    with pytest.raises(grpc.RpcError) as err:
+        ps_cluster.stub(backup).Replicate(
+            iter([ps_pb2.ReplicateRequest(header=header), *chunks]), timeout=10
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "version 0" in err.value.details()
+    assert shard.version == 0
+    for a, b in zip(before, shard.params, strict=True):
+        assert bitwise_equal(a, b.detach())
+    assert torch.equal(before[0], shard.params[0].detach())
