@@ -23,6 +23,9 @@ from elasticd.rpc import job_pb2, job_pb2_grpc
 
 TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED")
 CALL_TIMEOUT_S = 30.0
+# Cancel and CheckpointJob wait for a checkpoint to be written (a cancel keeps the job's last
+# state first): minutes for a large model on slow storage.
+CHECKPOINT_CALL_TIMEOUT_S = 600.0
 RETRY_DEADLINE_S = 30.0  # how long a call follows a controller fail-over
 
 
@@ -62,11 +65,11 @@ class JobClient:
             raise ConnectionError("no controller is leading (is `elasticd controller` running?)")
         return value.decode()
 
-    def _call(self, method: str, request):
+    def _call(self, method: str, request, timeout: float = CALL_TIMEOUT_S):
         backoff = Backoff(initial=0.2, maximum=2.0, deadline=self._retry_deadline)
         while True:
             try:
-                return getattr(self._stub(), method)(request, timeout=CALL_TIMEOUT_S)
+                return getattr(self._stub(), method)(request, timeout=timeout)
             except (grpc.RpcError, ConnectionError) as exc:
                 code = exc.code() if isinstance(exc, grpc.RpcError) else grpc.StatusCode.UNAVAILABLE
                 if code != grpc.StatusCode.UNAVAILABLE or not backoff.sleep():
@@ -95,11 +98,15 @@ class JobClient:
         return list(self._call("ListJobs", job_pb2.ListJobsRequest()).jobs)
 
     def cancel(self, job_id: str) -> job_pb2.JobStatus:
-        return self._call("CancelJob", job_pb2.CancelJobRequest(job_id=job_id))
+        return self._call(
+            "CancelJob", job_pb2.CancelJobRequest(job_id=job_id), CHECKPOINT_CALL_TIMEOUT_S
+        )
 
     def checkpoint(self, job_id: str) -> job_pb2.JobStatus:
         """Checkpoint a running job now; the status names the new checkpoint."""
-        return self._call("CheckpointJob", job_pb2.CheckpointJobRequest(job_id=job_id))
+        return self._call(
+            "CheckpointJob", job_pb2.CheckpointJobRequest(job_id=job_id), CHECKPOINT_CALL_TIMEOUT_S
+        )
 
     def switch(self, job_id: str, mode: str) -> job_pb2.JobStatus:
         return self._call("SwitchMode", job_pb2.SwitchModeRequest(job_id=job_id, mode=mode))
@@ -138,7 +145,10 @@ def format_status(s: job_pb2.JobStatus) -> str:
         f"step={s.step}/{s.total_steps} loss={loss}"
     )
     if s.ps:
-        line += " ps=" + ",".join(f"{h.ps_id}:{h.bytes}B" for h in s.ps)
+        line += " ps=" + ",".join(
+            f"{h.ps_id}:{h.bytes}B" + (f"({h.backup_bytes}B backup)" if h.backup_bytes else "")
+            for h in s.ps
+        )
     if s.checkpoint:
         line += f" checkpoint={s.checkpoint}"
     if s.restored_from:
