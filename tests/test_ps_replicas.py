@@ -15,10 +15,15 @@ import grpc
 import pytest
 import torch
 
+from elasticd.jobspec import parse_spec
+from elasticd.membership import assign_ranks
 from elasticd.placement import ShardPlacement, place
 from elasticd.ps_client import PSTier
 from elasticd.ps_errors import Fenced, PSUnavailable
 from elasticd.rpc import ps_pb2
+from elasticd.server.controller.failover import fail_over
+from elasticd.server.controller.planning import ClusterSnapshot, JobSnapshot
+from elasticd.server.controller.records import RUNNING, JobRecord
 from tests.fixtures.ps import JOB, PS, PSCluster
 from tests.test_ps_service import bitwise_equal, grads, loss_of, mlp, specs, weights
 
@@ -197,3 +202,68 @@ def test_an_update_forwarded_out_of_order_is_refused(ps_cluster: PSCluster) -> N
     for a, b in zip(before, shard.params, strict=True):
         assert bitwise_equal(a, b.detach())
     assert torch.equal(before[0], shard.params[0].detach())
+
+
+# -- the controller's failover, against real servers ------------------------------
+
+
+def snapshot_of(spec_fields: dict, placement: ShardPlacement, generation: int) -> JobSnapshot:
+    spec = parse_spec(
+        {"name": "t", "mode": "ps-async", "task": "x.py", "steps": 100, **spec_fields}
+    )
+    record = JobRecord(JOB, "t", "ps-async", state=RUNNING, generation=generation)
+    gen = assign_ranks(JOB, generation, ["node-0.0"])
+    return JobSnapshot(spec, record, gen, placement=placement)
+
+
+def test_failover_fills_a_new_backup_that_then_follows_its_primary(ps_cluster: PSCluster) -> None:
+    servers = ps_cluster.start(3)
+    live = {s.ps_id: s.servicer.incarnation for s in servers}
+    placement = replicated(servers).with_incarnations(live)
+    tier = ps_cluster.tier(servers, placement)
+    fields = {"optimizer": {"name": "adam", "lr": 0.01}, "ps": {"replicas": 2}}
+    tier.init(weights(mlp()), "adam", {"lr": 0.01}, -1, 1, 100)
+    model = mlp()
+    for i in range(3):
+        step(model, tier, i, i + 1)
+    lost = servers[1]
+    lost.server.stop(None).wait()
+    alive = [s for s in servers if s is not lost]
+    cluster = ClusterSnapshot(
+        {},
+        {s.ps_id: s.address for s in alive},
+        ps_incarnations={s.ps_id: live[s.ps_id] for s in alive},
+    )
+    gen = assign_ranks(JOB, 2, ["node-0.0"])
+    moved, summary = fail_over(snapshot_of(fields, placement, 1), cluster, gen)
+    assert lost.ps_id not in moved.ps_ids and all(moved.holders(g)[1] for g in moved.groups)
+    assert "served by their backups" in summary
+    assert_copies_equal(alive, moved)
+    # The new generation trains on: every update reaches both copies, the old one is fenced.
+    after = ps_cluster.tier(alive, moved, generation=2)
+    for i in range(3, 6):
+        step(model, after, i, i + 1)
+    assert {after.info()[g].version for g in moved.groups} == {6}
+    assert_copies_equal(alive, moved)
+    with pytest.raises(Fenced):
+        ps_cluster.tier(alive, moved, generation=1).pull_into(weights(model))
+
+
+def test_failover_before_any_shard_exists_leaves_creation_to_the_workers(
+    ps_cluster: PSCluster,
+) -> None:
+    servers = ps_cluster.start(3)
+    live = {s.ps_id: s.servicer.incarnation for s in servers}
+    placement = replicated(servers).with_incarnations(live)
+    alive = servers[:2]
+    cluster = ClusterSnapshot(
+        {},
+        {s.ps_id: s.address for s in alive},
+        ps_incarnations={s.ps_id: live[s.ps_id] for s in alive},
+    )
+    fields = {"ps": {"replicas": 2}}
+    moved, _ = fail_over(snapshot_of(fields, placement, 1), cluster, assign_ranks(JOB, 2, ["n.0"]))
+    tier = ps_cluster.tier(alive, moved, generation=2)
+    assert all(tier.init(weights(mlp()), "sgd", {"lr": 0.1}, -1, 1, 0).values())
+    step(mlp(), tier, 0, 1)
+    assert_copies_equal(alive, moved)

@@ -74,12 +74,21 @@ def _copy(
     fence = ps_pb2.Fence(job_id=job_id, generation=gen.number, shard=copy.group)
     with grpc.insecure_channel(addresses[copy.source], options=GRPC_OPTIONS) as channel:
         stub = ps_pb2_grpc.ParameterServerStub(channel)
-        data = b"".join(
-            r.data
-            for r in stub.ExportShard(
-                ps_pb2.ExportShardRequest(fence=fence), timeout=COPY_TIMEOUT_S
+        try:
+            data = b"".join(
+                r.data
+                for r in stub.ExportShard(
+                    ps_pb2.ExportShardRequest(fence=fence), timeout=COPY_TIMEOUT_S
+                )
             )
-        )
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            # Never created yet (the job had not started training): workers create both copies.
+            log.info(
+                "event=backup_not_filled job=%s group=%s reason=no shard yet", job_id, copy.group
+            )
+            return
         # Fenced at gen.number by the export: nothing changes the primary until the seal.
         info = stub.ShardInfo(
             ps_pb2.ShardInfoRequest(job_id=job_id, shard=copy.group), timeout=CONTROL_TIMEOUT_S
@@ -104,15 +113,19 @@ def _configure(
 ) -> None:
     for group in placement.groups:
         primary, backup = placement.holders(group)
+        request = ps_pb2.ConfigureShardRequest(
+            fence=ps_pb2.Fence(job_id=job_id, generation=generation, shard=group),
+            backup=False,
+            backup_address=addresses[backup] if backup else "",
+        )
         with grpc.insecure_channel(addresses[primary], options=GRPC_OPTIONS) as channel:
-            ps_pb2_grpc.ParameterServerStub(channel).ConfigureShard(
-                ps_pb2.ConfigureShardRequest(
-                    fence=ps_pb2.Fence(job_id=job_id, generation=generation, shard=group),
-                    backup=False,
-                    backup_address=addresses[backup] if backup else "",
-                ),
-                timeout=CONTROL_TIMEOUT_S,
-            )
+            try:
+                ps_pb2_grpc.ParameterServerStub(channel).ConfigureShard(
+                    request, timeout=CONTROL_TIMEOUT_S
+                )
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:  # not created yet: workers will
+                    raise
 
 
 def fail_over(
