@@ -13,6 +13,7 @@ import pytest
 
 from elasticd.ps_control import advance_fence, drop_shards, shard_infos
 from elasticd.ps_errors import Fenced, ShardLost
+from elasticd.server.controller.finishing import release_shards
 from elasticd.slicing import join_slices, split_state
 from tests.fixtures.ps import JOB, PSCluster
 from tests.test_ps_service import mlp, placement_for, weights
@@ -128,3 +129,15 @@ def test_placement_json_keeps_incarnations_and_reads_the_old_form() -> None:
     assert ShardPlacement.from_json(p.to_json()) == p
     old_form = "[" + p.to_json().split("[", 1)[1].rsplit("]", 1)[0] + "]"
     assert ShardPlacement.from_json(old_form) == replace(p, incarnations={})
+
+
+def test_a_job_end_drops_stale_copies_outside_its_placement(ps_cluster: PSCluster) -> None:
+    """A PS that came back after the job moved elsewhere still holds its old copy: the
+    job's end drops it too, so it does not hold that memory until it restarts."""
+    placed, stale = ps_cluster.start(2)
+    model = mlp()
+    for ps in (placed, stale):
+        ps_cluster.tier([ps], placement_for(model, [ps])).init(weights(model), *OPT, -1, 1, 0)
+    registered = {ps.ps_id: ps.address for ps in (placed, stale)}
+    assert release_shards(JOB, placement_for(model, [placed]), registered) == {}
+    assert placed.servicer.shard(JOB) is None and stale.servicer.shard(JOB) is None

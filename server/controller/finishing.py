@@ -38,16 +38,18 @@ def finish_ops(snap: JobSnapshot, record: JobRecord, keys: Keys) -> list[Put | D
 def release_shards(
     job_id: str, placement: ShardPlacement | None, registered: Mapping[str, str]
 ) -> dict[str, str]:
-    """Drop the job's shards on every placed PS that is registered.
+    """Drop the job's shards on every registered PS, placed or not.
 
-    Returns the PS whose shard could not be dropped, with why. A PS that is
-    not registered is listed too: if its process died, the shard went with
-    it; if it is only cut off, it keeps the shard's memory until it restarts.
+    A PS outside the final placement may still hold a stale copy: one that
+    was cut off past its lease while the job was restored or failed over
+    elsewhere, then came back. Returns the PS whose shard could not be
+    dropped, with why. A placed PS that is not registered is listed too: if
+    its process died, the shard went with it; if it is only cut off, it keeps
+    the shard's memory until it restarts.
     """
     if placement is None:
         return {}
-    addresses = {p: registered[p] for p in placement.ps_ids if p in registered}
-    missed = drop_shards(job_id, FINAL_GENERATION, addresses)
+    missed = drop_shards(job_id, FINAL_GENERATION, dict(registered))
     missed.update({p: "not registered" for p in placement.ps_ids if p not in registered})
     if missed:
         log.warning("event=drop_shards_incomplete job=%s missed=%s", job_id, missed)
