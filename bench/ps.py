@@ -14,6 +14,9 @@ uses it:
 - ``small_rpc_per_s``: a push and a pull of a single 4 KB tensor, as pairs per second, and
   ``echo_rpc_per_s``: round trips of a bare grpcio unary method echoing 4 KB (its baseline);
   ``small_rpc_ratio = small_rpc_per_s / (echo_rpc_per_s / 2)`` (a pair is two round trips);
+- ``replica_push_ratio``: push throughput of the same model placed with hot replicas
+  (``ps.replicas: 2``: every update forwarded to a backup PS before the reply) over
+  the push without;
 - ``socket_gbps``: the same byte count sent over one raw loopback TCP
   connection to another process (``sendall`` from the tensor's memory,
   ``recv_into`` a preallocated buffer) — the baseline.
@@ -249,12 +252,27 @@ def run(argv: list[str]) -> dict:
         def push() -> None:
             tier.push(grads, versions)
 
+        # The same model with hot replicas (ps.replicas: 2) on the same servers: each
+        # push is applied on a group's primary and forwarded to its backup before the reply.
+        replicated = place(specs, sorted(addresses), replicas=2)
+        rep_tier = PSTier("bench-rep", 1, replicated, addresses, worker_id="bench.0")
+        rep_tier.init(params, "sgd", {"lr": 1e-6}, -1, 1, 0)
+        rep_versions = rep_tier.pull_into(params)
+
+        def push_replicated() -> None:
+            rep_tier.push(grads, rep_versions)
+
         flat = torch.cat([t.reshape(-1) for t in params.values()])
         payload = memoryview(flat.numpy()).cast("B")
         baseline = SocketBaseline(ctx)
         try:
             timings = interleaved(
-                {"socket": lambda: baseline.send(payload), "pull": pull, "push": push},
+                {
+                    "socket": lambda: baseline.send(payload),
+                    "pull": pull,
+                    "push": push,
+                    "push_replicated": push_replicated,
+                },
                 {
                     "client": [os.getpid()],
                     "servers": [pr.pid for pr in procs],
@@ -265,6 +283,7 @@ def run(argv: list[str]) -> dict:
         finally:
             baseline.close()
         pull_s, push_s, socket_s = (timings[k].wall_s for k in ("pull", "push", "socket"))
+        push_rep_s = timings["push_replicated"].wall_s
 
         small = {"x": torch.randn(1024)}
         small_tier = PSTier(
@@ -296,6 +315,7 @@ def run(argv: list[str]) -> dict:
         small_rate, echo_rate = small_rpc_rates(pair, lambda: echo_call(request))
         channel.close()
         small_tier.close()
+        rep_tier.close()
         tier.close()
     finally:
         for pipe in pipes:
@@ -321,12 +341,15 @@ def run(argv: list[str]) -> dict:
         "echo_rpc_per_s": round(echo_rate, 1),
         # a pair is two round trips: 1.0 would mean each costs no more than a bare unary echo
         "small_rpc_ratio": round(small_rate / (echo_rate / 2), 3),
+        # push throughput with ps.replicas: 2 over without, same servers and model
+        "replica_push_ratio": round(push_s / push_rep_s, 3),
+        "push_replicated_s": round(push_rep_s, 4),
         "pull_s": round(pull_s, 4),
         "push_s": round(push_s, 4),
         "socket_s": round(socket_s, 4),
         **{
             f"{k}_cpu_{role}_s": round(v, 4)
-            for k in ("pull", "push", "socket")
+            for k in ("pull", "push", "push_replicated", "socket")
             for role, v in timings[k].cpu_s.items()
             if not (k == "socket" and role == "servers") and not (k != "socket" and role == "sink")
         },
