@@ -36,6 +36,7 @@ bench: install
 	$(BIN)/python -m bench membership --json
 	$(BIN)/python -m bench ps --json
 	$(BIN)/python -m bench allreduce --json
+	$(BIN)/python -m bench checkpoint --json
 
 # Regenerate the committed gRPC modules from proto/.
 proto: install

@@ -1,4 +1,4 @@
-"""Run one benchmark by name: ``python -m bench membership|ps|allreduce [--json]``."""
+"""Run one benchmark by name: ``python -m bench membership|ps|allreduce|checkpoint [--json]``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import importlib
 import json
 import sys
 
-BENCHMARKS = ("membership", "ps", "allreduce")
+BENCHMARKS = ("membership", "ps", "allreduce", "checkpoint")
 
 
 def main() -> int:

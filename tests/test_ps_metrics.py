@@ -135,6 +135,14 @@ def test_metrics_count_what_happened(ps_cluster: PSCluster, metrics_url) -> None
     assert dict(stats.pushes_rejected) == {"stale": 1, "fenced": 2, "malformed": 1}
     assert list(stats.staleness.counts[:3]) == [4, 1, 0]
     assert stats.optimizer_step_seconds.count == 5
+    assert stats.snapshot_pause_seconds.count == 0
+
+    # A snapshot's hold of the shard lock (the pause a checkpoint costs) is measured.
+    tier.export_state()
+    assert tier.stats()[ps.ps_id].snapshot_pause_seconds.count == 1
+    m = scrape(url)
+    assert m[("elasticd_ps_snapshot_pause_seconds_count", job)] == 1
+    assert m[("elasticd_ps_snapshot_pause_seconds_sum", job)] > 0
 
 
 def test_servers_in_one_process_keep_separate_figures(ps_cluster: PSCluster, metrics_url) -> None:

@@ -245,7 +245,7 @@ class Histogram(_message.Message):
     def __init__(self, bounds: _Optional[_Iterable[float]] = ..., counts: _Optional[_Iterable[int]] = ..., sum: _Optional[float] = ..., count: _Optional[int] = ...) -> None: ...
 
 class JobStats(_message.Message):
-    __slots__ = ("job_id", "generation", "version", "bytes", "bytes_in", "bytes_out", "pulls", "pushes_applied", "pushes_rejected", "staleness", "optimizer_step_seconds", "shard", "backup")
+    __slots__ = ("job_id", "generation", "version", "bytes", "bytes_in", "bytes_out", "pulls", "pushes_applied", "pushes_rejected", "staleness", "optimizer_step_seconds", "shard", "backup", "snapshot_pause_seconds")
     class PushesRejectedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -266,6 +266,7 @@ class JobStats(_message.Message):
     OPTIMIZER_STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     BACKUP_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_PAUSE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     generation: int
     version: int
@@ -279,7 +280,8 @@ class JobStats(_message.Message):
     optimizer_step_seconds: Histogram
     shard: str
     backup: bool
-    def __init__(self, job_id: _Optional[str] = ..., generation: _Optional[int] = ..., version: _Optional[int] = ..., bytes: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., pulls: _Optional[int] = ..., pushes_applied: _Optional[int] = ..., pushes_rejected: _Optional[_Mapping[str, int]] = ..., staleness: _Optional[_Union[Histogram, _Mapping]] = ..., optimizer_step_seconds: _Optional[_Union[Histogram, _Mapping]] = ..., shard: _Optional[str] = ..., backup: _Optional[bool] = ...) -> None: ...
+    snapshot_pause_seconds: Histogram
+    def __init__(self, job_id: _Optional[str] = ..., generation: _Optional[int] = ..., version: _Optional[int] = ..., bytes: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., pulls: _Optional[int] = ..., pushes_applied: _Optional[int] = ..., pushes_rejected: _Optional[_Mapping[str, int]] = ..., staleness: _Optional[_Union[Histogram, _Mapping]] = ..., optimizer_step_seconds: _Optional[_Union[Histogram, _Mapping]] = ..., shard: _Optional[str] = ..., backup: _Optional[bool] = ..., snapshot_pause_seconds: _Optional[_Union[Histogram, _Mapping]] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ("job_id",)

@@ -79,6 +79,7 @@ def job_stats(f: ShardFigures) -> ps_pb2.JobStats:
         pushes_rejected=f.stats.pushes_rejected,
         staleness=histogram(f.stats.staleness),
         optimizer_step_seconds=histogram(f.stats.step_seconds),
+        snapshot_pause_seconds=histogram(f.stats.pause_seconds),
         shard=f.group,
         backup=f.backup,
     )

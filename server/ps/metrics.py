@@ -17,6 +17,8 @@ Metrics (label ``job`` on all but the last):
   ``malformed``, ``duplicate``, ``round_aborted``, ``max_version``
 - ``elasticd_ps_push_staleness`` (histogram, versions, of applied pushes)
 - ``elasticd_ps_optimizer_step_seconds`` (histogram)
+- ``elasticd_ps_snapshot_pause_seconds`` (histogram): how long a snapshot or
+  export held the shard's lock, the pause a checkpoint costs training
 - ``elasticd_ps_shard_version``, ``elasticd_ps_shard_generation``,
   ``elasticd_ps_shard_bytes`` (gauges)
 - ``elasticd_ps_unknown_job_requests_total``: requests naming a job the PS
@@ -91,6 +93,7 @@ class StatsSnapshot:
     pushes_rejected: dict[str, int]
     staleness: Histogram
     step_seconds: Histogram
+    pause_seconds: Histogram
 
 
 class ShardStats:
@@ -105,6 +108,7 @@ class ShardStats:
         self.pushes_rejected: dict[str, int] = {}
         self.staleness = Histogram(STALENESS_BOUNDS)
         self.step_seconds = Histogram(STEP_SECONDS_BOUNDS)
+        self.pause_seconds = Histogram(STEP_SECONDS_BOUNDS)
 
     def received(self, nbytes: int) -> None:
         with self._lock:
@@ -131,6 +135,11 @@ class ShardStats:
         with self._lock:
             self.step_seconds.observe(seconds)
 
+    def paused(self, seconds: float) -> None:
+        """A snapshot or export held the shard's lock (pushes waited) this long."""
+        with self._lock:
+            self.pause_seconds.observe(seconds)
+
     def snapshot(self) -> StatsSnapshot:
         with self._lock:
             return StatsSnapshot(
@@ -141,6 +150,7 @@ class ShardStats:
                 dict(self.pushes_rejected),
                 self.staleness.copy(),
                 self.step_seconds.copy(),
+                self.pause_seconds.copy(),
             )
 
 
@@ -217,6 +227,11 @@ class PSCollector(Collector):
                 "elasticd_ps_optimizer_step_seconds",
                 "Seconds per optimizer step",
                 lambda f: f.stats.step_seconds,
+            ),
+            (
+                "elasticd_ps_snapshot_pause_seconds",
+                "Seconds a snapshot held the shard's lock (pushes waited)",
+                lambda f: f.stats.pause_seconds,
             ),
         ):
             h = HistogramMetricFamily(name, doc, labels=job)

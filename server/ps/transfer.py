@@ -8,6 +8,7 @@ import is refused and changes nothing.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ def export_shard(shard: ParameterShard, generation: int) -> tuple[bytes, int]:
     memcpy of the shard, never for its encoding (nor, in a checkpoint, its upload).
     """
     with shard.lock:
+        started = time.perf_counter()
         shard.fence(generation)
         tensors = {
             h.key: p.detach().clone() for h, p in zip(shard.headers, shard.params, strict=True)
@@ -31,6 +33,7 @@ def export_shard(shard: ParameterShard, generation: int) -> tuple[bytes, int]:
         state = _cloned(shard.optimizer.state_dict())
         version = shard.version
         last_push = dict(shard.last_push)
+        shard.stats.paused(time.perf_counter() - started)
     meta = {
         "job_id": shard.config.job_id,
         "version": version,
