@@ -197,8 +197,12 @@ class Controller:
     def _cancel(self, job_id: str) -> JobRecord:
         return self._end(job_id, CANCELLED, "cancelled by user")
 
-    def _switch(self, job_id: str, mode: str, reason: str, scheduled: bool) -> JobRecord:
+    def _switch(
+        self, job_id: str, mode: str, reason: str, scheduled: bool, entry: int = -1
+    ) -> JobRecord:
         snap = self.snapshot(job_id)
+        if scheduled and snap.record.switches_done != entry:
+            return snap.record  # that scheduled switch is done: a late duplicate of its request
         cluster = self.view.cluster()
         record, seal = plan_switch(snap, cluster, mode, reason, scheduled)
         if seal is None:
@@ -229,7 +233,7 @@ class Controller:
             reason = f"scheduled at step {due.at_step}"
 
             def switch() -> None:
-                self._switch(job_id, due.mode, reason, True)
+                self._switch(job_id, due.mode, reason, True, rec.switches_done)
 
             self.lanes.submit(job_id, lambda: self._guarded(job_id, switch), kind="switch")
         return rec.state in TERMINAL
@@ -353,14 +357,16 @@ class Controller:
         if placement is not None and not restored:
             # Invariant 3: the PS tier refuses the old generation before the new one exists.
             sealing.fence_tier(job_id, gen, placement, self._registered_ps)
-        ops = sealing.seal_ops(snap, cluster, gen, placement, record, self.keys, self.address)
+        ops = sealing.seal_ops(
+            snap, cluster, gen, placement, record, self.keys, self.address, self.checkpoint_url
+        )
         revision = self.writer.update(snap, ops, generation=True)
         self._adopted.add(job_id)
         sealing.log_sealed(snap, gen, placement, revision, action.reason)
 
     def _adopt(self, snap: JobSnapshot, cluster: ClusterSnapshot) -> None:
         """A new leader points the running generation's workers at itself."""
-        ops = adoption_ops(snap, cluster, self.keys, self.address)
+        ops = adoption_ops(snap, cluster, self.keys, self.address, self.checkpoint_url)
         self.writer.update(snap, ops, generation=True)
         self._adopted.add(snap.record.job_id)
         log.info(

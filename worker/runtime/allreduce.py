@@ -24,7 +24,9 @@ replica with the highest step. The step in flight is simply redone.
 
 Every worker reports progress (global step, mean loss over ranks) every
 ``report_every_steps`` steps, and exits 0 once the global step reaches
-``steps``.
+``steps``. Every ``checkpoint.every_steps`` steps and at the last one, each
+rank writes its slice of the replica (:mod:`.checkpointing`); a group formed
+without any state starts from the job's newest checkpoint.
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -43,15 +44,15 @@ import torch
 from elasticd.jobspec import JobSpec, parse_spec
 from elasticd.task import load_task
 from elasticd.worker.runtime import heartbeat
+from elasticd.worker.runtime.allreduce_config import AllreduceConfig
+from elasticd.worker.runtime.checkpointing import RankCheckpointer, restore_state
 from elasticd.worker.runtime.control import Assignment, ControlChannel
 from elasticd.worker.runtime.grad_buckets import (
-    BUCKET_CAP_BYTES,
     FIRST_BUCKET_CAP_BYTES,
     GradientBuckets,
 )
 from elasticd.worker.runtime.handover import Handover
 from elasticd.worker.runtime.process_group import (
-    COLLECTIVE_TIMEOUT_S,
     AssignmentFeed,
     CollectiveFailed,
     ElasticGroup,
@@ -67,37 +68,8 @@ log = logging.getLogger(__name__)
 
 Observer = Callable[[str, dict[str, Any]], None]
 
-
-@dataclass(frozen=True)
-class AllreduceConfig:
-    """The spec's ``allreduce:`` section, with its defaults."""
-
-    scale_lr: bool = True  # linear scaling rule: lr * world_size / workers.max
-    warmup_steps: int = 0  # ramp a raised lr over this many steps (0: at once)
-    collective_timeout_s: float = COLLECTIVE_TIMEOUT_S  # a stuck collective fails after this
-    bucket_cap_mb: float = BUCKET_CAP_BYTES / 2**20  # gradient bucket size, as DDP's
-
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> AllreduceConfig:
-        raw = spec.get("allreduce") or {}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(f"allreduce.{unknown[0]}: unknown field (known: {sorted(known)})")
-        config = cls(**raw)
-        if not isinstance(config.scale_lr, bool):
-            raise ValueError(f"allreduce.scale_lr: must be a boolean, got {config.scale_lr!r}")
-        if isinstance(config.warmup_steps, bool) or not isinstance(config.warmup_steps, int):
-            raise ValueError(
-                f"allreduce.warmup_steps: must be an integer, got {config.warmup_steps!r}"
-            )
-        if config.warmup_steps < 0:
-            raise ValueError(f"allreduce.warmup_steps: must be >= 0, got {config.warmup_steps}")
-        for name in ("collective_timeout_s", "bucket_cap_mb"):
-            value = getattr(config, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"allreduce.{name}: must be a number > 0, got {value!r}")
-        return config
+SWITCH_WAIT_S = 30.0  # how long ranks wait at a scheduled switch for its generation
+CHECKPOINT_WAIT_S = 300.0  # how long a finished worker waits for its last checkpoint slice
 
 
 def train(
@@ -144,6 +116,14 @@ class AllreduceWorker:
             self.replica.params, cap_bytes=cap, first_cap_bytes=min(cap, FIRST_BUCKET_CAP_BYTES)
         )
         self.group = ElasticGroup(directory, backend, self.config.collective_timeout_s)
+        self.checkpointer = RankCheckpointer(
+            first.job_id,
+            first.checkpoint_url,
+            self.spec.checkpoint.every_steps,
+            self.spec.steps,
+            self.spec.optimizer.name,
+            reporter,
+        )
         self._stop = False
         self._losses: deque[float] = deque(maxlen=self.spec.report_every_steps)
         self._trained = 0  # steps this process took part in
@@ -245,7 +225,7 @@ class AllreduceWorker:
                 self.device,
             )
         had = self.replica.step, self.replica.has_state
-        source = self.replica.sync(self.group)
+        source = self.replica.sync(self.group, restore=self._restore)
         log.info(
             "event=state_synced job=%s generation=%d worker=%s rank=%d world=%d source=%d "
             "step=%d position=%d had_step=%d had_state=%s lr=%.6g",
@@ -265,16 +245,55 @@ class AllreduceWorker:
 
     # -- the inner loop: steps of one group ---------------------------------------
 
+    def _switch_scheduled(self) -> bool:
+        """Whether the spec schedules a switch away from allreduce at the replica's step."""
+        return any(
+            s.at_step == self.replica.step and s.mode != "allreduce" for s in self.spec.switch
+        )
+
+    def _await_switch(self) -> bool:
+        """At a scheduled switch, wait for its generation instead of stepping past it.
+
+        Every rank stops at the same step, so the state handed over is the one the
+        schedule names. True once a newer generation arrived; False after
+        SWITCH_WAIT_S (the controller refused the switch: training goes on).
+        """
+        self._report()  # the controller switches on a report of this step
+        deadline = time.monotonic() + SWITCH_WAIT_S
+        while time.monotonic() < deadline and not self.feed.closed:
+            heartbeat.beat()
+            self.feed.refresh()
+            if self.feed.current.generation > self.group.generation:
+                return True
+            time.sleep(0.02)
+        log.warning(
+            "event=scheduled_switch_missed job=%s step=%d waited_s=%g",
+            self.feed.current.job_id,
+            self.replica.step,
+            SWITCH_WAIT_S,
+        )
+        return False
+
     def _train(self) -> str:
         """Steps until the job is done ("done"), told to stop ("stop"), or must re-form."""
+        waited_at = -1
         while self.replica.step < self.spec.steps:
             heartbeat.beat()
+            if self._switch_scheduled() and waited_at != self.replica.step:
+                waited_at = self.replica.step
+                if self._await_switch():
+                    return "reform"
             if self.feed.refresh():
                 a = self.feed.current
                 if self.reporter is not None:
                     self.reporter.retarget(a.controller)
                 self.group.publish(a)  # rank 0: a new leader needs our store's address
             reform, stop, loss = self.step()
+            if self.checkpointer.due(self.replica.step):
+                r, g = self.replica, self.group
+                self.checkpointer.take(
+                    r.model, r.optimizer, r.step, r.position, g.rank, g.world_size, g.generation
+                )
             self._losses.append(loss)
             self._trained += 1
             self._observe("step", loss=loss)
@@ -339,7 +358,13 @@ class AllreduceWorker:
         ):
             self._stop = True  # agreed with the other ranks in the next step's control vector
 
+    def _restore(self) -> Handover | None:
+        """State for a group that has none: the job's newest verified checkpoint, if any."""
+        a = self.feed.current
+        return restore_state(a.job_id, a.checkpoint_url, a.resume_from)
+
     def _finish(self) -> None:
+        self.checkpointer.wait(CHECKPOINT_WAIT_S)  # the last step's checkpoint, before exiting
         self._report(finished=True)
         a = self.feed.current
         log.info(
