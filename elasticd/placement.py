@@ -177,6 +177,11 @@ def place(
     return ShardPlacement(tuple(slices))
 
 
+def rank_placement(tensors: Sequence[TensorSpec], world: int) -> ShardPlacement:
+    """How an allreduce checkpoint is cut: rank ``r`` of ``world`` writes group ``rank-r``."""
+    return place(tensors, [f"rank-{r}" for r in range(max(world, 1))])
+
+
 def _ring_next(servers: Sequence[str], ps_id: str) -> str:
     if len(servers) < 2:
         return ""

@@ -78,10 +78,12 @@ def split_state(
     placement: ShardPlacement,
     params: Mapping[str, torch.Tensor],
     named: NamedState,
+    only: str | None = None,
 ) -> dict[str, tuple[dict[str, torch.Tensor], dict[int, dict[str, Any]], list[str]]]:
-    """Per group: (tensors by slice key, optimizer state by slice index, slice keys in order)."""
+    """Per group (or group ``only``): (tensors by slice key, optimizer state by slice
+    index, slice keys in order). Every tensor is a copy."""
     out = {}
-    for group in placement.groups:
+    for group in placement.groups if only is None else [only]:
         tensors: dict[str, torch.Tensor] = {}
         state: dict[int, dict[str, Any]] = {}
         keys = []

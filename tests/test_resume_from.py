@@ -58,7 +58,6 @@ REFUSED = [  # (spec fields, what --resume-from names (None: a checkpointed job)
     ({}, "t-000000", "t-000000 has no verified checkpoint"),
     ({}, "file:///nowhere/t-000000/000000000040", "no committed checkpoint at"),
     ({"task": "charlm.py"}, None, "does not fit this model: parameter"),
-    ({"mode": "allreduce"}, None, "only ps-async jobs can start from a checkpoint yet"),
     ({"optimizer": {"name": "adam", "lr": 0.01}}, None, "holds sgd optimizer state"),
 ]
 

@@ -148,6 +148,40 @@ class ProgressAck(_message.Message):
     stop: bool
     def __init__(self, stop: _Optional[bool] = ...) -> None: ...
 
+class ShardWritten(_message.Message):
+    __slots__ = ("job_id", "worker_id", "generation", "rank", "world_size", "step", "position", "url", "name", "path", "sha256", "size")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    worker_id: str
+    generation: int
+    rank: int
+    world_size: int
+    step: int
+    position: int
+    url: str
+    name: str
+    path: str
+    sha256: str
+    size: int
+    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., generation: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., step: _Optional[int] = ..., position: _Optional[int] = ..., url: _Optional[str] = ..., name: _Optional[str] = ..., path: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
+class ShardWrittenAck(_message.Message):
+    __slots__ = ("committed",)
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    committed: bool
+    def __init__(self, committed: _Optional[bool] = ...) -> None: ...
+
 class RendezvousAddress(_message.Message):
     __slots__ = ("job_id", "generation", "worker_id", "address")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]

@@ -328,6 +328,11 @@ class TrainingCoordinatorStub:
                 request_serializer=elasticd_dot_rpc_dot_job__pb2.ProgressReport.SerializeToString,
                 response_deserializer=elasticd_dot_rpc_dot_job__pb2.ProgressAck.FromString,
                 _registered_method=True)
+        self.ReportShard = channel.unary_unary(
+                '/elasticd.job.TrainingCoordinator/ReportShard',
+                request_serializer=elasticd_dot_rpc_dot_job__pb2.ShardWritten.SerializeToString,
+                response_deserializer=elasticd_dot_rpc_dot_job__pb2.ShardWrittenAck.FromString,
+                _registered_method=True)
         self.PublishRendezvous = channel.unary_unary(
                 '/elasticd.job.TrainingCoordinator/PublishRendezvous',
                 request_serializer=elasticd_dot_rpc_dot_job__pb2.RendezvousAddress.SerializeToString,
@@ -345,6 +350,12 @@ class TrainingCoordinatorServicer:
     """
 
     def ReportProgress(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportShard(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -371,6 +382,11 @@ def add_TrainingCoordinatorServicer_to_server(servicer, server):
                     servicer.ReportProgress,
                     request_deserializer=elasticd_dot_rpc_dot_job__pb2.ProgressReport.FromString,
                     response_serializer=elasticd_dot_rpc_dot_job__pb2.ProgressAck.SerializeToString,
+            ),
+            'ReportShard': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportShard,
+                    request_deserializer=elasticd_dot_rpc_dot_job__pb2.ShardWritten.FromString,
+                    response_serializer=elasticd_dot_rpc_dot_job__pb2.ShardWrittenAck.SerializeToString,
             ),
             'PublishRendezvous': grpc.unary_unary_rpc_method_handler(
                     servicer.PublishRendezvous,
@@ -411,6 +427,33 @@ class TrainingCoordinator:
             '/elasticd.job.TrainingCoordinator/ReportProgress',
             elasticd_dot_rpc_dot_job__pb2.ProgressReport.SerializeToString,
             elasticd_dot_rpc_dot_job__pb2.ProgressAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportShard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/elasticd.job.TrainingCoordinator/ReportShard',
+            elasticd_dot_rpc_dot_job__pb2.ShardWritten.SerializeToString,
+            elasticd_dot_rpc_dot_job__pb2.ShardWrittenAck.FromString,
             options,
             channel_credentials,
             insecure,

@@ -55,9 +55,10 @@ def check_resumable(spec: JobSpec, resume_from: str, default_root: str) -> str:
     Raises NoSuchCheckpoint (with what to fix) when it does not exist, does not
     verify or holds another model.
     """
-    if spec.mode != "ps-async":
+    if spec.mode == "script":
         raise NoSuchCheckpoint(
-            f"only ps-async jobs can start from a checkpoint yet, this job is {spec.mode}"
+            "a script job keeps its own checkpoints: --resume-from takes ps-async and "
+            "allreduce jobs"
         )
     store, manifest = locate(resume_from, spec.checkpoint.url or default_root)
     check_fits(manifest, tensor_specs(spec))

@@ -17,7 +17,11 @@ from elasticd.server.controller.sealing import assignment
 
 
 def adoption_ops(
-    snap: JobSnapshot, cluster: ClusterSnapshot, keys: Keys, controller: str
+    snap: JobSnapshot,
+    cluster: ClusterSnapshot,
+    keys: Keys,
+    controller: str,
+    checkpoint_root: str = "",
 ) -> list[Put]:
     """The writes that point every node of ``snap``'s generation at ``controller``."""
     gen = snap.generation
@@ -26,7 +30,7 @@ def adoption_ops(
     return [
         Put(
             keys.assignment(node, snap.record.job_id),
-            assignment(snap, gen, snap.placement, cluster, node, controller),
+            assignment(snap, gen, snap.placement, cluster, node, controller, checkpoint_root),
         )
         for node in gen.nodes
     ]

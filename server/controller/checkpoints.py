@@ -107,6 +107,14 @@ def take_checkpoint(controller, job_id: str) -> CheckpointManifest | None:
     )
     if manifest is None:
         return None
+    record_checkpoint(controller, job_id, manifest, where, url, snap.spec.checkpoint.keep)
+    return manifest
+
+
+def record_checkpoint(
+    controller, job_id: str, manifest: CheckpointManifest, where: str, url: str, keep: int
+) -> None:
+    """Name a committed checkpoint in the job's record (on its lane), then apply retention."""
 
     def record():
         fresh = controller.snapshot(job_id)
@@ -126,9 +134,8 @@ def take_checkpoint(controller, job_id: str) -> CheckpointManifest | None:
         return controller.snapshot(job_id).record
 
     controller._on_lane(job_id, record)
-    if snap.spec.checkpoint.keep:
-        CheckpointStore(url).prune(job_id, snap.spec.checkpoint.keep, verified=manifest)
-    return manifest
+    if keep:
+        CheckpointStore(url).prune(job_id, keep, verified=manifest)
 
 
 class NotCheckpointable(Exception):

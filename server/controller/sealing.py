@@ -62,6 +62,7 @@ def assignment(
     cluster: ClusterSnapshot,
     node_id: str,
     controller: str,
+    checkpoint_root: str = "",
 ) -> bytes:
     """What ``node_id``'s agent must run for the job in generation ``gen``."""
     rank0 = gen.members[0].node_id if gen.members else node_id
@@ -85,6 +86,12 @@ def assignment(
                 "generation": snap.record.restored_generation,
                 "position": snap.record.restored_step,
             },
+            # allreduce ranks write their checkpoint slices here, and a group without
+            # state starts from the newest checkpoint there (else from resume_from)
+            "checkpoint": {
+                "url": snap.spec.checkpoint.url or checkpoint_root,
+                "resume_from": snap.record.resume_from,
+            },
         }
     ).encode()
 
@@ -97,6 +104,7 @@ def seal_ops(
     record: JobRecord,
     keys: Keys,
     controller: str,
+    checkpoint_root: str = "",
 ) -> list[Put | Delete]:
     """The writes of one seal: generation, record, placement, every node's assignment."""
     job_id = snap.record.job_id
@@ -111,7 +119,7 @@ def seal_ops(
         ops.append(
             Put(
                 keys.assignment(node, job_id),
-                assignment(sealed, gen, placement, cluster, node, controller),
+                assignment(sealed, gen, placement, cluster, node, controller, checkpoint_root),
             )
         )
     old_nodes = set(snap.generation.nodes) if snap.generation else set()

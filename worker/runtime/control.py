@@ -29,6 +29,8 @@ class Assignment:
     # the batch index its data stream starts again at.
     resume_generation: int = 0
     resume_position: int = 0
+    checkpoint_url: str = ""  # where the job's checkpoints go (the spec's, else the cluster's)
+    resume_from: str = ""  # the checkpoint the job was submitted to start from
 
     @classmethod
     def from_message(cls, message: dict[str, Any]) -> Assignment:
@@ -47,6 +49,8 @@ class Assignment:
             controller=a["controller"],
             resume_generation=int(a.get("resume", {}).get("generation", 0)),
             resume_position=int(a.get("resume", {}).get("position", 0)),
+            checkpoint_url=a.get("checkpoint", {}).get("url", ""),
+            resume_from=a.get("checkpoint", {}).get("resume_from", ""),
         )
 
 

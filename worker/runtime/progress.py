@@ -61,6 +61,41 @@ class ProgressReporter:
             )
             return False
 
+    def shard_written(
+        self, generation: int, rank: int, world: int, step: int, position: int, url: str, record
+    ) -> bool:
+        """Tell the controller this rank's checkpoint slice is stored; True if that completed
+        the checkpoint. A controller that does not answer costs the checkpoint, not training."""
+        try:
+            ack = self._stub.ReportShard(
+                job_pb2.ShardWritten(
+                    job_id=self.job_id,
+                    worker_id=self.worker_id,
+                    generation=generation,
+                    rank=rank,
+                    world_size=world,
+                    step=step,
+                    position=position,
+                    url=url,
+                    name=record.name,
+                    path=record.path,
+                    sha256=record.sha256,
+                    size=record.size,
+                ),
+                timeout=REPORT_TIMEOUT_S,
+            )
+            return ack.committed
+        except grpc.RpcError as exc:
+            log.warning(
+                "event=shard_report_failed job=%s worker=%s step=%d code=%s detail=%s",
+                self.job_id,
+                self.worker_id,
+                step,
+                exc.code(),
+                exc.details(),
+            )
+            return False
+
     def close(self) -> None:
         if self._channel is not None:
             self._channel.close()

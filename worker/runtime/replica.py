@@ -30,6 +30,8 @@ batch at the old, larger rate is the riskier side.
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +42,11 @@ from elasticd.jobspec import JobSpec
 from elasticd.optimizers import build_optimizer
 from elasticd.task import Task
 from elasticd.wire import DTYPES, dtype_name
+from elasticd.worker.runtime.handover import Handover
 from elasticd.worker.runtime.process_group import ElasticGroup
+from elasticd.worker.runtime.switching import from_model, into_model
+
+log = logging.getLogger(__name__)
 
 
 def choose_source(table: list[tuple[int, int]]) -> int:
@@ -127,13 +133,32 @@ class Replica:
 
     # -- agreeing on state ---------------------------------------------------------
 
-    def sync(self, group: ElasticGroup) -> int:
-        """Make every replica of ``group`` equal to the chosen source; returns its rank."""
+    def sync(
+        self, group: ElasticGroup, restore: Callable[[], Handover | None] | None = None
+    ) -> int:
+        """Make every replica of ``group`` equal to the chosen source; returns its rank.
+
+        When no replica holds state, the source first takes it from ``restore()``
+        (a checkpoint), if that gives any.
+        """
         table = torch.zeros(group.world_size, 2, dtype=torch.int64, device=self.device)
         table[group.rank, 0] = int(self.has_state)
         table[group.rank, 1] = self.step
         group.all_reduce(table)
-        source = choose_source([(int(h), int(s)) for h, s in table.tolist()])
+        rows = [(int(h), int(s)) for h, s in table.tolist()]
+        source = choose_source(rows)
+        if restore is not None and not any(h for h, _ in rows) and group.rank == source:
+            state = restore()
+            if state is not None:
+                into_model(state, self.model, self.optimizer)
+                self.step, self.position, self.world = state.step, state.position, 0
+                held = from_model(self.model, self.optimizer, self.step, self.position)
+                log.info(
+                    "event=replica_restored step=%d position=%d digest=%s",
+                    self.step,
+                    self.position,
+                    held.digest(),
+                )
         if group.world_size > 1:
             header = self._header() if group.rank == source else None
             header = _broadcast_json(group, header, source, self.device)
