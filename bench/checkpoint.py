@@ -244,7 +244,7 @@ report_every_steps: 5
         client = JobClient(etcd=c.etcd, prefix=c.prefix)
         try:
             job_id = client.submit_yaml(spec)
-            wait_until(lambda: client.get(job_id).checkpoint_step >= 50, 120, "a checkpoint")
+            wait_until(lambda: client.get(job_id).checkpoint, 120, "a checkpoint")
             victim = "ps-0"
             survivors = {p: a for p, a in c.addresses().items() if p != victim}
 
