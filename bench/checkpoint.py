@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from bench.ps import _serve
+from bench.ps import start_servers, stop_all
 
 MODEL_SHAPES = ((4608, 1024), (2304, 1024), (2304, 1024))  # 37.7 MB of float32; x3 with Adam
 JOB = "bench-ck"
@@ -111,16 +111,10 @@ def checkpoint_figures(args, workdir: Path) -> dict:
         AWS_DEFAULT_REGION=REGION,
     )
     ctx = mp.get_context("spawn")
-    procs, pipes, addresses = [], [], {}
+    procs, pipes = [], []
     try:
         url = _bucket(endpoint)
-        for i in range(2):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_serve, args=(f"ps-{i}", child, None), daemon=True)
-            proc.start()
-            procs.append(proc)
-            pipes.append(parent)
-            addresses[f"ps-{i}"] = f"127.0.0.1:{parent.recv()}"
+        addresses = start_servers(ctx, 2, None, procs, pipes)
         shapes = [(max(1, int(r * args.scale)), c) for r, c in MODEL_SHAPES]
         params = {f"layer{i}.weight": torch.randn(s) for i, s in enumerate(shapes)}
         specs = [TensorSpec(n, "float32", tuple(t.shape)) for n, t in params.items()]
@@ -193,12 +187,7 @@ def checkpoint_figures(args, workdir: Path) -> dict:
                 get.append(get_s)
         tier.close()
     finally:
-        for pipe in pipes:
-            pipe.send("stop")
-        for proc in procs:
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.kill()
+        stop_all(procs, pipes)
         moto.kill()
         moto.wait()
     med = statistics.median

@@ -75,6 +75,31 @@ def _serve(ps_id: str, conn, threads: int) -> None:
     server.stop(None).wait()
 
 
+def start_servers(ctx, n: int, threads: int | None, procs: list, pipes: list) -> dict[str, str]:
+    """``n`` PS processes (``_serve``); appends each to ``procs`` and ``pipes`` for
+    :func:`stop_all`, and returns ps_id -> address."""
+    addresses = {}
+    for i in range(n):
+        ps_id = f"ps-{i}"
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_serve, args=(ps_id, child, threads), daemon=True)
+        proc.start()
+        procs.append(proc)
+        pipes.append(parent)
+        addresses[ps_id] = f"127.0.0.1:{parent.recv()}"
+    return addresses
+
+
+def stop_all(procs: list, pipes: list) -> None:
+    """Tell every helper process to stop; kill those that do not within 10 s."""
+    for pipe in pipes:
+        pipe.send("stop")
+    for proc in procs:
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
+
+
 def _echo(conn) -> None:
     """The small-RPC baseline's server: a bare grpcio unary method that returns its request."""
     from concurrent import futures
@@ -228,16 +253,9 @@ def run(argv: list[str]) -> dict:
     nbytes = sum(t.numel() * t.element_size() for t in params.values())
     grads = {n: torch.randn_like(t) * 1e-3 for n, t in params.items()}
 
-    procs, pipes, addresses = [], [], {}
+    procs, pipes = [], []
     try:
-        for i in range(args.servers):
-            ps_id = f"ps-{i}"
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_serve, args=(ps_id, child, args.server_threads), daemon=True)
-            proc.start()
-            procs.append(proc)
-            pipes.append(parent)
-            addresses[ps_id] = f"127.0.0.1:{parent.recv()}"
+        addresses = start_servers(ctx, args.servers, args.server_threads, procs, pipes)
 
         specs = [TensorSpec(n, "float32", tuple(t.shape)) for n, t in params.items()]
         placement = place(specs, sorted(addresses))
@@ -318,12 +336,7 @@ def run(argv: list[str]) -> dict:
         rep_tier.close()
         tier.close()
     finally:
-        for pipe in pipes:
-            pipe.send("stop")
-        for proc in procs:
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.kill()
+        stop_all(procs, pipes)
 
     pull_gbps, push_gbps, socket_gbps = (
         _gbps(nbytes, pull_s),
