@@ -10,6 +10,7 @@ had every shard verified.
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 from elasticd.checkpoint.manifest import MANIFEST_NAME, CheckpointError, CheckpointManifest
 from elasticd.checkpoint.serialize import decode_shard
@@ -108,5 +109,10 @@ def load_state(store: CheckpointStore, manifest: CheckpointManifest) -> tuple[di
 
     Every shard is checked against the manifest as it is read (CorruptShard if not).
     """
-    payloads = {r.name: decode_shard(store.read_shard(manifest, r.name)) for r in manifest.shards}
-    return join_slices(saved_placement(manifest), payloads)
+    names = [r.name for r in manifest.shards]
+    if not names:
+        return join_slices(saved_placement(manifest), {})
+    # In parallel: reads, checksums and decoding all let go of the GIL.
+    with ThreadPoolExecutor(min(len(names), 16), thread_name_prefix="shard-read") as pool:
+        decoded = list(pool.map(lambda n: decode_shard(store.read_shard(manifest, n)), names))
+    return join_slices(saved_placement(manifest), dict(zip(names, decoded, strict=True)))

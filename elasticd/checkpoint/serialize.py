@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 from elasticd.checkpoint.manifest import CheckpointError
 
@@ -40,6 +39,20 @@ SHARD_FORMAT = 1
 
 _HEADER_KEY = "elasticd.shard"
 _TAGS = ("__tuple__", "__tensor__", "__dict__")
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
 
 
 class ShardFormatError(CheckpointError, ValueError):
@@ -57,6 +70,51 @@ def encode_shard(
     anything the optimizer state may hold (numbers, strings, None, lists,
     tuples, dicts, tensors).
     """
+    return plan_shard(tensors, optimizer_state, meta).to_bytes()
+
+
+class ShardLayout:
+    """Where every tensor of a shard goes in its bytes (the safetensors layout, written here
+    so that each tensor is copied once, straight into the output)."""
+
+    def __init__(self, stored: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+        header: dict[str, Any] = {"__metadata__": metadata}
+        self._parts: list[tuple[torch.Tensor, int, int]] = []
+        offset = 0
+        for key in sorted(stored):
+            t = stored[key]
+            if t.dtype not in _SAFETENSORS_DTYPES:
+                raise TypeError(f"tensor {key!r} has dtype {t.dtype}, which a shard cannot store")
+            n = t.numel() * t.element_size()
+            header[key] = {
+                "dtype": _SAFETENSORS_DTYPES[t.dtype],
+                "shape": list(t.shape),
+                "data_offsets": [offset, offset + n],
+            }
+            self._parts.append((t, offset, n))
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        self._header = raw + b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+        self.size = 8 + len(self._header) + offset
+
+    def to_bytes(self) -> bytes:
+        """The shard's bytes, every tensor copied once (bytes, which storage clients send
+        fastest)."""
+        pieces: list[Any] = [struct.pack("<Q", len(self._header)), self._header]
+        pieces += [
+            memoryview(t.reshape(-1).view(torch.uint8).numpy()) for t, _, n in self._parts if n
+        ]
+        data = b"".join(pieces)
+        assert len(data) == self.size
+        return data
+
+
+def plan_shard(
+    tensors: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any] | None,
+    meta: dict[str, Any],
+) -> ShardLayout:
+    """The layout :func:`encode_shard` writes; the tensors are read only by ``fill``."""
     stored: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
         if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
@@ -71,7 +129,7 @@ def encode_shard(
         "meta": _encode(meta, "m", stored, "meta"),
     }
     metadata = {_HEADER_KEY: json.dumps(header, separators=(",", ":"))}
-    return save_safetensors(_prepare(stored), metadata=metadata)
+    return ShardLayout({k: t.detach().cpu().contiguous() for k, t in stored.items()}, metadata)
 
 
 def decode_shard(
@@ -100,22 +158,6 @@ def decode_shard(
     if not isinstance(meta, dict):
         raise ShardFormatError("shard meta must decode to a dict")
     return tensors, optimizer_state, meta
-
-
-def _prepare(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CPU, contiguous tensors that share no storage, as safetensors requires."""
-    seen: set[int] = set()
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in stored.items():
-        t = tensor.detach().cpu().contiguous()
-        if t.numel() > 0:
-            ptr = t.untyped_storage().data_ptr()
-            if ptr in seen:
-                t = t.clone()  # a view or tied weight: store its own copy
-            else:
-                seen.add(ptr)
-        out[key] = t
-    return out
 
 
 def _encode(value: Any, prefix: str, stored: dict[str, torch.Tensor], where: str) -> Any:
@@ -208,15 +250,18 @@ def state_digest(tensors: dict[str, torch.Tensor], state: dict, keys: list[str])
     h = hashlib.sha256()
     for index, key in enumerate(keys):
         h.update(key.encode())
-        h.update(tensors[key].detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(_raw(tensors[key]))
         entry = state.get(index, state.get(str(index), {}))
         for name in sorted(entry):
             value = entry[name]
             h.update(name.encode())
             if isinstance(value, torch.Tensor):
-                h.update(
-                    value.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-                )
+                h.update(_raw(value))
             else:
                 h.update(repr(value).encode())
     return h.hexdigest()
+
+
+def _raw(tensor: torch.Tensor) -> memoryview:
+    """A tensor's bytes, without copying them when it is contiguous on the CPU."""
+    return memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())

@@ -34,6 +34,7 @@ import secrets
 import tempfile
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,6 +184,7 @@ class CheckpointStore:
     """Sharded checkpoints of many jobs under one fsspec URL (or plain local path)."""
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.url = url
         self._fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
         self._root = root.rstrip("/")
         self._backend = backend_for(self._fs)
@@ -202,10 +204,14 @@ class CheckpointStore:
         # A fresh file name per write: a concurrent writer of the same step can
         # never overwrite bytes that a committed manifest points to.
         path = f"{name}.{secrets.token_hex(6)}.shard"
-        self._fs.makedirs(directory, exist_ok=True)
-        self._backend.write(self._fs, f"{directory}/{path}", data)
+        # Hashed while the bytes are on their way (hashlib lets go of the GIL).
+        with ThreadPoolExecutor(1, thread_name_prefix="shard-hash") as pool:
+            digest = pool.submit(lambda: hashlib.sha256(data).hexdigest())
+            if self._backend not in (_S3, _LOCAL):  # S3 has no directories; local makes its own
+                self._fs.makedirs(directory, exist_ok=True)
+            self._backend.write(self._fs, f"{directory}/{path}", data)
         log.debug("shard written job_id=%s step=%d shard=%s path=%s", job_id, step, name, path)
-        return ShardRecord(name, path, hashlib.sha256(data).hexdigest(), len(data))
+        return ShardRecord(name, path, digest.result(), len(data))
 
     def commit(self, manifest: CheckpointManifest) -> str:
         """Create the manifest, making the checkpoint exist; return its URL.
@@ -349,8 +355,12 @@ class CheckpointStore:
 
     def read_shard(self, manifest: CheckpointManifest, name: str) -> bytes:
         """The bytes of shard ``name``, checked against the manifest (CorruptShard if not)."""
-        record = manifest.shard(name)
-        path = f"{self._dir(manifest.job_id, manifest.step)}/{record.path}"
+        return self.read_record(manifest.job_id, manifest.step, manifest.shard(name))
+
+    def read_record(self, job_id: str, step: int, record: ShardRecord) -> bytes:
+        """The bytes of the shard ``record`` names in checkpoint ``job_id@step``, checked
+        against it (CorruptShard if they differ or are missing)."""
+        path = f"{self._dir(job_id, step)}/{record.path}"
         try:
             data = self._fs.cat_file(path)
         except FileNotFoundError:
@@ -358,7 +368,7 @@ class CheckpointStore:
         else:
             problem = _mismatch(record, len(data), hashlib.sha256(data).hexdigest())
         if problem is not None:
-            raise CorruptShard(f"shard {name!r} of {manifest.job_id}@{manifest.step}: {problem}")
+            raise CorruptShard(f"shard {record.name!r} of {job_id}@{step}: {problem}")
         return data
 
     def url_of(self, manifest: CheckpointManifest) -> str:
