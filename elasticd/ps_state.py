@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
-from elasticd.checkpoint import decode_shard, encode_shard
+import grpc
+
+from elasticd.checkpoint import CorruptShard, ShardRecord, decode_shard, encode_shard
 from elasticd.checkpoint.serialize import state_digest
 from elasticd.rpc import ps_pb2, ps_pb2_grpc
 from elasticd.wire import CHUNK_BYTES, dtype_name
@@ -106,6 +108,72 @@ class TierState:
                 held[ps_id] = import_bytes(self._ps_stubs[ps_id], header, version, data)
             sent = state_digest(tensors, state, keys)
             return sent, next((d for d in held.values() if d != sent), held[primary])
+
+        return self._each(one)
+
+    def restore_from(
+        self,
+        sources: Mapping[str, ShardRecord],
+        url: str,
+        optimizer: str,
+        optimizer_kwargs: dict,
+        max_staleness: int,
+        workers: int,
+        max_version: int,
+        version: int,
+        checkpoint: tuple[str, int],
+    ) -> dict[str, str]:
+        """Each group's copies read the stored shard ``sources[group]`` of the
+        checkpoint ``checkpoint`` = (job id, step) under ``url`` themselves, backup first.
+
+        The stored shard must hold exactly the group's slices. Returns the digest each
+        group's primary holds; raises CorruptShard when a PS finds the stored bytes differ
+        from their record, ValueError when the copies of a group hold different state.
+        """
+        job, step = checkpoint
+
+        def one(g: str) -> str:
+            primary, backup = self._holders[g]
+            record = sources[g]
+            header = ps_pb2.InitShardHeader(
+                fence=self._fence(g),
+                tensors=[
+                    ps_pb2.TensorMeta(key=s.key, dtype=s.dtype, shape=s.shape)
+                    for s in self._slices[g]
+                ],
+                optimizer=ps_pb2.OptimizerConfig(
+                    name=optimizer, kwargs_json=json.dumps(optimizer_kwargs)
+                ),
+                max_staleness=max_staleness,
+                workers=workers,
+                max_version=max_version,
+            )
+            held = {}
+            for ps_id in filter(None, (backup, primary)):
+                header.backup = ps_id == backup
+                header.backup_address = (
+                    self.addresses[backup] if backup and not header.backup else ""
+                )
+                request = ps_pb2.RestoreShardRequest(
+                    header=ps_pb2.ImportShardHeader(shard=header, version=version),
+                    url=url,
+                    job_id=job,
+                    step=step,
+                    name=record.name,
+                    path=record.path,
+                    sha256=record.sha256,
+                    size=record.size,
+                )
+                try:
+                    reply = self._ps_stubs[ps_id].RestoreShard(request, timeout=RPC_TIMEOUT_S)
+                except grpc.RpcError as exc:
+                    if exc.code() == grpc.StatusCode.DATA_LOSS:
+                        raise CorruptShard(f"{ps_id}: {exc.details()}") from None
+                    raise
+                held[ps_id] = reply.digest
+            if len(set(held.values())) != 1:
+                raise ValueError(f"the copies of group {g} hold different state: {held}")
+            return held[primary]
 
         return self._each(one)
 

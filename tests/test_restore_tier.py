@@ -15,15 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from elasticd.checkpoint import CheckpointStore
+from elasticd.checkpoint import CheckpointStore, CorruptShard
 from elasticd.checkpoint.locate import NoSuchCheckpoint, load_state
 from elasticd.jobspec import parse_spec
 from elasticd.membership import assign_ranks
 from elasticd.placement import place
+from elasticd.server.controller import restore
 from elasticd.server.controller.checkpoints import checkpoint_ps_job
 from elasticd.server.controller.planning import JobSnapshot
 from elasticd.server.controller.records import RUNNING, JobRecord
-from elasticd.server.controller.restore import restore_source, restore_tier
+from elasticd.server.controller.restore import direct_sources, restore_source, restore_tier
 from elasticd.slicing import join_slices
 from tests.fixtures.ps import JOB, PSCluster
 from tests.test_ps_service import bitwise_equal, mlp, placement_for, ps_step, specs, weights
@@ -137,3 +138,45 @@ def test_a_corrupt_newest_checkpoint_is_never_restored(ps_cluster, tmp_path):
 def test_nothing_to_restore_without_a_checkpoint(tmp_path):
     with pytest.raises(NoSuchCheckpoint, match="no verified checkpoint"):
         restore_source(snapshot(2), str(tmp_path / "none"))
+
+
+def test_each_ps_reads_its_own_shard_when_the_checkpoint_is_cut_for_its_placement(
+    ps_cluster, tmp_path, monkeypatch
+):
+    servers, placement, model = trained(ps_cluster, 5)
+    url = str(tmp_path / "ckpt")
+    manifest, _ = checkpoint_ps_job(snapshot(1), placement, addresses(servers), url)
+    tier = ps_cluster.tier(servers, placement)
+    for i in range(5, 8):
+        ps_step(model, tier, i)  # the servers move on from the checkpoint
+    assert direct_sources(placement, manifest) is not None
+    assert direct_sources(place(specs(model), ["other"]), manifest) is None
+
+    def controller_read(*_args):
+        raise AssertionError("the controller read the checkpoint itself")
+
+    store = CheckpointStore(url)
+    with monkeypatch.context() as m:
+        m.setattr(restore, "load_state", controller_read)
+        restore_tier(SPEC, JOB, 2, 1, placement, addresses(servers), store, manifest)
+    held = join_slices(placement, ps_cluster.tier(servers, placement, generation=2).export_state())
+    assert_bitwise(held, checkpoint_state(store, manifest))
+    assert {i.version for i in ps_cluster.tier(servers, placement, 2).info().values()} == {5}
+
+    # A flipped byte: the PS refuses the shard (DATA_LOSS), and so does the controller's read.
+    flip_byte(tmp_path / "ckpt" / JOB / f"{manifest.step:012d}" / manifest.shards[0].path)
+    fenced = ps_cluster.tier(servers, placement, generation=3)
+    with pytest.raises(CorruptShard, match="sha256"):
+        fenced.restore_from(
+            direct_sources(placement, manifest),
+            url,
+            "adam",
+            {"lr": 0.01},
+            -1,
+            workers=1,
+            max_version=10_000,
+            version=manifest.step,
+            checkpoint=(JOB, manifest.step),
+        )
+    with pytest.raises(CorruptShard):
+        restore_tier(SPEC, JOB, 3, 1, placement, addresses(servers), store, manifest)

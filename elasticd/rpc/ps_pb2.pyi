@@ -362,3 +362,23 @@ class ImportShardRequest(_message.Message):
     header: ImportShardHeader
     bytes: ShardBytes
     def __init__(self, header: _Optional[_Union[ImportShardHeader, _Mapping]] = ..., bytes: _Optional[_Union[ShardBytes, _Mapping]] = ...) -> None: ...
+
+class RestoreShardRequest(_message.Message):
+    __slots__ = ("header", "url", "job_id", "step", "name", "path", "sha256", "size")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    header: ImportShardHeader
+    url: str
+    job_id: str
+    step: int
+    name: str
+    path: str
+    sha256: str
+    size: int
+    def __init__(self, header: _Optional[_Union[ImportShardHeader, _Mapping]] = ..., url: _Optional[str] = ..., job_id: _Optional[str] = ..., step: _Optional[int] = ..., name: _Optional[str] = ..., path: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...

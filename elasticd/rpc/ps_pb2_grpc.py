@@ -94,6 +94,11 @@ class ParameterServerStub:
                 request_serializer=elasticd_dot_rpc_dot_ps__pb2.ImportShardRequest.SerializeToString,
                 response_deserializer=elasticd_dot_rpc_dot_ps__pb2.InitShardReply.FromString,
                 _registered_method=True)
+        self.RestoreShard = channel.unary_unary(
+                '/elasticd.ps.ParameterServer/RestoreShard',
+                request_serializer=elasticd_dot_rpc_dot_ps__pb2.RestoreShardRequest.SerializeToString,
+                response_deserializer=elasticd_dot_rpc_dot_ps__pb2.InitShardReply.FromString,
+                _registered_method=True)
         self.Replicate = channel.stream_unary(
                 '/elasticd.ps.ParameterServer/Replicate',
                 request_serializer=elasticd_dot_rpc_dot_ps__pb2.ReplicateRequest.SerializeToString,
@@ -189,6 +194,14 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RestoreShard(self, request, context):
+        """As ImportShard, reading the shard from storage. DATA_LOSS when the stored
+        bytes do not match their record (missing, another size or checksum).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Replicate(self, request_iterator, context):
         """Hot replicas: a primary's updates, applied in version order on its backup.
         """
@@ -263,6 +276,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
             'ImportShard': grpc.stream_unary_rpc_method_handler(
                     servicer.ImportShard,
                     request_deserializer=elasticd_dot_rpc_dot_ps__pb2.ImportShardRequest.FromString,
+                    response_serializer=elasticd_dot_rpc_dot_ps__pb2.InitShardReply.SerializeToString,
+            ),
+            'RestoreShard': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreShard,
+                    request_deserializer=elasticd_dot_rpc_dot_ps__pb2.RestoreShardRequest.FromString,
                     response_serializer=elasticd_dot_rpc_dot_ps__pb2.InitShardReply.SerializeToString,
             ),
             'Replicate': grpc.stream_unary_rpc_method_handler(
@@ -599,6 +617,33 @@ class ParameterServer:
             target,
             '/elasticd.ps.ParameterServer/ImportShard',
             elasticd_dot_rpc_dot_ps__pb2.ImportShardRequest.SerializeToString,
+            elasticd_dot_rpc_dot_ps__pb2.InitShardReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreShard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/elasticd.ps.ParameterServer/RestoreShard',
+            elasticd_dot_rpc_dot_ps__pb2.RestoreShardRequest.SerializeToString,
             elasticd_dot_rpc_dot_ps__pb2.InitShardReply.FromString,
             options,
             channel_credentials,

@@ -27,13 +27,14 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from elasticd.checkpoint import CheckpointManifest, CheckpointStore, CorruptShard
+from elasticd.checkpoint import CheckpointManifest, CheckpointStore, CorruptShard, ShardRecord
 from elasticd.checkpoint.locate import (
     NoSuchCheckpoint,
     check_fits,
     check_optimizer,
     load_state,
     locate,
+    saved_placement,
 )
 from elasticd.checkpoint.serialize import state_digest
 from elasticd.coord.election import NotLeading
@@ -112,23 +113,13 @@ def restore_tier(
     CorruptShard when a shard changed since it was verified (the next try
     picks an older checkpoint).
     """
-    params, named = load_state(store, manifest)
     tier = PSTier(job_id, generation, placement, {p: ps_addresses[p] for p in placement.ps_ids})
     try:
-        digests = tier.import_state(
-            split_state(placement, params, named),
-            spec.optimizer.name,
-            spec.optimizer.kwargs,
-            spec.ps.max_staleness,
-            workers=world_size,
-            max_version=spec.steps,
-            version=manifest.step,
-        )
+        held = _restore_direct(spec, tier, world_size, store, manifest)
+        if held is None:
+            held = _restore_through_controller(spec, tier, world_size, store, manifest)
     finally:
         tier.close()
-    differ = sorted(p for p, (sent, held) in digests.items() if sent != held)
-    if differ:
-        raise CorruptShard(f"parameter servers {differ} hold other state than was restored")
     where = store.url_of(manifest)
     log.info(
         "event=job_restored job=%s generation=%d step=%d checkpoint=%s bytes_per_ps=%s digest=%s",
@@ -137,9 +128,75 @@ def restore_tier(
         manifest.step,
         where,
         placement.bytes_per_ps(),
-        combined_digest({p: held for p, (_, held) in digests.items()}),
+        combined_digest(held),
     )
     return Restored(manifest, where, placement)
+
+
+def direct_sources(
+    placement: ShardPlacement, manifest: CheckpointManifest
+) -> dict[str, ShardRecord] | None:
+    """The stored shard holding exactly each group's slices, or None if a group has none
+    (the checkpoint was cut for another placement)."""
+    saved = saved_placement(manifest)
+
+    def slices(p: ShardPlacement, group: str) -> tuple:
+        return tuple((s.key, s.dtype, tuple(s.shape)) for s in p.in_group(group))
+
+    stored = {slices(saved, g): g for g in saved.groups}
+    out = {}
+    for group in placement.groups:
+        name = stored.get(slices(placement, group))
+        if name is None:
+            return None
+        out[group] = manifest.shard(name)
+    return out
+
+
+def _restore_direct(
+    spec: JobSpec, tier: PSTier, world_size: int, store: CheckpointStore, manifest
+) -> dict[str, str] | None:
+    """Every PS reads its groups' shards from storage itself, in parallel; the digests its
+    groups hold. None when the checkpoint's cut does not fit the placement, or a PS could
+    not read a shard (the controller then reads them, and finds out which is true)."""
+    sources = direct_sources(tier.placement, manifest)
+    if sources is None:
+        return None
+    try:
+        return tier.restore_from(
+            sources,
+            store.url,
+            spec.optimizer.name,
+            spec.optimizer.kwargs,
+            spec.ps.max_staleness,
+            workers=world_size,
+            max_version=spec.steps,
+            version=manifest.step,
+            checkpoint=(manifest.job_id, manifest.step),
+        )
+    except CorruptShard as exc:
+        log.warning("event=direct_restore_failed job=%s error=%s", tier.job_id, exc)
+        return None
+
+
+def _restore_through_controller(
+    spec: JobSpec, tier: PSTier, world_size: int, store: CheckpointStore, manifest
+) -> dict[str, str]:
+    """Read the whole checkpoint here, cut it for the placement, and import each group."""
+    params, named = load_state(store, manifest)
+    digests = tier.import_state(
+        split_state(tier.placement, params, named),
+        spec.optimizer.name,
+        spec.optimizer.kwargs,
+        spec.ps.max_staleness,
+        workers=world_size,
+        max_version=spec.steps,
+        version=manifest.step,
+    )
+    differ = sorted(p for p, (sent, held) in digests.items() if sent != held)
+    if differ:
+        raise CorruptShard(f"parameter servers {differ} hold other state than was restored")
+    return {p: held for p, (_, held) in digests.items()}
 
 
 def restore_for_seal(

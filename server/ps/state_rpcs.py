@@ -11,6 +11,7 @@ import logging
 
 import grpc
 
+from elasticd.checkpoint import CheckpointError, CorruptShard, ShardRecord
 from elasticd.checkpoint.serialize import state_digest
 from elasticd.checkpoint.store import CheckpointStore
 from elasticd.rpc import ps_pb2
@@ -21,6 +22,11 @@ from elasticd.server.ps.transfer import export_shard, import_shard
 from elasticd.wire import CHUNK_BYTES, Assembler, WireError
 
 log = logging.getLogger(__name__)
+
+
+def _import_limit(headers) -> int:
+    """The most bytes a shard of these slices may take: parameters and optimizer state."""
+    return 2 * (2 * sum(h.nbytes for h in headers) + (1 << 20))
 
 
 class ShardStateRPCs:
@@ -76,24 +82,47 @@ class ShardStateRPCs:
 
     def ImportShard(self, request_iterator, context):
         first = self._first(request_iterator, context, "ImportShard")
-        header, version = first.shard, first.version
-        job_id, group = header.fence.job_id, self.group_of(header.fence)
-        headers, config = shard_header(header, context)
-        limit = 2 * sum(h.nbytes for h in headers) + (1 << 20)  # parameters and optimizer state
+        headers, config = shard_header(first.shard, context)
+        limit = _import_limit(headers)
         buf = bytearray()
         for req in request_iterator:
             if not req.HasField("bytes"):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "only bytes may follow the header")
             buf += req.bytes.data
-            if len(buf) > 2 * limit:
+            if len(buf) > limit:
                 context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT, "import larger than its slices need"
                 )
+        return self._install(first, headers, config, bytes(buf), context)
+
+    def RestoreShard(self, request, context):
+        headers, config = shard_header(request.header.shard, context)
+        try:
+            record = ShardRecord(request.name, request.path, request.sha256, request.size)
+            store = CheckpointStore(request.url)
+        except (CheckpointError, ValueError) as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"shard record: {exc}")
+        if record.size > _import_limit(headers):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "shard larger than its slices need")
+        try:
+            data = store.read_record(request.job_id, request.step, record)
+        except CorruptShard as exc:
+            context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
+        except (CheckpointError, ValueError) as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"shard record: {exc}")
+        except OSError as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"checkpoint store: {exc}")
+        return self._install(request.header, headers, config, data, context)
+
+    def _install(self, first, headers, config, data: bytes, context):
+        """Make ``data`` (an encoded shard) the job's shard for the group ``first`` names."""
+        header, version = first.shard, first.version
+        job_id, group = header.fence.job_id, self.group_of(header.fence)
         existing = self.shard(job_id, group)
         try:
             if existing is not None:
                 existing.check_fence(header.fence.generation)
-            shard = import_shard(config, header.fence.generation, headers, bytes(buf), version)
+            shard = import_shard(config, header.fence.generation, headers, data, version)
             # Computed before anyone can push to it: exactly what was imported.
             digest = state_digest(
                 {h.key: p for h, p in zip(headers, shard.params, strict=True)},
@@ -106,7 +135,7 @@ class ShardStateRPCs:
             self._abort(context, exc)
         if existing is not None and isinstance(existing.forward, BackupLink):
             existing.forward.close()
-        shard.stats.received(len(buf))
+        shard.stats.received(len(data))
         log.info(
             "event=shard_imported ps=%s job=%s group=%s backup=%s generation=%d version=%d "
             "bytes=%d",
@@ -116,7 +145,7 @@ class ShardStateRPCs:
             header.backup,
             header.fence.generation,
             version,
-            len(buf),
+            len(data),
         )
         return ps_pb2.InitShardReply(created=existing is None, version=shard.version, digest=digest)
 
