@@ -143,10 +143,12 @@ class ProgressReport(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., generation: _Optional[int] = ..., worker_id: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., loss: _Optional[float] = ..., finished: _Optional[bool] = ...) -> None: ...
 
 class ProgressAck(_message.Message):
-    __slots__ = ("stop",)
+    __slots__ = ("stop", "checkpoint")
     STOP_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     stop: bool
-    def __init__(self, stop: _Optional[bool] = ...) -> None: ...
+    checkpoint: bool
+    def __init__(self, stop: _Optional[bool] = ..., checkpoint: _Optional[bool] = ...) -> None: ...
 
 class ShardWritten(_message.Message):
     __slots__ = ("job_id", "worker_id", "generation", "rank", "world_size", "step", "position", "url", "name", "path", "sha256", "size")

@@ -1,5 +1,7 @@
 """Checkpoints of ps-async jobs: the PS tier writes shards, the controller the manifest.
 
+(allreduce jobs' ranks write their own: :mod:`.rank_checkpoints`.)
+
 Shards first, each with a checksum, written by the PS servers that hold them;
 the manifest last, created atomically by the checkpoint store (ARCHITECTURE
 invariant 4). The manifest carries the generation, so a controller acting for
@@ -139,17 +141,25 @@ def record_checkpoint(
 
 
 class NotCheckpointable(Exception):
-    """The job has no state to checkpoint now (not running, or not ps-async)."""
+    """The job has no state to checkpoint now (not running, or a script job)."""
 
 
 def checkpoint_now(controller, job_id: str) -> CheckpointManifest | None:
     """A checkpoint of a running job, after the one under way (if any). Raises NotCheckpointable."""
     snap = controller.snapshot(job_id)
     rec = snap.record
-    if rec.mode != "ps-async":
-        raise NotCheckpointable(f"job {job_id} is {rec.mode}: only ps-async jobs checkpoint yet")
+    if rec.mode not in ("ps-async", "allreduce"):
+        raise NotCheckpointable(
+            f"job {job_id} is {rec.mode}: only ps-async and allreduce jobs checkpoint"
+        )
     if rec.state != RUNNING or snap.generation is None or not snap.generation.members:
         raise NotCheckpointable(f"job {job_id} is {rec.state}: only a running job checkpoints")
+    if rec.mode == "allreduce":
+        if not controller.rank_checkpoints.take_now(controller, job_id):
+            raise NotCheckpointable(
+                f"job {job_id}: its ranks wrote no checkpoint in time (see the controller log)"
+            )
+        return None
     return controller.background.run(job_id, lambda: take_checkpoint(controller, job_id))
 
 

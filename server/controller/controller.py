@@ -46,6 +46,7 @@ from elasticd.server.controller.planning import (
     last_call,
 )
 from elasticd.server.controller.progress import Progress, ProgressBook
+from elasticd.server.controller.rank_checkpoints import RankCheckpoints
 from elasticd.server.controller.records import (
     CANCELLED,
     COMPLETED,
@@ -98,6 +99,7 @@ class Controller:
         self._is_leader = False
         self._adopted: set[str] = set()
         self.background = OffLane()  # one checkpoint or completion under way per job
+        self.rank_checkpoints = RankCheckpoints()  # allreduce checkpoints: asked for, reported
         self.restores = RestoreBackoff()
         self._failing_since: dict[str, float] = {}  # job -> first of its unexpected errors
         self.reconciles = 0  # reconcile passes run (read by tests and the metrics)
@@ -215,8 +217,9 @@ class Controller:
 
     def report(
         self, job_id: str, worker: str, generation: int, step: int, loss: float, finished: bool
-    ) -> bool:
-        """Record a worker's progress; True tells the worker its job is over."""
+    ) -> tuple[bool, bool]:
+        """Record a worker's progress. Returns (the job is over for the worker, an allreduce
+        job's ranks are to take a checkpoint)."""
         if self.progress.record(job_id, worker, generation, step, loss, finished):
             log.info(
                 "event=first_loss job=%s worker=%s step=%d loss=%.4f", job_id, worker, step, loss
@@ -224,8 +227,9 @@ class Controller:
         try:
             snap = self.snapshot(job_id)
         except JobNotFound:
-            return True
+            return True, False
         rec = snap.record
+        wanted = self._is_leader and self.rank_checkpoints.wanted(snap, time.time())
         if self._is_leader and checkpoints.checkpoint_due(snap, step, time.time()):
             self._start_background(job_id, lambda: checkpoints.take_checkpoint(self, job_id))
         due = switch_due(snap, step)
@@ -236,7 +240,7 @@ class Controller:
                 self._switch(job_id, due.mode, reason, True, rec.switches_done)
 
             self.lanes.submit(job_id, lambda: self._guarded(job_id, switch), kind="switch")
-        return rec.state in TERMINAL
+        return rec.state in TERMINAL, wanted
 
     # -- the reconcile loop ---------------------------------------------------------
 

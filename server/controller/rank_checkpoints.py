@@ -11,6 +11,15 @@ committed (invariant 3), and only then does the job's record name it.
 
 Reports wait in this process's memory: a leader that changes meanwhile
 costs that one checkpoint, never a wrong one.
+
+The ranks checkpoint on their own every ``checkpoint.every_steps``. The
+other triggers come from the controller: ``checkpoint.every_s``, a user's
+``elasticd checkpoint`` and a cancel. The answer to a rank's progress report
+then asks for one (``ProgressAck.checkpoint``). The ranks agree on the step
+in their next step's control all-reduce, so they all cut the same step. A
+request stays open until a checkpoint of a later step than the one the job
+had reached is recorded, and is asked again every ``ASK_AGAIN_S`` until then
+(a rank skips one while its previous checkpoint is still being written).
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from elasticd.placement import rank_placement
 from elasticd.rpc import job_pb2
 from elasticd.server.controller.admission import tensor_specs
 from elasticd.server.controller.checkpoints import record_checkpoint
+from elasticd.server.controller.records import RUNNING
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +49,71 @@ class BadShardReport(ValueError):
     """A rank's report does not describe a slice of a checkpoint of this job."""
 
 
+ASK_AGAIN_S = 10.0  # an open request is asked for again after this long without a checkpoint
+TAKE_NOW_WAIT_S = 300.0  # how long `elasticd checkpoint` and a cancel wait for the checkpoint
+SILENCE_S = 30.0  # ... and how long they wait while no rank reports at all (none is training)
+
+
 class RankCheckpoints:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         # (job, generation, step, world, url) -> rank -> (shard, data position)
         self._pending: dict[tuple, dict[int, tuple[ShardRecord, int]]] = {}
+        self._requests: dict[str, int] = {}  # job -> the step a checkpoint must be newer than
+        self._asked: dict[str, float] = {}  # job -> when its ranks were last asked
+
+    def request(self, job_id: str, after_step: int) -> None:
+        """Ask the job's ranks for a checkpoint of a step after ``after_step``."""
+        with self._lock:
+            self._requests[job_id] = max(self._requests.get(job_id, -1), after_step)
+            self._asked.pop(job_id, None)  # ask at the next report
+
+    def take_now(self, controller, job_id: str, wait_s: float = TAKE_NOW_WAIT_S) -> bool:
+        """Ask a running job's ranks for a checkpoint and wait until one of a later step
+        than the job had reached is recorded. False if none came within ``wait_s``, no
+        rank reported for ``SILENCE_S``, or the job stopped running."""
+        after = controller.progress.live(controller.snapshot(job_id).record).step
+        asked_at = time.time()
+        self.request(job_id, after)
+        log.info("event=checkpoint_requested job=%s after_step=%d", job_id, after)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            rec = controller.snapshot(job_id).record
+            if rec.checkpoint and rec.checkpoint_step > after:
+                return True
+            if rec.state != RUNNING:
+                return False
+            heard = max((p.at for p in controller.progress.of(job_id).values()), default=0.0)
+            if time.time() - max(heard, asked_at) > SILENCE_S:
+                log.warning("event=checkpoint_not_taken job=%s reason=no_reports", job_id)
+                return False
+            time.sleep(0.1)
+        log.warning(
+            "event=checkpoint_not_taken job=%s after_step=%d waited_s=%g", job_id, after, wait_s
+        )
+        return False
+
+    def wanted(self, snap, now: float) -> bool:
+        """Whether the answer to a report of ``snap``'s job asks its ranks for a checkpoint."""
+        rec, spec = snap.record, snap.spec.checkpoint
+        if rec.mode != "allreduce" or rec.state != RUNNING:
+            return False
+        since = rec.checkpoint_at or rec.submitted_at
+        with self._lock:
+            after = self._requests.get(rec.job_id)
+            if after is not None and rec.checkpoint_step > after and rec.checkpoint:
+                del self._requests[rec.job_id]  # done
+                after = None
+            by_time = bool(spec.every_s) and now - since >= spec.every_s
+            if after is None and not by_time:
+                return False
+            asked = self._asked.get(rec.job_id)
+            # Once asked, not again until that checkpoint is recorded, or ASK_AGAIN_S
+            # passed (every rank skipped it: one was still writing the previous one).
+            if asked is not None and rec.checkpoint_at < asked and now - asked < ASK_AGAIN_S:
+                return False
+            self._asked[rec.job_id] = now
+            return True
 
     def written(self, controller, report: job_pb2.ShardWritten) -> bool:
         """Take one rank's report; commit the checkpoint if it was the last. True if committed."""

@@ -14,7 +14,7 @@ from elasticd.rpc import job_pb2, job_pb2_grpc
 from elasticd.server.controller.checkpoints import NotCheckpointable
 from elasticd.server.controller.controller import Controller, NotLeader, SwitchRefused
 from elasticd.server.controller.errors import Conflict
-from elasticd.server.controller.rank_checkpoints import BadShardReport, RankCheckpoints
+from elasticd.server.controller.rank_checkpoints import BadShardReport
 from elasticd.server.controller.rendezvous import RendezvousBoard, StaleGeneration, UnknownJob
 from elasticd.server.controller.view import JobNotFound
 from elasticd.task import TaskError
@@ -162,11 +162,10 @@ class TrainingCoordinatorServicer(job_pb2_grpc.TrainingCoordinatorServicer):
     def __init__(self, controller: Controller, board: RendezvousBoard | None = None) -> None:
         self.controller = controller
         self.board = board or RendezvousBoard(lambda job: sealed_generation(controller, job))
-        self.rank_checkpoints = RankCheckpoints()
 
     def ReportProgress(self, request, context):
         try:
-            stop = self.controller.report(
+            stop, checkpoint = self.controller.report(
                 request.job_id,
                 request.worker_id,
                 request.generation,
@@ -176,11 +175,11 @@ class TrainingCoordinatorServicer(job_pb2_grpc.TrainingCoordinatorServicer):
             )
         except Exception as exc:
             _abort_for(context, exc)
-        return job_pb2.ProgressAck(stop=stop)
+        return job_pb2.ProgressAck(stop=stop, checkpoint=checkpoint)
 
     def ReportShard(self, request, context):
         try:
-            committed = self.rank_checkpoints.written(self.controller, request)
+            committed = self.controller.rank_checkpoints.written(self.controller, request)
         except BadShardReport as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Exception as exc:

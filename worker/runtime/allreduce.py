@@ -24,9 +24,11 @@ replica with the highest step. The step in flight is simply redone.
 
 Every worker reports progress (global step, mean loss over ranks) every
 ``report_every_steps`` steps, and exits 0 once the global step reaches
-``steps``. Every ``checkpoint.every_steps`` steps and at the last one, each
-rank writes its slice of the replica (:mod:`.checkpointing`); a group formed
-without any state starts from the job's newest checkpoint.
+``steps``. Every ``checkpoint.every_steps`` steps, at the last one, and
+when the answer to a report asks for one (``checkpoint.every_s``,
+``elasticd checkpoint``, a cancel: agreed in the next step's control vector),
+each rank writes its slice of the replica (:mod:`.checkpointing`); a group
+formed without any state starts from the job's newest checkpoint.
 """
 
 from __future__ import annotations
@@ -125,6 +127,7 @@ class AllreduceWorker:
             reporter,
         )
         self._stop = False
+        self._checkpoint_asked = False  # the controller asked for a checkpoint
         self._losses: deque[float] = deque(maxlen=self.spec.report_every_steps)
         self._trained = 0  # steps this process took part in
 
@@ -288,8 +291,10 @@ class AllreduceWorker:
                 if self.reporter is not None:
                     self.reporter.retarget(a.controller)
                 self.group.publish(a)  # rank 0: a new leader needs our store's address
-            reform, stop, loss = self.step()
-            if self.checkpointer.due(self.replica.step):
+            reform, stop, asked, loss = self.step()
+            if asked:
+                self._checkpoint_asked = False  # every rank takes this one
+            if asked or self.checkpointer.due(self.replica.step):
                 r, g = self.replica, self.group
                 self.checkpointer.take(
                     r.model, r.optimizer, r.step, r.position, g.rank, g.world_size, g.generation
@@ -307,8 +312,9 @@ class AllreduceWorker:
                 return "reform"
         return "done"
 
-    def step(self) -> tuple[bool, bool, float]:
-        """One synchronous step; returns (re-form, stop, mean loss over ranks)."""
+    def step(self) -> tuple[bool, bool, bool, float]:
+        """One synchronous step; returns (re-form, stop, checkpoint, mean loss over ranks):
+        what any rank asked for holds for all of them."""
         g, replica = self.group, self.replica
         world = g.world_size
         batch = self.replica.task.batch(replica.position + g.rank)
@@ -316,10 +322,11 @@ class AllreduceWorker:
             batch = tuple(t.to(self.device, non_blocking=True) for t in batch)
         self.buckets.prepare(g)
         loss = replica.task.loss(replica.model, batch)
-        control = torch.zeros(3, dtype=torch.float64, device=self.device)
+        control = torch.zeros(4, dtype=torch.float64, device=self.device)
         control[0] = float(self.feed.current.generation > g.generation)
         control[1] = float(self._stop)
-        control[2] = loss.detach().to(torch.float64)
+        control[2] = float(self._checkpoint_asked)
+        control[3] = loss.detach().to(torch.float64)
         work = g.all_reduce(control, async_op=True)
         try:
             loss.backward()
@@ -333,8 +340,8 @@ class AllreduceWorker:
         replica.optimizer.step()
         replica.step += 1
         replica.position += world
-        reform, stop, total = control.tolist()
-        return reform > 0, stop > 0, total / world
+        reform, stop, asked, total = control.tolist()
+        return reform > 0, stop > 0, asked > 0, total / world
 
     # -- reporting ------------------------------------------------------------------
 
@@ -353,10 +360,12 @@ class AllreduceWorker:
             mean,
             self.group.world_size,
         )
-        if self.reporter is not None and self.reporter.report(
-            self.group.generation, self.replica.step, mean, finished=finished
-        ):
-            self._stop = True  # agreed with the other ranks in the next step's control vector
+        if self.reporter is None:
+            return
+        ack = self.reporter.report(self.group.generation, self.replica.step, mean, finished)
+        # Both agreed with the other ranks in the next step's control vector.
+        self._stop = self._stop or ack.stop
+        self._checkpoint_asked = self._checkpoint_asked or ack.checkpoint
 
     def _restore(self) -> Handover | None:
         """State for a group that has none: the job's newest verified checkpoint, if any."""

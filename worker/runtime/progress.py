@@ -32,14 +32,17 @@ class ProgressReporter:
         self._channel = grpc.insecure_channel(controller)
         self._stub = job_pb2_grpc.TrainingCoordinatorStub(self._channel)
 
-    def report(self, generation: int, step: int, loss: float, finished: bool = False) -> bool:
-        """Send one report; True if the controller says this job is over.
+    def report(
+        self, generation: int, step: int, loss: float, finished: bool = False
+    ) -> job_pb2.ProgressAck:
+        """Send one report; the controller's answer (``stop``: this job is over;
+        ``checkpoint``: an allreduce job is to take one).
 
         A controller that does not answer (fail-over in progress) costs a
-        warning, never the training run.
+        warning and an empty answer, never the training run.
         """
         try:
-            ack = self._stub.ReportProgress(
+            return self._stub.ReportProgress(
                 job_pb2.ProgressReport(
                     job_id=self.job_id,
                     generation=generation,
@@ -51,7 +54,6 @@ class ProgressReporter:
                 ),
                 timeout=REPORT_TIMEOUT_S,
             )
-            return ack.stop
         except grpc.RpcError as exc:
             log.warning(
                 "event=report_failed job=%s worker=%s code=%s",
@@ -59,7 +61,7 @@ class ProgressReporter:
                 self.worker_id,
                 exc.code(),
             )
-            return False
+            return job_pb2.ProgressAck()
 
     def shard_written(
         self, generation: int, rank: int, world: int, step: int, position: int, url: str, record

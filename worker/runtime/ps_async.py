@@ -333,7 +333,7 @@ def train(
                     step,
                     mean,
                 )
-                if reporter.report(a.generation, step, mean):
+                if reporter.report(a.generation, step, mean).stop:
                     break
             if step >= spec.steps or not all(o.applied for o in outcomes.values()):
                 break
