@@ -51,7 +51,7 @@ class BadShardReport(ValueError):
 
 ASK_AGAIN_S = 10.0  # an open request is asked for again after this long without a checkpoint
 TAKE_NOW_WAIT_S = 300.0  # how long `elasticd checkpoint` and a cancel wait for the checkpoint
-SILENCE_S = 30.0  # ... and how long they wait while no rank reports at all (none is training)
+SILENCE_S = 30.0  # a job none of whose ranks reported for this long is not training
 
 
 class RankCheckpoints:
@@ -70,10 +70,19 @@ class RankCheckpoints:
 
     def take_now(self, controller, job_id: str, wait_s: float = TAKE_NOW_WAIT_S) -> bool:
         """Ask a running job's ranks for a checkpoint and wait until one of a later step
-        than the job had reached is recorded. False if none came within ``wait_s``, no
-        rank reported for ``SILENCE_S``, or the job stopped running."""
-        after = controller.progress.live(controller.snapshot(job_id).record).step
-        asked_at = time.time()
+        than the job had reached is recorded.
+
+        False at once when no rank of the job's generation reported within ``SILENCE_S``
+        (none is training: nobody would hear the request), and False when none came
+        within ``wait_s``, the ranks fell silent for ``SILENCE_S`` meanwhile, or the job
+        stopped running.
+        """
+        snap = controller.snapshot(job_id)
+        url = snap.spec.checkpoint.url or controller.checkpoint_url
+        if not url or self._last_heard(controller, snap.record) is None:
+            log.info("event=checkpoint_not_taken job=%s reason=no_rank_training", job_id)
+            return False
+        after = controller.progress.live(snap.record).step
         self.request(job_id, after)
         log.info("event=checkpoint_requested job=%s after_step=%d", job_id, after)
         deadline = time.monotonic() + wait_s
@@ -83,15 +92,25 @@ class RankCheckpoints:
                 return True
             if rec.state != RUNNING:
                 return False
-            heard = max((p.at for p in controller.progress.of(job_id).values()), default=0.0)
-            if time.time() - max(heard, asked_at) > SILENCE_S:
-                log.warning("event=checkpoint_not_taken job=%s reason=no_reports", job_id)
+            if self._last_heard(controller, rec) is None:
+                log.warning("event=checkpoint_not_taken job=%s reason=ranks_silent", job_id)
                 return False
             time.sleep(0.1)
         log.warning(
             "event=checkpoint_not_taken job=%s after_step=%d waited_s=%g", job_id, after, wait_s
         )
         return False
+
+    @staticmethod
+    def _last_heard(controller, rec) -> float | None:
+        """When a rank of the job's current generation last reported, if within SILENCE_S."""
+        now = time.time()
+        heard = [
+            p.at
+            for p in controller.progress.of(rec.job_id).values()
+            if p.generation == rec.generation and now - p.at <= SILENCE_S
+        ]
+        return max(heard, default=None)
 
     def wanted(self, snap, now: float) -> bool:
         """Whether the answer to a report of ``snap``'s job asks its ranks for a checkpoint."""

@@ -77,7 +77,10 @@ class RankCheckpointer:
         """Copy this rank's slice now and write it in the background; False if skipped.
 
         The last step's checkpoint waits for the one before it rather than being skipped.
+        A job without a checkpoint store takes none.
         """
+        if not self.url:
+            return False
         if step == self.last_step:
             self.wait()
         if self._writing is not None and self._writing.is_alive():
