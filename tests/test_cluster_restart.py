@@ -1,8 +1,9 @@
 """The whole local cluster is SIGKILLed, etcd included, and started again on the same --dir.
 
 Every job that was running resumes from its newest verified checkpoint without
-being submitted again: the parameter servers hold that checkpoint's state bit
-for bit, and the job completes at its step count.
+being submitted again, and completes at its step count. A ps-async job's
+parameter servers hold that checkpoint's state bit for bit; an allreduce job's
+replica starts from it bit for bit (its ranks wrote it, no PS took part).
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import re
 import signal
 
 from elasticd.checkpoint import CheckpointStore
+from elasticd.checkpoint.locate import load_state
 from elasticd.client import JobClient
 from elasticd.local import LocalCluster
 from elasticd.placement import ShardPlacement
 from elasticd.retry import wait_until
 from elasticd.server.controller.restore import tier_digest
+from elasticd.worker.runtime.handover import Handover
 from tests.fixtures.cluster import LEASE_TTL_S
 from tests.jobs import spec_yaml
 from tests.test_ps_restore import record
@@ -77,5 +80,48 @@ def test_a_sigkilled_cluster_started_again_resumes_its_job(tmp_path):
             "the job to end",
         )
         assert (final.state, final.step) == ("COMPLETED", STEPS), final.message
+    finally:
+        second.stop()
+
+
+def test_a_sigkilled_cluster_started_again_resumes_its_allreduce_job(tmp_path):
+    base = tmp_path / "state"
+    first = local_cluster(base)
+    spec = {"steps": STEPS, "report_every_steps": 5, "max_restarts": 0}
+    try:
+        client = JobClient(etcd=first.etcd, prefix=first.prefix)
+        job_id = client.submit_yaml(
+            spec_yaml(
+                mode="allreduce",
+                workers={"min": 2, "max": 2},
+                checkpoint={"every_steps": 40},
+                **spec,
+            )
+        )
+        client.close()
+        wait_until(lambda: record(first, job_id).checkpoint_step >= 80, 120, "two checkpoints")
+    finally:
+        kill_everything(first)
+
+    store = CheckpointStore(str(base / "checkpoints"))
+    newest = store.latest(job_id)
+    assert newest is not None and newest.step >= 80 and newest.extra["mode"] == "allreduce"
+    position = newest.extra["position"]
+    expected = Handover(*load_state(store, newest), newest.step, position).digest()
+
+    second = local_cluster(base)
+    try:
+        final = wait_until(
+            lambda: (r := record(second, job_id)).state in ("COMPLETED", "FAILED") and r,
+            180,
+            "the job to end",
+        )
+        assert (final.state, final.step) == ("COMPLETED", STEPS), final.message
+        logs = "".join(p.read_text() for p in sorted((base / "logs" / job_id).glob("*.log")))
+        restored = re.findall(
+            r"event=replica_restored step=(\d+) position=(\d+) digest=(\w+)", logs
+        )
+        assert restored == [(str(newest.step), str(position), expected)]
+        assert store.latest(job_id).step == STEPS
     finally:
         second.stop()
