@@ -138,7 +138,7 @@ def test_a_backup_that_does_not_answer_fails_the_push_on_both_copies(
     group_on_0 = next(g for g in placement.groups if placement.holders(g)[0] == "ps-0")
     primary = servers[0].servicer.shard(JOB, group_on_0)
     before = (primary.version, [p.detach().clone() for p in primary.params])
-    servers[1].server.stop(None).wait()  # the backup of ps-0's group, and a primary
+    ps_cluster.kill(servers[1])  # the backup of ps-0's group, and a primary
     solo = ps_cluster.tier(
         servers, ShardPlacement(tuple(placement.in_group(group_on_0)), {})
     )  # only the group whose primary is alive
@@ -227,7 +227,7 @@ def test_failover_fills_a_new_backup_that_then_follows_its_primary(ps_cluster: P
     for i in range(3):
         step(model, tier, i, i + 1)
     lost = servers[1]
-    lost.server.stop(None).wait()
+    ps_cluster.kill(lost)
     alive = [s for s in servers if s is not lost]
     cluster = ClusterSnapshot(
         {},

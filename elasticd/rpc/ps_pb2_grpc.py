@@ -104,6 +104,11 @@ class ParameterServerStub:
                 request_serializer=elasticd_dot_rpc_dot_ps__pb2.ReplicateRequest.SerializeToString,
                 response_deserializer=elasticd_dot_rpc_dot_ps__pb2.ReplicateReply.FromString,
                 _registered_method=True)
+        self.OpenReplica = channel.unary_unary(
+                '/elasticd.ps.ParameterServer/OpenReplica',
+                request_serializer=elasticd_dot_rpc_dot_ps__pb2.OpenReplicaRequest.SerializeToString,
+                response_deserializer=elasticd_dot_rpc_dot_ps__pb2.OpenReplicaReply.FromString,
+                _registered_method=True)
         self.ConfigureShard = channel.unary_unary(
                 '/elasticd.ps.ParameterServer/ConfigureShard',
                 request_serializer=elasticd_dot_rpc_dot_ps__pb2.ConfigureShardRequest.SerializeToString,
@@ -209,6 +214,13 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenReplica(self, request, context):
+        """The replication channel of a backup copy (what a primary forwards over).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ConfigureShard(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -287,6 +299,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Replicate,
                     request_deserializer=elasticd_dot_rpc_dot_ps__pb2.ReplicateRequest.FromString,
                     response_serializer=elasticd_dot_rpc_dot_ps__pb2.ReplicateReply.SerializeToString,
+            ),
+            'OpenReplica': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenReplica,
+                    request_deserializer=elasticd_dot_rpc_dot_ps__pb2.OpenReplicaRequest.FromString,
+                    response_serializer=elasticd_dot_rpc_dot_ps__pb2.OpenReplicaReply.SerializeToString,
             ),
             'ConfigureShard': grpc.unary_unary_rpc_method_handler(
                     servicer.ConfigureShard,
@@ -672,6 +689,33 @@ class ParameterServer:
             '/elasticd.ps.ParameterServer/Replicate',
             elasticd_dot_rpc_dot_ps__pb2.ReplicateRequest.SerializeToString,
             elasticd_dot_rpc_dot_ps__pb2.ReplicateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenReplica(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/elasticd.ps.ParameterServer/OpenReplica',
+            elasticd_dot_rpc_dot_ps__pb2.OpenReplicaRequest.SerializeToString,
+            elasticd_dot_rpc_dot_ps__pb2.OpenReplicaReply.FromString,
             options,
             channel_credentials,
             insecure,

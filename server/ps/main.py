@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(f"ps:{ps_id}")
     stop = wait_for_stop_signal()
     sync_timeout = SYNC_ROUND_TIMEOUT_S if args.sync_timeout is None else args.sync_timeout
-    servicer = ParameterServerServicer(ps_id, sync_timeout_s=sync_timeout)
+    servicer = ParameterServerServicer(ps_id, sync_timeout_s=sync_timeout, host=args.host)
     server, port = start_grpc_server(
         lambda s: add_to_server(servicer, s),
         args.host,
@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     stop.wait()
     session.close()
     server.stop(grace=2).wait()
+    servicer.close()
     if metrics is not None:
         metrics.shutdown()
         metrics.server_close()

@@ -6,6 +6,11 @@ is acknowledged only once both copies applied it (see
 :mod:`elasticd.server.ps.shard`). A backup that does not answer within
 :data:`REPLICATE_TIMEOUT_S` fails the update on both: the worker sends its
 push again once the controller has moved the group to live servers.
+
+Updates travel over the backup's replication channel
+(:mod:`.replica_channel`: raw bytes on a TCP connection), opened on first use
+and again after any failure; a backup without one (``OpenReplica``
+unimplemented) gets them as a gRPC ``Replicate`` stream.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 
 from elasticd.rpc import ps_pb2
 from elasticd.rpc.limits import GRPC_OPTIONS
+from elasticd.server.ps.replica_channel import ChannelClosed, ReplicaChannel
 from elasticd.server.ps.shard import ReplicaUnavailable
 from elasticd.wire import as_bytes, chunk, encode_chunk_frame, frame_serializer
 
@@ -24,6 +30,7 @@ log = logging.getLogger(__name__)
 
 REPLICATE_TIMEOUT_S = 10.0  # one forwarded update; the push it carries waits this long at most
 SERVICE = ps_pb2.DESCRIPTOR.services_by_name["ParameterServer"].full_name
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
 class BackupLink:
@@ -37,6 +44,13 @@ class BackupLink:
             request_serializer=frame_serializer,
             response_deserializer=ps_pb2.ReplicateReply.FromString,
         )
+        self._open = self._channel.unary_unary(
+            f"/{SERVICE}/OpenReplica",
+            request_serializer=ps_pb2.OpenReplicaRequest.SerializeToString,
+            response_deserializer=ps_pb2.OpenReplicaReply.FromString,
+        )
+        self._socket: ReplicaChannel | None = None
+        self._grpc_only = False  # the backup has no replication channel
 
     def __call__(
         self,
@@ -52,29 +66,64 @@ class BackupLink:
             push_ids=[b for _, b in contributors],
         )
 
+        try:
+            if self._grpc_only or not self._over_channel(header, grads):
+                self._over_grpc(header, grads)
+        except grpc.RpcError as exc:
+            self._failed(version, exc.code().name, exc.details())
+        except (OSError, ChannelClosed) as exc:
+            self._drop_socket()
+            self._failed(version, "UNAVAILABLE", f"replication channel: {exc}")
+
+    def _over_channel(self, header: ps_pb2.ReplicateHeader, grads: list[torch.Tensor]) -> bool:
+        """Send over the replication channel; False if the backup has none."""
+        if self._socket is None:
+            try:
+                opened = self._open(
+                    ps_pb2.OpenReplicaRequest(fence=header.fence), timeout=REPLICATE_TIMEOUT_S
+                )
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                self._grpc_only = True
+                return False
+            host = self.address.rsplit(":", 1)[0].strip("[]")
+            self._socket = ReplicaChannel(host, opened.port, opened.token, REPLICATE_TIMEOUT_S)
+        code, payload = self._socket.send(header, grads)
+        if code:
+            self._failed(header.version, grpc.StatusCode(_CODES[code]).name, payload.decode())
+        return True
+
+    def _over_grpc(self, header: ps_pb2.ReplicateHeader, grads: list[torch.Tensor]) -> None:
         def requests():
             yield ps_pb2.ReplicateRequest(header=header)
             for index, g in enumerate(grads):
                 for offset, piece in chunk(as_bytes(g.contiguous())):
                     yield encode_chunk_frame(index, offset, piece)
 
-        try:
-            self._replicate(requests(), timeout=REPLICATE_TIMEOUT_S)
-        except grpc.RpcError as exc:
-            log.warning(
-                "event=replicate_failed job=%s group=%s backup=%s version=%d code=%s detail=%s",
-                self.job_id,
-                self.group,
-                self.address,
-                version,
-                exc.code().name,
-                exc.details(),
-            )
-            raise ReplicaUnavailable(
-                f"job {self.job_id} group {self.group}: the backup at {self.address} did not "
-                f"apply the update to version {version} ({exc.code().name}: {exc.details()}); "
-                "nothing was applied: push again once the group has a live backup"
-            ) from None
+        self._replicate(requests(), timeout=REPLICATE_TIMEOUT_S)
+
+    def _failed(self, version: int, code: str, details: str):
+        log.warning(
+            "event=replicate_failed job=%s group=%s backup=%s version=%d code=%s detail=%s",
+            self.job_id,
+            self.group,
+            self.address,
+            version,
+            code,
+            details,
+        )
+        raise ReplicaUnavailable(
+            f"job {self.job_id} group {self.group}: the backup at {self.address} did not "
+            f"apply the update to version {version} ({code}: {details}); "
+            "nothing was applied: push again once the group has a live backup"
+        ) from None
+
+    def _drop_socket(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
 
     def close(self) -> None:
+        self._drop_socket()
         self._channel.close()

@@ -27,6 +27,7 @@ from elasticd.server.ps.messages import (
     tensor_metas,
 )
 from elasticd.server.ps.metrics import PSCollector, ShardFigures, new_registry
+from elasticd.server.ps.replica_channel import ReplicaListener
 from elasticd.server.ps.replication import BackupLink
 from elasticd.server.ps.shard import (
     SYNC_ROUND_TIMEOUT_S,
@@ -79,15 +80,39 @@ _REJECTED = {
 
 class ParameterServerServicer(ShardStateRPCs, ps_pb2_grpc.ParameterServerServicer):
     def __init__(
-        self, ps_id: str, sync_timeout_s: float = SYNC_ROUND_TIMEOUT_S, incarnation: str = ""
+        self,
+        ps_id: str,
+        sync_timeout_s: float = SYNC_ROUND_TIMEOUT_S,
+        incarnation: str = "",
+        host: str = "127.0.0.1",
     ) -> None:
         self.ps_id = ps_id
+        self.host = host  # where the replication channel listens: as the gRPC port does
+        self._listener: ReplicaListener | None = None
         self.sync_timeout_s = sync_timeout_s
         self.shards = ShardDirectory(ps_id, incarnation)
         self._lock = threading.Lock()
         self._unknown_jobs = 0
         # Per servicer, so several servers in one process keep separate figures.
         self.registry = new_registry(PSCollector(self.figures, lambda: self._unknown_jobs))
+
+    def replica_listener(self) -> ReplicaListener:
+        """This PS's replication channel listener, started on first use."""
+        with self._lock:
+            if self._listener is None:
+                self._listener = ReplicaListener(
+                    self.host,
+                    lambda job, group: self.shards.get(job, group),
+                    lambda exc: _STATUS.get(type(exc), grpc.StatusCode.INTERNAL),
+                )
+            return self._listener
+
+    def close(self) -> None:
+        """Stop what the servicer runs beside its gRPC server (the replication channel)."""
+        with self._lock:
+            listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
 
     # -- lookup and error mapping -----------------------------------------
 

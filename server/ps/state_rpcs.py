@@ -174,6 +174,23 @@ class ShardStateRPCs:
             shard.recycle(buffers)
         return ps_pb2.ReplicateReply(version=version)
 
+    def OpenReplica(self, request, context):
+        """The replication channel of this backup copy: a port and a one-time token."""
+        shard = self._of(request.fence, context)
+        try:
+            shard.check_fence(request.fence.generation)
+        except ShardError as exc:
+            self._abort(context, exc)
+        if not shard.backup:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"job {request.fence.job_id} group {request.fence.shard}: this copy is a "
+                "primary; only a backup takes forwarded updates",
+            )
+        listener = self.replica_listener()
+        token = listener.issue(request.fence.job_id, self.group_of(request.fence))
+        return ps_pb2.OpenReplicaReply(port=listener.port, token=token)
+
     def ConfigureShard(self, request, context):
         """Make a copy the group's primary (forwarding to ``backup_address``) or its backup."""
         shard = self._of(request.fence, context)
