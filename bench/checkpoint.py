@@ -135,7 +135,7 @@ def checkpoint_figures(args, workdir: Path) -> dict:
         state_bytes = sum(t.numel() * t.element_size() for t in state)
 
         store = CheckpointStore(url)
-        memcpy, stall, upload, put, restore, get = [], [], [], [], [], []
+        memcpy, stall, upload, put, restore, get, commit = [], [], [], [], [], [], []
         fs = fsspec.filesystem(
             "s3", client_kwargs={"endpoint_url": endpoint, "region_name": REGION}
         )
@@ -161,6 +161,7 @@ def checkpoint_figures(args, workdir: Path) -> dict:
                     "placement": json.loads(placement.to_json()),
                 },
             )
+            shards_s = time.perf_counter() - started
             store.commit(manifest)
             upload_s = time.perf_counter() - started
             after = _pause_sums(tier)
@@ -182,6 +183,7 @@ def checkpoint_figures(args, workdir: Path) -> dict:
                 memcpy.append(memcpy_s)
                 stall.append(stall_s)
                 upload.append(sum(sizes) / upload_s / 1e6)
+                commit.append(upload_s - shards_s)
                 put.append(sum(sizes) / put_s / 1e6)
                 restore.append(restore_s)
                 get.append(get_s)
@@ -200,6 +202,7 @@ def checkpoint_figures(args, workdir: Path) -> dict:
         "upload_mb_s": round(med(upload), 1),
         "raw_put_mb_s": round(med(put), 1),
         "upload_ratio": round(med(upload) / med(put), 3),
+        "upload_commit_s": round(med(commit), 3),  # of upload: the manifest's commit
         "restore_s": round(med(restore), 3),
         "raw_get_s": round(med(get), 3),
         "restore_ratio": round(med(restore) / med(get), 3),

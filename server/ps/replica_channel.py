@@ -16,6 +16,8 @@ therefore one TCP connection per (job, group), opened like this:
    them straight into its gradient buffers);
 4. the backup answers each frame with ``<BI`` (status, length) and a payload:
    status 0 and a ``ReplicateReply``, or a gRPC status code and its message.
+   It answers 0 once the update is sure to apply, and then steps under the
+   shard's lock, so the primary's step and the backup's run at the same time.
 
 A frame the backup cannot take whole (a header that does not parse or names
 another group, a body of the wrong size) is answered and the connection
@@ -213,19 +215,23 @@ class ReplicaListener:
             for b in buffers:
                 recv_into_exact(conn, tensor_view(b))
             shard.stats.received(blen)
+
+            def accepted(version: int) -> None:  # answered before the backup's own step
+                send_reply(conn, 0, ps_pb2.ReplicateReply(version=version).SerializeToString())
+
             try:
-                version = shard.apply_replica(
+                shard.apply_replica(
                     header.fence.generation,
                     header.version,
                     buffers,
                     list(zip(header.workers, header.push_ids, strict=True)),
+                    accepted,
                 )
             except ShardError as exc:
                 send_reply(conn, self._status_of(exc).value[0], str(exc).encode())
                 return True  # every byte of the frame was read: the stream is in step
         finally:
             shard.recycle(buffers)
-        send_reply(conn, 0, ps_pb2.ReplicateReply(version=version).SerializeToString())
         return True
 
 

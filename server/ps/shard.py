@@ -300,12 +300,16 @@ class ParameterShard:
         version: int,
         grads: list[torch.Tensor],
         contributors: list[tuple[str, int]],
+        accepted: Callable[[int], None] | None = None,
     ) -> int:
         """A backup applies one update its primary forwarded; returns its version after it.
 
         Updates apply in version order only. The same update sent twice (the
         primary did not hear the answer) is acknowledged once more and not
-        applied again.
+        applied again. ``accepted(version after)`` is called once the update is
+        sure to apply, before the optimizer steps: the primary may step at the
+        same time, since nothing reads this copy until its step is done (the lock
+        is held throughout), and a backup that dies meanwhile is lost whole.
         """
         with self.lock:
             self.fence(generation)
@@ -315,12 +319,23 @@ class ParameterShard:
                     "updates"
                 )
             if self.version == version + 1 and self._last_forwarded == version:
+                if accepted is not None:
+                    accepted(self.version)
                 return self.version
             if self.version != version:
                 raise BadRequest(
                     f"job {self.config.job_id}: the backup is at version {self.version}, the "
                     f"forwarded update applies to version {version}"
                 )
+            if accepted is not None:
+                try:
+                    accepted(version + 1)
+                finally:
+                    self._commit(grads, contributors)  # the primary may have heard the answer
+                    self._last_forwarded = version
+                for _ in contributors:
+                    self.stats.applied(0)
+                return self.version
             self._commit(grads, contributors)
             self._last_forwarded = version
             for _ in contributors:
