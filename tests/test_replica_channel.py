@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 
 import grpc
 import pytest
 
+from elasticd.retry import wait_until
 from elasticd.rpc import ps_pb2
 from elasticd.server.ps.replica_channel import MAGIC, TOKEN_BYTES, recv_exact
 from tests.fixtures.ps import JOB, PSCluster
@@ -140,3 +142,12 @@ def test_hostile_channel_input_is_refused_and_the_copies_stay_equal(ps_cluster: 
     step(model, tier, 1, 2)
     assert held.version == before + 1
     assert_copies_equal(servers, placement)
+
+    # A stopped PS leaves no channel thread behind, the primaries' open channels included.
+    for ps in servers:
+        ps_cluster.kill(ps)
+    wait_until(
+        lambda: not [t for t in threading.enumerate() if t.name.startswith("replica-")],
+        10,
+        "the channel threads to end",
+    )

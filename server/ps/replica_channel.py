@@ -134,7 +134,7 @@ class ReplicaListener:
 
     def close(self) -> None:
         self._closed = True
-        self._sock.close()
+        _close(self._sock)  # shutdown first: that is what wakes a thread blocked in accept()
         with self._lock:
             conns = list(self._conns)
         for c in conns:
