@@ -37,42 +37,18 @@ import multiprocessing as mp
 import os
 import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import torch
 
 from bench.ps import start_servers, stop_all
+from tests.fixtures.s3 import start_moto, stop_moto
 
 MODEL_SHAPES = ((4608, 1024), (2304, 1024), (2304, 1024))  # 37.7 MB of float32; x3 with Adam
 JOB = "bench-ck"
 REGION = "us-east-1"
-
-
-def _moto(log: Path) -> tuple[str, subprocess.Popen]:
-    from elasticd.local import free_port
-
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
-            return endpoint, proc
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"moto_server did not start; see {log}") from None
-            time.sleep(0.1)
 
 
 def _bucket(endpoint: str) -> str:
@@ -103,7 +79,7 @@ def checkpoint_figures(args, workdir: Path) -> dict:
     from elasticd.ps_client import PSTier
     from elasticd.server.controller.restore import restore_tier
 
-    endpoint, moto = _moto(workdir / "moto.log")
+    endpoint, moto = start_moto(workdir / "moto.log")
     os.environ.update(
         AWS_ENDPOINT_URL=endpoint,
         AWS_ACCESS_KEY_ID="bench",
@@ -190,8 +166,7 @@ def checkpoint_figures(args, workdir: Path) -> dict:
         tier.close()
     finally:
         stop_all(procs, pipes)
-        moto.kill()
-        moto.wait()
+        stop_moto(moto)
     med = statistics.median
     return {
         "state_mb": round(state_bytes / 1e6, 1),
