@@ -33,7 +33,7 @@ from elasticd.coord.session import DEFAULT_TTL_S
 from elasticd.local import LocalCluster
 from elasticd.membership import Generation
 from elasticd.retry import wait_until
-from elasticd.server.controller.main import JOIN_WINDOW_S
+from elasticd.server.controller.join_window import JOIN_WINDOW_S
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

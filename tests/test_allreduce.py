@@ -429,11 +429,20 @@ def test_allreduce_job_completes_on_a_local_cluster(cluster):
     client.close()
 
 
+# Far longer than any wait below: a seal that waited for it would fail the test.
+LONG_JOIN_WINDOW_S = 300.0
+
+
 def test_killed_workers_come_back_and_take_the_survivors_state(cluster):
-    """A killed worker is left out of one generation and comes back, fresh, in the next."""
+    """A killed worker is left out of one generation and comes back, fresh, in the next.
+
+    Neither change waits for the join window: the departure seals at once
+    (nobody waits on a process that is starting), and so does the return, since
+    it fills the job up to ``workers.max``; so does the first generation.
+    """
     from tests.test_local_cluster import workers_of
 
-    c = cluster(ps=0, agents=2)
+    c = cluster(ps=0, agents=2, join_window=LONG_JOIN_WINDOW_S)
     client = JobClient(etcd=c.etcd, prefix=c.prefix)
     steps = 2000
     job_id = client.submit_yaml(

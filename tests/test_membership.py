@@ -34,6 +34,7 @@ from elasticd.server.controller.planning import (
     Seal,
     Wait,
     decide,
+    seal_at_once,
 )
 from elasticd.server.controller.progress import ProgressBook
 from elasticd.server.controller.records import (
@@ -231,6 +232,39 @@ def test_seal_with_new_worker_when_node_joins() -> None:
     assert isinstance(action, Seal)
     assert action.workers == ("a.0", "b.0")
     assert "joined=b.0" in action.reason
+
+
+# -- which seals wait for the join window (invariant 9) -----------------------------
+
+
+@pytest.mark.parametrize(
+    ("current", "wanted", "wmin", "wmax", "restore", "now"),
+    [
+        # a departure, a stop, a restart of the same set: at once
+        (["a.0", "b.0", "c.0"], ["a.0", "b.0"], 1, 4, False, ["a.0", "b.0"]),
+        (["a.0", "b.0"], [], 1, 4, False, []),
+        (["a.0", "b.0"], ["a.0", "b.0"], 1, 4, False, ["a.0", "b.0"]),
+        # a join waits, unless the set is full or a restore is due anyway
+        (["a.0"], ["a.0", "b.0"], 1, 4, False, None),
+        ([], ["a.0", "b.0"], 1, 4, False, None),
+        (["a.0"], ["a.0", "b.0"], 1, 2, False, ["a.0", "b.0"]),
+        ([], ["a.0", "b.0"], 1, 2, False, ["a.0", "b.0"]),
+        (["a.0"], ["a.0", "b.0"], 1, 4, True, ["a.0", "b.0"]),
+        # lost and joined at once: the survivors now, the joins later ...
+        (["a.0", "b.0"], ["a.0", "c.0"], 1, 4, False, ["a.0"]),
+        # ... unless the survivors alone are too few to train
+        (["a.0", "b.0"], ["a.0", "c.0"], 2, 4, False, None),
+    ],
+)
+def test_departures_never_wait_for_the_join_window(
+    current, wanted, wmin, wmax, restore, now
+) -> None:
+    spec = make_spec("allreduce", wmin, wmax)
+    got = seal_at_once(Seal(tuple(wanted), "why", restore=restore), frozenset(current), spec)
+    if now is None:
+        assert got is None
+    else:
+        assert got is not None and list(got.workers) == now and got.restore == restore
 
 
 def test_no_seal_when_a_node_joins_at_max() -> None:

@@ -33,17 +33,16 @@ from elasticd.server.controller.errors import BUG_GIVE_UP_S, Conflict, is_retrya
 from elasticd.server.controller.executor import JobLanes, OffLane
 from elasticd.server.controller.failover import fail_over
 from elasticd.server.controller.finishing import finish_ops, release_shards
+from elasticd.server.controller.join_window import JOIN_WINDOW_S, JoinWindow
 from elasticd.server.controller.modes import SwitchRefused, plan_switch, switch_due
 from elasticd.server.controller.planning import (
     ClusterSnapshot,
     Complete,
     Fail,
     JobSnapshot,
-    PendingChange,
     Seal,
     Wait,
     decide,
-    last_call,
 )
 from elasticd.server.controller.progress import Progress, ProgressBook
 from elasticd.server.controller.rank_checkpoints import RankCheckpoints
@@ -63,9 +62,6 @@ __all__ = ["Controller", "NotLeader", "SwitchRefused", "tensor_specs"]
 
 log = logging.getLogger(__name__)
 
-JOIN_WINDOW_S = 1.0  # a changed membership must hold this long before it is sealed
-# ...unless changes keep coming for this many join windows: then seal anyway.
-JOIN_WINDOW_MAX_FACTOR = 10
 RECONCILE_INTERVAL_S = 0.5  # reconcile at least this often, and on every change
 CONFLICT_RETRIES = 5  # a user request retries this often when the job changed under it
 
@@ -86,7 +82,6 @@ class Controller:
         self.keys = keys
         self.address = address
         self.checkpoint_url = checkpoint_url
-        self.join_window_s = join_window_s
         self.election = election
         self._wake = threading.Event()
         self.view = EtcdView(client, keys, self._wake.set)
@@ -95,7 +90,7 @@ class Controller:
         self.writer = JobWriter(
             client, keys, self._guard, self._still_leading, self.view.wait_for_revision
         )
-        self._pending: dict[str, PendingChange] = {}
+        self.joins = JoinWindow(join_window_s)  # departures seal at once, joins wait for it
         self._is_leader = False
         self._adopted: set[str] = set()
         self.background = OffLane()  # one checkpoint or completion under way per job
@@ -300,21 +295,14 @@ class Controller:
             snap = self.snapshot(job_id)
         action = decide(snap, cluster)
         if isinstance(action, Seal):
-            pending, wait = last_call(
-                self._pending.get(job_id),
-                action.workers,
-                time.monotonic(),
-                self.join_window_s,
-                self.join_window_s * JOIN_WINDOW_MAX_FACTOR,
-            )
-            self._pending[job_id] = pending
-            if wait > 0:
+            current = snap.generation.worker_ids if snap.generation else frozenset()
+            now, wait = self.joins.due(job_id, action, current, snap.spec, time.monotonic())
+            if now is not None:
+                self._seal(snap, cluster, now)
+            else:
                 self._wake_later(wait)
-                return
-            self._pending.pop(job_id, None)
-            self._seal(snap, cluster, action)
             return
-        self._pending.pop(job_id, None)
+        self.joins.forget(job_id)
         if isinstance(action, Complete):
             self._start_background(job_id, lambda: self._complete(job_id))
         elif isinstance(action, Fail):

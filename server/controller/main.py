@@ -12,6 +12,7 @@ from elasticd.coord.etcd import EtcdClient
 from elasticd.coord.keys import DEFAULT_PREFIX, Keys
 from elasticd.coord.session import DEFAULT_TTL_S, Session
 from elasticd.retry import Backoff
+from elasticd.server.controller.join_window import JOIN_WINDOW_S
 from elasticd.serving import (
     advertised_host,
     configure_logging,
@@ -20,8 +21,6 @@ from elasticd.serving import (
 )
 
 log = logging.getLogger(__name__)
-
-JOIN_WINDOW_S = 1.0  # a changed membership must hold this long before it is sealed
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,7 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--join-window",
         type=float,
         default=JOIN_WINDOW_S,
-        help="seconds a membership change must hold before it is sealed (gathers bursts of joins)",
+        help="seconds a join must hold before it is sealed (gathers a burst of joins into one "
+        "generation; departures never wait)",
     )
 
 

@@ -253,6 +253,31 @@ def last_call(
     return pending, max(wait, 0.0)
 
 
+def seal_at_once(action: Seal, current: frozenset[str], spec: JobSpec) -> Seal | None:
+    """The part of ``action`` to seal now, without the join window; None: wait for it.
+
+    Nobody waits on a process that is starting (ARCHITECTURE invariant 9): a
+    departure, a restart or a restore seals at once, since the running
+    generation cannot step without it. Only joins wait for the window, to gather
+    a burst of them into one generation, and not even they once the wanted set
+    is full (``workers.max``: nobody else could join) or the running generation
+    needs a restore anyway. A change that both loses
+    and gains workers seals the survivors now and leaves the joins to the window,
+    unless the survivors alone are below ``workers.min``.
+    """
+    wanted = frozenset(action.workers)
+    if wanted <= current or len(wanted) >= spec.workers.max or (action.restore and current):
+        return action
+    survivors = wanted & current
+    if survivors == current or len(survivors) < spec.workers.min:
+        return None  # a pure join, or one the survivors cannot train without
+    return Seal(
+        tuple(sorted(survivors)),
+        f"{action.reason} (the departures now; the joins after the join window)",
+        restore=action.restore,
+    )
+
+
 MASTER_PORT_BASE = 29400  # derived torchrun MASTER_PORTs fall in [base, base + span)
 MASTER_PORT_SPAN = 500
 
