@@ -36,6 +36,7 @@ class NodeInfo:
     gpus: int = 0
     hostname: str = ""
     address: str = ""  # host others reach this node at (torchrun's MASTER_ADDR)
+    agent_address: str = ""  # host:port of the agent's NodeAgent gRPC service
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()

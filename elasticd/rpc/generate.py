@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-PROTOS = ("ps.proto", "job.proto")
+PROTOS = ("ps.proto", "job.proto", "agent.proto")
 
 
 def generate(out_dir: Path, proto_dir: Path) -> None:

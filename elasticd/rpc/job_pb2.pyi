@@ -207,3 +207,23 @@ class RendezvousQuery(_message.Message):
 class RendezvousAck(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class PeerLostReport(_message.Message):
+    __slots__ = ("job_id", "generation", "worker_id", "suspects")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SUSPECTS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    generation: int
+    worker_id: str
+    suspects: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, job_id: _Optional[str] = ..., generation: _Optional[int] = ..., worker_id: _Optional[str] = ..., suspects: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PeerLostReply(_message.Message):
+    __slots__ = ("confirmed", "healthy")
+    CONFIRMED_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    confirmed: _containers.RepeatedScalarFieldContainer[str]
+    healthy: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, confirmed: _Optional[_Iterable[str]] = ..., healthy: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -343,6 +343,11 @@ class TrainingCoordinatorStub:
                 request_serializer=elasticd_dot_rpc_dot_job__pb2.RendezvousQuery.SerializeToString,
                 response_deserializer=elasticd_dot_rpc_dot_job__pb2.RendezvousAddress.FromString,
                 _registered_method=True)
+        self.ReportPeerLost = channel.unary_unary(
+                '/elasticd.job.TrainingCoordinator/ReportPeerLost',
+                request_serializer=elasticd_dot_rpc_dot_job__pb2.PeerLostReport.SerializeToString,
+                response_deserializer=elasticd_dot_rpc_dot_job__pb2.PeerLostReply.FromString,
+                _registered_method=True)
 
 
 class TrainingCoordinatorServicer:
@@ -375,6 +380,12 @@ class TrainingCoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportPeerLost(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingCoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -397,6 +408,11 @@ def add_TrainingCoordinatorServicer_to_server(servicer, server):
                     servicer.LookupRendezvous,
                     request_deserializer=elasticd_dot_rpc_dot_job__pb2.RendezvousQuery.FromString,
                     response_serializer=elasticd_dot_rpc_dot_job__pb2.RendezvousAddress.SerializeToString,
+            ),
+            'ReportPeerLost': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportPeerLost,
+                    request_deserializer=elasticd_dot_rpc_dot_job__pb2.PeerLostReport.FromString,
+                    response_serializer=elasticd_dot_rpc_dot_job__pb2.PeerLostReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -508,6 +524,33 @@ class TrainingCoordinator:
             '/elasticd.job.TrainingCoordinator/LookupRendezvous',
             elasticd_dot_rpc_dot_job__pb2.RendezvousQuery.SerializeToString,
             elasticd_dot_rpc_dot_job__pb2.RendezvousAddress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportPeerLost(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/elasticd.job.TrainingCoordinator/ReportPeerLost',
+            elasticd_dot_rpc_dot_job__pb2.PeerLostReport.SerializeToString,
+            elasticd_dot_rpc_dot_job__pb2.PeerLostReply.FromString,
             options,
             channel_credentials,
             insecure,

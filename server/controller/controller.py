@@ -24,6 +24,7 @@ from dataclasses import replace
 from elasticd.coord.election import Election, NotLeading
 from elasticd.coord.etcd import Compare, EtcdClient, Put
 from elasticd.coord.keys import Keys
+from elasticd.coord.session import DEFAULT_TTL_S
 from elasticd.jobspec import JobSpec
 from elasticd.membership import Generation
 from elasticd.server.controller import admission, checkpoints, sealing
@@ -55,6 +56,7 @@ from elasticd.server.controller.records import (
     JobRecord,
 )
 from elasticd.server.controller.restore import RestoreBackoff, restore_in_seal
+from elasticd.server.controller.suspicion import PeerSuspicions
 from elasticd.server.controller.view import EtcdView, JobNotFound
 from elasticd.server.controller.writes import JobWriter
 
@@ -77,6 +79,7 @@ class Controller:
         checkpoint_url: str,
         join_window_s: float = JOIN_WINDOW_S,
         election: Election | None = None,
+        lease_ttl_s: float = DEFAULT_TTL_S,
     ) -> None:
         self.client = client
         self.keys = keys
@@ -91,6 +94,7 @@ class Controller:
             client, keys, self._guard, self._still_leading, self.view.wait_for_revision
         )
         self.joins = JoinWindow(join_window_s)  # departures seal at once, joins wait for it
+        self.suspicions = PeerSuspicions(hold_s=2 * lease_ttl_s)  # nodes a survivor lost
         self._is_leader = False
         self._adopted: set[str] = set()
         self.background = OffLane()  # one checkpoint or completion under way per job
@@ -130,7 +134,7 @@ class Controller:
             self.set_leader(False)
         return leading
 
-    def _require_leader(self) -> None:
+    def require_leader(self) -> None:
         if not self._is_leader:
             raise NotLeader("this controller is a standby; ask the leader")
 
@@ -150,7 +154,7 @@ class Controller:
 
     def submit(self, spec: JobSpec, resume_from: str = "") -> str:
         """Admit a job; ``resume_from`` names a checkpoint it starts from (NoSuchCheckpoint)."""
-        self._require_leader()
+        self.require_leader()
         admission.check_buildable(spec)  # a task that cannot be built is refused now
         if resume_from:
             resume_from = admission.check_resumable(spec, resume_from, self.checkpoint_url)
@@ -166,19 +170,19 @@ class Controller:
         raise RuntimeError("no free job id after several tries; submit again")
 
     def cancel(self, job_id: str) -> JobRecord:
-        self._require_leader()
+        self.require_leader()
         checkpoints.final_checkpoint(self, job_id)
         return self._on_lane(job_id, lambda: self._cancel(job_id))
 
     def checkpoint(self, job_id: str) -> JobRecord:
         """Checkpoint a running job now (NotCheckpointable if it cannot be)."""
-        self._require_leader()
+        self.require_leader()
         checkpoints.checkpoint_now(self, job_id)
         return self.snapshot(job_id).record
 
     def switch(self, job_id: str, mode: str, reason: str = "") -> JobRecord:
         """Move a running job to ``mode`` at its next step boundary."""
-        self._require_leader()
+        self.require_leader()
         return self._on_lane(job_id, lambda: self._switch(job_id, mode, reason, False))
 
     def _on_lane(self, job_id: str, fn: Callable[[], JobRecord]) -> JobRecord:
@@ -239,6 +243,10 @@ class Controller:
 
     # -- the reconcile loop ---------------------------------------------------------
 
+    def wake(self) -> None:
+        """Run a reconcile pass now."""
+        self._wake.set()
+
     def wait(self, timeout: float = RECONCILE_INTERVAL_S) -> None:
         self._wake.wait(timeout)
         self._wake.clear()
@@ -289,7 +297,7 @@ class Controller:
         snap = self.snapshot(job_id)
         if snap.record.state in TERMINAL or not self._is_leader:
             return
-        cluster = self.view.cluster()
+        cluster = self.suspicions.without_dead(self.view.cluster())
         if job_id not in self._adopted and snap.generation is not None:
             self._adopt(snap, cluster)
             snap = self.snapshot(job_id)

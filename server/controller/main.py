@@ -86,7 +86,14 @@ def run(args: argparse.Namespace) -> int:
     stop = wait_for_stop_signal()
     keys = Keys(args.prefix)
     client = EtcdClient(args.etcd)
-    controller = Controller(client, keys, "", args.checkpoint_url, join_window_s=args.join_window)
+    controller = Controller(
+        client,
+        keys,
+        "",
+        args.checkpoint_url,
+        join_window_s=args.join_window,
+        lease_ttl_s=args.lease_ttl,
+    )
 
     def add(server) -> None:
         job_pb2_grpc.add_JobServiceServicer_to_server(JobServiceServicer(controller), server)

@@ -16,6 +16,7 @@ from elasticd.server.controller.controller import Controller, NotLeader, SwitchR
 from elasticd.server.controller.errors import Conflict
 from elasticd.server.controller.rank_checkpoints import BadShardReport
 from elasticd.server.controller.rendezvous import RendezvousBoard, StaleGeneration, UnknownJob
+from elasticd.server.controller.suspicion import BadPeerReport, StalePeerReport, peer_lost
 from elasticd.server.controller.view import JobNotFound
 from elasticd.task import TaskError
 
@@ -185,6 +186,23 @@ class TrainingCoordinatorServicer(job_pb2_grpc.TrainingCoordinatorServicer):
         except Exception as exc:
             _abort_for(context, exc)
         return job_pb2.ShardWrittenAck(committed=committed)
+
+    def ReportPeerLost(self, request, context):
+        try:
+            confirmed, healthy = peer_lost(
+                self.controller,
+                request.job_id,
+                request.generation,
+                request.worker_id,
+                list(request.suspects),
+            )
+        except BadPeerReport as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except StalePeerReport as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except Exception as exc:
+            _abort_for(context, exc)
+        return job_pb2.PeerLostReply(confirmed=confirmed, healthy=healthy)
 
     def PublishRendezvous(self, request, context):
         try:

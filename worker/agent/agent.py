@@ -28,7 +28,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import psutil
@@ -38,8 +38,11 @@ from elasticd.coord.etcd import EtcdClient, EtcdError
 from elasticd.coord.keys import Keys
 from elasticd.coord.session import Session
 from elasticd.membership import NodeInfo, WorkerReport
+from elasticd.rpc import agent_pb2_grpc
+from elasticd.serving import start_grpc_server
 from elasticd.worker.agent.api import FAILED, RESTARTING, RUNNING, SUCCEEDED, Exited
 from elasticd.worker.agent.launch import heartbeat_path, process_spec
+from elasticd.worker.agent.status_service import NodeAgentServicer
 from elasticd.worker.agent.supervisor import ProcessSupervisor
 
 log = logging.getLogger(__name__)
@@ -111,15 +114,31 @@ class NodeAgent:
         # restarts used per (job, worker), kept while a slot is out of a generation
         self._restarts: dict[tuple[str, str], int] = {}
         self._lock = threading.RLock()
+        self._server = None  # the NodeAgent gRPC service, started by start()
 
     def start(self) -> NodeAgent:
         self.session.start()
-        self.session.put(
-            self.keys.node(self.node_id),
-            node_capacity(self.node_id, self.slots, self.address).to_json(),
+        self._server, port = start_grpc_server(
+            lambda s: agent_pb2_grpc.add_NodeAgentServicer_to_server(
+                NodeAgentServicer(self.worker_state), s
+            ),
+            self.address or socket.gethostname(),
+            0,
         )
+        info = node_capacity(self.node_id, self.slots, self.address)
+        info = replace(info, agent_address=f"{info.address}:{port}")
+        self.session.put(self.keys.node(self.node_id), info.to_json())
         self.assignments.start()
         return self
+
+    def worker_state(self, job_id: str, worker_id: str) -> tuple[str, int, int]:
+        """(state, pid, generation) of a worker of this node; ("", 0, 0) if it has none."""
+        with self._lock:
+            slot = self._slots.get((job_id, worker_id))
+            if slot is None:
+                return "", 0, 0
+            pid = self.supervisor.pid((job_id, worker_id)) or 0
+            return slot.state, pid, slot.generation
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -135,6 +154,8 @@ class NodeAgent:
         self.assignments.stop()
         self.supervisor.stop_all()
         self.session.close()
+        if self._server is not None:
+            self._server.stop(grace=1).wait()
 
     # -- reconcile ------------------------------------------------------------
 

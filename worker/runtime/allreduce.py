@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -64,13 +65,18 @@ from elasticd.worker.runtime.process_group import (
 from elasticd.worker.runtime.progress import ProgressReporter
 from elasticd.worker.runtime.rendezvous import ControllerDirectory, RendezvousDirectory
 from elasticd.worker.runtime.replica import LRSchedule, Replica
-from elasticd.worker.runtime.switching import Switch, from_model, into_model
+from elasticd.worker.runtime.switching import (
+    Switch,
+    await_switch,
+    from_model,
+    into_model,
+    switch_scheduled,
+)
 
 log = logging.getLogger(__name__)
 
 Observer = Callable[[str, dict[str, Any]], None]
 
-SWITCH_WAIT_S = 30.0  # how long ranks wait at a scheduled switch for its generation
 CHECKPOINT_WAIT_S = 300.0  # how long a finished worker waits for its last checkpoint slice
 
 
@@ -128,6 +134,7 @@ class AllreduceWorker:
         )
         self._stop = False
         self._checkpoint_asked = False  # the controller asked for a checkpoint
+        self._peers: tuple[str, ...] = ()  # the other members of the formed generation
         self._losses: deque[float] = deque(maxlen=self.spec.report_every_steps)
         self._trained = 0  # steps this process took part in
 
@@ -178,6 +185,7 @@ class AllreduceWorker:
                         exc,
                     )
                     self._observe("failed", error=str(exc))
+                    self._report_peers()
                     self.group.destroy()
                     after = 0
                     continue
@@ -214,8 +222,20 @@ class AllreduceWorker:
         finally:
             self.group.close()
 
+    def _report_peers(self) -> None:
+        """A broken collective lost some peer: name them all to the controller, which asks
+        their agents (a dead node is then left out before its lease expires). In the
+        background: re-forming never waits for it."""
+        generation, peers = self.group.generation, self._peers
+        if self.reporter is None or not peers:
+            return
+        threading.Thread(
+            target=self.reporter.peer_lost, args=(generation, peers), daemon=True
+        ).start()
+
     def _formed(self) -> None:
         a = self.feed.current
+        self._peers = a.peers if a.generation == self.group.generation else ()
         if self.reporter is not None:
             self.reporter.retarget(a.controller)
             self.reporter.rank = a.rank
@@ -248,43 +268,15 @@ class AllreduceWorker:
 
     # -- the inner loop: steps of one group ---------------------------------------
 
-    def _switch_scheduled(self) -> bool:
-        """Whether the spec schedules a switch away from allreduce at the replica's step."""
-        return any(
-            s.at_step == self.replica.step and s.mode != "allreduce" for s in self.spec.switch
-        )
-
-    def _await_switch(self) -> bool:
-        """At a scheduled switch, wait for its generation instead of stepping past it.
-
-        Every rank stops at the same step, so the state handed over is the one the
-        schedule names. True once a newer generation arrived; False after
-        SWITCH_WAIT_S (the controller refused the switch: training goes on).
-        """
-        self._report()  # the controller switches on a report of this step
-        deadline = time.monotonic() + SWITCH_WAIT_S
-        while time.monotonic() < deadline and not self.feed.closed:
-            heartbeat.beat()
-            self.feed.refresh()
-            if self.feed.current.generation > self.group.generation:
-                return True
-            time.sleep(0.02)
-        log.warning(
-            "event=scheduled_switch_missed job=%s step=%d waited_s=%g",
-            self.feed.current.job_id,
-            self.replica.step,
-            SWITCH_WAIT_S,
-        )
-        return False
-
     def _train(self) -> str:
         """Steps until the job is done ("done"), told to stop ("stop"), or must re-form."""
         waited_at = -1
         while self.replica.step < self.spec.steps:
             heartbeat.beat()
-            if self._switch_scheduled() and waited_at != self.replica.step:
+            if switch_scheduled(self.spec, self.replica.step) and waited_at != self.replica.step:
                 waited_at = self.replica.step
-                if self._await_switch():
+                self._report()  # the controller switches on a report of this step
+                if await_switch(self.feed, self.group.generation, self.replica.step):
                     return "reform"
             if self.feed.refresh():
                 a = self.feed.current

@@ -31,6 +31,7 @@ class Assignment:
     resume_position: int = 0
     checkpoint_url: str = ""  # where the job's checkpoints go (the spec's, else the cluster's)
     resume_from: str = ""  # the checkpoint the job was submitted to start from
+    peers: tuple[str, ...] = ()  # the other members of this generation
 
     @classmethod
     def from_message(cls, message: dict[str, Any]) -> Assignment:
@@ -51,6 +52,11 @@ class Assignment:
             resume_position=int(a.get("resume", {}).get("position", 0)),
             checkpoint_url=a.get("checkpoint", {}).get("url", ""),
             resume_from=a.get("checkpoint", {}).get("resume_from", ""),
+            peers=tuple(
+                m["worker_id"]
+                for m in a.get("all_members", a["members"])
+                if m["worker_id"] != a["worker_id"]
+            ),
         )
 
 

@@ -101,3 +101,35 @@ class ProgressReporter:
     def close(self) -> None:
         if self._channel is not None:
             self._channel.close()
+
+    def peer_lost(self, generation: int, suspects: tuple[str, ...]) -> None:
+        """Name the peers a broken collective lost; the controller checks with their agents
+        and leaves out those whose agent does not answer, before their leases expire."""
+        try:
+            reply = self._stub.ReportPeerLost(
+                job_pb2.PeerLostReport(
+                    job_id=self.job_id,
+                    generation=generation,
+                    worker_id=self.worker_id,
+                    suspects=list(suspects),
+                ),
+                timeout=REPORT_TIMEOUT_S,
+            )
+        except grpc.RpcError as exc:
+            log.info(
+                "event=peer_report_failed job=%s worker=%s generation=%d code=%s detail=%s",
+                self.job_id,
+                self.worker_id,
+                generation,
+                exc.code(),
+                exc.details(),
+            )
+            return
+        log.info(
+            "event=peer_reported job=%s worker=%s generation=%d confirmed=%s healthy=%s",
+            self.job_id,
+            self.worker_id,
+            generation,
+            ",".join(reply.confirmed) or "-",
+            ",".join(reply.healthy) or "-",
+        )

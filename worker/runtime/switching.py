@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from dataclasses import dataclass
 
@@ -37,6 +38,8 @@ from elasticd.worker.runtime.handover import (
 )
 
 IMPORT_WAIT_S = 120.0  # how long non-zero ranks wait for rank 0's import
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -124,3 +127,32 @@ def into_ps(tier: PSTier, a: Assignment, spec: JobSpec, handover: Handover) -> t
                 f"rank 0 did not import the replica into the PS tier in {IMPORT_WAIT_S}s"
             )
         time.sleep(0.05)
+
+
+SWITCH_WAIT_S = 30.0  # how long allreduce ranks wait at a scheduled switch for its generation
+
+
+def switch_scheduled(spec: JobSpec, step: int) -> bool:
+    """Whether the spec schedules a switch away from allreduce at ``step``."""
+    return any(s.at_step == step and s.mode != "allreduce" for s in spec.switch)
+
+
+def await_switch(feed, generation: int, step: int) -> bool:
+    """At a scheduled switch, an allreduce rank waits for its generation instead of stepping
+    past it, so every rank stops at the step the schedule names. True once a generation
+    newer than ``generation`` arrived; False after SWITCH_WAIT_S (the controller refused
+    the switch: training goes on)."""
+    deadline = time.monotonic() + SWITCH_WAIT_S
+    while time.monotonic() < deadline and not feed.closed:
+        heartbeat.beat()
+        feed.refresh()
+        if feed.current.generation > generation:
+            return True
+        time.sleep(0.02)
+    log.warning(
+        "event=scheduled_switch_missed job=%s step=%d waited_s=%g",
+        feed.current.job_id,
+        step,
+        SWITCH_WAIT_S,
+    )
+    return False
