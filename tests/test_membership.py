@@ -34,6 +34,7 @@ from elasticd.server.controller.planning import (
     Seal,
     Wait,
     decide,
+    running_members,
     seal_at_once,
 )
 from elasticd.server.controller.progress import ProgressBook
@@ -265,6 +266,31 @@ def test_departures_never_wait_for_the_join_window(
         assert got is None
     else:
         assert got is not None and list(got.workers) == now and got.restore == restore
+
+
+@pytest.mark.parametrize("restore", [False, True])
+def test_a_generation_nobody_runs_in_any_more_waits_for_the_window(restore) -> None:
+    """After a whole-cluster restart: gather what comes back rather than seal the first."""
+    spec = make_spec("ps-async", 1, 2)
+    current = frozenset({"a.0", "b.0"})
+    action = Seal(("b.0",), "why", restore=restore)
+    assert seal_at_once(action, current, spec, running=frozenset()) is None
+    assert seal_at_once(action, current, spec, running=frozenset({"b.0"})) == action
+    # A first generation has nobody to wait for either way.
+    assert seal_at_once(Seal(("a.0", "b.0"), "why"), frozenset(), spec, frozenset()) is not None
+
+
+def test_running_members_are_members_reported_running_in_the_current_generation() -> None:
+    job = snapshot(
+        ["a.0", "b.0"],
+        gen_number=2,
+        reports=[
+            report("a.0", "RUNNING", 2),
+            report("b.0", "RUNNING", 1),
+            report("c.0", "RUNNING", 2),
+        ],
+    )
+    assert running_members(job) == {"a.0"}
 
 
 def test_no_seal_when_a_node_joins_at_max() -> None:

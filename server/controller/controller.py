@@ -44,6 +44,7 @@ from elasticd.server.controller.planning import (
     Seal,
     Wait,
     decide,
+    running_members,
 )
 from elasticd.server.controller.progress import Progress, ProgressBook
 from elasticd.server.controller.rank_checkpoints import RankCheckpoints
@@ -304,7 +305,10 @@ class Controller:
         action = decide(snap, cluster)
         if isinstance(action, Seal):
             current = snap.generation.worker_ids if snap.generation else frozenset()
-            now, wait = self.joins.due(job_id, action, current, snap.spec, time.monotonic())
+            running = running_members(snap)
+            now, wait = self.joins.due(
+                job_id, action, current, running, snap.spec, time.monotonic()
+            )
             if now is not None:
                 self._seal(snap, cluster, now)
             else:

@@ -24,10 +24,16 @@ class JoinWindow:
         self._pending: dict[str, PendingChange] = {}
 
     def due(
-        self, job_id: str, action: Seal, current: frozenset[str], spec: JobSpec, now: float
+        self,
+        job_id: str,
+        action: Seal,
+        current: frozenset[str],
+        running: frozenset[str],
+        spec: JobSpec,
+        now: float,
     ) -> tuple[Seal | None, float]:
         """(what to seal now, or None; how long until a waiting join is due)."""
-        at_once = seal_at_once(action, current, spec)
+        at_once = seal_at_once(action, current, spec, running)
         with self._lock:
             if at_once is not None:
                 self._pending.pop(job_id, None)

@@ -253,7 +253,21 @@ def last_call(
     return pending, max(wait, 0.0)
 
 
-def seal_at_once(action: Seal, current: frozenset[str], spec: JobSpec) -> Seal | None:
+def running_members(job: JobSnapshot) -> frozenset[str]:
+    """Members of the job's current generation whose agents report them running in it."""
+    gen = job.generation
+    if gen is None:
+        return frozenset()
+    return frozenset(
+        w
+        for w, r in job.workers.items()
+        if w in gen.worker_ids and r.generation == gen.number and r.state == "RUNNING"
+    )
+
+
+def seal_at_once(
+    action: Seal, current: frozenset[str], spec: JobSpec, running: frozenset[str] | None = None
+) -> Seal | None:
     """The part of ``action`` to seal now, without the join window; None: wait for it.
 
     Nobody waits on a process that is starting (ARCHITECTURE invariant 9): a
@@ -264,7 +278,15 @@ def seal_at_once(action: Seal, current: frozenset[str], spec: JobSpec) -> Seal |
     needs a restore anyway. A change that both loses
     and gains workers seals the survivors now and leaves the joins to the window,
     unless the survivors alone are below ``workers.min``.
+
+    A generation none of whose members still runs (``running``: the whole
+    cluster was stopped and is coming back) has nobody to keep waiting: its
+    change waits for the window, so that the nodes and servers coming back make
+    one generation (and a restore is placed on the whole tier, not on the first
+    server up). ``running`` None: every member runs.
     """
+    if current and running is not None and not running & current:
+        return None
     wanted = frozenset(action.workers)
     if wanted <= current or len(wanted) >= spec.workers.max or (action.restore and current):
         return action
