@@ -280,17 +280,11 @@ def test_a_generation_nobody_runs_in_any_more_waits_for_the_window(restore) -> N
     assert seal_at_once(Seal(("a.0", "b.0"), "why"), frozenset(), spec, frozenset()) is not None
 
 
-def test_running_members_are_members_reported_running_in_the_current_generation() -> None:
-    job = snapshot(
-        ["a.0", "b.0"],
-        gen_number=2,
-        reports=[
-            report("a.0", "RUNNING", 2),
-            report("b.0", "RUNNING", 1),
-            report("c.0", "RUNNING", 2),
-        ],
-    )
-    assert running_members(job) == {"a.0"}
+def test_running_members_are_members_heard_training_in_the_current_generation() -> None:
+    gen = assign_ranks(JOB, 2, ["a.0", "b.0", "d.0"])
+    heard = {"a.0": (2, 100.0), "b.0": (1, 100.0), "c.0": (2, 100.0), "d.0": (2, 50.0)}
+    assert running_members(gen, heard, now=110.0) == {"a.0"}  # d.0: heard too long ago
+    assert running_members(None, heard, now=110.0) == frozenset()
 
 
 def test_no_seal_when_a_node_joins_at_max() -> None:

@@ -305,7 +305,8 @@ class Controller:
         action = decide(snap, cluster)
         if isinstance(action, Seal):
             current = snap.generation.worker_ids if snap.generation else frozenset()
-            running = running_members(snap)
+            heard = {w: (p.generation, p.at) for w, p in self.progress.of(job_id).items()}
+            running = running_members(snap.generation, heard, time.time())
             now, wait = self.joins.due(
                 job_id, action, current, running, snap.spec, time.monotonic()
             )

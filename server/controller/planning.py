@@ -253,15 +253,24 @@ def last_call(
     return pending, max(wait, 0.0)
 
 
-def running_members(job: JobSnapshot) -> frozenset[str]:
-    """Members of the job's current generation whose agents report them running in it."""
-    gen = job.generation
+HEARD_S = 30.0  # a member whose progress came this recently counts as training
+
+
+def running_members(
+    gen: Generation | None, heard: Mapping[str, tuple[int, float]], now: float
+) -> frozenset[str]:
+    """Members of ``gen`` this controller heard training in it within HEARD_S.
+
+    ``heard``: worker -> (generation, when) of its last progress report. The
+    agents' reports in etcd are no evidence here: after a whole-cluster restart
+    they outlive their (dead) agents until the old leases run out.
+    """
     if gen is None:
         return frozenset()
     return frozenset(
         w
-        for w, r in job.workers.items()
-        if w in gen.worker_ids and r.generation == gen.number and r.state == "RUNNING"
+        for w, (g, at) in heard.items()
+        if w in gen.worker_ids and g == gen.number and now - at <= HEARD_S
     )
 
 
@@ -279,8 +288,8 @@ def seal_at_once(
     and gains workers seals the survivors now and leaves the joins to the window,
     unless the survivors alone are below ``workers.min``.
 
-    A generation none of whose members still runs (``running``: the whole
-    cluster was stopped and is coming back) has nobody to keep waiting: its
+    A generation none of whose members is heard training (``running``: the
+    whole cluster was stopped and is coming back) has nobody to keep waiting: its
     change waits for the window, so that the nodes and servers coming back make
     one generation (and a restore is placed on the whole tier, not on the first
     server up). ``running`` None: every member runs.
