@@ -54,15 +54,21 @@ def copies(servers: list[PS], group: str):
 def assert_copies_equal(servers: list[PS], placement: ShardPlacement) -> None:
     for g in placement.groups:
         primary, backup = copies(servers, g)
-        assert primary.version == backup.version
-        for a, b in zip(primary.params, backup.params, strict=True):
-            assert bitwise_equal(a.detach(), b.detach())
-        sa, sb = primary.optimizer.state_dict()["state"], backup.optimizer.state_dict()["state"]
-        assert sa.keys() == sb.keys()
-        for i in sa:
-            for k, v in sa[i].items():
-                assert bitwise_equal(v, sb[i][k]), f"group {g} optimizer {k} of #{i} differs"
-        assert primary.last_push == backup.last_push
+        # Under the locks, as every reader: a backup answers before it steps, under its lock.
+        with primary.lock, backup.lock:
+            _assert_equal(g, primary, backup)
+
+
+def _assert_equal(g, primary, backup) -> None:
+    assert primary.version == backup.version
+    for a, b in zip(primary.params, backup.params, strict=True):
+        assert bitwise_equal(a.detach(), b.detach())
+    sa, sb = primary.optimizer.state_dict()["state"], backup.optimizer.state_dict()["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for k, v in sa[i].items():
+            assert bitwise_equal(v, sb[i][k]), f"group {g} optimizer {k} of #{i} differs"
+    assert primary.last_push == backup.last_push
 
 
 def step(model, tier, index: int, push_id: int, compression: str = "none"):
