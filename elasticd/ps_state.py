@@ -58,6 +58,27 @@ class TierState:
 
         return self._each(one)
 
+    def _shard_header(
+        self, g: str, metas: list, optimizer: str, optimizer_kwargs: dict, max_staleness: int
+    ) -> ps_pb2.InitShardHeader:
+        """The header that makes group ``g``'s shard: its tensors and optimizer."""
+        return ps_pb2.InitShardHeader(
+            fence=self._fence(g),
+            tensors=metas,
+            optimizer=ps_pb2.OptimizerConfig(
+                name=optimizer, kwargs_json=json.dumps(optimizer_kwargs)
+            ),
+            max_staleness=max_staleness,
+        )
+
+    def _copies_in_order(self, g: str, header: ps_pb2.InitShardHeader):
+        """Group ``g``'s copies, backup first, with ``header`` set for each one's role."""
+        primary, backup = self._holders[g]
+        for ps_id in filter(None, (backup, primary)):
+            header.backup = ps_id == backup
+            header.backup_address = self.addresses[backup] if backup and not header.backup else ""
+            yield ps_id
+
     def import_state(
         self,
         parts: Mapping[str, tuple[dict, dict, list[str]]],
@@ -78,21 +99,14 @@ class TierState:
         def one(g: str) -> tuple[str, str]:
             tensors, state, keys = parts[g]
             primary, backup = self._holders[g]
-            header = ps_pb2.InitShardHeader(
-                fence=self._fence(g),
-                tensors=[
-                    ps_pb2.TensorMeta(
-                        key=k, dtype=dtype_name(tensors[k].dtype), shape=tuple(tensors[k].shape)
-                    )
-                    for k in keys
-                ],
-                optimizer=ps_pb2.OptimizerConfig(
-                    name=optimizer, kwargs_json=json.dumps(optimizer_kwargs)
-                ),
-                max_staleness=max_staleness,
-                workers=workers,
-                max_version=max_version,
-            )
+            metas = [
+                ps_pb2.TensorMeta(
+                    key=k, dtype=dtype_name(tensors[k].dtype), shape=tuple(tensors[k].shape)
+                )
+                for k in keys
+            ]
+            header = self._shard_header(g, metas, optimizer, optimizer_kwargs, max_staleness)
+            header.workers, header.max_version = workers, max_version
             data = encode_shard(
                 tensors,
                 {"state": state, "param_groups": [{"params": list(range(len(keys)))}]},
@@ -100,11 +114,7 @@ class TierState:
             )
 
             held = {}
-            for ps_id in filter(None, (backup, primary)):
-                header.backup = ps_id == backup
-                header.backup_address = (
-                    self.addresses[backup] if backup and not header.backup else ""
-                )
+            for ps_id in self._copies_in_order(g, header):
                 held[ps_id] = import_bytes(self._ps_stubs[ps_id], header, version, data)
             sent = state_digest(tensors, state, keys)
             return sent, next((d for d in held.values() if d != sent), held[primary])
@@ -135,25 +145,13 @@ class TierState:
         def one(g: str) -> str:
             primary, backup = self._holders[g]
             record = sources[g]
-            header = ps_pb2.InitShardHeader(
-                fence=self._fence(g),
-                tensors=[
-                    ps_pb2.TensorMeta(key=s.key, dtype=s.dtype, shape=s.shape)
-                    for s in self._slices[g]
-                ],
-                optimizer=ps_pb2.OptimizerConfig(
-                    name=optimizer, kwargs_json=json.dumps(optimizer_kwargs)
-                ),
-                max_staleness=max_staleness,
-                workers=workers,
-                max_version=max_version,
-            )
+            metas = [
+                ps_pb2.TensorMeta(key=s.key, dtype=s.dtype, shape=s.shape) for s in self._slices[g]
+            ]
+            header = self._shard_header(g, metas, optimizer, optimizer_kwargs, max_staleness)
+            header.workers, header.max_version = workers, max_version
             held = {}
-            for ps_id in filter(None, (backup, primary)):
-                header.backup = ps_id == backup
-                header.backup_address = (
-                    self.addresses[backup] if backup and not header.backup else ""
-                )
+            for ps_id in self._copies_in_order(g, header):
                 request = ps_pb2.RestoreShardRequest(
                     header=ps_pb2.ImportShardHeader(shard=header, version=version),
                     url=url,
