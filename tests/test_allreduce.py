@@ -437,16 +437,27 @@ def test_killed_workers_come_back_and_take_the_survivors_state(cluster):
     """A killed worker is left out of one generation and comes back, fresh, in the next.
 
     Neither change waits for the join window: the departure seals at once
-    (nobody waits on a process that is starting), and so does the return, since
-    it fills the job up to ``workers.max``; so does the first generation.
+    (nobody waits on a process that is starting), and so does the return once
+    the replacement is ready, since it fills the job up to ``workers.max``; so
+    does the first generation.
     """
+    from tests.test_join_when_ready import GATED
     from tests.test_local_cluster import workers_of
 
     c = cluster(ps=0, agents=2, join_window=LONG_JOIN_WINDOW_S)
     client = JobClient(etcd=c.etcd, prefix=c.prefix)
     steps = 2000
     job_id = client.submit_yaml(
-        spec_yaml(mode="allreduce", steps=steps, report_every_steps=5, max_restarts=2)
+        spec_yaml(
+            task=GATED,
+            mode="allreduce",
+            steps=steps,
+            report_every_steps=5,
+            max_restarts=2,
+            # steps slow enough that the survivor is still training when the
+            # replacement is ready (it starts while the survivor trains alone)
+            task_args={"step_delay_s": 0.01},
+        )
     )
     first = wait_until(lambda: len((s := client.get(job_id)).workers) == 2 and s, 60, "2 workers")
     wid = next(w.worker_id for w in first.workers if w.rank == 0)  # it also hosts the store

@@ -30,8 +30,7 @@ def test_sigstopped_allreduce_worker_is_killed_and_the_job_finishes(cluster):
     victim = workers_of(c, job_id)["node-1.0"]
     os.kill(victim.pid, signal.SIGSTOP)  # alive, holds its sockets, answers nothing
     try:
-        # Its agent sees the silence, kills it; the survivor carries on alone, then
-        # the slot comes back as a fresh process.
+        # Its agent sees the silence, kills it; the survivor carries on alone.
         agent_log = c.base_dir / "logs" / "node-1.log"
         wait_until(
             lambda: "event=worker_hung" in agent_log.read_text(),
@@ -47,9 +46,10 @@ def test_sigstopped_allreduce_worker_is_killed_and_the_job_finishes(cluster):
     assert status.state == "COMPLETED", status
     assert status.step == steps
     assert f"event=worker_hung job={job_id}" in agent_log.read_text()
-    # Left out (the survivor trained alone), then back as a fresh process.
+    # Left out: the survivor trained alone (its replacement comes back once it
+    # is ready, if the job lasts that long: test_join_when_ready).
     sealed = re.findall(
         rf"event=generation_sealed job={job_id} generation=\d+ world=(\d+)",
         (c.base_dir / "logs" / "controller-0.log").read_text(),
     )
-    assert sealed[:3] == ["2", "1", "2"], sealed
+    assert sealed[:2] == ["2", "1"], sealed

@@ -8,12 +8,14 @@ plain functions the reconcile loop calls.
 from __future__ import annotations
 
 import itertools
+import json
 import random
 from collections.abc import Sequence
 from dataclasses import replace
 
 import pytest
 
+from elasticd.coord.keys import Keys
 from elasticd.jobspec import parse_spec
 from elasticd.membership import (
     Generation,
@@ -45,6 +47,7 @@ from elasticd.server.controller.records import (
     WAITING,
     JobRecord,
 )
+from elasticd.server.controller.sealing import seal_ops
 
 JOB = "job-1"
 
@@ -444,3 +447,31 @@ def test_a_restore_that_began_is_finished_even_if_the_lost_ps_came_back() -> Non
     assert "a restore that did not finish" in action.reason
     done = replace(job, record=job.record.evolve(restore_pending=2, restored_generation=2))
     assert decide(done, cluster) == Nothing()
+
+
+def test_a_starting_replacement_keeps_its_place_and_joins_once_ready() -> None:
+    """allreduce: the group re-forms without a restarting process, no other slot takes
+    its place while it starts, and it is let back in only once its agent says READY."""
+    cluster = ClusterSnapshot(nodes(a=2, b=1), {})
+    starting = [report("a.0", "RUNNING", 1), report("b.0", "RESTARTING", 1)]
+    job = snapshot(["a.0", "b.0"], reports=starting, mode="allreduce")
+    assert decide(job, cluster) == Seal(("a.0",), "lost=b.0 joined=-")
+    # Sealed without it; still starting: nothing changes (a.1 does not take its place).
+    job = snapshot(["a.0"], gen_number=2, reports=starting, mode="allreduce")
+    assert decide(job, cluster) == Nothing()
+    ready = [report("a.0", "RUNNING", 2), report("b.0", "READY", 1)]
+    job = snapshot(["a.0"], gen_number=2, reports=ready, mode="allreduce")
+    assert decide(job, cluster) == Seal(("a.0", "b.0"), "lost=- joined=b.0")
+
+
+def test_seal_keeps_a_starting_replacement_in_its_nodes_assignment() -> None:
+    cluster = ClusterSnapshot(nodes(a=1, b=1), {})
+    reports = [report("a.0", "RUNNING", 1), report("b.0", "RESTARTING", 1)]
+    job = snapshot(["a.0", "b.0"], reports=reports, mode="allreduce")
+    gen = assign_ranks(JOB, 2, ["a.0"])
+    keys = Keys("/t")
+    ops = seal_ops(job, cluster, gen, None, job.record, keys, "ctl:1")
+    by_key = {op.key: op for op in ops}
+    on_b = json.loads(by_key[keys.assignment("b", JOB)].value)
+    assert on_b["members"] == [] and on_b["standby"] == ["b.0"]
+    assert json.loads(by_key[keys.assignment("a", JOB)].value)["standby"] == []

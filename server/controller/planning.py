@@ -17,6 +17,7 @@ from elasticd.placement import Copy, ShardPlacement, failover
 from elasticd.server.controller.records import FAILED, TERMINAL, JobRecord
 
 RESTARTING = "RESTARTING"  # as the agent reports a process waiting to come back
+READY = "READY"  # a replacement that has started and waits to be let in (allreduce)
 
 
 @dataclass(frozen=True)
@@ -127,15 +128,18 @@ def decide(job: JobSnapshot, cluster: ClusterSnapshot) -> Action:
     if restarting and spec.mode == "script":
         # torchrun's rule: one failure restarts every process, in a new generation.
         return Seal(tuple(sorted(current)), f"restart after failure of {','.join(restarting)}")
-    # allreduce: the group re-forms without the failed process first; it comes
-    # back in a later generation, as a fresh process taking state from survivors.
-    failed = [w for w, r in job.workers.items() if r.state == FAILED] + restarting
+    # allreduce: the group re-forms without the failed process first. Its
+    # replacement keeps its place while it starts (no other slot takes it) and
+    # joins a later generation once its agent reports it READY (invariant 9).
+    starting = {w for w, r in job.workers.items() if r.state == RESTARTING}
+    ready = {w for w, r in job.workers.items() if r.state == READY}
+    failed = [w for w, r in job.workers.items() if r.state == FAILED] + sorted(starting)
     desired = choose_workers(
         cluster.nodes,
         cluster.taken_except(spec_job_id(job)),
-        current,
+        current | ready,
         failed,
-        spec.workers.max,
+        max(spec.workers.max - len(starting), 0),
     )
     if len(desired) < spec.workers.min:
         if current and set(desired) != current:

@@ -30,7 +30,14 @@ from elasticd.placement import ShardPlacement, TensorSpec, place
 from elasticd.ps_control import advance_fence
 from elasticd.retry import Backoff
 from elasticd.server.controller.errors import FenceIncomplete
-from elasticd.server.controller.planning import ClusterSnapshot, JobSnapshot, Seal, master_port
+from elasticd.server.controller.planning import (
+    READY,
+    RESTARTING,
+    ClusterSnapshot,
+    JobSnapshot,
+    Seal,
+    master_port,
+)
 from elasticd.server.controller.records import RUNNING, WAITING, JobRecord
 
 log = logging.getLogger(__name__)
@@ -63,8 +70,10 @@ def assignment(
     node_id: str,
     controller: str,
     checkpoint_root: str = "",
+    standby: tuple[str, ...] = (),
 ) -> bytes:
-    """What ``node_id``'s agent must run for the job in generation ``gen``."""
+    """What ``node_id``'s agent must run for the job in generation ``gen``; ``standby``:
+    its replacements that are starting, kept running to join a later generation."""
     rank0 = gen.members[0].node_id if gen.members else node_id
     node = cluster.nodes.get(rank0)
     ps = {p: cluster.ps[p] for p in placement.ps_ids if p in cluster.ps} if placement else {}
@@ -81,6 +90,7 @@ def assignment(
             "placement": json.loads(placement.to_json()) if placement else None,
             "ps": ps,
             "controller": controller,
+            "standby": list(standby),
             # where the data stream starts again after a restore from a checkpoint
             "resume": {
                 "generation": snap.record.restored_generation,
@@ -115,16 +125,36 @@ def seal_ops(
     if placement is not None and placement != snap.placement:
         ops.append(Put(keys.placement(job_id), placement.to_json().encode()))
     sealed = replace(snap, record=record)  # assignments follow the record as sealed
-    for node in gen.nodes:
+    waiting = standby_workers(snap, gen) if gen.members else {}
+    nodes = set(gen.nodes) | set(waiting)
+    for node in sorted(nodes):
         ops.append(
             Put(
                 keys.assignment(node, job_id),
-                assignment(sealed, gen, placement, cluster, node, controller, checkpoint_root),
+                assignment(
+                    sealed,
+                    gen,
+                    placement,
+                    cluster,
+                    node,
+                    controller,
+                    checkpoint_root,
+                    standby=waiting.get(node, ()),
+                ),
             )
         )
     old_nodes = set(snap.generation.nodes) if snap.generation else set()
-    ops += [Delete(keys.assignment(node, job_id)) for node in old_nodes - set(gen.nodes)]
+    ops += [Delete(keys.assignment(node, job_id)) for node in old_nodes - nodes]
     return ops
+
+
+def standby_workers(snap: JobSnapshot, gen: Generation) -> dict[str, tuple[str, ...]]:
+    """Per node, the job's replacements that are starting or ready and not in ``gen``."""
+    out: dict[str, list[str]] = {}
+    for w, r in sorted(snap.workers.items()):
+        if r.state in (RESTARTING, READY) and w not in gen.worker_ids:
+            out.setdefault(r.node_id, []).append(w)
+    return {node: tuple(ws) for node, ws in out.items()}
 
 
 def sealed_record(snap: JobSnapshot, gen: Generation, reason: str) -> JobRecord:

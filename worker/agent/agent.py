@@ -9,9 +9,13 @@ assignments, and makes the running processes match them:
 * a process no longer assigned is stopped;
 * a process that exits non-zero is restarted, up to the job's max_restarts;
   after that it is reported FAILED and the controller decides. In ps-async
-  mode the restart is immediate (the state is on the PS tier). In modes whose
-  processes form a group (allreduce, script) it is reported RESTARTING and
-  comes back in a generation the controller seals, so the group re-forms;
+  mode the restart is immediate (the state is on the PS tier). In allreduce
+  the replacement starts at once as a standby: reported RESTARTING while it
+  imports and builds its model, READY once it says so on its ready pipe; the
+  controller seals it into a generation only then, so the survivors never wait
+  on a process that is starting (the controller lists it under ``standby`` in
+  the node's assignment meanwhile). In script mode it is reported RESTARTING
+  and every process restarts in the next generation;
 * in script mode every process is restarted when the generation changes, with
   the restart count raised, as torchrun does.
 
@@ -40,7 +44,7 @@ from elasticd.coord.session import Session
 from elasticd.membership import NodeInfo, WorkerReport
 from elasticd.rpc import agent_pb2_grpc
 from elasticd.serving import start_grpc_server
-from elasticd.worker.agent.api import FAILED, RESTARTING, RUNNING, SUCCEEDED, Exited
+from elasticd.worker.agent.api import FAILED, READY, RESTARTING, RUNNING, SUCCEEDED, Exited
 from elasticd.worker.agent.launch import heartbeat_path, process_spec
 from elasticd.worker.agent.status_service import NodeAgentServicer
 from elasticd.worker.agent.supervisor import ProcessSupervisor
@@ -87,6 +91,7 @@ class Slot:
     state: str = RUNNING
     exit_code: int | None = None
     pid: int = 0
+    standby: bool = False  # a replacement not yet let into a generation
 
 
 class NodeAgent:
@@ -109,7 +114,7 @@ class NodeAgent:
         self.session = Session(client, ttl=lease_ttl, name=f"agent-{node_id}")
         self._wake = threading.Event()
         self.assignments = PrefixCache(client, keys.assignments(node_id), self._wake.set)
-        self.supervisor = ProcessSupervisor(self._on_exit)
+        self.supervisor = ProcessSupervisor(self._on_exit, self._on_ready)
         self._slots: dict[tuple[str, str], Slot] = {}
         # restarts used per (job, worker), kept while a slot is out of a generation
         self._restarts: dict[tuple[str, str], int] = {}
@@ -161,6 +166,7 @@ class NodeAgent:
 
     def reconcile(self) -> None:
         wanted: dict[tuple[str, str], dict] = {}
+        standby: set[tuple[str, str]] = set()
         for job_id, raw in self.assignments.items().items():
             assignment = json.loads(raw)
             for member in assignment["members"]:
@@ -168,9 +174,10 @@ class NodeAgent:
                     **assignment,
                     "worker_id": member["worker_id"],
                 }
+            standby.update((job_id, w) for w in assignment.get("standby", ()))
         with self._lock:
             for key in list(self._slots):
-                if key not in wanted:
+                if key not in wanted and not (key in standby and self._slots[key].standby):
                     self._withdraw(key)
             jobs_gone = {k for k in self._restarts if k[0] not in self.assignments_jobs(wanted)}
             for key in jobs_gone:
@@ -179,6 +186,8 @@ class NodeAgent:
                 slot = self._slots.get(key)
                 if slot is None:
                     self._launch(key, assignment)
+                elif slot.standby and slot.generation != assignment["generation"]:
+                    self._admit(slot, assignment)
                 elif slot.generation != assignment["generation"] and (
                     slot.state == RESTARTING or assignment["spec"]["mode"] == "script"
                 ):
@@ -198,6 +207,15 @@ class NodeAgent:
         self._slots.pop(key)
         self.supervisor.stop(key)
         self._launch(key, assignment)
+
+    def _admit(self, slot: Slot, assignment: dict) -> None:
+        """A standby is in a generation: it trains in it, unless the job changed mode."""
+        if assignment["spec"]["mode"] != slot.assignment["spec"]["mode"]:
+            self._relaunch(replace(slot, state=RESTARTING), assignment)
+            return
+        slot.standby = False
+        slot.state = RUNNING
+        self._update(slot, assignment)
 
     def kill_hung(self) -> None:
         """SIGKILL training processes whose heartbeat is older than the job's hang timeout.
@@ -228,17 +246,20 @@ class NodeAgent:
                 )
                 self.supervisor.kill((slot.job_id, slot.worker_id))
 
-    def _launch(self, key: tuple[str, str], assignment: dict) -> None:
+    def _launch(self, key: tuple[str, str], assignment: dict, standby: bool = False) -> None:
         job_id, wid = key
         restarts = self._restarts.get(key, 0)
         slot = Slot(job_id, wid, assignment["generation"], assignment, restarts=restarts)
+        if standby:
+            slot.state, slot.standby = RESTARTING, True
         self._slots[key] = slot
         log_path = str(self.log_dir / job_id / f"{wid}.log")
         with contextlib.suppress(FileNotFoundError):
             os.remove(heartbeat_path(log_path))  # a new process is judged by its own beats
         spec = process_spec(assignment, wid, restarts, log_path, self.address)
         try:
-            pid = self.supervisor.start(spec, first_message={"assignment": assignment})
+            first = {"assignment": assignment, "standby": standby}
+            pid = self.supervisor.start(spec, first_message=first)
         except OSError as exc:
             log.error("event=launch_failed job=%s worker=%s error=%s", job_id, wid, exc)
             slot.state, slot.exit_code = FAILED, -1
@@ -246,13 +267,15 @@ class NodeAgent:
             return
         slot.pid = pid
         log.info(
-            "event=worker_launched job=%s generation=%d node=%s worker=%s pid=%d restarts=%d",
+            "event=worker_launched job=%s generation=%d node=%s worker=%s pid=%d restarts=%d "
+            "standby=%s",
             job_id,
             slot.generation,
             self.node_id,
             wid,
             pid,
             restarts,
+            standby,
         )
         self._report(slot, pid)
 
@@ -289,13 +312,31 @@ class NodeAgent:
                     slot.restarts + 1,
                 )
                 self._restarts[event.key] = slot.restarts + 1
-                if slot.assignment["spec"]["mode"] == "ps-async":
+                mode = slot.assignment["spec"]["mode"]
+                if mode in ("ps-async", "allreduce"):
+                    # ps-async: at once, its state is on the PS tier. allreduce: as a
+                    # standby, let in by the controller once it is ready.
                     self._slots.pop(event.key)
-                    self._launch(event.key, slot.assignment)
+                    self._launch(event.key, slot.assignment, standby=mode == "allreduce")
                     return
                 slot.state = RESTARTING
             else:
                 slot.state = FAILED
+            self._report(slot)
+
+    def _on_ready(self, key: tuple[str, str], pid: int) -> None:
+        with self._lock:
+            slot = self._slots.get(key)
+            if slot is None or slot.pid != pid or not slot.standby or slot.state != RESTARTING:
+                return
+            slot.state = READY
+            log.info(
+                "event=standby_ready job=%s worker=%s pid=%d generation=%d",
+                key[0],
+                key[1],
+                pid,
+                slot.generation,
+            )
             self._report(slot)
 
     def _report(self, slot: Slot, pid: int | None = None) -> None:

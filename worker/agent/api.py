@@ -9,6 +9,9 @@ RUNNING = "RUNNING"
 # Exited abnormally; waiting for the controller to seal a generation before
 # it comes back (modes whose processes form a group: allreduce, script).
 RESTARTING = "RESTARTING"
+# A replacement that has started and built its model (allreduce): it joins the
+# next generation the controller seals with it.
+READY = "READY"
 SUCCEEDED = "SUCCEEDED"
 FAILED = "FAILED"
 

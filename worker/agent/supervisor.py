@@ -2,9 +2,11 @@
 
 Each process gets its own process group (so a stop reaches everything it
 spawned), a parent-death signal (so nothing outlives the agent, even when
-the agent is SIGKILLed), its stdout and stderr in a log file, and a pipe on
-stdin through which the agent sends it control messages as JSON lines.
-A process exit is seen at once by a waiting thread, not by polling etcd.
+the agent is SIGKILLed), its stdout and stderr in a log file, a pipe on
+stdin through which the agent sends it control messages as JSON lines, and a
+pipe back (descriptor ``ELASTICD_READY_FD``) on which it says once that it has
+started and is ready to train. A process exit is seen at once by a waiting
+thread, not by polling etcd.
 """
 
 from __future__ import annotations
@@ -26,9 +28,17 @@ log = logging.getLogger(__name__)
 STOP_GRACE_S = 10.0  # SIGTERM, then SIGKILL after this long
 
 
+READY_FD_ENV = "ELASTICD_READY_FD"
+
+
 class ProcessSupervisor:
-    def __init__(self, on_exit: Callable[[Exited], None]) -> None:
+    def __init__(
+        self,
+        on_exit: Callable[[Exited], None],
+        on_ready: Callable[[tuple[str, str], int], None] | None = None,
+    ) -> None:
         self._on_exit = on_exit
+        self._on_ready = on_ready
         self._procs: dict[tuple[str, str], subprocess.Popen] = {}
         self._lock = threading.Lock()
         # Processes are started from this one long-lived thread: the parent-death
@@ -57,10 +67,13 @@ class ProcessSupervisor:
         done.wait()
         if isinstance(box[0], BaseException):
             raise box[0]
-        proc: subprocess.Popen = box[0]
+        proc, ready = box[0]
         if first_message is not None:
             self.send(spec.key, first_message)
         threading.Thread(target=self._wait, args=(spec.key, proc), daemon=True).start()
+        threading.Thread(
+            target=self._await_ready, args=(spec.key, proc.pid, ready), daemon=True
+        ).start()
         return proc.pid
 
     def _spawn_loop(self) -> None:
@@ -76,25 +89,38 @@ class ProcessSupervisor:
                 box.append(exc)
             done.set()
 
-    def _spawn(self, spec: ProcessSpec) -> subprocess.Popen:
+    def _spawn(self, spec: ProcessSpec) -> tuple[subprocess.Popen, int]:
         Path(spec.log_path).parent.mkdir(parents=True, exist_ok=True)
         logfile = open(spec.log_path, "ab")  # noqa: SIM115 - owned by the child
+        ready_r, ready_w = os.pipe()
         try:
             proc = spawn(
                 spec.argv,
-                env={**os.environ, **spec.env},
+                env={**os.environ, **spec.env, READY_FD_ENV: str(ready_w)},
                 stdin=subprocess.PIPE,
                 stdout=logfile,
                 stderr=subprocess.STDOUT,
+                pass_fds=(ready_w,),
             )
+        except BaseException:
+            os.close(ready_r)
+            raise
         finally:
             logfile.close()
+            os.close(ready_w)
         with self._lock:
             self._procs[spec.key] = proc
         log.info(
             "event=process_started job=%s worker=%s pid=%d", spec.job_id, spec.worker_id, proc.pid
         )
-        return proc
+        return proc, ready_r
+
+    def _await_ready(self, key: tuple[str, str], pid: int, fd: int) -> None:
+        """Tell ``on_ready`` when the process writes its ready line (EOF: it never will)."""
+        with open(fd, "rb", buffering=0) as pipe:
+            line = pipe.readline()
+        if line.strip() == b"ready" and self._on_ready is not None:
+            self._on_ready(key, pid)
 
     def _wait(self, key: tuple[str, str], proc: subprocess.Popen) -> None:
         code = proc.wait()

@@ -49,7 +49,7 @@ from elasticd.task import load_task
 from elasticd.worker.runtime import heartbeat
 from elasticd.worker.runtime.allreduce_config import AllreduceConfig
 from elasticd.worker.runtime.checkpointing import RankCheckpointer, restore_state
-from elasticd.worker.runtime.control import Assignment, ControlChannel
+from elasticd.worker.runtime.control import Assignment, ControlChannel, announce_ready
 from elasticd.worker.runtime.grad_buckets import (
     FIRST_BUCKET_CAP_BYTES,
     GradientBuckets,
@@ -90,7 +90,9 @@ def train(
         worker = AllreduceWorker(first, control, directory, reporter)
         if handover is not None:
             worker.adopt(handover)
-        return worker.run()
+        announce_ready()
+        # A replacement joins only the generation sealed with it, once it is ready.
+        return worker.run(after=first.generation if control.standby else 0)
     finally:
         reporter.close()
         directory.close()
@@ -166,9 +168,12 @@ class AllreduceWorker:
 
     # -- the outer loop: form, agree, train ---------------------------------------
 
-    def run(self) -> int | Switch:
-        after = 0  # form a generation newer than this one
+    def run(self, after: int = 0) -> int | Switch:
+        """Train until the job is done or switches mode; ``after``: form only a generation
+        newer than this one (a replacement waits, however long, to be let in)."""
         try:
+            if after:
+                self._admitted(after)
             while True:
                 try:
                     self.group.form(self.feed, after_generation=after)
@@ -221,6 +226,22 @@ class AllreduceWorker:
             return 3
         finally:
             self.group.close()
+
+    def _admitted(self, generation: int) -> None:
+        """Wait until the controller seals a generation newer than ``generation``."""
+        while self.feed.current.generation <= generation:
+            if self.feed.closed:
+                raise GroupAbandoned("control pipe closed: the agent is gone")
+            heartbeat.beat()
+            self.feed.refresh()
+            time.sleep(0.01)
+        log.info(
+            "event=admitted job=%s generation=%d worker=%s waited_after=%d",
+            self.feed.current.job_id,
+            self.feed.current.generation,
+            self.feed.current.worker_id,
+            generation,
+        )
 
     def _report_peers(self) -> None:
         """A broken collective lost some peer: name them all to the controller, which asks

@@ -3,11 +3,18 @@
 The agent writes JSON lines on the process's stdin: the first carries the
 assignment to start with, later ones a new assignment (a new generation) to
 adopt at the next step boundary. End of input means the agent is gone.
+
+A first message marked ``standby`` starts a replacement for a process that
+failed: it carries the generation the failed one trained in, and the process
+prepares (imports, builds its model), says it is ready with
+:func:`announce_ready`, and trains only in a later generation that the
+controller seals with it once it is ready (ARCHITECTURE invariant 9).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -68,12 +75,15 @@ class ControlChannel:
         self._latest: Assignment | None = None
         self._lock = threading.Lock()
         self.closed = threading.Event()
+        self.standby = False  # the first assignment is the failed process's: wait for a newer
 
     def first(self) -> Assignment:
         line = self._stream.readline()
         if not line:
             raise SystemExit("control pipe closed before an assignment arrived")
-        assignment = Assignment.from_message(json.loads(line))
+        message = json.loads(line)
+        self.standby = bool(message.get("standby"))
+        assignment = Assignment.from_message(message)
         threading.Thread(target=self._read, name="control", daemon=True).start()
         return assignment
 
@@ -96,3 +106,19 @@ class ControlChannel:
         with self._lock:
             latest, self._latest = self._latest, None
             return latest
+
+
+def announce_ready() -> None:
+    """Tell the agent, once, that this process has started and can train.
+
+    Writes to the descriptor the agent passed in ``ELASTICD_READY_FD``; a
+    process started otherwise (a test, by hand) has none and says nothing.
+    """
+    fd = os.environ.pop("ELASTICD_READY_FD", "")
+    if not fd:
+        return
+    try:
+        os.write(int(fd), b"ready\n")
+        os.close(int(fd))
+    except (OSError, ValueError):
+        pass  # the agent is gone: the control pipe says so too
