@@ -4,7 +4,8 @@ The replacement of a SIGKILLed allreduce process is held in its start-up (it
 waits at a gate the test opens): the survivor must go on stepping alone
 meanwhile, and the generation that lets the replacement back in is sealed
 only once its agent reports it ready. The join window is far longer than the
-test, so neither change can have waited for it.
+test, so neither change can have waited for it. The replacement is a warm
+interpreter: a process its agent had started before the failure.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import os
 import re
 import signal
 from pathlib import Path
+
+import psutil
 
 from elasticd.client import JobClient
 from elasticd.retry import wait_until
@@ -47,6 +50,11 @@ def test_survivor_keeps_stepping_while_its_replacement_starts(cluster, tmp_path)
         )
         victim = next(w.worker_id for w in first.workers if w.rank == 1)
         killed_pid = workers_of(c, job_id)[victim].pid
+        warm = wait_until(
+            lambda: warm_pids(c, victim.split(".")[0], killed_pid),
+            60,
+            "a warm interpreter on the victim's node",
+        )
         os.kill(killed_pid, signal.SIGKILL)
 
         alone = wait_until(
@@ -68,6 +76,7 @@ def test_survivor_keeps_stepping_while_its_replacement_starts(cluster, tmp_path)
         assert held.generation == alone.generation, held  # nobody let the starting one in
         report = workers_of(c, job_id)[victim]
         assert report.state == "RESTARTING" and report.pid not in (0, killed_pid), report
+        assert report.pid in warm, (report.pid, warm)  # started before the failure
 
         gate.touch()
         back = wait_until(
@@ -92,3 +101,13 @@ def test_survivor_keeps_stepping_while_its_replacement_starts(cluster, tmp_path)
     worker_log = (c.base_dir / "logs" / job_id / f"{victim}.log").read_text()
     synced = [ln for ln in worker_log.splitlines() if "event=state_synced" in ln]
     assert any(f"generation={back.generation} " in ln and "had_state=False" in ln for ln in synced)
+
+
+def warm_pids(c, node: str, busy: int) -> set[int]:
+    """Training interpreters of ``node``'s agent that run no worker (other than ``busy``)."""
+    agent = psutil.Process(c.procs[node].popen.pid)
+    return {
+        p.pid
+        for p in agent.children()
+        if p.pid != busy and "elasticd.worker.runtime" in " ".join(p.cmdline())
+    }

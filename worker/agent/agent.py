@@ -45,7 +45,7 @@ from elasticd.membership import NodeInfo, WorkerReport
 from elasticd.rpc import agent_pb2_grpc
 from elasticd.serving import start_grpc_server
 from elasticd.worker.agent.api import FAILED, READY, RESTARTING, RUNNING, SUCCEEDED, Exited
-from elasticd.worker.agent.launch import heartbeat_path, process_spec
+from elasticd.worker.agent.launch import RUNTIME_ARGV, heartbeat_path, process_spec
 from elasticd.worker.agent.status_service import NodeAgentServicer
 from elasticd.worker.agent.supervisor import ProcessSupervisor
 
@@ -104,6 +104,7 @@ class NodeAgent:
         log_dir: str,
         lease_ttl: int,
         address: str = "",
+        warm: int | None = None,
     ) -> None:
         self.address = address
         self.client = client
@@ -114,7 +115,15 @@ class NodeAgent:
         self.session = Session(client, ttl=lease_ttl, name=f"agent-{node_id}")
         self._wake = threading.Event()
         self.assignments = PrefixCache(client, keys.assignments(node_id), self._wake.set)
-        self.supervisor = ProcessSupervisor(self._on_exit, self._on_ready)
+        # A warm interpreter per slot (``warm``: how many; default one per slot), so a
+        # restart costs neither interpreter nor torch start-up.
+        self.supervisor = ProcessSupervisor(
+            self._on_exit,
+            self._on_ready,
+            warm=slots if warm is None else warm,
+            warm_argv=RUNTIME_ARGV,
+            warm_log_dir=str(self.log_dir / "warm"),
+        )
         self._slots: dict[tuple[str, str], Slot] = {}
         # restarts used per (job, worker), kept while a slot is out of a generation
         self._restarts: dict[tuple[str, str], int] = {}
@@ -175,6 +184,8 @@ class NodeAgent:
                     "worker_id": member["worker_id"],
                 }
             standby.update((job_id, w) for w in assignment.get("standby", ()))
+            if assignment["spec"]["mode"] != "script":
+                self.supervisor.preload(assignment["spec"]["task"])
         with self._lock:
             for key in list(self._slots):
                 if key not in wanted and not (key in standby and self._slots[key].standby):

@@ -13,6 +13,10 @@ import sys
 
 from elasticd.worker.agent.api import ProcessSpec
 
+# The command of every ps-async and allreduce process: the agent keeps some
+# started in advance (warm), with torch imported, waiting for an assignment.
+RUNTIME_ARGV = (sys.executable, "-m", "elasticd.worker.runtime")
+
 
 def torchrun_env(assignment: dict, worker_id: str, restarts: int) -> dict[str, str]:
     """torchrun's variables for one process of a generation."""
@@ -66,6 +70,6 @@ def process_spec(
         cwd_env = {"ELASTICD_SCRIPT_DIR": os.path.dirname(script["path"])}
         env.update(cwd_env)
     else:
-        argv = (sys.executable, "-m", "elasticd.worker.runtime")
+        argv = RUNTIME_ARGV
         env["ELASTICD_HEARTBEAT_FILE"] = heartbeat_path(log_path)
     return ProcessSpec(job_id=job_id, worker_id=worker_id, argv=argv, env=env, log_path=log_path)

@@ -25,6 +25,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="",
         help="address other nodes reach this node at (default: the hostname)",
     )
+    p.add_argument(
+        "--warm",
+        type=int,
+        default=None,
+        help="training interpreters kept started in advance, torch imported, so a restart "
+        "skips start-up (default: one per slot; 0: none)",
+    )
     p.add_argument("--lease-ttl", type=int, default=DEFAULT_TTL_S, help="etcd lease TTL, seconds")
     p.add_argument(
         "--log-dir",
@@ -45,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         args.log_dir,
         args.lease_ttl,
         address=args.host,
+        warm=args.warm,
     ).start()
     log.info("event=agent_ready node=%s slots=%d", node_id, args.slots)
     print(f"agent {node_id} ready with {args.slots} slot(s)", flush=True)

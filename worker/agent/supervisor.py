@@ -29,52 +29,135 @@ STOP_GRACE_S = 10.0  # SIGTERM, then SIGKILL after this long
 
 
 READY_FD_ENV = "ELASTICD_READY_FD"
+WARM_RETRY_S = 1.0  # a warm process that died idle is replaced after this long
+PRELOADS_KEPT = 8  # task modules a new warm process imports in advance
+
+Key = tuple[str, str]  # (job id, worker id); a warm process: ("", "warm-<n>")
 
 
 class ProcessSupervisor:
+    """Runs processes by key; keeps ``warm`` processes of ``warm_argv`` started in advance.
+
+    A warm process is started before anybody needs it and waits on its control
+    pipe (the pool fills once the first such process is started). :meth:`start` of a spec with the same command takes one instead of
+    starting a new interpreter: it sends the spec's environment and log file
+    (``{"adopt": ...}``) and then the first message, and another warm process
+    starts in the background. :meth:`preload` has warm processes import a
+    module before they are needed.
+    """
+
     def __init__(
         self,
         on_exit: Callable[[Exited], None],
-        on_ready: Callable[[tuple[str, str], int], None] | None = None,
+        on_ready: Callable[[Key, int], None] | None = None,
+        warm: int = 0,
+        warm_argv: tuple[str, ...] = (),
+        warm_log_dir: str = "",
     ) -> None:
         self._on_exit = on_exit
         self._on_ready = on_ready
-        self._procs: dict[tuple[str, str], subprocess.Popen] = {}
+        self._procs: dict[Key, subprocess.Popen] = {}
+        self._keys: dict[int, Key] = {}  # pid -> whose process it is now
         self._lock = threading.Lock()
+        self._warm = warm if warm_argv else 0
+        self._warm_argv = warm_argv
+        self._warm_log_dir = warm_log_dir
+        self._warm_started = 0  # names warm processes
+        self._warm_pending = 0  # being started
+        self._preloads: list[str] = []
         # Processes are started from this one long-lived thread: the parent-death
         # signal fires when the *thread* that forked a child exits.
-        self._requests: list[tuple[ProcessSpec, threading.Event, list]] = []
+        self._requests: list[tuple[ProcessSpec, threading.Event | None, list]] = []
         self._cond = threading.Condition()
         self._closed = False
         self._spawner = threading.Thread(target=self._spawn_loop, name="spawner", daemon=True)
         self._spawner.start()
 
-    def running(self) -> set[tuple[str, str]]:
+    def running(self) -> set[Key]:
         with self._lock:
-            return {k for k, p in self._procs.items() if p.poll() is None}
+            return {k for k, p in self._procs.items() if k[0] and p.poll() is None}
 
-    def pid(self, key: tuple[str, str]) -> int | None:
+    def pid(self, key: Key) -> int | None:
         with self._lock:
             p = self._procs.get(key)
             return p.pid if p else None
 
+    def warm_pids(self) -> list[int]:
+        """The warm processes waiting to be taken."""
+        with self._lock:
+            return [p.pid for k, p in self._procs.items() if not k[0]]
+
     def start(self, spec: ProcessSpec, first_message: dict | None = None) -> int:
-        done = threading.Event()
-        box: list = []
-        with self._cond:
-            self._requests.append((spec, done, box))
-            self._cond.notify()
-        done.wait()
-        if isinstance(box[0], BaseException):
-            raise box[0]
-        proc, ready = box[0]
+        """Start (or take a warm process for) ``spec``; the first one of ``warm_argv``
+        starts the warm pool, so a node that never runs such a process keeps none."""
+        warmable = spec.argv == self._warm_argv
+        proc = self._take_warm(spec) if warmable else None
+        if proc is not None:
+            self.send(spec.key, {"adopt": {"env": spec.env, "log": spec.log_path}})
+            log.info(
+                "event=process_adopted job=%s worker=%s pid=%d",
+                spec.job_id,
+                spec.worker_id,
+                proc.pid,
+            )
+            self._refill()
+        else:
+            done = threading.Event()
+            box: list = []
+            with self._cond:
+                self._requests.append((spec, done, box))
+                self._cond.notify()
+            done.wait()
+            if isinstance(box[0], BaseException):
+                raise box[0]
+            proc = box[0]
+            if warmable:
+                self._refill()
         if first_message is not None:
             self.send(spec.key, first_message)
-        threading.Thread(target=self._wait, args=(spec.key, proc), daemon=True).start()
-        threading.Thread(
-            target=self._await_ready, args=(spec.key, proc.pid, ready), daemon=True
-        ).start()
         return proc.pid
+
+    def preload(self, module: str) -> None:
+        """Have every warm process, and those started later, import ``module`` now."""
+        with self._lock:
+            if module in self._preloads:
+                return
+            self._preloads = [*self._preloads, module][-PRELOADS_KEPT:]
+            idle = [k for k in self._procs if not k[0]]
+        for key in idle:
+            self.send(key, {"preload": [module]})
+
+    def _take_warm(self, spec: ProcessSpec) -> subprocess.Popen | None:
+        with self._lock:
+            for key, proc in list(self._procs.items()):
+                if not key[0] and proc.poll() is None:
+                    del self._procs[key]
+                    self._procs[spec.key] = proc
+                    self._keys[proc.pid] = spec.key
+                    return proc
+        return None
+
+    def _refill(self, delay: float = 0.0) -> None:
+        """Start warm processes until ``warm`` are waiting (after ``delay`` seconds)."""
+        if delay:
+            timer = threading.Timer(delay, self._refill)
+            timer.daemon = True
+            timer.start()
+            return
+        with self._cond:
+            if self._closed:
+                return
+            with self._lock:
+                idle = sum(1 for k in self._procs if not k[0])
+            missing = self._warm - idle - self._warm_pending
+            for _ in range(max(missing, 0)):
+                self._warm_started += 1
+                name = f"warm-{self._warm_started}"
+                path = os.path.join(self._warm_log_dir, f"{name}.log")
+                spec = ProcessSpec("", name, self._warm_argv, {"PYTHONUNBUFFERED": "1"}, path)
+                self._warm_pending += 1
+                self._requests.append((spec, None, []))
+            self._cond.notify()
 
     def _spawn_loop(self) -> None:
         while True:
@@ -83,13 +166,21 @@ class ProcessSupervisor:
                 if self._closed and not self._requests:
                     return
                 spec, done, box = self._requests.pop(0)
+                if done is None and self._closed:
+                    continue  # no new warm process once stopping
             try:
                 box.append(self._spawn(spec))
             except OSError as exc:
                 box.append(exc)
-            done.set()
+                if done is None:
+                    log.error("event=warm_start_failed error=%s", exc)
+            if done is None:
+                with self._cond:
+                    self._warm_pending -= 1
+            else:
+                done.set()
 
-    def _spawn(self, spec: ProcessSpec) -> tuple[subprocess.Popen, int]:
+    def _spawn(self, spec: ProcessSpec) -> subprocess.Popen:
         Path(spec.log_path).parent.mkdir(parents=True, exist_ok=True)
         logfile = open(spec.log_path, "ab")  # noqa: SIM115 - owned by the child
         ready_r, ready_w = os.pipe()
@@ -110,29 +201,41 @@ class ProcessSupervisor:
             os.close(ready_w)
         with self._lock:
             self._procs[spec.key] = proc
+            self._keys[proc.pid] = spec.key
+            preloads = list(self._preloads) if not spec.job_id else []
+        if preloads:
+            self.send(spec.key, {"preload": preloads})
+        threading.Thread(target=self._wait, args=(proc,), daemon=True).start()
+        threading.Thread(target=self._await_ready, args=(proc.pid, ready_r), daemon=True).start()
         log.info(
             "event=process_started job=%s worker=%s pid=%d", spec.job_id, spec.worker_id, proc.pid
         )
-        return proc, ready_r
+        return proc
 
-    def _await_ready(self, key: tuple[str, str], pid: int, fd: int) -> None:
+    def _await_ready(self, pid: int, fd: int) -> None:
         """Tell ``on_ready`` when the process writes its ready line (EOF: it never will)."""
         with open(fd, "rb", buffering=0) as pipe:
             line = pipe.readline()
-        if line.strip() == b"ready" and self._on_ready is not None:
+        with self._lock:
+            key = self._keys.get(pid)
+        if line.strip() == b"ready" and key and key[0] and self._on_ready is not None:
             self._on_ready(key, pid)
 
-    def _wait(self, key: tuple[str, str], proc: subprocess.Popen) -> None:
+    def _wait(self, proc: subprocess.Popen) -> None:
         code = proc.wait()
         with self._lock:
+            key = self._keys.pop(proc.pid)
             if self._procs.get(key) is proc:
                 del self._procs[key]
         log.info(
             "event=process_exited job=%s worker=%s pid=%d code=%d", key[0], key[1], proc.pid, code
         )
+        if not key[0]:
+            self._refill(delay=WARM_RETRY_S)  # died while waiting: replace it, not in a loop
+            return
         self._on_exit(Exited(key, code, proc.pid))
 
-    def send(self, key: tuple[str, str], message: dict) -> bool:
+    def send(self, key: Key, message: dict) -> bool:
         """Write one JSON line to the process's stdin; False if it is gone."""
         with self._lock:
             proc = self._procs.get(key)
@@ -145,7 +248,7 @@ class ProcessSupervisor:
         except (BrokenPipeError, ValueError, OSError):
             return False
 
-    def stop(self, key: tuple[str, str], grace: float = STOP_GRACE_S) -> None:
+    def stop(self, key: Key, grace: float = STOP_GRACE_S) -> None:
         with self._lock:
             proc = self._procs.get(key)
         if proc is None:
@@ -157,7 +260,7 @@ class ProcessSupervisor:
             _signal_group(proc, signal.SIGKILL)
             proc.wait()
 
-    def kill(self, key: tuple[str, str]) -> None:
+    def kill(self, key: Key) -> None:
         """SIGKILL a process and everything it spawned (a hung process ignores SIGTERM)."""
         with self._lock:
             proc = self._procs.get(key)
@@ -165,6 +268,10 @@ class ProcessSupervisor:
             _signal_group(proc, signal.SIGKILL)
 
     def stop_all(self, grace: float = STOP_GRACE_S) -> None:
+        with self._cond:
+            self._closed = True  # no warm process replaces one stopped now
+            self._cond.notify()
+        self._spawner.join(timeout=grace)  # a process being started is then in _procs
         with self._lock:
             keys = list(self._procs)
         threads = [threading.Thread(target=self.stop, args=(k, grace)) for k in keys]
@@ -172,9 +279,6 @@ class ProcessSupervisor:
             t.start()
         for t in threads:
             t.join()
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

@@ -4,6 +4,11 @@ The agent writes JSON lines on the process's stdin: the first carries the
 assignment to start with, later ones a new assignment (a new generation) to
 adopt at the next step boundary. End of input means the agent is gone.
 
+A warm process (started before anybody needs it, torch already imported)
+first gets ``{"adopt": {"env": ..., "log": ...}}``, the environment and log
+file of the process it becomes, and may get ``{"preload": [module, ...]}``,
+task modules to import while it waits.
+
 A first message marked ``standby`` starts a replacement for a process that
 failed: it carries the generation the failed one trained in, and the process
 prepares (imports, builds its model), says it is ready with
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -82,6 +88,15 @@ class ControlChannel:
         if not line:
             raise SystemExit("control pipe closed before an assignment arrived")
         message = json.loads(line)
+        while "assignment" not in message:  # a warm process, before it is taken
+            if "adopt" in message:
+                adopt(message["adopt"])
+            for module in message.get("preload", ()):
+                preload(module)
+            line = self._stream.readline()
+            if not line:
+                raise SystemExit("control pipe closed before an assignment arrived")
+            message = json.loads(line)
         self.standby = bool(message.get("standby"))
         assignment = Assignment.from_message(message)
         threading.Thread(target=self._read, name="control", daemon=True).start()
@@ -122,3 +137,26 @@ def announce_ready() -> None:
         os.close(int(fd))
     except (OSError, ValueError):
         pass  # the agent is gone: the control pipe says so too
+
+
+def adopt(identity: dict[str, Any]) -> None:
+    """Become the process the agent is starting: its environment, its log file."""
+    os.environ.update({str(k): str(v) for k, v in identity.get("env", {}).items()})
+    path = identity.get("log", "")
+    if path:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+
+
+def preload(module: str) -> None:
+    """Import a task module ahead of its assignment; one that fails is imported again later."""
+    from elasticd.task import import_task_module
+
+    try:
+        import_task_module(module)
+    except Exception as exc:  # the job's own load reports it, with the job's context
+        print(f"preload of {module!r} failed: {exc}", file=sys.stderr, flush=True)

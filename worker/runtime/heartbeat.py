@@ -15,20 +15,21 @@ import time
 
 BEAT_INTERVAL_S = 0.5  # at most one touch per interval: a beat costs one utime call
 
-_path = os.environ.get("ELASTICD_HEARTBEAT_FILE", "")
 _last = 0.0
 
 
 def beat() -> None:
     global _last
-    if not _path:
+    # Read on every beat: a warm process learns its file only when it is taken.
+    path = os.environ.get("ELASTICD_HEARTBEAT_FILE", "")
+    if not path:
         return
     now = time.monotonic()
     if now - _last < BEAT_INTERVAL_S:
         return
     _last = now
     try:
-        os.utime(_path)
+        os.utime(path)
     except FileNotFoundError:
-        with open(_path, "a"):
+        with open(path, "a"):
             pass
