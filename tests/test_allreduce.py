@@ -36,9 +36,9 @@ from elasticd.server.controller.rendezvous import (
 )
 from elasticd.task import load_task
 from elasticd.worker.runtime.allreduce import AllreduceConfig
-from elasticd.worker.runtime.control import Assignment
+from elasticd.worker.runtime.control import Assignment, AssignmentFeed
 from elasticd.worker.runtime.grad_buckets import GradientBuckets
-from elasticd.worker.runtime.process_group import AssignmentFeed, ElasticGroup
+from elasticd.worker.runtime.process_group import ElasticGroup
 from elasticd.worker.runtime.rendezvous import FileDirectory
 from elasticd.worker.runtime.replica import LRSchedule, Ramp, choose_source
 from tests.jobs import spec_yaml

@@ -69,9 +69,7 @@ def test_a_launch_takes_a_warm_interpreter_which_becomes_the_process(supervisor,
     assert pid not in again
 
 
-def test_a_warm_interpreter_that_dies_idle_is_replaced_and_reported_to_nobody(
-    supervisor, tmp_path
-):
+def test_a_warm_interpreter_that_dies_idle_is_replaced_and_reported_to_nobody(supervisor, tmp_path):
     sup, exits = supervisor
     sup.start(spec(tmp_path, "n.0"), {"assignment": assignment("no-such-mode")})
     exits.get(timeout=60)

@@ -37,7 +37,6 @@ import contextlib
 import logging
 import math
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -49,14 +48,18 @@ from elasticd.task import load_task
 from elasticd.worker.runtime import heartbeat
 from elasticd.worker.runtime.allreduce_config import AllreduceConfig
 from elasticd.worker.runtime.checkpointing import RankCheckpointer, restore_state
-from elasticd.worker.runtime.control import Assignment, ControlChannel, announce_ready
+from elasticd.worker.runtime.control import (
+    Assignment,
+    AssignmentFeed,
+    ControlChannel,
+    announce_ready,
+)
 from elasticd.worker.runtime.grad_buckets import (
     FIRST_BUCKET_CAP_BYTES,
     GradientBuckets,
 )
 from elasticd.worker.runtime.handover import Handover
 from elasticd.worker.runtime.process_group import (
-    AssignmentFeed,
     CollectiveFailed,
     ElasticGroup,
     GroupAbandoned,
@@ -140,16 +143,6 @@ class AllreduceWorker:
         self._losses: deque[float] = deque(maxlen=self.spec.report_every_steps)
         self._trained = 0  # steps this process took part in
 
-    def _newer_than(self, generation: int, timeout: float = 60.0) -> Assignment:
-        """The first assignment newer than ``generation``: another rank may have seen it first."""
-        deadline = time.monotonic() + timeout
-        while self.feed.current.generation <= generation and not self.feed.closed:
-            if time.monotonic() > deadline:
-                break
-            self.feed.refresh()
-            time.sleep(0.01)
-        return self.feed.current
-
     def adopt(self, handover: Handover) -> None:
         """Start from state handed over by a switch (identical on every rank)."""
         r = self.replica
@@ -173,7 +166,7 @@ class AllreduceWorker:
         newer than this one (a replacement waits, however long, to be let in)."""
         try:
             if after:
-                self._admitted(after)
+                self.feed.admitted(after)
             while True:
                 try:
                     self.group.form(self.feed, after_generation=after)
@@ -197,7 +190,7 @@ class AllreduceWorker:
                 if outcome == "reform":
                     after = self.group.generation
                     self.group.destroy()
-                    newest = self._newer_than(after)
+                    newest = self.feed.newer_than(after)
                     if newest.spec["mode"] != "allreduce":
                         # Every rank stopped after the same step: hand the replica over.
                         r = self.replica
@@ -226,22 +219,6 @@ class AllreduceWorker:
             return 3
         finally:
             self.group.close()
-
-    def _admitted(self, generation: int) -> None:
-        """Wait until the controller seals a generation newer than ``generation``."""
-        while self.feed.current.generation <= generation:
-            if self.feed.closed:
-                raise GroupAbandoned("control pipe closed: the agent is gone")
-            heartbeat.beat()
-            self.feed.refresh()
-            time.sleep(0.01)
-        log.info(
-            "event=admitted job=%s generation=%d worker=%s waited_after=%d",
-            self.feed.current.job_id,
-            self.feed.current.generation,
-            self.feed.current.worker_id,
-            generation,
-        )
 
     def _report_peers(self) -> None:
         """A broken collective lost some peer: name them all to the controller, which asks

@@ -19,11 +19,21 @@ controller seals with it once it is ready (ARCHITECTURE invariant 9).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
+
+from elasticd.worker.runtime import heartbeat
+
+log = logging.getLogger(__name__)
+
+
+class GroupAbandoned(RuntimeError):
+    """No group can be formed: the agent is gone, or nothing changed within the reform timeout."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +131,56 @@ class ControlChannel:
         with self._lock:
             latest, self._latest = self._latest, None
             return latest
+
+
+class AssignmentFeed:
+    """The newest assignment of this process, refreshed from the agent's control pipe."""
+
+    def __init__(self, first: Assignment, control: ControlChannel | None) -> None:
+        self.current = first
+        self._control = control
+
+    def refresh(self) -> bool:
+        """Adopt the newest assignment on the pipe (never an older generation); True if one came."""
+        if self._control is None:
+            return False
+        new = self._control.poll()
+        if new is None or new.generation < self.current.generation:
+            return False
+        self.current = new
+        return True
+
+    @property
+    def closed(self) -> bool:
+        return self._control is not None and self._control.closed.is_set()
+
+    def newer_than(self, generation: int, timeout: float = 60.0) -> Assignment:
+        """The first assignment newer than ``generation`` (another rank may have seen it
+        first), or the current one after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while self.current.generation <= generation and not self.closed:
+            if time.monotonic() > deadline:
+                break
+            self.refresh()
+            time.sleep(0.01)
+        return self.current
+
+    def admitted(self, generation: int) -> None:
+        """Wait, however long, until the controller seals a generation newer than
+        ``generation`` (a standby waiting to be let in); GroupAbandoned if the agent goes."""
+        while self.current.generation <= generation:
+            if self.closed:
+                raise GroupAbandoned("control pipe closed: the agent is gone")
+            heartbeat.beat()
+            self.refresh()
+            time.sleep(0.01)
+        log.info(
+            "event=admitted job=%s generation=%d worker=%s waited_after=%d",
+            self.current.job_id,
+            self.current.generation,
+            self.current.worker_id,
+            generation,
+        )
 
 
 def announce_ready() -> None:

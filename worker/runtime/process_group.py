@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 from elasticd.retry import Backoff
 from elasticd.worker.runtime import heartbeat
-from elasticd.worker.runtime.control import Assignment, ControlChannel
+from elasticd.worker.runtime.control import Assignment, AssignmentFeed, GroupAbandoned
 from elasticd.worker.runtime.rendezvous import (
     DirectoryUnavailable,
     RendezvousDirectory,
@@ -60,10 +60,6 @@ class CollectiveFailed(RuntimeError):
     """A collective, or forming the group, failed: a peer died, hung, or left."""
 
 
-class GroupAbandoned(RuntimeError):
-    """No group can be formed: the agent is gone, or nothing changed within the reform timeout."""
-
-
 def pick_backend(local_rank: int) -> tuple[str, torch.device]:
     """nccl on ``cuda:<local_rank>`` when CUDA is available, else gloo on the CPU."""
     if torch.cuda.is_available():
@@ -75,28 +71,6 @@ def pick_backend(local_rank: int) -> tuple[str, torch.device]:
         torch.cuda.set_device(device)
         return "nccl", device
     return "gloo", torch.device("cpu")
-
-
-class AssignmentFeed:
-    """The newest assignment of this process, refreshed from the agent's control pipe."""
-
-    def __init__(self, first: Assignment, control: ControlChannel | None) -> None:
-        self.current = first
-        self._control = control
-
-    def refresh(self) -> bool:
-        """Adopt the newest assignment on the pipe (never an older generation); True if one came."""
-        if self._control is None:
-            return False
-        new = self._control.poll()
-        if new is None or new.generation < self.current.generation:
-            return False
-        self.current = new
-        return True
-
-    @property
-    def closed(self) -> bool:
-        return self._control is not None and self._control.closed.is_set()
 
 
 class ElasticGroup:
