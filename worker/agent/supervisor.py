@@ -30,6 +30,9 @@ STOP_GRACE_S = 10.0  # SIGTERM, then SIGKILL after this long
 
 READY_FD_ENV = "ELASTICD_READY_FD"
 WARM_RETRY_S = 1.0  # a warm process that died idle is replaced after this long
+# A warm process is started once the one just taken says it is ready, or after this
+# long: starting an interpreter meanwhile would slow the one the job waits for.
+WARM_REFILL_S = 10.0
 PRELOADS_KEPT = 8  # task modules a new warm process imports in advance
 
 Key = tuple[str, str]  # (job id, worker id); a warm process: ("", "warm-<n>")
@@ -41,8 +44,8 @@ class ProcessSupervisor:
     A warm process is started before anybody needs it and waits on its control
     pipe (the pool fills once the first such process is started). :meth:`start` of a spec with the same command takes one instead of
     starting a new interpreter: it sends the spec's environment and log file
-    (``{"adopt": ...}``) and then the first message, and another warm process
-    starts in the background. :meth:`preload` has warm processes import a
+    (``{"adopt": ...}``) and then the first message; another warm process
+    starts once that one says it is ready (or after WARM_REFILL_S). :meth:`preload` has warm processes import a
     module before they are needed.
     """
 
@@ -100,7 +103,7 @@ class ProcessSupervisor:
                 spec.worker_id,
                 proc.pid,
             )
-            self._refill()
+            self._refill(delay=WARM_REFILL_S)
         else:
             done = threading.Event()
             box: list = []
@@ -112,7 +115,7 @@ class ProcessSupervisor:
                 raise box[0]
             proc = box[0]
             if warmable:
-                self._refill()
+                self._refill(delay=WARM_REFILL_S)
         if first_message is not None:
             self.send(spec.key, first_message)
         return proc.pid
@@ -218,8 +221,11 @@ class ProcessSupervisor:
             line = pipe.readline()
         with self._lock:
             key = self._keys.get(pid)
-        if line.strip() == b"ready" and key and key[0] and self._on_ready is not None:
+        if line.strip() != b"ready" or not key or not key[0]:
+            return
+        if self._on_ready is not None:
             self._on_ready(key, pid)
+        self._refill()
 
     def _wait(self, proc: subprocess.Popen) -> None:
         code = proc.wait()

@@ -24,7 +24,24 @@ MODES: dict[str, Callable[[Assignment, ControlChannel, Handover | None], int | S
 }
 
 
+def warm_up() -> None:
+    """Pay torch's lazy first-use costs before an assignment arrives, not after.
+
+    The first optimizer built imports torch._dynamo (about 3 s here); a warm
+    process, which waits for its assignment, has then done it already.
+    """
+    import torch
+
+    from elasticd.optimizers import OPTIMIZERS
+
+    param = torch.zeros(1, requires_grad=True)
+    param.grad = torch.zeros(1)
+    for make in OPTIMIZERS.values():
+        make([param]).step()
+
+
 def main() -> int:
+    warm_up()
     control = ControlChannel()
     first = control.first()
     configure_logging(f"worker:{first.worker_id}")
