@@ -33,10 +33,12 @@ test: install lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
 
 bench: install
+	$(BIN)/pip install -q torchft numpy  # the torchft baseline of bench recovery
 	$(BIN)/python -m bench membership --json
 	$(BIN)/python -m bench ps --json
 	$(BIN)/python -m bench allreduce --json
 	$(BIN)/python -m bench checkpoint --json
+	$(BIN)/python -m bench recovery --json
 
 # Regenerate the committed gRPC modules from proto/.
 proto: install

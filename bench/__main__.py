@@ -7,7 +7,7 @@ import importlib
 import json
 import sys
 
-BENCHMARKS = ("membership", "ps", "allreduce", "checkpoint")
+BENCHMARKS = ("membership", "ps", "allreduce", "checkpoint", "recovery")
 
 
 def main() -> int:
