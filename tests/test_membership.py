@@ -15,6 +15,7 @@ from dataclasses import replace
 
 import pytest
 
+from elasticd.coord.etcd import Delete
 from elasticd.coord.keys import Keys
 from elasticd.jobspec import parse_spec
 from elasticd.membership import (
@@ -475,3 +476,23 @@ def test_seal_keeps_a_starting_replacement_in_its_nodes_assignment() -> None:
     on_b = json.loads(by_key[keys.assignment("b", JOB)].value)
     assert on_b["members"] == [] and on_b["standby"] == ["b.0"]
     assert json.loads(by_key[keys.assignment("a", JOB)].value)["standby"] == []
+
+
+def test_below_min_the_allreduce_survivors_are_kept_running_outside_the_generation() -> None:
+    cluster = ClusterSnapshot(nodes(a=1, b=1), {})
+    reports = [report("a.0", "RUNNING", 1), report("b.0", "RESTARTING", 1)]
+    job = snapshot(["a.0", "b.0"], reports=reports, mode="allreduce", wmin=2)
+    keys = Keys("/t")
+    ops = {
+        op.key: op
+        for op in seal_ops(job, cluster, assign_ranks(JOB, 2, []), None, job.record, keys, "c:1")
+    }
+    assert json.loads(ops[keys.assignment("a", JOB)].value)["standby"] == ["a.0"]
+    assert json.loads(ops[keys.assignment("b", JOB)].value)["standby"] == ["b.0"]
+    # ps-async workers are stopped: their state is on the PS tier.
+    job = snapshot(["a.0", "b.0"], reports=reports, wmin=2)
+    ops = {
+        op.key: op
+        for op in seal_ops(job, cluster, assign_ranks(JOB, 2, []), None, job.record, keys, "c:1")
+    }
+    assert isinstance(ops[keys.assignment("a", JOB)], Delete)

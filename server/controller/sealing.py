@@ -125,7 +125,7 @@ def seal_ops(
     if placement is not None and placement != snap.placement:
         ops.append(Put(keys.placement(job_id), placement.to_json().encode()))
     sealed = replace(snap, record=record)  # assignments follow the record as sealed
-    waiting = standby_workers(snap, gen) if gen.members else {}
+    waiting = standby_workers(snap, gen)
     nodes = set(gen.nodes) | set(waiting)
     for node in sorted(nodes):
         ops.append(
@@ -149,10 +149,15 @@ def seal_ops(
 
 
 def standby_workers(snap: JobSnapshot, gen: Generation) -> dict[str, tuple[str, ...]]:
-    """Per node, the job's replacements that are starting or ready and not in ``gen``."""
+    """Per node, the job's workers kept running outside ``gen``: replacements that are
+    starting or ready; and, when an allreduce job falls below ``workers.min`` (``gen``
+    is empty), its running processes too, which hold the only copy of its replica."""
+    waiting = {RESTARTING, READY}
+    if not gen.members and snap.record.mode == "allreduce":
+        waiting.add(RUNNING)
     out: dict[str, list[str]] = {}
     for w, r in sorted(snap.workers.items()):
-        if r.state in (RESTARTING, READY) and w not in gen.worker_ids:
+        if r.state in waiting and w not in gen.worker_ids:
             out.setdefault(r.node_id, []).append(w)
     return {node: tuple(ws) for node, ws in out.items()}
 

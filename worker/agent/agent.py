@@ -14,7 +14,9 @@ assignments, and makes the running processes match them:
   imports and builds its model, READY once it says so on its ready pipe; the
   controller seals it into a generation only then, so the survivors never wait
   on a process that is starting (the controller lists it under ``standby`` in
-  the node's assignment meanwhile). In script mode it is reported RESTARTING
+  the node's assignment meanwhile, and lists an allreduce job's running
+  processes there too when the job falls below ``workers.min``: they wait,
+  keeping the replica, instead of being stopped). In script mode it is reported RESTARTING
   and every process restarts in the next generation;
 * in script mode every process is restarted when the generation changes, with
   the restart count raised, as torchrun does.
@@ -188,7 +190,7 @@ class NodeAgent:
                 self.supervisor.preload(assignment["spec"]["task"])
         with self._lock:
             for key in list(self._slots):
-                if key not in wanted and not (key in standby and self._slots[key].standby):
+                if key not in wanted and key not in standby:
                     self._withdraw(key)
             jobs_gone = {k for k in self._restarts if k[0] not in self.assignments_jobs(wanted)}
             for key in jobs_gone:

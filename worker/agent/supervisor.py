@@ -96,6 +96,7 @@ class ProcessSupervisor:
         warmable = spec.argv == self._warm_argv
         proc = self._take_warm(spec) if warmable else None
         if proc is not None:
+            Path(spec.log_path).parent.mkdir(parents=True, exist_ok=True)
             self.send(spec.key, {"adopt": {"env": spec.env, "log": spec.log_path}})
             log.info(
                 "event=process_adopted job=%s worker=%s pid=%d",

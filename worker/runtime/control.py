@@ -206,6 +206,7 @@ def adopt(identity: dict[str, Any]) -> None:
     if path:
         sys.stdout.flush()
         sys.stderr.flush()
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
