@@ -496,3 +496,14 @@ def test_below_min_the_allreduce_survivors_are_kept_running_outside_the_generati
         for op in seal_ops(job, cluster, assign_ranks(JOB, 2, []), None, job.record, keys, "c:1")
     }
     assert isinstance(ops[keys.assignment("a", JOB)], Delete)
+
+
+def test_a_member_ready_before_its_departure_was_sealed_gets_a_new_generation() -> None:
+    """The replacement became READY before the controller saw its predecessor die: it
+    waits for a generation newer than the one it was reported in, so one is sealed."""
+    cluster = ClusterSnapshot(nodes(a=1, b=1), {})
+    reports = [report("a.0", "RUNNING", 5), report("b.0", "READY", 5)]
+    job = snapshot(["a.0", "b.0"], gen_number=5, reports=reports, mode="allreduce", wmin=2)
+    action = decide(job, cluster)
+    assert action == Seal(("a.0", "b.0"), "lost=- joined=- rejoined=b.0")
+    assert seal_at_once(action, frozenset({"a.0", "b.0"}), job.spec) == action

@@ -154,14 +154,19 @@ def decide(job: JobSnapshot, cluster: ClusterSnapshot) -> Action:
     wanted = replica_wanted(job, cluster)
     if wanted and current:
         return Seal(tuple(desired), wanted, restore=True)
-    if set(desired) != current:
+    # A member reported READY is a replacement whose predecessor died in this very
+    # generation (it became ready before the departure was sealed): it waits for a
+    # newer generation, so one is sealed although the set did not change.
+    rejoined = sorted(ready & current & set(desired))
+    if set(desired) != current or rejoined:
         lost = sorted(current - set(desired))
         joined = sorted(set(desired) - current)
         # A job submitted with --resume-from starts from that checkpoint.
         resume = rec.mode == "ps-async" and job.placement is None and bool(rec.resume_from)
+        again = f" rejoined={','.join(rejoined)}" if rejoined else ""
         return Seal(
             tuple(desired),
-            f"lost={','.join(lost) or '-'} joined={','.join(joined) or '-'}",
+            f"lost={','.join(lost) or '-'} joined={','.join(joined) or '-'}{again}",
             restore=resume,
         )
     return Nothing()
