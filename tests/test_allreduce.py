@@ -446,7 +446,7 @@ def test_killed_workers_come_back_and_take_the_survivors_state(cluster):
 
     c = cluster(ps=0, agents=2, join_window=LONG_JOIN_WINDOW_S)
     client = JobClient(etcd=c.etcd, prefix=c.prefix)
-    steps = 2000
+    steps = 1000
     job_id = client.submit_yaml(
         spec_yaml(
             task=GATED,

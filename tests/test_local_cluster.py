@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import grpc
 import psutil
@@ -25,14 +26,35 @@ def workers_of(cluster, job_id: str) -> dict[str, WorkerReport]:
     return {r.worker_id: r for r in (WorkerReport.from_json(kv.value) for kv in kvs)}
 
 
-def processes_of_job(job_id: str) -> list[psutil.Process]:
+def worker_of(p: psutil.Process) -> tuple[str, str] | None:
+    """(job id, worker id) a training process runs as, or None.
+
+    A process started for its job carries them in its environment; a warm
+    interpreter taken for the job got them later, in-process, which
+    /proc/<pid>/environ never shows, but its stdout is then the worker's log,
+    ``<log-dir>/<job>/<worker>.log``.
+    """
+    env = p.environ()
+    if env.get("ELASTICD_JOB_ID"):
+        return env["ELASTICD_JOB_ID"], env.get("ELASTICD_WORKER_ID", "")
+    try:
+        out = Path(os.readlink(f"/proc/{p.pid}/fd/1"))
+    except OSError:
+        return None
+    if "elasticd.worker.runtime" in " ".join(p.cmdline()) and out.suffix == ".log":
+        return out.parent.name, out.stem
+    return None
+
+
+def processes_of_job(job_id: str, worker_id: str = "") -> list[psutil.Process]:
     found = []
     for p in psutil.process_iter():
         try:
-            if p.environ().get("ELASTICD_JOB_ID") == job_id:
-                found.append(p)
+            who = worker_of(p)
         except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
             continue
+        if who and who[0] == job_id and (not worker_id or who[1] == worker_id):
+            found.append(p)
     return found
 
 

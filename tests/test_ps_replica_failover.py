@@ -70,9 +70,7 @@ def assert_bitwise_equal(a: dict, b: dict, what: str) -> None:
 
 
 def worker_process(job_id: str, worker_id: str) -> psutil.Process:
-    (p,) = [
-        p for p in processes_of_job(job_id) if p.environ().get("ELASTICD_WORKER_ID") == worker_id
-    ]
+    (p,) = processes_of_job(job_id, worker_id)
     return p
 
 
