@@ -105,7 +105,7 @@ def _after(steps: list[tuple[float, int]], since: float) -> list[tuple[float, in
     return [s for s in steps if s[0] > since]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -336,7 +336,7 @@ def _start_torchrun(log_path: Path, snapshot: Path, kills: int) -> subprocess.Po
         "--nproc-per-node=2",
         f"--max-restarts={kills * 3 + 5}",
         "--rdzv-backend=c10d",
-        f"--rdzv-endpoint=127.0.0.1:{_free_port()}",
+        f"--rdzv-endpoint=127.0.0.1:{free_port()}",
         SCRIPT,
         "--snapshot",
         str(snapshot),

@@ -62,10 +62,10 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-LR = 0.001
-SEED = 0
+from bench.recovery import free_port, longest_gap
+
+HERE = Path(__file__).resolve().parent
 HEARTBEAT_TIMEOUT_MS = 1000
 # Steady training: this many two-replica steps committed by each replica.
 STEADY_STEPS = 10
@@ -103,12 +103,6 @@ def _lighthouse_binary() -> str:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _wait_listening(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -120,106 +114,6 @@ def _wait_listening(port: int, proc: subprocess.Popen, timeout: float = 30.0) ->
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
-
-
-# --------------------------------------------------------------------------- replica side
-
-
-def _note(msg: str) -> None:
-    """A wall-clock stamped line in the replica's output, to see where start-up time goes."""
-    print(f"[recovery_torchft {time.time():.3f}] {msg}", file=sys.stderr, flush=True)
-
-
-def _replica_main(args: argparse.Namespace) -> None:
-    """One replica group of one process: train until killed, logging committed steps."""
-    _note("process started")
-    import torch
-
-    torch.set_num_threads(1)  # 2 cores, 2 replicas
-    from datetime import timedelta
-
-    import torch.distributed as dist
-    from torch import nn
-    from torch.nn import functional as F
-    from torchft import Manager, ProcessGroupGloo
-    from torchft.ddp import DistributedDataParallel as TorchftDDP
-
-    # No annotations: DDP checks them against the real classes, and this module's
-    # `from __future__ import annotations` turns them into strings.
-    def safe_comm_hook(manager, bucket):  # (Manager, dist.GradBucket) -> Future[Tensor]
-        """torchft's DDP comm hook, minus its crash when the allreduce fails (module docstring)."""
-        buffer = bucket.buffer()
-        work = manager.allreduce(buffer)
-        ok = work.wait()  # False (error recorded by the manager) if the allreduce failed
-        # The completed inner future of torchft's _ManagedFuture chain, as the stock hook
-        # returns it; absent when the allreduce failed or was skipped (a _DummyWork).
-        inner = getattr(work.get_future(), "_fut", None)
-        if ok and inner is not None and manager.errored() is None:
-            return inner
-        if manager.errored() is None:  # defensive: should_commit() must come out False
-            manager.report_error(RuntimeError("gradient allreduce failed"))
-        buffer.zero_()
-        done: torch.futures.Future = torch.futures.Future()
-        done.set_result(buffer)
-        return done
-
-    class SafeDDP(TorchftDDP):
-        # TorchftDDP.__init__ registers self._comm_hook, so overriding it is enough.
-        _comm_hook = staticmethod(safe_comm_hook)
-
-    # torchrun would host the replica group's TCPStore; here its only process does.
-    # The Manager finds it through MASTER_ADDR/MASTER_PORT and the lighthouse through
-    # TORCHFT_LIGHTHOUSE, both set by the parent.
-    store = dist.TCPStore(  # noqa: F841 -- must stay alive for the Manager
-        os.environ["MASTER_ADDR"],
-        int(os.environ["MASTER_PORT"]),
-        is_master=True,
-        wait_for_workers=False,
-    )
-
-    torch.manual_seed(SEED)
-    layers: list[nn.Module] = []
-    for _ in range(args.depth):
-        layers += [nn.Linear(args.width, args.width), nn.ReLU()]
-    model = nn.Sequential(*layers[:-1])
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-
-    def state_dict() -> dict[str, Any]:
-        return {"model": model.state_dict(), "optim": optimizer.state_dict()}
-
-    def load_state_dict(state: dict[str, Any]) -> None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optim"])
-
-    manager = Manager(
-        pg=ProcessGroupGloo(timeout=timedelta(seconds=10)),
-        load_state_dict=load_state_dict,
-        state_dict=state_dict,
-        min_replica_size=1,
-        replica_id=f"replica_{args.replica}",
-        timeout=timedelta(seconds=20),
-        hostname="127.0.0.1",
-    )
-    ddp = SafeDDP(manager, model)
-    _note("manager and model ready")
-
-    with open(args.log, "a", buffering=1) as log:  # line-buffered: the parent tails it
-        while True:
-            # Each replica draws its own batches, reproducibly per (replica, step).
-            gen = torch.Generator().manual_seed(
-                SEED * 1_000_003 + args.replica * 100_003 + manager.current_step()
-            )
-            x = torch.randn(args.batch, args.width, generator=gen)
-            y = torch.randn(args.batch, args.width, generator=gen)
-            # What torchft.optim.OptimizerWrapper does, spelt out so we see the commit.
-            manager.start_quorum()
-            optimizer.zero_grad()
-            F.mse_loss(ddp(x), y).backward()
-            if manager.should_commit():
-                optimizer.step()
-                log.write(
-                    f"{manager.current_step()} {time.time():.6f} {manager.num_participants()}\n"
-                )
 
 
 # --------------------------------------------------------------------------- parent side
@@ -280,7 +174,7 @@ class _Job:
         return proc
 
     def start_lighthouse(self) -> None:
-        port = _free_port()
+        port = free_port()
         proc = self._spawn(
             [
                 _lighthouse_binary(),
@@ -301,7 +195,7 @@ class _Job:
             TORCHFT_LIGHTHOUSE=self.lighthouse_url,
             REPLICA_GROUP_ID=str(replica),
             MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(_free_port()),  # a fresh store port per incarnation
+            MASTER_PORT=str(free_port()),  # a fresh store port per incarnation
             RANK="0",
             WORLD_SIZE="1",
             OMP_NUM_THREADS="1",
@@ -309,7 +203,7 @@ class _Job:
         argv = [
             sys.executable,
             "-P",  # keep bench/ off sys.path: its modules must not shadow anything
-            str(Path(__file__).resolve()),
+            str(HERE / "torchft_replica.py"),
             "--replica", str(replica),
             "--log", str(log),
             "--width", str(self.width),
@@ -352,10 +246,6 @@ def _wait_for(what: str, cond, job: _Job, *procs: subprocess.Popen) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out after {PHASE_TIMEOUT_S} s waiting for {what}")
         time.sleep(POLL_S)
-
-
-def _longest_gap(times: list[float]) -> float:
-    return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
 
 
 def measure_torchft(
@@ -415,8 +305,8 @@ def measure_torchft(
                 job, survivor, victim,
             )  # fmt: skip
 
-            window = [t for t in survivor_log.times(killed_at - 1.0) if t <= back_at]
-            pauses.append(round(_longest_gap(window), 3))
+            # measured as for elasticd and torchrun (bench.recovery.longest_gap)
+            pauses.append(round(longest_gap(survivor_log.times(), killed_at - 1.0, back_at), 3))
             rejoins.append(round(victim_log.times()[0] - killed_at, 3))
             since = back_at
 
@@ -434,18 +324,13 @@ def measure_torchft(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--replica", type=int, help="run as replica N (internal entry point)")
-    parser.add_argument("--log", help="replica: file to append committed steps to")
     parser.add_argument("--kills", type=int, default=5)
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--depth", type=int, default=8)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--workdir")
     args = parser.parse_args()
-    if args.replica is not None:
-        _replica_main(args)
-    else:
-        print(measure_torchft(args.kills, args.width, args.depth, args.batch, args.workdir))
+    print(measure_torchft(args.kills, args.width, args.depth, args.batch, args.workdir))
 
 
 if __name__ == "__main__":
