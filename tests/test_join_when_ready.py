@@ -57,15 +57,7 @@ def test_survivor_keeps_stepping_while_its_replacement_starts(cluster, tmp_path)
         )
         os.kill(killed_pid, signal.SIGKILL)
 
-        alone = wait_until(
-            lambda: (
-                (s := client.get(job_id)).generation > first.generation
-                and len(s.workers) == 1
-                and s
-            ),
-            30,
-            "the survivor alone in a new generation",
-        )
+        alone = sealed_after(client, job_id, first.generation, 1, "the survivor alone")
         # The replacement is running, and held: the survivor trains on without it.
         wait_until(
             lambda: client.get(job_id).step >= alone.step + STEPS_ALONE,
@@ -79,15 +71,7 @@ def test_survivor_keeps_stepping_while_its_replacement_starts(cluster, tmp_path)
         assert report.pid in warm, (report.pid, warm)  # started before the failure
 
         gate.touch()
-        back = wait_until(
-            lambda: (
-                (s := client.get(job_id)).generation > alone.generation
-                and len(s.workers) == 2
-                and s
-            ),
-            60,
-            f"{victim} back once ready",
-        )
+        back = sealed_after(client, job_id, alone.generation, 2, f"{victim} back once ready")
         assert workers_of(c, job_id)[victim].pid == report.pid  # the same process, let in
         wait_until(lambda: client.get(job_id).step >= back.step + 20, 60, "training with 2")
     finally:
@@ -111,3 +95,14 @@ def warm_pids(c, node: str, busy: int) -> set[int]:
         for p in agent.children()
         if p.pid != busy and "elasticd.worker.runtime" in " ".join(p.cmdline())
     }
+
+
+def sealed_after(client: JobClient, job_id: str, generation: int, workers: int, what: str):
+    """The job's status once a generation after ``generation`` with ``workers`` workers runs."""
+    return wait_until(
+        lambda: (
+            (s := client.get(job_id)).generation > generation and len(s.workers) == workers and s
+        ),
+        60,
+        f"{what} (a generation after {generation} with {workers} workers)",
+    )
