@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65lasticd/rpc/agent.proto\x12\x08\x65lasticd\"7\n\x12WorkerStateRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\"B\n\x10WorkerStateReply\x12\r\n\x05state\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x03\x12\x12\n\ngeneration\x18\x03 \x01(\x03\x32T\n\tNodeAgent\x12G\n\x0bWorkerState\x12\x1c.elasticd.WorkerStateRequest\x1a\x1a.elasticd.WorkerStateReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65lasticd/rpc/agent.proto\x12\x08\x65lasticd\"7\n\x12WorkerStateRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\"B\n\x10WorkerStateReply\x12\r\n\x05state\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x03\x12\x12\n\ngeneration\x18\x03 \x01(\x03\"_\n\x12InjectFaultRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0e\n\x06signal\x18\x03 \x01(\t\x12\x16\n\x0eresume_after_s\x18\x04 \x01(\x01\"/\n\x10InjectFaultReply\x12\x0b\n\x03pid\x18\x01 \x01(\x03\x12\x0e\n\x06target\x18\x02 \x01(\t2\x9d\x01\n\tNodeAgent\x12G\n\x0bWorkerState\x12\x1c.elasticd.WorkerStateRequest\x1a\x1a.elasticd.WorkerStateReply\x12G\n\x0bInjectFault\x12\x1c.elasticd.InjectFaultRequest\x1a\x1a.elasticd.InjectFaultReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,6 +35,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKERSTATEREQUEST']._serialized_end=93
   _globals['_WORKERSTATEREPLY']._serialized_start=95
   _globals['_WORKERSTATEREPLY']._serialized_end=161
-  _globals['_NODEAGENT']._serialized_start=163
-  _globals['_NODEAGENT']._serialized_end=247
+  _globals['_INJECTFAULTREQUEST']._serialized_start=163
+  _globals['_INJECTFAULTREQUEST']._serialized_end=258
+  _globals['_INJECTFAULTREPLY']._serialized_start=260
+  _globals['_INJECTFAULTREPLY']._serialized_end=307
+  _globals['_NODEAGENT']._serialized_start=310
+  _globals['_NODEAGENT']._serialized_end=467
 # @@protoc_insertion_point(module_scope)

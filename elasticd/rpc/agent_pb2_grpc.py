@@ -39,12 +39,23 @@ class NodeAgentStub:
                 request_serializer=elasticd_dot_rpc_dot_agent__pb2.WorkerStateRequest.SerializeToString,
                 response_deserializer=elasticd_dot_rpc_dot_agent__pb2.WorkerStateReply.FromString,
                 _registered_method=True)
+        self.InjectFault = channel.unary_unary(
+                '/elasticd.NodeAgent/InjectFault',
+                request_serializer=elasticd_dot_rpc_dot_agent__pb2.InjectFaultRequest.SerializeToString,
+                response_deserializer=elasticd_dot_rpc_dot_agent__pb2.InjectFaultReply.FromString,
+                _registered_method=True)
 
 
 class NodeAgentServicer:
     """Missing associated documentation comment in .proto file."""
 
     def WorkerState(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InjectFault(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -57,6 +68,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.WorkerState,
                     request_deserializer=elasticd_dot_rpc_dot_agent__pb2.WorkerStateRequest.FromString,
                     response_serializer=elasticd_dot_rpc_dot_agent__pb2.WorkerStateReply.SerializeToString,
+            ),
+            'InjectFault': grpc.unary_unary_rpc_method_handler(
+                    servicer.InjectFault,
+                    request_deserializer=elasticd_dot_rpc_dot_agent__pb2.InjectFaultRequest.FromString,
+                    response_serializer=elasticd_dot_rpc_dot_agent__pb2.InjectFaultReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +102,33 @@ class NodeAgent:
             '/elasticd.NodeAgent/WorkerState',
             elasticd_dot_rpc_dot_agent__pb2.WorkerStateRequest.SerializeToString,
             elasticd_dot_rpc_dot_agent__pb2.WorkerStateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InjectFault(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/elasticd.NodeAgent/InjectFault',
+            elasticd_dot_rpc_dot_agent__pb2.InjectFaultRequest.SerializeToString,
+            elasticd_dot_rpc_dot_agent__pb2.InjectFaultReply.FromString,
             options,
             channel_credentials,
             insecure,

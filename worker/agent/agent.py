@@ -47,6 +47,7 @@ from elasticd.membership import NodeInfo, WorkerReport
 from elasticd.rpc import agent_pb2_grpc
 from elasticd.serving import start_grpc_server
 from elasticd.worker.agent.api import FAILED, READY, RESTARTING, RUNNING, SUCCEEDED, Exited
+from elasticd.worker.agent.fault_injection import FaultExecutor
 from elasticd.worker.agent.launch import RUNTIME_ARGV, heartbeat_path, process_spec
 from elasticd.worker.agent.status_service import NodeAgentServicer
 from elasticd.worker.agent.supervisor import ProcessSupervisor
@@ -107,8 +108,10 @@ class NodeAgent:
         lease_ttl: int,
         address: str = "",
         warm: int | None = None,
+        allow_chaos: bool = False,
     ) -> None:
         self.address = address
+        self.allow_chaos = allow_chaos  # serve InjectFault (`elasticd chaos`)
         self.client = client
         self.keys = keys
         self.node_id = node_id
@@ -136,7 +139,10 @@ class NodeAgent:
         self.session.start()
         self._server, port = start_grpc_server(
             lambda s: agent_pb2_grpc.add_NodeAgentServicer_to_server(
-                NodeAgentServicer(self.worker_state), s
+                NodeAgentServicer(
+                    self.worker_state, FaultExecutor(self.node_id) if self.allow_chaos else None
+                ),
+                s,
             ),
             self.address or socket.gethostname(),
             0,

@@ -32,6 +32,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="training interpreters kept started in advance, torch imported, so a restart "
         "skips start-up (default: one per slot; 0: none)",
     )
+    p.add_argument(
+        "--allow-chaos",
+        action="store_true",
+        help="serve InjectFault, through which `elasticd chaos` SIGKILLs or SIGSTOPs this "
+        "agent or a training process it supervises (off by default; for test clusters)",
+    )
     p.add_argument("--lease-ttl", type=int, default=DEFAULT_TTL_S, help="etcd lease TTL, seconds")
     p.add_argument(
         "--log-dir",
@@ -53,8 +59,11 @@ def run(args: argparse.Namespace) -> int:
         args.lease_ttl,
         address=args.host,
         warm=args.warm,
+        allow_chaos=args.allow_chaos,
     ).start()
-    log.info("event=agent_ready node=%s slots=%d", node_id, args.slots)
+    log.info(
+        "event=agent_ready node=%s slots=%d allow_chaos=%s", node_id, args.slots, args.allow_chaos
+    )
     print(f"agent {node_id} ready with {args.slots} slot(s)", flush=True)
     try:
         agent.run(stop)
