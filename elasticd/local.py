@@ -7,6 +7,10 @@ and M agents, each a separate process on loopback, started with
 a parent-death signal, so nothing outlives the process that started it, and
 :meth:`LocalCluster.stop` stops them all in order (agents first, so their
 training processes go too; etcd last).
+
+It keeps ``<base_dir>/cluster.json`` (:data:`STATE_FILE`) up to date: the etcd
+endpoint, the key prefix, and each daemon's name, role and pid, so that
+another process on the machine (``elasticd chaos``) can find them.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from elasticd.retry import wait_until
 from elasticd.spawn import spawn
 
 STOP_GRACE_S = 15.0
+STATE_FILE = "cluster.json"  # in base_dir; read by elasticd.chaos.targets
 
 
 def free_port() -> int:
@@ -156,6 +161,13 @@ class EtcdServer:
             stop_process(self.proc)
 
 
+def _role(name: str) -> str:
+    for prefix, role in (("controller", "controller"), ("ps", "ps"), ("node", "agent")):
+        if name.startswith(prefix):
+            return role
+    return name
+
+
 class LocalCluster:
     """Controllers, parameter servers and agents around one etcd, all on loopback."""
 
@@ -201,6 +213,7 @@ class LocalCluster:
         server = EtcdServer(data, client_port=port or free_port())
         self.etcd_server = server.start()
         self._etcd_endpoint = server.endpoint
+        self.write_state()
         return server
 
     def _common(self) -> list[str]:
@@ -210,6 +223,7 @@ class LocalCluster:
         argv = [sys.executable, "-m", "elasticd", *args]
         proc = start_process(name, argv, self.base_dir / "logs" / f"{name}.log", env)
         self.procs[name] = proc
+        self.write_state()
         return proc
 
     def start_controller(self, name: str = "controller-0") -> Proc:
@@ -251,6 +265,30 @@ class LocalCluster:
             timeout=timeout,
         )
         return self
+
+    def state(self) -> dict:
+        """Who runs where: etcd, prefix, and every daemon's name, role and pid."""
+        daemons = [
+            {"name": name, "role": _role(name), "pid": proc.popen.pid, "log": str(proc.log_path)}
+            for name, proc in self.procs.items()
+        ]
+        if self.etcd_server is not None and self.etcd_server.proc is not None:
+            etcd = self.etcd_server.proc
+            daemons.insert(0, {"name": etcd.name, "role": "etcd", "pid": etcd.popen.pid,
+                               "log": str(etcd.log_path), "address": self.etcd_server.endpoint})  # fmt: skip
+        return {
+            "etcd": self._etcd_endpoint or "",
+            "prefix": self.prefix,
+            "lease_ttl": self.lease_ttl,
+            "daemons": daemons,
+        }
+
+    def write_state(self) -> None:
+        """Rewrite :data:`STATE_FILE` atomically (a reader never sees half of it)."""
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.base_dir / f".{STATE_FILE}.tmp"
+        tmp.write_text(json.dumps(self.state(), indent=2) + "\n")
+        os.replace(tmp, self.base_dir / STATE_FILE)
 
     def registered(self, what: str) -> set[str]:
         prefix = self.keys.nodes if what == "nodes" else self.keys.ps_servers
