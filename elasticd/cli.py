@@ -29,6 +29,7 @@ Client:
   cancel       cancel a job
   switch       switch a running job between ps-async and allreduce
   logs         print a worker's log (local mode)
+  chaos        run a job under injected faults and report detection and recovery
 """
 
 
@@ -283,6 +284,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker", default=None, help="worker id (default: all)")
     p.add_argument("--log-dir", default=".elasticd/logs", help="agents' log directory")
     p.set_defaults(func=cmd_logs)
+
+    from elasticd.chaos import command as chaos_command
+
+    p = sub.add_parser(
+        "chaos",
+        help="run a job under seeded faults; report detection and recovery",
+        description=chaos_command.DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    chaos_command.add_arguments(p)
+    p.set_defaults(func=chaos_command.run)
 
     p = sub.add_parser(
         "checkpoint",
