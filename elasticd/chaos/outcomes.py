@@ -110,5 +110,16 @@ def throughput(
             lo += 1
         first = answered[lo]
         dt = s.t - first.t
-        out.append((s.t, (s.step - first.step) / dt if dt > 0 else 0.0))
+        # A step that fell (a restore from a checkpoint) counts as no progress.
+        out.append((s.t, max(s.step - first.step, 0) / dt if dt > 0 else 0.0))
     return out
+
+
+def step_regressions(samples: Sequence[Sample]) -> list[tuple[float, int, int]]:
+    """(t, step before, step after) wherever the job's step fell: updates were lost."""
+    answered = [s for s in samples if s.reachable]
+    return [
+        (b.t, a.step, b.step)
+        for a, b in zip(answered, answered[1:], strict=False)
+        if b.step < a.step
+    ]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from elasticd.chaos.injectors import Injection
 from elasticd.chaos.observer import Sample
-from elasticd.chaos.outcomes import Outcome, spread, throughput
+from elasticd.chaos.outcomes import Outcome, spread, step_regressions, throughput
 
 COLORS = {"kill": "tab:red", "stop": "tab:orange"}
 
@@ -102,6 +102,11 @@ def report_dict(run: RunRecord) -> dict:
             "detection_s": spread([o.detected_after_s for o in injected]),
             "recovery_s": spread([o.recovered_after_s for o in injected]),
         },
+        # The step fell here (a restore from a checkpoint): the updates between were lost.
+        "step_regressions": [
+            {"at_s": _r(t - run.submitted), "from_step": a, "to_step": b}
+            for t, a, b in step_regressions(run.samples)
+        ],
         "samples": len(run.samples),
         "notes": run.notes,
         "baseline": None,
@@ -161,6 +166,12 @@ def report_markdown(d: dict) -> str:
             f"{_fmt(f['detected_after_s'])} | {f['detected_by'] or '-'} | "
             f"{_fmt(f['recovered_after_s'])} |"
         )
+    for r in d["step_regressions"]:
+        lines.append(
+            f"\nAt {_fmt(r['at_s'])} the step fell from {r['from_step']} to {r['to_step']}: "
+            "the job went back to an earlier state (a restore from a checkpoint), losing the "
+            "updates between."
+        )
     lines += ["", "![loss and steps/s against time](report.png)", ""]
     lines += [f"- {n}" for n in d["notes"]]
     return "\n".join(lines).rstrip() + "\n"
@@ -202,7 +213,7 @@ def plot(run: RunRecord, path: Path) -> None:
             ax.axvline(at, color=color, lw=1)
             if end is not None:
                 ax.axvspan(at, end, color=color, alpha=0.15, lw=0)
-        ax_loss.annotate(f"{inj.fault.kind} {inj.fault.target}", (at, 1), xycoords=("data", "axes fraction"),
+        ax_loss.annotate(f"{inj.fault.kind} {inj.fault.target}", (at, 0.98), xycoords=("data", "axes fraction"),
                          rotation=90, va="top", ha="right", fontsize=7, color=color)  # fmt: skip
     ax_loss.legend(loc="upper right", fontsize=8)
     ax_loss.set_title(f"elasticd chaos: job {run.job_id}", fontsize=10)
