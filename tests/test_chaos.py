@@ -185,3 +185,20 @@ def test_agent_injects_faults_only_with_allow_chaos(cluster, tmp_path):
     wait_until(lambda: workers()["chaos-0.0"].restarts == 1, 30, "chaos-0.0 restarted")
     assert c.procs["chaos-0"].alive() and _status(pid) != psutil.STATUS_STOPPED
     client.close()
+
+
+def test_chaos_help_documents_the_fault_kinds_and_the_report(capsys):
+    from elasticd.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["chaos", "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    for words in (
+        "usage: elasticd chaos",
+        "ACTION:ROLE",
+        "--allow-chaos",
+        "report.png",
+        "--baseline",
+    ):
+        assert words in text, words
