@@ -31,7 +31,7 @@ from tests.test_ps_failures import StateLog
 from tests.test_ps_restore import record
 from tests.test_ps_service import bitwise_equal
 
-STEPS = 1500
+STEPS = 800
 SPEC = {
     "steps": STEPS,
     "report_every_steps": 5,
