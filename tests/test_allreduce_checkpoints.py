@@ -67,7 +67,14 @@ def test_allreduce_checkpoints_restore_into_ps_async_and_back(cluster):
             lambda: (r := record(c, ar)).checkpoint_step == 60 and r, 60, "the last checkpoint"
         )
         manifests = store.list_manifests(ar)
-        assert sorted(m.step for m in manifests) == [20, 40, 60]
+        steps = sorted(m.step for m in manifests)
+        # A trigger that comes while the rank's previous upload is still being
+        # written is skipped, by design, and logged: on a loaded machine the
+        # upload of step 20 can outlast the 20 steps to the next trigger.
+        worker_logs = "".join(p.read_text() for p in (c.base_dir / "logs" / ar).glob("*.log"))
+        for missing in sorted({20, 40, 60} - set(steps)):
+            assert re.search(rf"event=checkpoint_skipped job={ar} step={missing}\b", worker_logs)
+        assert set(steps) <= {20, 40, 60} and 60 in steps and len(steps) >= 2, steps
         for m in manifests:
             assert m.extra["mode"] == "allreduce" and store.verify(m)
             assert sorted(s.name for s in m.shards) == ["rank-0", "rank-1"]
