@@ -206,9 +206,10 @@ class ProcessSupervisor:
         with self._lock:
             self._procs[spec.key] = proc
             self._keys[proc.pid] = spec.key
-            preloads = list(self._preloads) if not spec.job_id else []
-        if preloads:
-            self.send(spec.key, {"preload": preloads})
+            warm = not spec.job_id
+            preloads = list(self._preloads) if warm else []
+        if warm:  # it warms up while it waits: a launched process has no time to spare
+            self.send(spec.key, {"warm": True, "preload": preloads})
         threading.Thread(target=self._wait, args=(proc,), daemon=True).start()
         threading.Thread(target=self._await_ready, args=(proc.pid, ready_r), daemon=True).start()
         log.info(

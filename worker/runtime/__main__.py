@@ -28,7 +28,9 @@ def warm_up() -> None:
     """Pay torch's lazy first-use costs before an assignment arrives, not after.
 
     The first optimizer built imports torch._dynamo (about 3 s here); a warm
-    process, which waits for its assignment, has then done it already.
+    process, which waits for its assignment, has then done it already. A
+    process launched with its assignment skips it: a ps-async worker never
+    builds an optimizer, and an allreduce one pays it once either way.
     """
     import torch
 
@@ -41,9 +43,8 @@ def warm_up() -> None:
 
 
 def main() -> int:
-    warm_up()
     control = ControlChannel()
-    first = control.first()
+    first = control.first(warm_up=warm_up)
     configure_logging(f"worker:{first.worker_id}")
     assignment, handover = first, None
     while True:

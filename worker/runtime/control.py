@@ -24,6 +24,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,12 +94,16 @@ class ControlChannel:
         self.closed = threading.Event()
         self.standby = False  # the first assignment is the failed process's: wait for a newer
 
-    def first(self) -> Assignment:
+    def first(self, warm_up: Callable[[], None] | None = None) -> Assignment:
+        """The first assignment. A warm process (its first message says ``warm``)
+        calls ``warm_up`` and imports its preloads while it waits to be taken."""
         line = self._stream.readline()
         if not line:
             raise SystemExit("control pipe closed before an assignment arrived")
         message = json.loads(line)
         while "assignment" not in message:  # a warm process, before it is taken
+            if message.get("warm") and warm_up is not None:
+                warm_up()
             if "adopt" in message:
                 adopt(message["adopt"])
             for module in message.get("preload", ()):
