@@ -65,6 +65,17 @@ class CheckpointSpec:
 
 
 @dataclass(frozen=True)
+class DataSpec:
+    """How the controller hands out batch indices in ps-async (invariant 6)."""
+
+    # batches per lease: a worker that dies hands back at most this many unfinished
+    shard_batches: int = 32
+    # batches per epoch: the next epoch's batches are handed out only once every
+    # batch of this one is applied. 0: one epoch that never ends.
+    epoch_batches: int = 0
+
+
+@dataclass(frozen=True)
 class ScriptSpec:
     """A torchrun-style script run unmodified (mode ``script``)."""
 
@@ -97,6 +108,7 @@ class JobSpec:
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     ps: PSSpec = field(default_factory=PSSpec)
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
+    data: DataSpec = field(default_factory=DataSpec)
     script: ScriptSpec = field(default_factory=ScriptSpec)
     switch: tuple[ModeSwitch, ...] = ()
     # allreduce options; absent keys take the runtime's defaults (see README)
@@ -202,6 +214,13 @@ def parse_spec(data: Any, base_dir: str | None = None) -> JobSpec:
     if ck_url and "://" not in ck_url and base_dir and not os.path.isabs(ck_url):
         ck_url = os.path.normpath(os.path.join(base_dir, ck_url))
 
+    data_raw = _mapping(data, "data", "")
+    _reject_unknown(data_raw, {"shard_batches", "epoch_batches"}, "data.")
+    data_spec = DataSpec(
+        _int(data_raw, "shard_batches", "data.", 32, minimum=1),
+        _int(data_raw, "epoch_batches", "data.", 0, minimum=0),
+    )
+
     script = _script(_mapping(data, "script", ""), mode, base_dir)
 
     return JobSpec(
@@ -221,6 +240,7 @@ def parse_spec(data: Any, base_dir: str | None = None) -> JobSpec:
             _seconds(ck_raw, "every_s", 0.0, "checkpoint."),
             _int(ck_raw, "keep", "checkpoint.", 0, 0),
         ),
+        data=data_spec,
         script=script,
         switch=_switches(data.get("switch", []), mode),
         allreduce=_allreduce(_mapping(data, "allreduce", "")),

@@ -188,6 +188,34 @@ def _ring_next(servers: Sequence[str], ps_id: str) -> str:
     return servers[(servers.index(ps_id) + 1) % len(servers)]
 
 
+def rehome(saved: ShardPlacement, ps_ids: Sequence[str], replicas: int = 1) -> ShardPlacement:
+    """``saved``'s groups, each whole, on ``ps_ids``: largest first onto the least loaded.
+
+    A restore that keeps a checkpoint's groups lets every PS read its groups'
+    stored shards as they were written, each with its own version and record
+    of applied batches, instead of a cut of the whole state that mixes them.
+    With ``replicas`` 2 and more than one PS, a group's backup is on the next
+    PS after its primary in sorted order.
+    """
+    if not ps_ids:
+        raise ValueError("no parameter server to place parameters on")
+    servers = sorted(ps_ids)
+    sizes = {g: sum(s.nbytes for s in saved.in_group(g)) for g in saved.groups}
+    load = dict.fromkeys(servers, 0)
+    home: dict[str, str] = {}
+    for g in sorted(sizes, key=lambda g: (-sizes[g], g)):
+        home[g] = min(servers, key=lambda p: (load[p], p))
+        load[home[g]] += sizes[g]
+    backup = {
+        g: _ring_next(servers, p) if replicas > 1 and len(servers) > 1 else ""
+        for g, p in home.items()
+    }
+    slices = tuple(
+        replace(s, group=s.shard, ps_id=home[s.shard], backup=backup[s.shard]) for s in saved.slices
+    )
+    return ShardPlacement(slices)
+
+
 @dataclass(frozen=True, order=True)
 class Copy:
     """Fill ``group``'s new backup on ``target`` from its primary on ``source``."""

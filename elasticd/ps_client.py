@@ -55,6 +55,7 @@ class PushOutcome:
     version: int
     applied: bool
     staleness: int
+    duplicate: bool = False  # the push's batch was applied before; nothing was applied now
 
 
 def slice_view(tensor: torch.Tensor, s: Slice) -> torch.Tensor:
@@ -272,12 +273,15 @@ class PSTier(TierState):
         base_versions: Mapping[str, int],
         compression: str = "none",
         push_id: int = 0,
+        batch: int | None = None,
     ) -> dict[str, PushOutcome]:
         """Push ``grads`` to every group; ``compression`` names a codec of elasticd.compression.
 
         ``base_versions`` are the group versions the gradient was computed on. The
         same push sent again with the same ``push_id`` (after an error left its
-        outcome unknown) is applied at most once by each group.
+        outcome unknown) is applied at most once by each group. ``batch`` names
+        the batch index the gradient was computed on: a group that applied that
+        batch before answers ``duplicate`` and applies nothing.
         """
         encoder = self.encoder(compression)
 
@@ -288,6 +292,7 @@ class PSTier(TierState):
                 base_version=base_versions[g],
                 workers=self.workers,
                 push_id=push_id,
+                batch=batch,
             )
             if self._small[g]:
                 whole = ps_pb2.PushWhole(
@@ -304,7 +309,7 @@ class PSTier(TierState):
                     self._stream(g, ps_pb2.PushRequest(header=header), grads),
                     timeout=RPC_TIMEOUT_S,
                 )
-            return PushOutcome(reply.version, reply.applied, reply.staleness)
+            return PushOutcome(reply.version, reply.applied, reply.staleness, reply.duplicate)
 
         def encoded(g: str) -> PushOutcome:
             metas, parts, pending = [], [], {}
@@ -322,6 +327,7 @@ class PSTier(TierState):
                 payload=metas,
                 workers=self.workers,
                 push_id=push_id,
+                batch=batch,
             )
             reply = self._push[self.primary(g)](
                 self._parts_stream(ps_pb2.PushRequest(header=header), parts),
@@ -329,7 +335,7 @@ class PSTier(TierState):
             )
             if reply.applied:
                 encoder.commit(pending)
-            return PushOutcome(reply.version, reply.applied, reply.staleness)
+            return PushOutcome(reply.version, reply.applied, reply.staleness, reply.duplicate)
 
         return self._each(dense if encoder.codec.passthrough else encoded)
 

@@ -130,7 +130,7 @@ class TierState:
         max_staleness: int,
         workers: int,
         max_version: int,
-        version: int,
+        version: int | Mapping[str, int],
         checkpoint: tuple[str, int],
     ) -> dict[str, str]:
         """Each group's copies read the stored shard ``sources[group]`` of the
@@ -139,6 +139,7 @@ class TierState:
         The stored shard must hold exactly the group's slices. Returns the digest each
         group's primary holds; raises CorruptShard when a PS finds the stored bytes differ
         from their record, ValueError when the copies of a group hold different state.
+        ``version`` is every group's version after the restore, or each group's.
         """
         job, step = checkpoint
 
@@ -153,7 +154,10 @@ class TierState:
             held = {}
             for ps_id in self._copies_in_order(g, header):
                 request = ps_pb2.RestoreShardRequest(
-                    header=ps_pb2.ImportShardHeader(shard=header, version=version),
+                    header=ps_pb2.ImportShardHeader(
+                        shard=header,
+                        version=version[g] if isinstance(version, Mapping) else version,
+                    ),
                     url=url,
                     job_id=job,
                     step=step,

@@ -227,3 +227,39 @@ class PeerLostReply(_message.Message):
     confirmed: _containers.RepeatedScalarFieldContainer[str]
     healthy: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, confirmed: _Optional[_Iterable[str]] = ..., healthy: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class BatchRange(_message.Message):
+    __slots__ = ("start", "end")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    end: int
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
+
+class DataLeaseRequest(_message.Message):
+    __slots__ = ("job_id", "generation", "worker_id", "holder", "finished", "start_hint")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    START_HINT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    generation: int
+    worker_id: str
+    holder: str
+    finished: _containers.RepeatedCompositeFieldContainer[BatchRange]
+    start_hint: int
+    def __init__(self, job_id: _Optional[str] = ..., generation: _Optional[int] = ..., worker_id: _Optional[str] = ..., holder: _Optional[str] = ..., finished: _Optional[_Iterable[_Union[BatchRange, _Mapping]]] = ..., start_hint: _Optional[int] = ...) -> None: ...
+
+class DataLease(_message.Message):
+    __slots__ = ("range", "wait", "retry_after_ms", "epoch")
+    RANGE_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    range: BatchRange
+    wait: bool
+    retry_after_ms: int
+    epoch: int
+    def __init__(self, range: _Optional[_Union[BatchRange, _Mapping]] = ..., wait: _Optional[bool] = ..., retry_after_ms: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...

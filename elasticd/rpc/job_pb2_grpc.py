@@ -348,6 +348,11 @@ class TrainingCoordinatorStub:
                 request_serializer=elasticd_dot_rpc_dot_job__pb2.PeerLostReport.SerializeToString,
                 response_deserializer=elasticd_dot_rpc_dot_job__pb2.PeerLostReply.FromString,
                 _registered_method=True)
+        self.LeaseData = channel.unary_unary(
+                '/elasticd.job.TrainingCoordinator/LeaseData',
+                request_serializer=elasticd_dot_rpc_dot_job__pb2.DataLeaseRequest.SerializeToString,
+                response_deserializer=elasticd_dot_rpc_dot_job__pb2.DataLease.FromString,
+                _registered_method=True)
 
 
 class TrainingCoordinatorServicer:
@@ -386,6 +391,13 @@ class TrainingCoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LeaseData(self, request, context):
+        """FAILED_PRECONDITION for a worker that is not in the job's current generation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingCoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -413,6 +425,11 @@ def add_TrainingCoordinatorServicer_to_server(servicer, server):
                     servicer.ReportPeerLost,
                     request_deserializer=elasticd_dot_rpc_dot_job__pb2.PeerLostReport.FromString,
                     response_serializer=elasticd_dot_rpc_dot_job__pb2.PeerLostReply.SerializeToString,
+            ),
+            'LeaseData': grpc.unary_unary_rpc_method_handler(
+                    servicer.LeaseData,
+                    request_deserializer=elasticd_dot_rpc_dot_job__pb2.DataLeaseRequest.FromString,
+                    response_serializer=elasticd_dot_rpc_dot_job__pb2.DataLease.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -551,6 +568,33 @@ class TrainingCoordinator:
             '/elasticd.job.TrainingCoordinator/ReportPeerLost',
             elasticd_dot_rpc_dot_job__pb2.PeerLostReport.SerializeToString,
             elasticd_dot_rpc_dot_job__pb2.PeerLostReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeaseData(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/elasticd.job.TrainingCoordinator/LeaseData',
+            elasticd_dot_rpc_dot_job__pb2.DataLeaseRequest.SerializeToString,
+            elasticd_dot_rpc_dot_job__pb2.DataLease.FromString,
             options,
             channel_credentials,
             insecure,

@@ -109,7 +109,7 @@ class PullReply(_message.Message):
     def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("fence", "worker_id", "base_version", "compression", "payload", "workers", "push_id")
+    __slots__ = ("fence", "worker_id", "base_version", "compression", "payload", "workers", "push_id", "batch")
     FENCE_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +117,7 @@ class PushHeader(_message.Message):
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     PUSH_ID_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     fence: Fence
     worker_id: str
     base_version: int
@@ -124,7 +125,8 @@ class PushHeader(_message.Message):
     payload: _containers.RepeatedCompositeFieldContainer[TensorMeta]
     workers: int
     push_id: int
-    def __init__(self, fence: _Optional[_Union[Fence, _Mapping]] = ..., worker_id: _Optional[str] = ..., base_version: _Optional[int] = ..., compression: _Optional[str] = ..., payload: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ..., workers: _Optional[int] = ..., push_id: _Optional[int] = ...) -> None: ...
+    batch: int
+    def __init__(self, fence: _Optional[_Union[Fence, _Mapping]] = ..., worker_id: _Optional[str] = ..., base_version: _Optional[int] = ..., compression: _Optional[str] = ..., payload: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ..., workers: _Optional[int] = ..., push_id: _Optional[int] = ..., batch: _Optional[int] = ...) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("header", "chunk")
@@ -151,14 +153,16 @@ class PullWhole(_message.Message):
     def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ...) -> None: ...
 
 class PushReply(_message.Message):
-    __slots__ = ("version", "applied", "staleness")
+    __slots__ = ("version", "applied", "staleness", "duplicate")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     APPLIED_FIELD_NUMBER: _ClassVar[int]
     STALENESS_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     version: int
     applied: bool
     staleness: int
-    def __init__(self, version: _Optional[int] = ..., applied: _Optional[bool] = ..., staleness: _Optional[int] = ...) -> None: ...
+    duplicate: bool
+    def __init__(self, version: _Optional[int] = ..., applied: _Optional[bool] = ..., staleness: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
 
 class SnapshotRequest(_message.Message):
     __slots__ = ("fence", "url", "name", "step")
@@ -173,16 +177,18 @@ class SnapshotRequest(_message.Message):
     def __init__(self, fence: _Optional[_Union[Fence, _Mapping]] = ..., url: _Optional[str] = ..., name: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
 
 class SnapshotReply(_message.Message):
-    __slots__ = ("path", "sha256", "size", "version")
+    __slots__ = ("path", "sha256", "size", "version", "applied")
     PATH_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
     path: str
     sha256: str
     size: int
     version: int
-    def __init__(self, path: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
+    applied: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, path: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., version: _Optional[int] = ..., applied: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ShardInfoRequest(_message.Message):
     __slots__ = ("job_id", "shard")
@@ -193,7 +199,7 @@ class ShardInfoRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., shard: _Optional[str] = ...) -> None: ...
 
 class ShardInfoReply(_message.Message):
-    __slots__ = ("exists", "incarnation", "generation", "version", "bytes", "tensors", "backup", "backup_address", "shard")
+    __slots__ = ("exists", "incarnation", "generation", "version", "bytes", "tensors", "backup", "backup_address", "shard", "applied")
     EXISTS_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
@@ -203,6 +209,7 @@ class ShardInfoReply(_message.Message):
     BACKUP_FIELD_NUMBER: _ClassVar[int]
     BACKUP_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
     exists: bool
     incarnation: str
     generation: int
@@ -212,7 +219,8 @@ class ShardInfoReply(_message.Message):
     backup: bool
     backup_address: str
     shard: str
-    def __init__(self, exists: _Optional[bool] = ..., incarnation: _Optional[str] = ..., generation: _Optional[int] = ..., version: _Optional[int] = ..., bytes: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ..., backup: _Optional[bool] = ..., backup_address: _Optional[str] = ..., shard: _Optional[str] = ...) -> None: ...
+    applied: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, exists: _Optional[bool] = ..., incarnation: _Optional[str] = ..., generation: _Optional[int] = ..., version: _Optional[int] = ..., bytes: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ..., backup: _Optional[bool] = ..., backup_address: _Optional[str] = ..., shard: _Optional[str] = ..., applied: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class AdvanceGenerationRequest(_message.Message):
     __slots__ = ("fence", "workers")
@@ -312,16 +320,18 @@ class ExportShardRequest(_message.Message):
     def __init__(self, fence: _Optional[_Union[Fence, _Mapping]] = ...) -> None: ...
 
 class ReplicateHeader(_message.Message):
-    __slots__ = ("fence", "version", "workers", "push_ids")
+    __slots__ = ("fence", "version", "workers", "push_ids", "batches")
     FENCE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     PUSH_IDS_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
     fence: Fence
     version: int
     workers: _containers.RepeatedScalarFieldContainer[str]
     push_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, fence: _Optional[_Union[Fence, _Mapping]] = ..., version: _Optional[int] = ..., workers: _Optional[_Iterable[str]] = ..., push_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    batches: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, fence: _Optional[_Union[Fence, _Mapping]] = ..., version: _Optional[int] = ..., workers: _Optional[_Iterable[str]] = ..., push_ids: _Optional[_Iterable[int]] = ..., batches: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ReplicateRequest(_message.Message):
     __slots__ = ("header", "chunk")

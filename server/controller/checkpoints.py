@@ -69,6 +69,8 @@ def checkpoint_ps_job(
             "mode": snap.record.mode,
             "optimizer": snap.spec.optimizer.name,
             "versions": {p: r.version for p, r in replies.items()},
+            # each shard's applied batches ([start, end, ...]): the data queue restarts from them
+            "applied": {p: list(r.applied) for p, r in replies.items()},
             "placement": json.loads(placement.to_json()),
             **(extra or {}),
         },

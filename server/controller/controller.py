@@ -30,6 +30,7 @@ from elasticd.membership import Generation
 from elasticd.server.controller import admission, checkpoints, sealing
 from elasticd.server.controller.admission import tensor_specs
 from elasticd.server.controller.adoption import adoption_ops
+from elasticd.server.controller.data_service import DataQueues
 from elasticd.server.controller.errors import BUG_GIVE_UP_S, Conflict, is_retryable, is_terminal
 from elasticd.server.controller.executor import JobLanes, OffLane
 from elasticd.server.controller.failover import fail_over
@@ -90,6 +91,7 @@ class Controller:
         self._wake = threading.Event()
         self.view = EtcdView(client, keys, self._wake.set)
         self.progress = ProgressBook()
+        self.data = DataQueues()  # ps-async data leases, while leading
         self.lanes = JobLanes()
         self.writer = JobWriter(
             client, keys, self._guard, self._still_leading, self.view.wait_for_revision
@@ -143,6 +145,7 @@ class Controller:
         if leader and not self._is_leader:
             log.info("event=leadership_acquired address=%s", self.address)
             self._adopted.clear()
+            self.data.forget()  # leases handed out meanwhile by another leader
         if not leader and self._is_leader:
             log.warning("event=leadership_lost address=%s", self.address)
         self._is_leader = leader

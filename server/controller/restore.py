@@ -41,7 +41,7 @@ from elasticd.coord.election import NotLeading
 from elasticd.coord.etcd import Put
 from elasticd.jobspec import JobSpec
 from elasticd.membership import Generation
-from elasticd.placement import ShardPlacement, TensorSpec, place
+from elasticd.placement import ShardPlacement, TensorSpec, place, rehome
 from elasticd.ps_client import PSTier
 from elasticd.ps_errors import PSUnavailable
 from elasticd.server.controller.admission import tensor_specs
@@ -64,8 +64,19 @@ def restore_placement(
     live_ps: Mapping[str, str],
     incarnations: Mapping[str, str],
     replicas: int = 1,
+    manifest: CheckpointManifest | None = None,
 ) -> ShardPlacement:
-    """The job's slices spread over every live PS, each named with its boot id."""
+    """The job's slices spread over every live PS, each named with its boot id.
+
+    A ps-async checkpoint with at least as many groups as there are live PS
+    keeps its groups (:func:`~elasticd.placement.rehome`): each comes back with
+    its own version and applied batches, so exactly-once data holds across the
+    restore. Otherwise the slices are placed afresh and the state is cut for them.
+    """
+    if manifest is not None and manifest.extra.get("mode") == "ps-async":
+        saved = saved_placement(manifest)
+        if len(saved.groups) >= len(live_ps):
+            return rehome(saved, sorted(live_ps), replicas).with_incarnations(incarnations)
     return place(tensors, sorted(live_ps), replicas=replicas).with_incarnations(incarnations)
 
 
@@ -162,6 +173,11 @@ def _restore_direct(
     sources = direct_sources(tier.placement, manifest)
     if sources is None:
         return None
+    # Each group comes back at the version its shard was snapshotted at: a shard's
+    # version counts the updates its state holds (one per batch in bounded staleness),
+    # and the shards of one checkpoint are snapshotted one after another.
+    saved = manifest.extra.get("versions", {})
+    versions = {g: int(saved.get(r.name, manifest.step)) for g, r in sources.items()}
     try:
         return tier.restore_from(
             sources,
@@ -171,7 +187,7 @@ def _restore_direct(
             spec.ps.max_staleness,
             workers=world_size,
             max_version=spec.steps,
-            version=manifest.step,
+            version=versions,
             checkpoint=(manifest.job_id, manifest.step),
         )
     except CorruptShard as exc:
@@ -218,7 +234,7 @@ def restore_for_seal(
     check_fits(manifest, tensors)
     check_optimizer(manifest, snap.spec.optimizer.name)
     placement = restore_placement(
-        tensors, cluster.ps, cluster.ps_incarnations, snap.spec.ps.replicas
+        tensors, cluster.ps, cluster.ps_incarnations, snap.spec.ps.replicas, manifest
     )
     restored = restore_tier(
         snap.spec,

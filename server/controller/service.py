@@ -13,6 +13,7 @@ from elasticd.jobspec import SWITCHABLE, SpecError, load_spec_yaml
 from elasticd.rpc import job_pb2, job_pb2_grpc
 from elasticd.server.controller.checkpoints import NotCheckpointable
 from elasticd.server.controller.controller import Controller, NotLeader, SwitchRefused
+from elasticd.server.controller.data_service import NotLeasable
 from elasticd.server.controller.errors import Conflict
 from elasticd.server.controller.rank_checkpoints import BadShardReport
 from elasticd.server.controller.rendezvous import RendezvousBoard, StaleGeneration, UnknownJob
@@ -203,6 +204,22 @@ class TrainingCoordinatorServicer(job_pb2_grpc.TrainingCoordinatorServicer):
         except Exception as exc:
             _abort_for(context, exc)
         return job_pb2.PeerLostReply(confirmed=confirmed, healthy=healthy)
+
+    def LeaseData(self, request, context):
+        if not request.holder:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "holder: name the asking process")
+        for r in request.finished:
+            if r.start < 0 or r.end <= r.start:
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"finished: [{r.start}, {r.end}) is not a range of batch indices",
+                )
+        try:
+            return self.controller.data.lease(self.controller, request)
+        except NotLeasable as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except Exception as exc:
+            _abort_for(context, exc)
 
     def PublishRendezvous(self, request, context):
         try:

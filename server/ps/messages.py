@@ -137,6 +137,7 @@ def shard_info(shard, incarnation: str, group: str = "") -> ps_pb2.ShardInfoRepl
         bytes=shard.nbytes,
         tensors=tensor_metas(shard.headers),
         incarnation=incarnation,
+        applied=shard.applied.flat(),
     )
 
 

@@ -43,6 +43,7 @@ import grpc
 import torch
 
 from elasticd.rpc import ps_pb2
+from elasticd.server.ps.rules import BadRequest, forwarded_contributors
 from elasticd.server.ps.shard import ParameterShard, ShardError
 
 log = logging.getLogger(__name__)
@@ -199,8 +200,10 @@ class ReplicaListener:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"this channel carries job {job_id} group {group} only",
             )
-        if len(header.workers) != len(header.push_ids):
-            return refuse(grpc.StatusCode.INVALID_ARGUMENT, "workers and push_ids differ in length")
+        try:
+            contributors = forwarded_contributors(header.workers, header.push_ids, header.batches)
+        except BadRequest as exc:
+            return refuse(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         shard = self._lookup(job_id, group)
         if shard is None:
             return refuse(grpc.StatusCode.NOT_FOUND, f"no shard of job {job_id} group {group}")
@@ -224,7 +227,7 @@ class ReplicaListener:
                     header.fence.generation,
                     header.version,
                     buffers,
-                    list(zip(header.workers, header.push_ids, strict=True)),
+                    contributors,
                     accepted,
                 )
             except ShardError as exc:

@@ -23,6 +23,7 @@ import torch
 from elasticd.rpc import ps_pb2
 from elasticd.rpc.limits import GRPC_OPTIONS
 from elasticd.server.ps.replica_channel import ChannelClosed, ReplicaChannel
+from elasticd.server.ps.rules import Contributor
 from elasticd.server.ps.shard import ReplicaUnavailable
 from elasticd.wire import as_bytes, chunk, encode_chunk_frame, frame_serializer
 
@@ -57,13 +58,14 @@ class BackupLink:
         generation: int,
         version: int,
         grads: list[torch.Tensor],
-        contributors: list[tuple[str, int]],
+        contributors: list[Contributor],
     ) -> None:
         header = ps_pb2.ReplicateHeader(
             fence=ps_pb2.Fence(job_id=self.job_id, generation=generation, shard=self.group),
             version=version,
-            workers=[w for w, _ in contributors],
-            push_ids=[b for _, b in contributors],
+            workers=[w for w, _, _ in contributors],
+            push_ids=[p for _, p, _ in contributors],
+            batches=[b for _, _, b in contributors],
         )
 
         try:

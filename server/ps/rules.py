@@ -5,7 +5,7 @@ gradient are judged. :mod:`elasticd.server.ps.shard` applies them under its lock
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -43,9 +43,32 @@ class ReplicaUnavailable(ShardError):
     """The backup did not apply an update, so the primary did not either."""
 
 
+# One push in an update: (worker id, push id, batch index); 0 and NO_BATCH for none.
+Contributor = tuple[str, int, int]
+NO_BATCH = -1
+
 # forward(generation, version, grads, contributors): apply one update on the backup,
-# or raise ReplicaUnavailable. ``contributors``: (worker id, push id) of its pushes.
-Forward = Callable[[int, int, list[torch.Tensor], list[tuple[str, int]]], None]
+# or raise ReplicaUnavailable.
+Forward = Callable[[int, int, list[torch.Tensor], list[Contributor]], None]
+
+
+def forwarded_contributors(
+    workers: Sequence[str], push_ids: Sequence[int], batches: Sequence[int]
+) -> list[Contributor]:
+    """The pushes of a forwarded update, from a ReplicateHeader's parallel lists.
+
+    ``batches`` may be empty (a primary that names no batches); otherwise every
+    list has one entry per push, and a batch is an index >= 0 or NO_BATCH.
+    """
+    if len(workers) != len(push_ids) or (batches and len(batches) != len(workers)):
+        raise BadRequest(
+            f"a forwarded update lists {len(workers)} workers, {len(push_ids)} push ids "
+            f"and {len(batches)} batches: they must be equal in length"
+        )
+    if any(b < NO_BATCH for b in batches):
+        raise BadRequest(f"batch indices must be >= 0 (or {NO_BATCH}: none)")
+    named = list(batches) or [NO_BATCH] * len(workers)
+    return list(zip(workers, push_ids, named, strict=True))
 
 
 @dataclass(frozen=True)
@@ -53,6 +76,7 @@ class PushResult:
     version: int
     applied: bool
     staleness: int
+    duplicate: bool = False  # its batch was applied before: nothing was applied now
 
 
 @dataclass(frozen=True)
@@ -73,6 +97,7 @@ class SyncRound:
     generation: int
     grads: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     push_ids: dict[str, int] = field(default_factory=dict)
+    batches: dict[str, int] = field(default_factory=dict)
     outcome: PushResult | None = None
     aborted: str = ""
     error: type[ShardError] = RoundAborted  # what the waiters of an aborted round raise

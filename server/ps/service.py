@@ -29,6 +29,7 @@ from elasticd.server.ps.messages import (
 from elasticd.server.ps.metrics import PSCollector, ShardFigures, new_registry
 from elasticd.server.ps.replica_channel import ReplicaListener
 from elasticd.server.ps.replication import BackupLink
+from elasticd.server.ps.rules import NO_BATCH
 from elasticd.server.ps.shard import (
     SYNC_ROUND_TIMEOUT_S,
     BadRequest,
@@ -277,6 +278,9 @@ class ParameterServerServicer(ShardStateRPCs, ps_pb2_grpc.ParameterServerService
             for index, offset, data in chunks_of(request_iterator):
                 shard.stats.received(len(data))
                 assembler.add(index, offset, data)
+            batch = header.batch if header.HasField("batch") else NO_BATCH
+            if header.HasField("batch") and batch < 0:
+                raise BadRequest(f"batch index {batch} is negative")
             grads = assembler.finish()
             if not codec.passthrough:
                 grads = decode_payload(codec, shard.headers, grads)
@@ -289,6 +293,7 @@ class ParameterServerServicer(ShardStateRPCs, ps_pb2_grpc.ParameterServerService
                 timeout=self.sync_timeout_s,
                 cancelled=lambda: not context.is_active(),
                 push_id=header.push_id,
+                batch=batch,
             )
         except (ShardError, WireError, CompressionError) as exc:
             shard.stats.rejected(_REJECTED.get(type(exc), "malformed"))
@@ -298,10 +303,13 @@ class ParameterServerServicer(ShardStateRPCs, ps_pb2_grpc.ParameterServerService
             # apply returned (a synchronous round has ended by then, too).
             if buffers is not None:
                 shard.recycle(buffers)
-        if not result.applied:
+        if not result.applied and not result.duplicate:
             shard.stats.rejected("max_version")
         return ps_pb2.PushReply(
-            version=result.version, applied=result.applied, staleness=result.staleness
+            version=result.version,
+            applied=result.applied,
+            staleness=result.staleness,
+            duplicate=result.duplicate,
         )
 
     def ShardInfo(self, request, context):

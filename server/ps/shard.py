@@ -28,6 +28,12 @@ A push names its worker and the version its gradient was computed on. The
 shard remembers, per worker, the last push it applied; the same push sent
 again (the worker did not hear the answer: its PS died, or the generation
 changed under it) is answered as applied and not applied twice.
+
+A push also names its batch index (exactly-once data, ARCHITECTURE invariant
+6). The shard keeps the set of batch indices it has applied, replicates it
+with every update and writes it into every snapshot; a push of a batch in the
+set is answered ``duplicate`` and applied nowhere. So a range of batches handed
+again to another worker, after its first holder died half-way, is applied once.
 """
 
 from __future__ import annotations
@@ -39,10 +45,13 @@ from collections.abc import Callable
 
 import torch
 
+from elasticd.batches import BatchSet
 from elasticd.optimizers import build_optimizer
 from elasticd.server.ps.metrics import ShardStats
 from elasticd.server.ps.rules import (  # noqa: F401  (re-exported: callers import them from here)
+    NO_BATCH,
     BadRequest,
+    Contributor,
     DuplicatePush,
     Forward,
     NotPrimary,
@@ -57,6 +66,7 @@ from elasticd.server.ps.rules import (  # noqa: F401  (re-exported: callers impo
     check_staleness,
     mean_gradient,
 )
+from elasticd.server.ps.sync_round import SynchronousRounds
 from elasticd.wire import CHUNK_BYTES, DTYPES, TensorHeader, as_bytes, chunk, encode_chunk_frame
 
 log = logging.getLogger(__name__)
@@ -64,10 +74,9 @@ log = logging.getLogger(__name__)
 
 SPARE_GRADIENT_SETS = 2  # gradient buffers a shard keeps for reuse (each: the shard's size)
 SYNC_ROUND_TIMEOUT_S = 30.0  # how long a synchronous push waits for the rest of its round
-_WAIT_SLICE_S = 0.25  # how often a waiting pusher checks whether its caller went away
 
 
-class ParameterShard:
+class ParameterShard(SynchronousRounds):
     def __init__(
         self,
         config: ShardConfig,
@@ -90,6 +99,7 @@ class ParameterShard:
         self.forward: Forward | None = None  # a primary's link to its backup
         self.backup_address = ""
         self.last_push: dict[str, int] = {}  # worker -> base version of its last applied push
+        self.applied = BatchSet()  # batch indices whose gradients this shard has applied
         self._last_forwarded = -1  # a backup: the version the newest forwarded update applied to
         self.stats = ShardStats()  # applied pushes and steps here; rejections by the servicer
 
@@ -126,19 +136,6 @@ class ParameterShard:
                     "pull and push again"
                 )
 
-    def _abort_round(self, reason: str, error: type[ShardError] = RoundAborted) -> None:
-        """Release the waiters of the open synchronous round without applying it."""
-        r, self._round = self._round, None
-        r.aborted, r.error = reason, error  # each waiter raises it, and counts itself rejected
-        log.info(
-            "event=sync_round_aborted job=%s version=%d pushes=%d reason=%r",
-            self.config.job_id,
-            r.version,
-            len(r.grads),
-            reason,
-        )
-        self._changed.notify_all()
-
     def check_fence(self, generation: int) -> None:
         """Raise if ``generation`` is stale, without admitting a newer one.
 
@@ -150,11 +147,6 @@ class ParameterShard:
                 f"job {self.config.job_id}: generation {generation} is stale, "
                 f"the job is at generation {self.generation}"
             )
-
-    def pending_workers(self) -> list[str]:
-        """Workers whose push waits in the open synchronous round."""
-        with self.lock:
-            return sorted(self._round.grads) if self._round else []
 
     @property
     def synchronous(self) -> bool:
@@ -252,6 +244,7 @@ class ParameterShard:
         cancelled: Callable[[], bool] | None = None,
         workers: int = 0,
         push_id: int = 0,
+        batch: int = NO_BATCH,
     ) -> PushResult:
         """Apply one pushed gradient (or, in synchronous mode, add it to the round).
 
@@ -262,7 +255,8 @@ class ParameterShard:
         ``workers`` is the size of the pusher's generation (0: unknown); the
         newest generation's size is the size of a synchronous round. A push
         whose ``push_id`` is the worker's last applied one is acknowledged
-        again and not applied twice.
+        again and not applied twice. A push of a ``batch`` applied before is
+        answered as a duplicate and not applied.
         """
         with self.lock:
             self.fence(generation)
@@ -278,28 +272,33 @@ class ParameterShard:
             if push_id and worker_id and self.last_push.get(worker_id) == push_id:
                 # Sent again by a worker that never heard the answer: applied once already.
                 return PushResult(self.version, True, max(self.version - base_version - 1, 0))
+            if batch != NO_BATCH and batch in self.applied:
+                self.stats.rejected("duplicate_batch")
+                return PushResult(self.version, False, 0, duplicate=True)
             staleness = check_staleness(self.version, base_version, self.config.max_staleness)
             if self.synchronous:
-                return self._join_round(worker_id, push_id, grads, timeout, cancelled)
-            self._commit(grads, [(worker_id, push_id)])
+                return self._join_round(worker_id, push_id, batch, grads, timeout, cancelled)
+            self._commit(grads, [(worker_id, push_id, batch)])
             self.stats.applied(staleness)
             return PushResult(self.version, True, staleness)
 
-    def _commit(self, grads: list[torch.Tensor], contributors: list[tuple[str, int]]) -> None:
+    def _commit(self, grads: list[torch.Tensor], contributors: list[Contributor]) -> None:
         """Apply one update: on the backup first (if any), then here. Lock held."""
         if self.forward is not None:
             self.forward(self.generation, self.version, grads, contributors)
         self._step(grads)
-        for worker, push_id in contributors:
+        for worker, push_id, batch in contributors:
             if worker and push_id:
                 self.last_push[worker] = push_id
+            if batch != NO_BATCH:
+                self.applied.add(batch)
 
     def apply_replica(
         self,
         generation: int,
         version: int,
         grads: list[torch.Tensor],
-        contributors: list[tuple[str, int]],
+        contributors: list[Contributor],
         accepted: Callable[[int], None] | None = None,
     ) -> int:
         """A backup applies one update its primary forwarded; returns its version after it.
@@ -359,67 +358,6 @@ class ParameterShard:
         for p in self.params:
             p.grad = None
         self.version += 1
-
-    def _join_round(
-        self,
-        worker_id: str,
-        push_id: int,
-        grads: list[torch.Tensor],
-        timeout: float,
-        cancelled: Callable[[], bool] | None,
-    ) -> PushResult:
-        if not worker_id:
-            raise BadRequest("a synchronous push must name its worker (worker_id is empty)")
-        r = self._round
-        if r is None:
-            r = self._round = SyncRound(self.version, self.generation)
-        if worker_id in r.grads:
-            raise DuplicatePush(
-                f"worker {worker_id!r} already pushed for version {r.version}; the round "
-                f"waits for {self.config.workers - len(r.grads)} more worker(s)"
-            )
-        r.grads[worker_id] = grads
-        r.push_ids[worker_id] = push_id
-        if len(r.grads) >= self.config.workers:
-            self._complete_round(r)
-        deadline = time.monotonic() + timeout
-        while r.outcome is None and not r.aborted:
-            remaining = deadline - time.monotonic()
-            gone = cancelled is not None and cancelled()
-            if remaining <= 0 or gone:
-                del r.grads[worker_id]
-                r.push_ids.pop(worker_id, None)
-                if gone:
-                    raise RoundAborted(f"push of worker {worker_id!r} cancelled by its caller")
-                raise RoundAborted(
-                    f"synchronous round for version {r.version} timed out after {timeout:g}s "
-                    f"with {len(r.grads) + 1} of {self.config.workers} workers' gradients: "
-                    "pull and push again"
-                )
-            self._changed.wait(min(remaining, _WAIT_SLICE_S))
-        if r.aborted:
-            raise r.error(r.aborted)
-        return r.outcome
-
-    def _complete_round(self, r: SyncRound) -> None:
-        try:
-            self._commit(mean_gradient(r.grads), [(w, r.push_ids[w]) for w in sorted(r.grads)])
-        except ReplicaUnavailable as exc:
-            self._abort_round(
-                f"the round for version {r.version} was not applied: {exc}", ReplicaUnavailable
-            )
-            return
-        for _ in r.grads:
-            self.stats.applied(0)
-        r.outcome = PushResult(self.version, True, 0)
-        self._round = None
-        log.debug(
-            "event=sync_round_applied job=%s version=%d pushes=%d",
-            self.config.job_id,
-            self.version,
-            len(r.grads),
-        )
-        self._changed.notify_all()
 
 
 def empty_like_headers(headers: list[TensorHeader]) -> list[torch.Tensor]:

@@ -17,6 +17,7 @@ from elasticd.checkpoint.store import CheckpointStore
 from elasticd.rpc import ps_pb2
 from elasticd.server.ps.messages import chunks_of, shard_header
 from elasticd.server.ps.replication import BackupLink
+from elasticd.server.ps.rules import forwarded_contributors
 from elasticd.server.ps.shard import ParameterShard, ShardError
 from elasticd.server.ps.transfer import export_shard, import_shard
 from elasticd.wire import CHUNK_BYTES, Assembler, WireError
@@ -52,7 +53,7 @@ class ShardStateRPCs:
     def Snapshot(self, request, context):
         shard = self._of(request.fence, context)
         try:
-            data, version = export_shard(shard, request.fence.generation)
+            data, version, applied = export_shard(shard, request.fence.generation)
         except ShardError as exc:
             self._abort(context, exc)
         store = CheckpointStore(request.url)
@@ -66,13 +67,17 @@ class ShardStateRPCs:
             record.size,
         )
         return ps_pb2.SnapshotReply(
-            path=record.path, sha256=record.sha256, size=record.size, version=version
+            path=record.path,
+            sha256=record.sha256,
+            size=record.size,
+            version=version,
+            applied=applied.flat(),
         )
 
     def ExportShard(self, request, context):
         shard = self._of(request.fence, context)
         try:
-            data, _ = export_shard(shard, request.fence.generation)
+            data, _, _ = export_shard(shard, request.fence.generation)
         except ShardError as exc:
             self._abort(context, exc)
         shard.stats.sent(len(data))
@@ -153,11 +158,10 @@ class ShardStateRPCs:
         """A primary's update, applied on this backup copy (see server/ps/replication.py)."""
         header = self._first(request_iterator, context, "Replicate")
         shard = self._of(header.fence, context)
-        if len(header.workers) != len(header.push_ids):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "workers and push_ids differ in length")
         buffers = shard.gradient_buffers()
         try:
             shard.check_fence(header.fence.generation)
+            contributors = forwarded_contributors(header.workers, header.push_ids, header.batches)
             assembler = Assembler(shard.headers, buffers)
             for index, offset, data in chunks_of(request_iterator):
                 shard.stats.received(len(data))
@@ -166,7 +170,7 @@ class ShardStateRPCs:
                 header.fence.generation,
                 header.version,
                 assembler.finish(),
-                list(zip(header.workers, header.push_ids, strict=True)),
+                contributors,
             )
         except (ShardError, WireError) as exc:
             self._abort(context, exc)

@@ -13,13 +13,14 @@ from typing import Any
 
 import torch
 
+from elasticd.batches import BatchSet
 from elasticd.checkpoint import ShardFormatError, decode_shard, encode_shard
 from elasticd.server.ps.shard import BadRequest, ParameterShard, ShardConfig
 from elasticd.wire import DTYPES, TensorHeader
 
 
-def export_shard(shard: ParameterShard, generation: int) -> tuple[bytes, int]:
-    """The shard's parameters and optimizer state, encoded; and its version.
+def export_shard(shard: ParameterShard, generation: int) -> tuple[bytes, int, BatchSet]:
+    """The shard's parameters and optimizer state, encoded; its version and applied batches.
 
     Only a copy in memory happens under the shard's lock, so pushes wait for a
     memcpy of the shard, never for its encoding (nor, in a checkpoint, its upload).
@@ -33,6 +34,7 @@ def export_shard(shard: ParameterShard, generation: int) -> tuple[bytes, int]:
         state = _cloned(shard.optimizer.state_dict())
         version = shard.version
         last_push = dict(shard.last_push)
+        applied = BatchSet(shard.applied.ranges())
         shard.stats.paused(time.perf_counter() - started)
     meta = {
         "job_id": shard.config.job_id,
@@ -42,8 +44,10 @@ def export_shard(shard: ParameterShard, generation: int) -> tuple[bytes, int]:
         "keys": [h.key for h in shard.headers],
         # which pushes are in this state: a copy that takes over still knows a retried push
         "last_push": last_push,
+        # which batches are in this state (exactly-once data): [[start, end), ...]
+        "applied": [list(r) for r in applied.ranges()],
     }
-    return encode_shard(tensors, state, meta), version
+    return encode_shard(tensors, state, meta), version, applied
 
 
 def _cloned(value: Any) -> Any:
@@ -114,6 +118,7 @@ def import_shard(
         raise BadRequest(f"optimizer state does not fit {config.optimizer}: {exc}") from None
     shard.version = version
     shard.last_push = _last_push(meta.get("last_push"))
+    shard.applied = _applied(meta.get("applied"))
     return shard
 
 
@@ -126,3 +131,16 @@ def _last_push(value: Any) -> dict[str, int]:
     ):
         raise BadRequest("import meta last_push must map worker ids to versions")
     return dict(value)
+
+
+def _applied(value: Any) -> BatchSet:
+    if value is None:
+        return BatchSet()  # a shard written before batches were named
+    try:
+        if not isinstance(value, list) or not all(
+            isinstance(r, list) and len(r) == 2 and all(type(v) is int for v in r) for r in value
+        ):
+            raise ValueError("not a list of [start, end] pairs of integers")
+        return BatchSet(value)
+    except ValueError as exc:
+        raise BadRequest(f"import meta applied: {exc}") from None

@@ -32,6 +32,11 @@ class ProgressReporter:
         self._channel = grpc.insecure_channel(controller)
         self._stub = job_pb2_grpc.TrainingCoordinatorStub(self._channel)
 
+    @property
+    def stub(self) -> job_pb2_grpc.TrainingCoordinatorStub:
+        """The coordinator of the current controller (other calls share the channel)."""
+        return self._stub
+
     def report(
         self, generation: int, step: int, loss: float, finished: bool = False
     ) -> job_pb2.ProgressAck:

@@ -17,6 +17,11 @@ the same gradient under the same push id, once the PS tier can serve it: a
 group that applied it already acknowledges it without applying it twice.
 So a PS failover neither loses nor doubles an update, and the worker's data
 stream goes on where it was.
+
+Batch indices come from the controller in leased ranges
+(worker/runtime/data_leases.py), and every push names its batch: a batch
+applied already by a shard (its range was leased again after a worker died)
+is refused there as a duplicate, so every batch is applied once.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from elasticd.retry import Backoff
 from elasticd.task import load_task
 from elasticd.worker.runtime import heartbeat
 from elasticd.worker.runtime.control import Assignment, ControlChannel
+from elasticd.worker.runtime.data_leases import LeasedBatches
 from elasticd.worker.runtime.handover import Handover
 from elasticd.worker.runtime.progress import ProgressReporter
 from elasticd.worker.runtime.switching import Switch, from_ps, into_ps
@@ -64,6 +70,7 @@ class PendingPush:
     versions: dict[str, int]
     push_id: int
     loss: float
+    batch: int
     stale_tries: int = 0  # times it was answered "not applied, pull again"
 
 
@@ -249,8 +256,12 @@ def train(
 
     synchronous = spec.ps.max_staleness == 0
     losses: deque[float] = deque(maxlen=spec.report_every_steps)
-    # batch indices: this worker takes start + rank, start + rank + world, ...
-    index = (handover.position if handover else a.resume_position) + a.rank
+    batches = LeasedBatches(
+        lambda: reporter.stub,
+        a.job_id,
+        a.worker_id,
+        start_hint=handover.position if handover else 0,
+    )
     local_steps = 0
     step = 0
     push_ids = itertools.count(secrets.randbits(48) + 1)  # unique across restarts of the slot
@@ -264,10 +275,8 @@ def train(
                     if new.spec["mode"] != "ps-async":
                         return _switch_out(ps.tier, ps.placement, new)
                     if new.resume_generation > a.generation:  # restored since: rewind the data
-                        index = new.resume_position + new.rank
+                        batches.reset()  # the controller rebuilt the queue from the checkpoint
                         pending = None  # its versions are gone with the state it was computed on
-                    elif (new.rank, new.world_size) != (a.rank, a.world_size):
-                        index = new.rank + new.world_size * (index // max(a.world_size, 1) + 1)
                     ps.adopt(new)
                     a = ps.a
                     reporter.retarget(a.controller)
@@ -276,8 +285,10 @@ def train(
                     step = min(versions.values())
                     if step >= spec.steps:
                         break
+                    index = batches.next(a.generation)
+                    if index is None:
+                        continue  # nothing to train on yet: poll the assignment, ask again
                     batch = task.batch(index)
-                    index += a.world_size
                     model.zero_grad(set_to_none=False)
                     loss = task.loss(model, batch)
                     loss.backward()
@@ -285,7 +296,7 @@ def train(
                         n: p.grad if p.grad is not None else torch.zeros_like(p)
                         for n, p in params.items()
                     }
-                    pending = PendingPush(grads, versions, next(push_ids), loss.item())
+                    pending = PendingPush(grads, versions, next(push_ids), loss.item(), index)
                 else:
                     log.info(
                         "event=push_again job=%s generation=%d worker=%s push_id=%d",
@@ -295,8 +306,13 @@ def train(
                         pending.push_id,
                     )
                 outcomes = ps.tier.push(
-                    pending.grads, pending.versions, spec.ps.compression, push_id=pending.push_id
+                    pending.grads,
+                    pending.versions,
+                    spec.ps.compression,
+                    push_id=pending.push_id,
+                    batch=pending.batch,
                 )
+                batches.done(pending.batch)
                 loss_value, pending = pending.loss, None
             except DuplicatePush:
                 time.sleep(0.05)  # its first copy still waits in the round: ask again shortly
@@ -320,9 +336,11 @@ def train(
                 if new is not None:
                     control.push_back(new)  # adopted at the top of the loop
                 continue
+            step = min(o.version for o in outcomes.values())
+            if all(o.duplicate for o in outcomes.values()):
+                continue  # applied before, by this range's earlier holder
             local_steps += 1
             losses.append(loss_value)
-            step = min(o.version for o in outcomes.values())
             if local_steps == 1 or local_steps % spec.report_every_steps == 0:
                 mean = sum(losses) / len(losses)
                 log.info(
@@ -335,7 +353,7 @@ def train(
                 )
                 if reporter.report(a.generation, step, mean).stop:
                     break
-            if step >= spec.steps or not all(o.applied for o in outcomes.values()):
+            if step >= spec.steps or not all(o.applied or o.duplicate for o in outcomes.values()):
                 break
         mean = sum(losses) / len(losses) if losses else math.nan
         reporter.report(a.generation, max(step, 0), mean, finished=True)
