@@ -287,3 +287,20 @@ def _submit(controller: Controller) -> str | None:
         return controller.submit(allreduce_spec())
     except Exception:
         return None
+
+
+def test_the_only_controller_leads_again_after_its_lease_expired(etcd, keys, running, nodes):
+    # As after a SIGSTOP longer than the TTL: the lease is gone with the candidate's key.
+    a = start_controller(etcd.endpoint, keys, "a")
+    running.append(a)
+    nodes(1)
+    wait_until(lambda: a.controller.is_leader, 30, "a to lead")
+    lost = a.session.lease_id
+    a.client.revoke_lease(lost)
+    wait_until(lambda: a.session.lease_id != lost, 30, "a new lease")
+    # Its session puts its key again under the new lease; that key is still its own.
+    wait_until(lambda: a.election.is_leader(), 30, "a to lead again")
+    candidates = a.election.candidates()
+    assert list(candidates) == [a.election.my_key], candidates
+    job_id = a.controller.submit(allreduce_spec())
+    wait_until(lambda: generation_of(a.client, keys, job_id), 30, "a seal by the leader")

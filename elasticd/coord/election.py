@@ -6,11 +6,18 @@ When the leader dies its lease expires, its key vanishes and the next oldest
 candidate leads. Leadership is lost the moment the candidate's own key is gone
 (its lease expired during an etcd outage or partition), and the holder must
 stop acting as leader then.
+
+A candidate's key is named once, when it is created, not after its lease:
+the session puts its keys again under a new lease after the old one
+expired (a process stopped past its TTL), and that key must still be the
+candidate's own. Named after the first lease, it was not, and a lone
+controller stood against its own old key and never led again.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 
 from elasticd.coord.cache import PrefixCache
@@ -39,12 +46,13 @@ class Election:
         self.client: EtcdClient = session.client
         self.prefix = prefix.rstrip("/") + "/"
         self.value = value
+        self._name = secrets.token_hex(8)  # this candidate, across leases
         self._changed = threading.Event()
         self._cache = PrefixCache(self.client, self.prefix, on_change=self._changed.set)
 
     @property
     def my_key(self) -> str:
-        return f"{self.prefix}{self.session.lease_id:x}"
+        return f"{self.prefix}{self._name}"
 
     def start(self) -> Election:
         self.session.put(self.my_key, self.value)

@@ -5,7 +5,7 @@ clusters can share one etcd)::
 
     <prefix>/nodes/<node_id>                  agent registration (leased)
     <prefix>/ps/<ps_id>                       parameter server registration (leased)
-    <prefix>/controller/election/<lease>      controller candidates (leased)
+    <prefix>/controller/election/<candidate>      controller candidates (leased)
     <prefix>/jobs/<job_id>/spec               the admitted job spec
     <prefix>/jobs/<job_id>/status             job state, written on events only
     <prefix>/jobs/<job_id>/generation         the sealed membership generation
