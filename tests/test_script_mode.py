@@ -11,6 +11,7 @@ import torch
 from elasticd.client import JobClient
 from elasticd.retry import wait_until
 from tests.jobs import EXAMPLES, spec_yaml
+from tests.test_join_when_ready import warm_pids
 from tests.test_local_cluster import processes_of_job
 
 STEPS = 300
@@ -38,6 +39,11 @@ def test_killed_rank_restarts_every_process_with_the_count_raised_and_it_resumes
         )
     )
     wait_until(lambda: snapshot_step(snap) >= 30, 90, "the script to snapshot step 30")
+    running = {w: p.pid for w in ("node-0.0", "node-1.0") for p in processes_of_job(job_id, w)}
+    warm = {
+        w: wait_until(lambda w=w, b=pid: warm_pids(c, w.split(".")[0], b), 60, f"warm for {w}")
+        for w, pid in running.items()
+    }
     rank1 = next(p for p in processes_of_job(job_id) if p.environ().get("RANK") == "1")
     os.kill(rank1.pid, signal.SIGKILL)
 
@@ -57,6 +63,16 @@ def test_killed_rank_restarts_every_process_with_the_count_raised_and_it_resumes
         assert restarted, (worker, text[-2000:])
         assert int(restarted[-1][3]) >= 30
         assert f"done at step {STEPS}" in text
+    # Every restarted process was a warm interpreter, started before the failure.
+    agents = "".join(p.read_text() for p in (c.base_dir / "logs").glob("node-*.log"))
+    for worker, pids in warm.items():
+        relaunched = re.findall(
+            rf"event=worker_launched job={job_id} generation=\d+ node=\S+ worker={worker} "
+            r"pid=(\d+) restarts=[1-9]",
+            agents,
+        )
+        assert relaunched and int(relaunched[0]) in pids, (worker, relaunched, pids)
+    assert "event=process_adopted" in agents
     client.close()
 
 
@@ -94,3 +110,21 @@ def test_script_gets_torchruns_environment(cluster, tmp_path):
         assert env["MASTER_ADDR"] == "127.0.0.1"
     assert envs[0]["MASTER_PORT"] == envs[1]["MASTER_PORT"]
     client.close()
+
+
+def test_a_scripts_top_level_imports_are_read_from_its_source(tmp_path):
+    from elasticd.worker.agent.launch import script_imports
+
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import os, torch.distributed as dist\n"
+        "from torch.nn.parallel import DistributedDataParallel\n"
+        "from . import sibling\n"
+        "if os.environ.get('X'):\n    import numpy\n"
+        "def main():\n    import json\n"
+        "raise SystemExit('never run')\n"
+    )
+    assert script_imports(str(script)) == ("os", "torch.distributed", "torch.nn.parallel")
+    broken = tmp_path / "broken.py"
+    broken.write_text("import (\n")
+    assert script_imports(str(broken)) == ()

@@ -48,7 +48,12 @@ from elasticd.rpc import agent_pb2_grpc
 from elasticd.serving import start_grpc_server
 from elasticd.worker.agent.api import FAILED, READY, RESTARTING, RUNNING, SUCCEEDED, Exited
 from elasticd.worker.agent.fault_injection import FaultExecutor
-from elasticd.worker.agent.launch import RUNTIME_ARGV, heartbeat_path, process_spec
+from elasticd.worker.agent.launch import (
+    RUNTIME_ARGV,
+    heartbeat_path,
+    process_spec,
+    script_imports,
+)
 from elasticd.worker.agent.status_service import NodeAgentServicer
 from elasticd.worker.agent.supervisor import ProcessSupervisor
 
@@ -194,6 +199,9 @@ class NodeAgent:
             standby.update((job_id, w) for w in assignment.get("standby", ()))
             if assignment["spec"]["mode"] != "script":
                 self.supervisor.preload(assignment["spec"]["task"])
+            else:
+                for module in script_imports(assignment["spec"]["script"]["path"]):
+                    self.supervisor.preload(module)
         with self._lock:
             for key in list(self._slots):
                 if key not in wanted and key not in standby:

@@ -3,11 +3,16 @@
 ps-async and allreduce processes run elasticd's own runtime, which reads its
 assignment from the control pipe. A ``script`` process runs the user's
 unmodified torchrun-style script with torchrun's environment contract, so a
-script written for torchrun runs here as it is.
+script written for torchrun runs here as it is. It runs in the same runtime
+interpreter (``--script PATH ARGS``), which runs it as ``python PATH ARGS``
+would: so a warm interpreter, torch and the script's top-level imports
+already imported, can become a script process as well.
 """
 
 from __future__ import annotations
 
+import ast
+import functools
 import os
 import sys
 
@@ -44,6 +49,26 @@ def torchrun_env(assignment: dict, worker_id: str, restarts: int) -> dict[str, s
     }
 
 
+@functools.lru_cache(maxsize=64)
+def script_imports(path: str) -> tuple[str, ...]:
+    """The modules a script imports at its top level (not inside functions or ``if``).
+
+    Read from its source, never run. A warm interpreter imports them ahead of a
+    restart; one whose import fails there is left to the script.
+    """
+    try:
+        tree = ast.parse(open(path, encoding="utf-8").read(), path)  # noqa: SIM115
+    except (OSError, SyntaxError, ValueError):
+        return ()
+    names: list[str] = []
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.append(node.module)
+    return tuple(dict.fromkeys(names))
+
+
 def heartbeat_path(log_path: str) -> str:
     return log_path.removesuffix(".log") + ".heartbeat"
 
@@ -65,7 +90,7 @@ def process_spec(
     spec = assignment["spec"]
     if spec["mode"] == "script":
         script = spec["script"]
-        argv = (sys.executable, script["path"], *script.get("args", []))
+        argv = (*RUNTIME_ARGV, "--script", script["path"], *script.get("args", []))
         env.update(torchrun_env(assignment, worker_id, restarts))
         cwd_env = {"ELASTICD_SCRIPT_DIR": os.path.dirname(script["path"])}
         env.update(cwd_env)

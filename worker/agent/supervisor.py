@@ -93,11 +93,14 @@ class ProcessSupervisor:
     def start(self, spec: ProcessSpec, first_message: dict | None = None) -> int:
         """Start (or take a warm process for) ``spec``; the first one of ``warm_argv``
         starts the warm pool, so a node that never runs such a process keeps none."""
-        warmable = spec.argv == self._warm_argv
+        n = len(self._warm_argv)
+        warmable = bool(n) and spec.argv[:n] == self._warm_argv
         proc = self._take_warm(spec) if warmable else None
         if proc is not None:
             Path(spec.log_path).parent.mkdir(parents=True, exist_ok=True)
-            self.send(spec.key, {"adopt": {"env": spec.env, "log": spec.log_path}})
+            # the rest of the command line: what a process started for ``spec`` would run
+            adopt = {"env": spec.env, "log": spec.log_path, "argv": list(spec.argv[n:])}
+            self.send(spec.key, {"adopt": adopt})
             log.info(
                 "event=process_adopted job=%s worker=%s pid=%d",
                 spec.job_id,

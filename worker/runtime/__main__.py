@@ -9,12 +9,14 @@ another mode, and the next one starts from the state it hands over.
 from __future__ import annotations
 
 import logging
+import os
+import runpy
 import sys
 from collections.abc import Callable
 
 from elasticd.serving import configure_logging
 from elasticd.worker.runtime import allreduce, ps_async
-from elasticd.worker.runtime.control import Assignment, ControlChannel
+from elasticd.worker.runtime.control import Assignment, ControlChannel, ScriptRun
 from elasticd.worker.runtime.handover import Handover
 from elasticd.worker.runtime.switching import Switch
 
@@ -42,9 +44,26 @@ def warm_up() -> None:
         make([param]).step()
 
 
-def main() -> int:
+def run_script(script: ScriptRun) -> int:
+    """Run a user's script in this interpreter as ``python PATH ARGS`` runs it.
+
+    ``sys.argv``, ``sys.path[0]`` (the script's directory) and ``__main__`` are
+    as the command would make them; its exit status is the process's.
+    """
+    sys.argv = [script.path, *script.args]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script.path)))
+    runpy.run_path(script.path, run_name="__main__")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    script = ScriptRun.from_argv(sys.argv[1:] if argv is None else argv)
+    if script is not None:  # started for a script: run it now
+        return run_script(script)
     control = ControlChannel()
     first = control.first(warm_up=warm_up)
+    if isinstance(first, ScriptRun):  # a warm interpreter taken for a script
+        return run_script(first)
     configure_logging(f"worker:{first.worker_id}")
     assignment, handover = first, None
     while True:

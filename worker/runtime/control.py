@@ -7,7 +7,9 @@ adopt at the next step boundary. End of input means the agent is gone.
 A warm process (started before anybody needs it, torch already imported)
 first gets ``{"adopt": {"env": ..., "log": ...}}``, the environment and log
 file of the process it becomes, and may get ``{"preload": [module, ...]}``,
-task modules to import while it waits.
+task modules to import while it waits. An adoption whose ``argv`` is
+``["--script", PATH, ARGS...]`` makes it a script process: :meth:`first`
+returns a :class:`ScriptRun` instead of an assignment.
 
 A first message marked ``standby`` starts a replacement for a process that
 failed: it carries the generation the failed one trained in, and the process
@@ -35,6 +37,20 @@ log = logging.getLogger(__name__)
 
 class GroupAbandoned(RuntimeError):
     """No group can be formed: the agent is gone, or nothing changed within the reform timeout."""
+
+
+@dataclass(frozen=True)
+class ScriptRun:
+    """Run the user's script ``path`` with ``args``, as ``python path args`` would."""
+
+    path: str
+    args: tuple[str, ...]
+
+    @classmethod
+    def from_argv(cls, argv: list[str]) -> ScriptRun | None:
+        if len(argv) < 2 or argv[0] != "--script":
+            return None
+        return cls(argv[1], tuple(argv[2:]))
 
 
 @dataclass(frozen=True)
@@ -94,7 +110,7 @@ class ControlChannel:
         self.closed = threading.Event()
         self.standby = False  # the first assignment is the failed process's: wait for a newer
 
-    def first(self, warm_up: Callable[[], None] | None = None) -> Assignment:
+    def first(self, warm_up: Callable[[], None] | None = None) -> Assignment | ScriptRun:
         """The first assignment. A warm process (its first message says ``warm``)
         calls ``warm_up`` and imports its preloads while it waits to be taken."""
         line = self._stream.readline()
@@ -106,6 +122,9 @@ class ControlChannel:
                 warm_up()
             if "adopt" in message:
                 adopt(message["adopt"])
+                script = ScriptRun.from_argv(message["adopt"].get("argv", []))
+                if script is not None:
+                    return script  # a script reads no assignments
             for module in message.get("preload", ()):
                 preload(module)
             line = self._stream.readline()
