@@ -1,4 +1,4 @@
-"""Run one benchmark by name: ``python -m bench membership|ps|allreduce|checkpoint [--json]``."""
+"""Run one benchmark by name: ``python -m bench membership|ps|allreduce|checkpoint|recovery|goodput [--json]``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import importlib
 import json
 import sys
 
-BENCHMARKS = ("membership", "ps", "allreduce", "checkpoint", "recovery")
+BENCHMARKS = ("membership", "ps", "allreduce", "checkpoint", "recovery", "goodput")
 
 
 def main() -> int:

@@ -388,6 +388,10 @@ def run(argv: list[str]) -> dict:
     p.add_argument("--lease-ttl", type=int, default=5)
     p.add_argument("--skip-torchft", action="store_true", help="no torchft baseline")
     p.add_argument("--skip-script", action="store_true", help="no script-mode restarts")
+    p.add_argument("--skip-goodput", action="store_true", help="no goodput runs (about 20 min)")
+    p.add_argument(
+        "--reports", default="bench/results", help="where the goodput runs' chaos reports stay"
+    )
     args = p.parse_args(argv)
     out: dict = {"kills": args.kills, "lease_ttl_s": args.lease_ttl}
     with tempfile.TemporaryDirectory(prefix="bench-recovery-") as tmp:
@@ -418,6 +422,10 @@ def run(argv: list[str]) -> dict:
             out["pause_vs_torchft"] = round(
                 out["pause_s"]["median"] / out["torchft_pause_s"]["median"], 3
             )
+    if not args.skip_goodput:
+        from bench.goodput import both
+
+        out.update(both(Path(args.reports)))
     out["cpus"] = os.cpu_count()
     out["load_avg_1m"] = round(os.getloadavg()[0], 2)
     return out
