@@ -30,7 +30,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 KINDS = ("kill:worker", "stop:agent", "stop:ps", "stop:controller")
 LEASE_TTL_S = 5
 STOP_S = 8.0  # longer than the lease TTL: the stopped daemon is taken for dead
-PROBE_S = 20.0  # how long the job's speed is measured before the runs are sized
+PROBE_S = (15.0, 30.0)  # the probe job settles this long, then its speed is measured this long
 
 
 def _spec(steps: int, path: Path) -> Path:
@@ -58,8 +58,9 @@ def _steps_per_s(c: LocalCluster, workdir: Path) -> float:
             if time.monotonic() > deadline:
                 raise TimeoutError("the probe job did not start")
             time.sleep(0.2)
+        time.sleep(PROBE_S[0])  # past its start-up and the agents' warm interpreters
         t0, s0 = time.monotonic(), client.get(job_id).step
-        time.sleep(PROBE_S)
+        time.sleep(PROBE_S[1])
         rate = (client.get(job_id).step - s0) / (time.monotonic() - t0)
         client.cancel(job_id)
         return rate
@@ -72,8 +73,9 @@ def measure_goodput(workdir: Path, interval_s: float, faults: int, seed: int = 1
     with LocalCluster(workdir / "cluster", lease_ttl=LEASE_TTL_S) as c:
         c.start(ps=2, agents=2)
         rate = _steps_per_s(c, workdir)
-        # the fault-free run lasts the schedule and a half interval more
-        steps = int(rate * (faults + 0.5) * interval_s)
+        # the fault-free run outlasts the schedule by one and a half intervals: the run
+        # under faults, slower, then surely lives through every fault of it
+        steps = int(rate * (faults + 1.5) * interval_s)
         opts = ChaosOptions(
             spec=str(_spec(steps, workdir / "job.yaml")),
             out_dir=str(workdir / f"report-{int(interval_s)}s"),
