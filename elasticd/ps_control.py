@@ -17,6 +17,7 @@ import grpc
 
 from elasticd.rpc import ps_pb2, ps_pb2_grpc
 from elasticd.rpc.limits import GRPC_OPTIONS
+from elasticd.security.channels import open_channel
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def call_each(
         return {}
 
     def one(address: str) -> T | grpc.RpcError:
-        with grpc.insecure_channel(address, options=GRPC_OPTIONS) as channel:
+        with open_channel(address, options=GRPC_OPTIONS) as channel:
             try:
                 return call(ps_pb2_grpc.ParameterServerStub(channel))
             except grpc.RpcError as exc:

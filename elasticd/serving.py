@@ -8,12 +8,17 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent import futures
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from elasticd.rpc.limits import GRPC_OPTIONS
+from elasticd.security.channels import server_credentials
+from elasticd.security.config import Security, current
+from elasticd.security.gate import Gate
 
 log = logging.getLogger(__name__)
 
@@ -21,18 +26,54 @@ GRPC_THREADS = 32  # handler threads per server: one per concurrent stream
 
 
 def start_grpc_server(
-    add_servicers: Callable[[grpc.Server], None], host: str, port: int
+    add_servicers: Callable[[grpc.Server], None],
+    host: str,
+    port: int,
+    services: Sequence[str] = (),
+    security: Security | None = None,
+    gate: Gate | None = None,
 ) -> tuple[grpc.Server, int]:
+    """Serve ``services`` (full names, for health checking and reflection) on host:port.
+
+    TLS when ``security`` names a certificate; ``gate`` (default: one built from
+    ``security``) checks every call, unless nothing is configured to check.
+    """
+    security = current() if security is None else security
+    if gate is None and (security.members_checked or security.tokens_file):
+        gate = Gate(security)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=GRPC_THREADS, thread_name_prefix="grpc"),
         options=GRPC_OPTIONS,
+        interceptors=[gate] if gate is not None else None,
     )
     add_servicers(server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", *services):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (
+            *services,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    credentials = server_credentials(security)
+    address = f"{host}:{port}"
+    if credentials is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, credentials)
     if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
+        raise OSError(f"cannot listen on {address}")
     server.start()
     return server, bound
+
+
+def service_name(module, name: str) -> str:
+    """The full name of service ``name`` in a generated ``*_pb2`` module."""
+    return module.DESCRIPTOR.services_by_name[name].full_name
 
 
 def advertised_host(host: str) -> str:

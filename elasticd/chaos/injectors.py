@@ -20,6 +20,7 @@ import grpc
 from elasticd.chaos.schedule import Fault
 from elasticd.chaos.targets import ClusterView, LocalResolver
 from elasticd.rpc import agent_pb2, agent_pb2_grpc
+from elasticd.security.channels import open_channel
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class AgentInjector:
     def _call(
         self, address: str, request: agent_pb2.InjectFaultRequest
     ) -> agent_pb2.InjectFaultReply:
-        with grpc.insecure_channel(address) as channel:
+        with open_channel(address) as channel:
             stub = agent_pb2_grpc.NodeAgentStub(channel)
             return stub.InjectFault(request, timeout=RPC_TIMEOUT_S)
 

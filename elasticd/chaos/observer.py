@@ -19,6 +19,7 @@ import grpc
 from elasticd.chaos.targets import ClusterView
 from elasticd.coord.etcd import EtcdError
 from elasticd.rpc import job_pb2, job_pb2_grpc
+from elasticd.security.channels import open_channel
 
 SAMPLE_INTERVAL_S = 0.15
 CALL_TIMEOUT_S = 1.0  # one sample never waits longer than this on one server
@@ -152,4 +153,4 @@ class JobObserver:
             self._channel = None
         self._address = address
         if address:
-            self._channel = grpc.insecure_channel(address)
+            self._channel = open_channel(address, caller="user")

@@ -13,12 +13,16 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import etcd3
+import etcd3.etcdrpc as etcdrpc
 import etcd3.exceptions
 import etcd3.watch
 import grpc
+
+from elasticd.security.config import Security, current
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,10 @@ class EtcdError(Exception):
 
 class EtcdUnavailable(EtcdError):
     """No etcd endpoint answered in time. Callers retry with backoff."""
+
+
+class EtcdRefused(EtcdError):
+    """etcd answered but refused the credentials or the operation."""
 
 
 class Compacted(EtcdError):
@@ -115,24 +123,88 @@ _LIBRARY_ERRORS = (etcd3.exceptions.Etcd3Exception, grpc.RpcError, ValueError, A
 class EtcdClient:
     """A thread-safe etcd v3 client with fail-over between endpoints."""
 
-    def __init__(self, endpoints: str | Sequence[str], timeout: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        endpoints: str | Sequence[str],
+        timeout: float = DEFAULT_TIMEOUT_S,
+        security: Security | None = None,
+    ) -> None:
         self.endpoints = parse_endpoints(endpoints)
         self.timeout = timeout
+        self.security = current() if security is None else security
         self._lock = threading.Lock()
         self._client = self._connect()
 
+    def _credentials(self) -> grpc.ChannelCredentials | None:
+        s = self.security
+        if not s.etcd_tls:
+            return None
+
+        def read(path: str) -> bytes | None:
+            return Path(path).read_bytes() if path else None
+
+        return grpc.ssl_channel_credentials(read(s.etcd_ca), read(s.etcd_key), read(s.etcd_cert))
+
     def _connect(self) -> etcd3.MultiEndpointEtcd3Client:
+        creds = self._credentials()
         eps = [
-            etcd3.Endpoint(h, p, secure=False, time_retry=ENDPOINT_RETRY_S)
+            etcd3.Endpoint(h, p, secure=creds is not None, creds=creds, time_retry=ENDPOINT_RETRY_S)
             for h, p in self.endpoints
         ]
-        return etcd3.MultiEndpointEtcd3Client(endpoints=eps, timeout=self.timeout, failover=True)
+        s = self.security
+        try:
+            return etcd3.MultiEndpointEtcd3Client(
+                endpoints=eps,
+                timeout=self.timeout,
+                failover=True,
+                user=s.etcd_user or None,
+                password=s.etcd_password or None,
+            )
+        except _LIBRARY_ERRORS as exc:  # authenticating needs etcd
+            raise self._explain(exc) from exc
+
+    def _explain(self, exc: BaseException) -> EtcdError:
+        if isinstance(exc, grpc.RpcError) and exc.code() in (
+            grpc.StatusCode.UNAUTHENTICATED,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            grpc.StatusCode.PERMISSION_DENIED,
+        ):
+            return EtcdRefused(
+                f"etcd at {self.address} refused {self.security.etcd_user or 'this client'}: "
+                f"{exc.details()} (check etcd_user, etcd_password and the user's role)"
+            )
+        return _translate(exc)
+
+    @property
+    def address(self) -> str:
+        return ",".join(f"{h}:{p}" for h, p in self.endpoints)
+
+    def _reauthenticate(self) -> None:
+        """Get a fresh auth token: etcd's simple tokens expire (``--auth-token-ttl``)."""
+        s = self.security
+        request = etcdrpc.AuthenticateRequest(name=s.etcd_user, password=s.etcd_password)
+        token = self._client.authstub.Authenticate(request, self.timeout).token
+        self._client.metadata = (("token", token),)
+        watcher = self._client._stubs.get("watcher")
+        if watcher is not None:
+            watcher._metadata = self._client.metadata
+        log.info("event=etcd_reauthenticated user=%s", s.etcd_user)
 
     def _call(self, fn: Callable, *args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except _LIBRARY_ERRORS as exc:
-            raise _translate(exc) from exc
+        for attempt in (0, 1):
+            try:
+                return fn(*args, **kwargs)
+            except grpc.RpcError as exc:
+                expired = exc.code() == grpc.StatusCode.UNAUTHENTICATED
+                if attempt == 0 and expired and self.security.etcd_user:
+                    try:
+                        self._reauthenticate()
+                        continue
+                    except _LIBRARY_ERRORS as again:
+                        raise self._explain(again) from again
+                raise self._explain(exc) from exc
+            except _LIBRARY_ERRORS as exc:
+                raise _translate(exc) from exc
 
     def _read(self, fn: Callable, *args, **kwargs):
         """A read, tried on each endpoint in turn: the library marks an endpoint that
@@ -143,6 +215,8 @@ class EtcdClient:
                 return fn(*args, **kwargs)
             except etcd3.exceptions.ConnectionFailedError:
                 continue
+            except grpc.RpcError:
+                break  # an answer, not an unreachable endpoint: _call explains or re-authenticates
             except _LIBRARY_ERRORS as exc:
                 raise _translate(exc) from exc
         return self._call(fn, *args, **kwargs)

@@ -124,6 +124,13 @@ class Controller:
         snap = self.snapshot(job_id)
         return self.progress.live(snap.record), snap.generation, self.progress.of(job_id)
 
+    def owner_of(self, job_id: str) -> str | None:
+        """Who submitted ``job_id`` ("" before owners were recorded); None: no such job."""
+        try:
+            return getattr(self.snapshot(job_id).record, "owner", "")
+        except KeyError:  # JobNotFound
+            return None
+
     # -- leadership -------------------------------------------------------------
 
     def _guard(self) -> list[Compare]:

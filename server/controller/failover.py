@@ -36,6 +36,7 @@ from elasticd.ps_errors import PSUnavailable
 from elasticd.ps_state import import_bytes
 from elasticd.rpc import ps_pb2, ps_pb2_grpc
 from elasticd.rpc.limits import GRPC_OPTIONS
+from elasticd.security.channels import open_channel
 from elasticd.server.controller.planning import ClusterSnapshot, JobSnapshot, planned_failover
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def _copy(
     addresses: Mapping[str, str],
 ) -> None:
     fence = ps_pb2.Fence(job_id=job_id, generation=gen.number, shard=copy.group)
-    with grpc.insecure_channel(addresses[copy.source], options=GRPC_OPTIONS) as channel:
+    with open_channel(addresses[copy.source], options=GRPC_OPTIONS) as channel:
         stub = ps_pb2_grpc.ParameterServerStub(channel)
         try:
             data = b"".join(
@@ -94,7 +95,7 @@ def _copy(
             ps_pb2.ShardInfoRequest(job_id=job_id, shard=copy.group), timeout=CONTROL_TIMEOUT_S
         )
     header = _group_header(spec, job_id, gen.number, gen.world_size, placement, copy.group)
-    with grpc.insecure_channel(addresses[copy.target], options=GRPC_OPTIONS) as channel:
+    with open_channel(addresses[copy.target], options=GRPC_OPTIONS) as channel:
         import_bytes(ps_pb2_grpc.ParameterServerStub(channel), header, info.version, data)
     log.info(
         "event=backup_filled job=%s generation=%d group=%s from=%s to=%s version=%d bytes=%d",
@@ -118,7 +119,7 @@ def _configure(
             backup=False,
             backup_address=addresses[backup] if backup else "",
         )
-        with grpc.insecure_channel(addresses[primary], options=GRPC_OPTIONS) as channel:
+        with open_channel(addresses[primary], options=GRPC_OPTIONS) as channel:
             try:
                 ps_pb2_grpc.ParameterServerStub(channel).ConfigureShard(
                     request, timeout=CONTROL_TIMEOUT_S

@@ -12,10 +12,13 @@ from elasticd.coord.etcd import EtcdClient
 from elasticd.coord.keys import DEFAULT_PREFIX, Keys
 from elasticd.coord.session import DEFAULT_TTL_S, Session
 from elasticd.retry import Backoff
+from elasticd.security import Gate, add_security_arguments
+from elasticd.security.config import configure_daemon
 from elasticd.server.controller.join_window import JOIN_WINDOW_S
 from elasticd.serving import (
     advertised_host,
     configure_logging,
+    service_name,
     start_grpc_server,
     wait_for_stop_signal,
 )
@@ -41,6 +44,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="seconds a join must hold before it is sealed (gathers a burst of joins into one "
         "generation; departures never wait)",
     )
+    p.add_argument(
+        "--tokens-file",
+        default=None,
+        help="YAML file of JobService tokens, each with a name and a role (admin, submit, "
+        "read); env ELASTICD_TOKENS_FILE. Without it, whoever reaches the port is admin",
+    )
+    add_security_arguments(p)
 
 
 LEAD_RETRY_S = (0.1, 2.0)  # backoff after a failed pass of the leader loop: first, longest
@@ -74,8 +84,9 @@ def lead(controller, election: Election, stop: threading.Event) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    security = configure_daemon(args, args.host, "controller", needs_tokens=True)
     # Imported here: `elasticd --help` and the other roles need no torch.
-    from elasticd.rpc import job_pb2_grpc
+    from elasticd.rpc import job_pb2, job_pb2_grpc
     from elasticd.server.controller.controller import Controller
     from elasticd.server.controller.service import (
         JobServiceServicer,
@@ -101,7 +112,9 @@ def run(args: argparse.Namespace) -> int:
             TrainingCoordinatorServicer(controller), server
         )
 
-    server, port = start_grpc_server(add, args.host, args.port)
+    gate = Gate(security, owner_of=controller.owner_of)
+    services = [service_name(job_pb2, n) for n in ("JobService", "TrainingCoordinator")]
+    server, port = start_grpc_server(add, args.host, args.port, services, security, gate)
     controller.address = f"{advertised_host(args.host)}:{port}"
     controller.start()
     session = Session(client, ttl=args.lease_ttl, name="controller").start()

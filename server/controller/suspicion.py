@@ -27,6 +27,7 @@ import grpc
 
 from elasticd.membership import Generation, NodeInfo
 from elasticd.rpc import agent_pb2, agent_pb2_grpc
+from elasticd.security.channels import open_channel
 from elasticd.server.controller.planning import ClusterSnapshot
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class PeerSuspicions:
                 return False  # its lease expired already: the seal needs no help
             if not info.agent_address:
                 return False  # an agent without the service: nothing can confirm it
-            with grpc.insecure_channel(info.agent_address) as channel:
+            with open_channel(info.agent_address) as channel:
                 try:
                     agent_pb2_grpc.NodeAgentStub(channel).WorkerState(
                         agent_pb2.WorkerStateRequest(job_id=job_id, worker_id=worker),

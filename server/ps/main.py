@@ -10,6 +10,8 @@ import uuid
 from elasticd.coord.etcd import EtcdClient
 from elasticd.coord.keys import DEFAULT_PREFIX, Keys
 from elasticd.coord.session import DEFAULT_TTL_S, Session
+from elasticd.security import add_security_arguments
+from elasticd.security.config import configure_daemon
 from elasticd.serving import (
     advertised_host,
     configure_logging,
@@ -48,11 +50,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="seconds a synchronous push (max_staleness 0) waits for the rest of its round "
         "before it is refused (default: shard.SYNC_ROUND_TIMEOUT_S, 30)",
     )
+    add_security_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    configure_daemon(args, args.host, "ps")  # before anything slow: an unsafe setting exits now
     import torch
 
+    from elasticd.server.ps.messages import SERVICE
     from elasticd.server.ps.metrics import serve_metrics
     from elasticd.server.ps.service import ParameterServerServicer, add_to_server
     from elasticd.server.ps.shard import SYNC_ROUND_TIMEOUT_S
@@ -69,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         lambda s: add_to_server(servicer, s),
         args.host,
         args.port,
+        [SERVICE.full_name],
     )
     address = f"{advertised_host(args.host)}:{port}"
     metrics = None

@@ -22,6 +22,7 @@ import torch
 
 from elasticd.rpc import ps_pb2
 from elasticd.rpc.limits import GRPC_OPTIONS
+from elasticd.security.channels import open_channel
 from elasticd.server.ps.replica_channel import ChannelClosed, ReplicaChannel
 from elasticd.server.ps.rules import Contributor
 from elasticd.server.ps.shard import ReplicaUnavailable
@@ -39,7 +40,7 @@ class BackupLink:
 
     def __init__(self, job_id: str, group: str, address: str) -> None:
         self.job_id, self.group, self.address = job_id, group, address
-        self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        self._channel = open_channel(address, options=GRPC_OPTIONS)
         self._replicate = self._channel.stream_unary(
             f"/{SERVICE}/Replicate",
             request_serializer=frame_serializer,

@@ -44,8 +44,8 @@ from elasticd.coord.etcd import EtcdClient, EtcdError
 from elasticd.coord.keys import Keys
 from elasticd.coord.session import Session
 from elasticd.membership import NodeInfo, WorkerReport
-from elasticd.rpc import agent_pb2_grpc
-from elasticd.serving import start_grpc_server
+from elasticd.rpc import agent_pb2, agent_pb2_grpc
+from elasticd.serving import service_name, start_grpc_server
 from elasticd.worker.agent.api import FAILED, READY, RESTARTING, RUNNING, SUCCEEDED, Exited
 from elasticd.worker.agent.fault_injection import FaultExecutor
 from elasticd.worker.agent.launch import (
@@ -151,6 +151,7 @@ class NodeAgent:
             ),
             self.address or socket.gethostname(),
             0,
+            [service_name(agent_pb2, "NodeAgent")],
         )
         info = node_capacity(self.node_id, self.slots, self.address)
         info = replace(info, agent_address=f"{info.address}:{port}")

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 
 from elasticd.coord.etcd import EtcdClient
 from elasticd.coord.keys import DEFAULT_PREFIX, Keys
 from elasticd.coord.session import DEFAULT_TTL_S
+from elasticd.security import add_security_arguments
+from elasticd.security.config import configure_daemon
 from elasticd.serving import configure_logging, wait_for_stop_signal
 from elasticd.worker.agent.agent import NodeAgent, default_node_id
 
@@ -44,11 +47,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=os.path.abspath(".elasticd/logs"),
         help="directory for training process logs (<log-dir>/<job>/<worker>.log)",
     )
+    add_security_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     node_id = args.node_id or default_node_id()
     configure_logging(f"agent:{node_id}")
+    configure_daemon(args, args.host or socket.gethostname(), "agent")
     stop = wait_for_stop_signal()
     agent = NodeAgent(
         EtcdClient(args.etcd),

@@ -8,6 +8,7 @@ import math
 import grpc
 
 from elasticd.rpc import job_pb2, job_pb2_grpc
+from elasticd.security.channels import open_channel
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ class ProgressReporter:
         if self._channel is not None:
             self._channel.close()
         self._address = controller
-        self._channel = grpc.insecure_channel(controller)
+        self._channel = open_channel(controller)
         self._stub = job_pb2_grpc.TrainingCoordinatorStub(self._channel)
 
     @property

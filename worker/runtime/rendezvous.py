@@ -25,6 +25,7 @@ from typing import Protocol
 import grpc
 
 from elasticd.rpc import job_pb2, job_pb2_grpc
+from elasticd.security.channels import open_channel
 from elasticd.worker.runtime.control import Assignment
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class ControllerDirectory:
     def _stub_for(self, controller: str) -> job_pb2_grpc.TrainingCoordinatorStub:
         if controller != self._address or self._stub is None:
             self.close()
-            self._channel = grpc.insecure_channel(controller)
+            self._channel = open_channel(controller)
             self._stub = job_pb2_grpc.TrainingCoordinatorStub(self._channel)
             self._address = controller
         return self._stub

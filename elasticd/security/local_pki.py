@@ -1,0 +1,97 @@
+"""Everything a local cluster needs to run closed: certificates, tokens, settings files.
+
+``elasticd up --tls`` and the tests call :func:`make_local_pki`. It writes,
+under one directory:
+
+- ``ca.pem``; ``node.pem``/``node-key.pem``, the certificate every daemon of
+  the cluster presents (for 127.0.0.1, ::1, localhost and this host's name);
+- ``cluster-token``: the members' token;
+- ``tokens.yaml``: the JobService tokens (by default one admin, ``admin``),
+  each secret also in ``token-<name>``;
+- ``cluster.yaml`` (the daemons' settings) and ``client.yaml`` (the admin
+  client's), for ``--config`` or ``ELASTICD_CONFIG``.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from elasticd.security.certs import Authority, Issued, make_authority, write_secret
+from elasticd.security.config import Security, resolve
+
+
+@dataclass(frozen=True)
+class LocalPKI:
+    directory: Path
+    authority: Authority
+    node: Issued
+    cluster: Security  # what every daemon runs with
+    tokens: dict[str, str]  # identity name → its token
+    etcd: bool  # etcd speaks TLS too
+
+    def client(self, user: str | None = "admin", certificate: bool = True) -> Security:
+        """Settings of a client calling as ``user`` (None: no token)."""
+        return Security(
+            tls_ca=str(self.authority.cert),
+            tls_cert=str(self.node.cert) if certificate and self.cluster.tls_client_auth else "",
+            tls_key=str(self.node.key) if certificate and self.cluster.tls_client_auth else "",
+            token=self.tokens[user] if user else "",
+            etcd_ca=self.cluster.etcd_ca,
+            etcd_cert=self.cluster.etcd_cert,
+            etcd_key=self.cluster.etcd_key,
+            etcd_user=self.cluster.etcd_user,
+            etcd_password=self.cluster.etcd_password,
+        )
+
+    @property
+    def client_config(self) -> Path:
+        return self.directory / "client.yaml"
+
+
+def make_local_pki(
+    directory: str | Path,
+    users: dict[str, str] | None = None,
+    mutual: bool = True,
+    etcd: bool = True,
+    etcd_user: str = "",
+    etcd_password: str = "",
+) -> LocalPKI:
+    """A CA, the cluster's certificate and tokens; ``users`` maps names to roles."""
+    d = Path(directory)
+    authority = make_authority(d)
+    node = authority.issue(d, "node", ("127.0.0.1", "::1", "localhost", socket.gethostname()))
+    write_secret(d / "cluster-token")
+    users = users or {"admin": "admin"}
+    tokens = {name: write_secret(d / f"token-{name}") for name in users}
+    entries = [{"name": n, "role": r, "token": tokens[n]} for n, r in users.items()]
+    (d / "tokens.yaml").write_text(yaml.safe_dump({"tokens": entries}))
+    (d / "tokens.yaml").chmod(0o600)
+    settings = {
+        "tls_cert": "node.pem",
+        "tls_key": "node-key.pem",
+        "tls_ca": "ca.pem",
+        "tls_client_auth": mutual,
+        "cluster_token_file": "cluster-token",
+        "tokens_file": "tokens.yaml",
+    }
+    if etcd:
+        settings.update(etcd_ca="ca.pem", etcd_cert="node.pem", etcd_key="node-key.pem")
+    if etcd_user:
+        write_secret(d / "etcd-password", etcd_password)
+        settings.update(etcd_user=etcd_user, etcd_password_file=str(d / "etcd-password"))
+    (d / "cluster.yaml").write_text(yaml.safe_dump(settings))
+    cluster = resolve(None, {"ELASTICD_CONFIG": str(d / "cluster.yaml")})
+    pki = LocalPKI(d, authority, node, cluster, tokens, etcd)
+    client = {"tls_ca": "ca.pem", "token_file": "token-admin" if "admin" in users else None}
+    if mutual:
+        client.update(tls_cert="node.pem", tls_key="node-key.pem")
+    if etcd:
+        client.update(etcd_ca="ca.pem", etcd_cert="node.pem", etcd_key="node-key.pem")
+    if etcd_user:
+        client.update(etcd_user=etcd_user, etcd_password_file=str(d / "etcd-password"))
+    (d / "client.yaml").write_text(yaml.safe_dump({k: v for k, v in client.items() if v}))
+    return pki

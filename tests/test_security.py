@@ -1,0 +1,303 @@
+"""Closed by default: TLS, mutual TLS, tokens and roles, against real servers.
+
+One local cluster runs closed for the whole module: a CA and certificates made
+here, mutual TLS on every port, a cluster token for members, JobService tokens
+for three users, and an etcd with TLS, client certificates and authentication
+on. The cheaper checks use in-process servers with their own settings.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from elasticd.client import JobClient
+from elasticd.coord.etcd import EtcdClient, EtcdError, EtcdRefused
+from elasticd.local import EtcdServer, LocalCluster
+from elasticd.retry import wait_until
+from elasticd.rpc import job_pb2, job_pb2_grpc, ps_pb2, ps_pb2_grpc
+from elasticd.security import Security
+from elasticd.security.channels import open_channel
+from elasticd.security.config import SecurityError, resolve
+from elasticd.security.local_pki import make_local_pki
+from elasticd.security.tokens import parse_tokens
+from elasticd.server.ps.messages import SERVICE
+from elasticd.server.ps.service import ParameterServerServicer, add_to_server
+from elasticd.serving import start_grpc_server
+from tests.jobs import spec_yaml
+
+pytestmark = pytest.mark.slow
+
+USERS = {"root": "admin", "alice": "submit", "bob": "submit", "auditor": "read"}
+
+
+@pytest.fixture(scope="module")
+def closed(tmp_path_factory):
+    """A closed local cluster: 1 controller, 1 PS, 1 agent; etcd with TLS and auth."""
+    base = tmp_path_factory.mktemp("closed")
+    pki = make_local_pki(base / "tls", users=USERS, etcd_user="elasticd", etcd_password="s3cret")
+    c = LocalCluster(base / "cluster", lease_ttl=3, join_window=0.5, threads_per_worker=1, pki=pki)
+    try:
+        c.start(ps=1, agents=1)
+        yield c
+    finally:
+        c.stop()
+
+
+def job_stub(address: str, security: Security) -> tuple[grpc.Channel, job_pb2_grpc.JobServiceStub]:
+    channel = open_channel(address, security, caller="user")
+    return channel, job_pb2_grpc.JobServiceStub(channel)
+
+
+def code_of(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code()
+
+
+def submit(address: str, security: Security, **fields) -> str:
+    channel, stub = job_stub(address, security)
+    with channel:
+        reply = stub.SubmitJob(job_pb2.SubmitJobRequest(spec_yaml=spec_yaml(**fields)), timeout=60)
+    return reply.job_id
+
+
+def test_a_submit_without_a_token_is_unauthenticated(closed):
+    channel, stub = job_stub(closed.leader(), closed.client_security(user=None))
+    with channel:
+        request = job_pb2.SubmitJobRequest(spec_yaml=spec_yaml())
+        with pytest.raises(grpc.RpcError) as info:
+            stub.SubmitJob(request, timeout=30)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "token" in info.value.details()
+        wrong = closed.client_security(user=None).__class__(
+            **{**closed.client_security(user=None).__dict__, "token": "not-a-token"}
+        )
+    channel, stub = job_stub(closed.leader(), wrong)
+    with channel:
+        assert code_of(lambda: stub.ListJobs(job_pb2.ListJobsRequest(), timeout=30)) == (
+            grpc.StatusCode.UNAUTHENTICATED
+        )
+
+
+def test_a_client_without_a_valid_certificate_cannot_connect(closed, tmp_path):
+    leader = closed.leader()
+    admin = closed.client_security("root")
+    no_certificate = Security(tls_ca=admin.tls_ca, token=admin.token)
+    channel, stub = job_stub(leader, no_certificate)
+    with channel:
+        assert code_of(lambda: stub.ListJobs(job_pb2.ListJobsRequest(), timeout=10)) == (
+            grpc.StatusCode.UNAVAILABLE
+        )
+    stranger = make_local_pki(tmp_path / "stranger")  # a certificate from another CA
+    foreign = Security(
+        tls_ca=admin.tls_ca,
+        tls_cert=str(stranger.node.cert),
+        tls_key=str(stranger.node.key),
+        token=admin.token,
+    )
+    channel, stub = job_stub(leader, foreign)
+    with channel:
+        assert code_of(lambda: stub.ListJobs(job_pb2.ListJobsRequest(), timeout=10)) == (
+            grpc.StatusCode.UNAVAILABLE
+        )
+
+
+def test_a_plaintext_client_cannot_reach_a_tls_server(closed):
+    admin = closed.client_security("root")
+    plaintext = Security(token=admin.token)
+    channel, stub = job_stub(closed.leader(), plaintext)
+    with channel:
+        assert code_of(lambda: stub.ListJobs(job_pb2.ListJobsRequest(), timeout=10)) == (
+            grpc.StatusCode.UNAVAILABLE
+        )
+    ps_address = closed.addresses()["ps-0"]
+    with grpc.insecure_channel(ps_address) as channel:
+        stub = ps_pb2_grpc.ParameterServerStub(channel)
+        assert code_of(lambda: stub.Stats(ps_pb2.StatsRequest(), timeout=10)) == (
+            grpc.StatusCode.UNAVAILABLE
+        )
+
+
+def test_a_training_job_runs_end_to_end_with_tls_and_tokens(closed):
+    client = JobClient(
+        etcd=closed.etcd, prefix=closed.prefix, security=closed.client_security("bob")
+    )
+    try:
+        job = client.submit_yaml(spec_yaml(steps=60))
+        status = client.wait(job, timeout=240)
+        assert status.state == "COMPLETED", status
+        assert status.step >= 60
+        assert status.loss < status.first_loss
+    finally:
+        client.close()
+
+
+def test_health_is_open_and_says_serving(closed):
+    admin = closed.client_security(user=None)
+    with open_channel(closed.leader(), admin, caller="user") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "elasticd.job.JobService", "elasticd.job.TrainingCoordinator"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_etcd_with_tls_and_auth_refuses_what_it_should(closed):
+    cluster = closed.pki.cluster
+    good = EtcdClient(closed.etcd, security=cluster)
+    try:
+        good.put(closed.prefix + "/probe", b"1")
+        assert good.get(closed.prefix + "/probe").value == b"1"
+        lease = good.grant_lease(5)
+        good.put(closed.prefix + "/leased", b"2", lease=lease)
+        good.revoke_lease(lease)
+        assert good.get(closed.prefix + "/leased") is None
+    finally:
+        good.close()
+    wrong = Security(**{**cluster.__dict__, "etcd_password": "wrong"})
+    with pytest.raises(EtcdRefused, match="elasticd"):
+        EtcdClient(closed.etcd, security=wrong)
+    anonymous = Security(
+        etcd_ca=cluster.etcd_ca, etcd_cert=cluster.etcd_cert, etcd_key=cluster.etcd_key
+    )
+    client = EtcdClient(closed.etcd, security=anonymous)
+    try:
+        with pytest.raises(EtcdRefused):
+            client.get(closed.prefix + "/probe")
+    finally:
+        client.close()
+    plain = EtcdClient(closed.etcd, timeout=2, security=Security())
+    try:
+        with pytest.raises(EtcdError):
+            plain.get(closed.prefix + "/probe")
+    finally:
+        plain.close()
+
+
+def test_an_etcd_auth_token_that_expires_is_renewed(tmp_path):
+    pki = make_local_pki(tmp_path / "tls", etcd_user="elasticd", etcd_password="pw")
+    c = pki.cluster
+    server = EtcdServer(
+        tmp_path / "etcd",
+        cert_file=c.etcd_cert,
+        key_file=c.etcd_key,
+        ca_file=c.etcd_ca,
+        security=Security(etcd_ca=c.etcd_ca, etcd_cert=c.etcd_cert, etcd_key=c.etcd_key),
+        extra_args=("--auth-token-ttl", "1"),
+    )
+    server.start()
+    client = probe = None
+    try:
+        server.enable_auth("elasticd", "pw")
+        client = EtcdClient(server.endpoint, security=c)
+        probe = EtcdClient(server.endpoint, security=c)
+        client.put("/k", b"1")
+
+        def probe_token_expired() -> bool:  # the library's own call: nothing renews it
+            try:
+                probe._client.get("/k")
+                return False
+            except grpc.RpcError as exc:
+                return exc.code() == grpc.StatusCode.UNAUTHENTICATED
+
+        # each try uses the token, which restarts its TTL: try less often than the TTL
+        wait_until(probe_token_expired, 30, "etcd to drop an idle auth token", interval=1.5)
+        assert client.get("/k").value == b"1"  # our client got a new token, not an error
+    finally:
+        for x in (client, probe):
+            if x is not None:
+                x.close()
+        server.stop()
+
+
+# -- in-process servers: members only, settings --------------------------------
+
+
+@pytest.fixture
+def token_ps(tmp_path):
+    """A PS whose members prove themselves with the cluster token (TLS, no mTLS)."""
+    pki = make_local_pki(tmp_path / "tls", mutual=False, etcd=False)
+    servicer = ParameterServerServicer("ps-tok")
+    server, port = start_grpc_server(
+        lambda s: add_to_server(servicer, s),
+        "127.0.0.1",
+        0,
+        [SERVICE.full_name],
+        security=pki.cluster,
+    )
+    try:
+        yield f"127.0.0.1:{port}", pki
+    finally:
+        server.stop(grace=0).wait()
+        servicer.close()
+
+
+def test_internal_services_take_only_members(token_ps):
+    address, pki = token_ps
+    tls_only = Security(tls_ca=pki.cluster.tls_ca)
+    with open_channel(address, tls_only) as channel:
+        stub = ps_pb2_grpc.ParameterServerStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Stats(ps_pb2.StatsRequest(), timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # a user's token is not the cluster token
+        user = Security(tls_ca=pki.cluster.tls_ca, cluster_token=pki.tokens["admin"])
+    with open_channel(address, user) as channel:
+        stub = ps_pb2_grpc.ParameterServerStub(channel)
+        assert code_of(lambda: stub.Stats(ps_pb2.StatsRequest(), timeout=10)) == (
+            grpc.StatusCode.UNAUTHENTICATED
+        )
+    member = Security(tls_ca=pki.cluster.tls_ca, cluster_token=pki.cluster.cluster_token)
+    with open_channel(address, member) as channel:
+        ps_pb2_grpc.ParameterServerStub(channel).Stats(ps_pb2.StatsRequest(), timeout=10)
+        health = health_pb2_grpc.HealthStub(channel)
+        assert (
+            health.Check(
+                health_pb2.HealthCheckRequest(service=SERVICE.full_name), timeout=10
+            ).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
+
+
+def test_a_daemon_on_a_public_address_without_tls_refuses_to_start(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "elasticd", "ps", "--host", "0.0.0.0", "--etcd", "127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 2
+    assert "without TLS" in result.stderr and "--insecure" in result.stderr
+
+
+def test_settings_come_from_file_environment_and_flags_and_name_what_is_wrong(tmp_path):
+    pki = make_local_pki(tmp_path / "tls")
+    from_file = resolve(None, {"ELASTICD_CONFIG": str(pki.directory / "cluster.yaml")})
+    assert from_file.tls_client_auth and Path(from_file.tls_cert).is_file()
+    assert from_file.cluster_token and from_file.cluster_token != pki.tokens["admin"]
+    overridden = resolve(
+        None,
+        {"ELASTICD_CONFIG": str(pki.directory / "cluster.yaml"), "ELASTICD_TLS_CLIENT_AUTH": "0"},
+    )
+    assert not overridden.tls_client_auth
+    with pytest.raises(SecurityError, match="tls_key"):
+        resolve(None, {"ELASTICD_TLS_CERT": from_file.tls_cert})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"tls_cert": "x.pem", "colour": "blue"}))
+    with pytest.raises(SecurityError, match="colour"):
+        resolve(None, {"ELASTICD_CONFIG": str(bad)})
+    with pytest.raises(SecurityError) as info:
+        parse_tokens(
+            yaml.safe_dump(
+                {"tokens": [{"name": "a", "role": "boss", "token": "t"}, {"role": "read"}]}
+            ),
+            "tokens.yaml",
+        )
+    assert "tokens[0].role" in str(info.value) and "tokens[1].name" in str(info.value)
