@@ -38,6 +38,14 @@ class TensorSpec:
         return math.prod(self.shape) * DTYPES[self.dtype].itemsize
 
 
+def tensors_to_json(tensors: Sequence[TensorSpec]) -> str:
+    return json.dumps([{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in tensors])
+
+
+def tensors_from_json(text: str | bytes) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec(d["name"], d["dtype"], tuple(d["shape"])) for d in json.loads(text))
+
+
 @dataclass(frozen=True)
 class Slice:
     """Rows [row_start, row_end) of parameter ``param``, held by ``ps_id``."""

@@ -11,97 +11,21 @@ from __future__ import annotations
 import json
 import random
 import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import pytest
 
-from elasticd.coord.election import Election, NotLeading
+from elasticd.coord.election import NotLeading
 from elasticd.coord.etcd import EtcdClient, EtcdUnavailable
 from elasticd.coord.keys import Keys
-from elasticd.coord.session import Session
 from elasticd.jobspec import load_spec_yaml
 from elasticd.membership import Generation, NodeInfo
 from elasticd.retry import wait_until
 from elasticd.server.controller.controller import Controller
 from elasticd.server.controller.errors import Conflict
-from elasticd.server.controller.main import lead
 from elasticd.server.controller.planning import Seal
+from tests.fixtures.controller import start_controller
 from tests.jobs import spec_yaml
-
-TTL = 3
-
-
-@dataclass
-class Running:
-    client: EtcdClient
-    session: Session
-    election: Election
-    controller: Controller
-    stop: threading.Event
-    thread: threading.Thread
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(timeout=10)
-        self.controller.set_leader(False)
-        self.controller.stop()
-        self.session.close()
-        self.client.close()
-
-
-def start_controller(
-    endpoint: str, keys: Keys, name: str, client: EtcdClient | None = None
-) -> Running:
-    client = client or EtcdClient(endpoint)
-    controller = Controller(client, keys, f"{name}:0", "/tmp/unused", join_window_s=0.0)
-    controller.start()
-    session = Session(client, ttl=TTL, name=name).start()
-    election = Election(session, keys.election, controller.address.encode()).start()
-    controller.election = election
-    stop = threading.Event()
-    thread = threading.Thread(target=lead, args=(controller, election, stop), daemon=True)
-    thread.start()
-    return Running(client, session, election, controller, stop, thread)
-
-
-@pytest.fixture
-def keys(prefix: str) -> Keys:
-    return Keys(prefix)
-
-
-@pytest.fixture
-def running(etcd, keys, etcd_client) -> Iterator[list[Running]]:
-    started: list[Running] = []
-    try:
-        yield started
-    finally:
-        for r in started:
-            r.close()
-
-
-@pytest.fixture
-def nodes(etcd, keys) -> Iterator[Callable[[int], Session]]:
-    """Register nodes as agents do: keys on a lease that a session keeps alive."""
-    sessions: list[Session] = []
-    clients: list[EtcdClient] = []
-
-    def register(n: int) -> Session:
-        clients.append(EtcdClient(etcd.endpoint))
-        session = Session(clients[-1], ttl=TTL, name="nodes").start()
-        sessions.append(session)
-        for i in range(n):
-            info = NodeInfo(f"node-{i}", slots=1, cpus=1, address="127.0.0.1")
-            session.put(keys.node(f"node-{i}"), info.to_json())
-        return session
-
-    try:
-        yield register
-    finally:
-        for s in sessions:
-            s.close()
-        for c in clients:
-            c.close()
 
 
 def allreduce_spec(**fields):

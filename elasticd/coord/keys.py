@@ -7,6 +7,7 @@ clusters can share one etcd)::
     <prefix>/ps/<ps_id>                       parameter server registration (leased)
     <prefix>/controller/election/<candidate>      controller candidates (leased)
     <prefix>/jobs/<job_id>/spec               the admitted job spec
+    <prefix>/jobs/<job_id>/tensors            its parameters' names, dtypes, shapes (probed once)
     <prefix>/jobs/<job_id>/status             job state, written on events only
     <prefix>/jobs/<job_id>/generation         the sealed membership generation
     <prefix>/jobs/<job_id>/placement          which PS holds which parameter slices
@@ -58,6 +59,9 @@ class Keys:
 
     def job_spec(self, job_id: str) -> str:
         return f"{self.job(job_id)}spec"
+
+    def job_tensors(self, job_id: str) -> str:
+        return f"{self.job(job_id)}tensors"
 
     def job_status(self, job_id: str) -> str:
         return f"{self.job(job_id)}status"

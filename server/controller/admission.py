@@ -1,8 +1,9 @@
-"""Admitting a job: check that its task builds, then write its spec and first record.
+"""Admitting a job: learn its parameters' shapes, then write its spec and first record.
 
-The controller learns a job's parameter shapes by building the model on the
-``meta`` device: shapes without memory. A task that cannot be built is
-refused at submit, not discovered at placement.
+The shapes come from the task probe (:mod:`.shapes`, :mod:`elasticd.shape_probe`),
+which builds the model on the ``meta`` device in a sandboxed process: a task
+that cannot be built is refused at submit, not discovered at placement, and
+its code never runs in the controller.
 """
 
 from __future__ import annotations
@@ -10,58 +11,29 @@ from __future__ import annotations
 import time
 import uuid
 
-import torch
-
 from elasticd.checkpoint.locate import NoSuchCheckpoint, check_fits, check_optimizer, locate
 from elasticd.coord.etcd import Put
 from elasticd.coord.keys import Keys
 from elasticd.jobspec import JobSpec
 from elasticd.placement import TensorSpec
 from elasticd.server.controller.records import PENDING, JobRecord
-from elasticd.task import TaskError, load_task
-from elasticd.wire import dtype_name
 
 
-def tensor_specs(spec: JobSpec) -> list[TensorSpec]:
-    """The job's parameters, built on the meta device: shapes without memory.
-
-    Raises TaskError when the task cannot be imported or built with its arguments.
-    """
-    try:
-        task = load_task(spec.task, spec.batch_size, spec.seed, spec.task_args)
-        with torch.device("meta"):
-            model = task.build_model()
-    except TaskError:
-        raise
-    except Exception as exc:
-        raise TaskError(
-            f"task {spec.task!r} cannot be built with task_args {spec.task_args}: {exc}"
-        ) from exc
-    return [
-        TensorSpec(name, dtype_name(p.dtype), tuple(p.shape))
-        for name, p in model.named_parameters()
-    ]
-
-
-def check_buildable(spec: JobSpec) -> None:
-    """Raise TaskError if the job's model cannot be built (script jobs bring their own)."""
-    if spec.mode != "script":
-        tensor_specs(spec)
-
-
-def check_resumable(spec: JobSpec, resume_from: str, default_root: str) -> str:
+def check_resumable(
+    spec: JobSpec, tensors: list[TensorSpec] | None, resume_from: str, default_root: str
+) -> str:
     """The URL of the verified checkpoint ``resume_from`` names, if it fits ``spec``'s model.
 
     Raises NoSuchCheckpoint (with what to fix) when it does not exist, does not
     verify or holds another model.
     """
-    if spec.mode == "script":
+    if spec.mode == "script" or tensors is None:
         raise NoSuchCheckpoint(
             "a script job keeps its own checkpoints: --resume-from takes ps-async and "
             "allreduce jobs"
         )
     store, manifest = locate(resume_from, spec.checkpoint.url or default_root)
-    check_fits(manifest, tensor_specs(spec))
+    check_fits(manifest, tensors)
     check_optimizer(manifest, spec.optimizer.name)
     return store.url_of(manifest)
 

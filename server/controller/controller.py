@@ -28,7 +28,6 @@ from elasticd.coord.session import DEFAULT_TTL_S
 from elasticd.jobspec import JobSpec
 from elasticd.membership import Generation
 from elasticd.server.controller import admission, checkpoints, sealing
-from elasticd.server.controller.admission import tensor_specs
 from elasticd.server.controller.adoption import adoption_ops
 from elasticd.server.controller.data_service import DataQueues
 from elasticd.server.controller.errors import BUG_GIVE_UP_S, Conflict, is_retryable, is_terminal
@@ -58,11 +57,13 @@ from elasticd.server.controller.records import (
     JobRecord,
 )
 from elasticd.server.controller.restore import RestoreBackoff, restore_in_seal
+from elasticd.server.controller.shapes import JobShapes
 from elasticd.server.controller.suspicion import PeerSuspicions
 from elasticd.server.controller.view import EtcdView, JobNotFound
 from elasticd.server.controller.writes import JobWriter
+from elasticd.shape_probe.client import ShapeProbe
 
-__all__ = ["Controller", "NotLeader", "SwitchRefused", "tensor_specs"]
+__all__ = ["Controller", "NotLeader", "SwitchRefused"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class Controller:
         join_window_s: float = JOIN_WINDOW_S,
         election: Election | None = None,
         lease_ttl_s: float = DEFAULT_TTL_S,
+        probe: ShapeProbe | None = None,
     ) -> None:
         self.client = client
         self.keys = keys
@@ -96,6 +98,7 @@ class Controller:
         self.writer = JobWriter(
             client, keys, self._guard, self._still_leading, self.view.wait_for_revision
         )
+        self.shapes = JobShapes(probe or ShapeProbe(), self.writer, keys)  # no task runs here
         self.joins = JoinWindow(join_window_s)  # departures seal at once, joins wait for it
         self.suspicions = PeerSuspicions(hold_s=2 * lease_ttl_s)  # nodes a survivor lost
         self._is_leader = False
@@ -113,6 +116,7 @@ class Controller:
     def stop(self) -> None:
         self.lanes.shutdown()
         self.view.stop()
+        self.shapes.probe.close()
 
     def job_ids(self) -> list[str]:
         return self.view.job_ids()
@@ -166,11 +170,12 @@ class Controller:
     def submit(self, spec: JobSpec, resume_from: str = "") -> str:
         """Admit a job; ``resume_from`` names a checkpoint it starts from (NoSuchCheckpoint)."""
         self.require_leader()
-        admission.check_buildable(spec)  # a task that cannot be built is refused now
+        tensors = self.shapes.at_submit(spec)  # a task that cannot be built is refused now
         if resume_from:
-            resume_from = admission.check_resumable(spec, resume_from, self.checkpoint_url)
+            resume_from = admission.check_resumable(spec, tensors, resume_from, self.checkpoint_url)
         for _ in range(CONFLICT_RETRIES):
             job_id, ops = admission.new_job(spec, self.keys, resume_from=resume_from)
+            ops += self.shapes.admission_ops(job_id, tensors)
             try:
                 self.writer.create(job_id, ops)
             except Conflict:
@@ -368,7 +373,7 @@ class Controller:
             snap, placement, record = done
             restored = True
         else:
-            placement = sealing.placement_for_seal(snap, cluster, lambda: tensor_specs(snap.spec))
+            placement = sealing.placement_for_seal(snap, cluster, lambda: self.shapes.of(snap))
         if placement is not None and not restored:
             # Invariant 3: the PS tier refuses the old generation before the new one exists.
             sealing.fence_tier(job_id, gen, placement, self._registered_ps)

@@ -22,6 +22,7 @@ from elasticd.serving import (
     start_grpc_server,
     wait_for_stop_signal,
 )
+from elasticd.shape_probe.limits import MIN_MEMORY_MIB, PROBE_MEMORY_MIB, PROBE_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="YAML file of JobService tokens, each with a name and a role (admin, submit, "
         "read); env ELASTICD_TOKENS_FILE. Without it, whoever reaches the port is admin",
     )
+    p.add_argument(
+        "--probe-timeout",
+        type=_positive_seconds,
+        default=PROBE_TIMEOUT_S,
+        help="seconds a submitted task may take to import and build its model in the task "
+        f"probe, a sandboxed process (default {PROBE_TIMEOUT_S:g}); longer: refused at submit",
+    )
+    p.add_argument(
+        "--probe-memory",
+        type=_probe_memory,
+        default=PROBE_MEMORY_MIB,
+        help="address space, MiB, of the task probe that builds a submitted task's model, torch "
+        f"included (default {PROBE_MEMORY_MIB}, at least {MIN_MEMORY_MIB}); more: refused at submit",
+    )
     add_security_arguments(p)
+
+
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _probe_memory(text: str) -> int:
+    value = int(text)
+    if value < MIN_MEMORY_MIB:
+        raise argparse.ArgumentTypeError(
+            f"must be at least {MIN_MEMORY_MIB} MiB (torch itself needs ~600), got {text}"
+        )
+    return value
 
 
 LEAD_RETRY_S = (0.1, 2.0)  # backoff after a failed pass of the leader loop: first, longest
@@ -92,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
         JobServiceServicer,
         TrainingCoordinatorServicer,
     )
+    from elasticd.shape_probe.client import ShapeProbe
 
     configure_logging("controller")
     stop = wait_for_stop_signal()
@@ -104,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
         args.checkpoint_url,
         join_window_s=args.join_window,
         lease_ttl_s=args.lease_ttl,
+        probe=ShapeProbe(args.probe_timeout, args.probe_memory),
     )
 
     def add(server) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from elasticd.jobspec import JobSpec
 from elasticd.membership import Generation, NodeInfo, WorkerReport, choose_workers
-from elasticd.placement import Copy, ShardPlacement, failover
+from elasticd.placement import Copy, ShardPlacement, TensorSpec, failover
 from elasticd.server.controller.records import FAILED, TERMINAL, JobRecord
 
 RESTARTING = "RESTARTING"  # as the agent reports a process waiting to come back
@@ -32,6 +32,8 @@ class JobSnapshot:
     # snapshot never lands.
     revision: int = 0
     generation_revision: int = 0
+    # the parameters as probed at submit (None: admitted before they were stored)
+    tensors: tuple[TensorSpec, ...] | None = None
 
 
 @dataclass(frozen=True)

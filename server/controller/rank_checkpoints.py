@@ -38,7 +38,6 @@ from elasticd.checkpoint import (
 )
 from elasticd.placement import rank_placement
 from elasticd.rpc import job_pb2
-from elasticd.server.controller.admission import tensor_specs
 from elasticd.server.controller.checkpoints import record_checkpoint
 from elasticd.server.controller.records import RUNNING
 
@@ -183,7 +182,7 @@ class RankCheckpoints:
                 "mode": "allreduce",
                 "optimizer": snap.spec.optimizer.name,
                 "placement": json.loads(
-                    rank_placement(tensor_specs(snap.spec), report.world_size).to_json()
+                    rank_placement(controller.shapes.of(snap), report.world_size).to_json()
                 ),
                 "position": positions.pop(),
                 "world_size": report.world_size,

@@ -44,7 +44,6 @@ from elasticd.membership import Generation
 from elasticd.placement import ShardPlacement, TensorSpec, place, rehome
 from elasticd.ps_client import PSTier
 from elasticd.ps_errors import PSUnavailable
-from elasticd.server.controller.admission import tensor_specs
 from elasticd.server.controller.planning import ClusterSnapshot, JobSnapshot
 from elasticd.server.controller.records import WAITING, JobRecord
 from elasticd.slicing import split_state
@@ -217,19 +216,19 @@ def _restore_through_controller(
 
 def restore_for_seal(
     snap: JobSnapshot,
+    tensors: list[TensorSpec],
     cluster: ClusterSnapshot,
     gen: Generation,
     record: JobRecord,
     default_url: str,
     live: JobRecord,
 ) -> tuple[ShardPlacement, JobRecord]:
-    """Restore ``snap``'s job onto the live PS tier for generation ``gen``.
+    """Restore ``snap``'s job (parameters ``tensors``) onto the live PS tier for ``gen``.
 
     Returns the new placement and ``record`` (the sealed record) saying where
     the job restarted from and how many applied updates (after ``live.step``)
     were lost. Raises NoSuchCheckpoint when no checkpoint verifies or fits.
     """
-    tensors = tensor_specs(snap.spec)
     store, manifest = restore_source(snap, default_url)
     check_fits(manifest, tensors)
     check_optimizer(manifest, snap.spec.optimizer.name)
@@ -302,6 +301,7 @@ def restore_in_seal(controller, snap, cluster, gen, record, reason: str):
     try:
         placement, record = restore_for_seal(
             snap,
+            controller.shapes.of(snap),
             cluster,
             gen,
             record,

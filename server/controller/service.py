@@ -19,6 +19,7 @@ from elasticd.server.controller.rank_checkpoints import BadShardReport
 from elasticd.server.controller.rendezvous import RendezvousBoard, StaleGeneration, UnknownJob
 from elasticd.server.controller.suspicion import BadPeerReport, StalePeerReport, peer_lost
 from elasticd.server.controller.view import JobNotFound
+from elasticd.shape_probe.client import ProbeUnavailable
 from elasticd.task import TaskError
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,8 @@ def _abort_for(context, exc: Exception):
         context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
     if isinstance(exc, Conflict):
         context.abort(grpc.StatusCode.ABORTED, f"{exc}; try again")
+    if isinstance(exc, ProbeUnavailable):
+        context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc}")
     if isinstance(exc, EtcdError):
         context.abort(grpc.StatusCode.UNAVAILABLE, f"etcd unreachable: {exc}")
     raise exc

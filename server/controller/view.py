@@ -15,7 +15,7 @@ from elasticd.coord.etcd import EtcdClient
 from elasticd.coord.keys import Keys
 from elasticd.jobspec import JobSpec
 from elasticd.membership import Generation, NodeInfo, WorkerReport
-from elasticd.placement import ShardPlacement
+from elasticd.placement import ShardPlacement, tensors_from_json
 from elasticd.server.controller.planning import ClusterSnapshot, JobSnapshot
 from elasticd.server.controller.records import TERMINAL, JobRecord
 
@@ -64,6 +64,7 @@ class EtcdView:
             raise JobNotFound(job_id)
         gen_raw, gen_rev = entries.get("generation", (b"", 0))
         placement_raw, _ = entries.get("placement", (b"", 0))
+        tensors_raw, _ = entries.get("tensors", (b"", 0))
         workers = {
             k.split("/", 1)[1]: WorkerReport.from_json(v)
             for k, (v, _) in entries.items()
@@ -78,6 +79,7 @@ class EtcdView:
             placement=ShardPlacement.from_json(placement_raw) if placement_raw else None,
             revision=status_rev,
             generation_revision=gen_rev,
+            tensors=tensors_from_json(tensors_raw) if tensors_raw else None,
         )
 
     def cluster(self) -> ClusterSnapshot:

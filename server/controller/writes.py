@@ -45,6 +45,15 @@ class JobWriter:
         """Admit a new job: only if its spec key does not exist yet."""
         return self._commit([Compare(self.keys.job_spec(job_id), "version", "==", 0)], ops, job_id)
 
+    def create_key(self, job_id: str, put: Put) -> bool:
+        """Write ``put`` only if its key does not exist yet. False if it already did."""
+        compare = [Compare(put.key, "version", "==", 0)]
+        try:
+            self._commit(compare, [put], job_id)
+        except Conflict:
+            return False
+        return True
+
     def update(self, snap: JobSnapshot, ops: Sequence[Op], generation: bool = False) -> int:
         """Write ``ops`` if the job's record (and with ``generation``, its generation)
         is still what ``snap`` read. Returns the revision of the write."""
