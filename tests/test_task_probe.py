@@ -137,6 +137,24 @@ def test_the_probe_learns_the_shapes_and_not_here(probe: ShapeProbe, tmp_path: P
     assert not [m for m in list(sys.modules.values()) if getattr(m, "__file__", "") == ref]
 
 
+def test_the_task_sees_none_of_the_controllers_secrets(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("ELASTICD_CLUSTER_TOKEN", "member-secret")
+    monkeypatch.setenv("ELASTICD_TLS_KEY", "/etc/elasticd/node-key.pem")
+    seen = tmp_path / "environment"
+    ref = write_task(
+        tmp_path / "task.py",
+        mark=f"import json, os; open({str(seen)!r}, 'w').write(json.dumps(dict(os.environ)))",
+    )
+    p = ShapeProbe(timeout_s=60, memory_mib=MEMORY_MIB)
+    try:
+        assert p.shapes(ref, 8, 0) == SHAPES
+    finally:
+        p.close()
+    environment = json.loads(seen.read_text())
+    assert "PATH" in environment  # it did record the task's environment
+    assert not [k for k in environment if k.startswith("ELASTICD_")]
+
+
 BAD_TASKS = {
     "raises at import": ("raise ValueError('no corpus at /data/x')", "pass"),
     "raises in build_model": ("", "raise KeyError('width')"),

@@ -52,7 +52,10 @@ class _ProbeProcess:
     def __init__(self, timeout_s: float, memory_mib: int) -> None:
         argv = [sys.executable, "-m", "elasticd.shape_probe"]
         argv += ["--timeout", f"{timeout_s:g}", "--memory-mib", str(memory_mib)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+        # The task runs in there: it gets none of the controller's settings (the cluster
+        # token, key paths, etcd password), which would make it a cluster member.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ELASTICD_")}
+        env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
         self.proc = spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self.ready = threading.Event()
         self.alive = True
