@@ -51,10 +51,17 @@ class Running:
 
 
 def start_controller(
-    endpoint: str, keys: Keys, name: str, client: EtcdClient | None = None
+    endpoint: str,
+    keys: Keys,
+    name: str,
+    client: EtcdClient | None = None,
+    controller: Controller | None = None,
 ) -> Running:
+    """Start ``controller`` (by default a new one, named ``name``) with its lead loop."""
     client = client or EtcdClient(endpoint)
-    controller = Controller(client, keys, f"{name}:0", "/tmp/unused", join_window_s=0.0)
+    controller = controller or Controller(
+        client, keys, f"{name}:0", "/tmp/unused", join_window_s=0.0
+    )
     controller.start()
     session = Session(client, ttl=TTL, name=name).start()
     election = Election(session, keys.election, controller.address.encode()).start()
