@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import signal
 import sys
@@ -12,8 +11,8 @@ from pathlib import Path
 
 import grpc
 
+from elasticd import cli_jobs
 from elasticd.coord.keys import DEFAULT_PREFIX
-from elasticd.security.config import SecurityError, add_security_arguments, resolve
 
 DESCRIPTION = """\
 elasticd: fault-tolerant elastic training for PyTorch.
@@ -25,122 +24,16 @@ Processes (each its own subcommand, all pointed at one etcd):
   up           all of the above on this machine (local mode), with its own etcd
 
 Client:
-  submit       submit a job spec (YAML)
-  status       show one job or all jobs
+  submit       submit a job spec (YAML); --follow shows its progress until it ends
+  status       show one job (its ranks, restarts) or all jobs
+  ls           list jobs, filtered by state, name, mode, owner
   cancel       cancel a job
   switch       switch a running job between ps-async and allreduce
+  scale        change a running job's workers.min and workers.max
+  checkpoint   checkpoint a job now (or list, verify, export checkpoints)
   logs         print a worker's log (local mode)
   chaos        run a job under injected faults and report detection and recovery
 """
-
-
-def _client_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--etcd",
-        default=os.environ.get("ELASTICD_ETCD", "127.0.0.1:2379"),
-        help="etcd endpoints used to find the leading controller (env ELASTICD_ETCD)",
-    )
-    p.add_argument("--prefix", default=DEFAULT_PREFIX, help="etcd key prefix of the cluster")
-    p.add_argument("--controller", default=None, help="controller address host:port (skips etcd)")
-    add_security_arguments(p, server=False)
-
-
-def _client(args):
-    from elasticd.client import JobClient
-
-    try:
-        security = resolve(args)
-    except SecurityError as exc:
-        raise SystemExit(f"elasticd: {exc}") from exc
-    return JobClient(
-        controller=args.controller,
-        etcd=None if args.controller else args.etcd,
-        prefix=args.prefix,
-        security=security,
-    )
-
-
-def progress_line(s) -> str:
-    loss = "-" if math.isnan(s.loss) else f"{s.loss:.4f}"
-    return (
-        f"[{s.state}] gen {s.generation}  workers {len(s.workers)}  "
-        f"step {s.step}/{s.total_steps}  loss {loss}"
-    )
-
-
-def follow(client, job_id: str, timeout: float, out=sys.stdout):
-    last = [""]
-
-    def show(s):
-        line = progress_line(s)
-        if line != last[0]:
-            print(line, file=out, flush=True)
-            last[0] = line
-
-    return client.wait(job_id, timeout=timeout, on_update=show)
-
-
-def print_result(s, out=sys.stdout) -> None:
-    first = "-" if math.isnan(s.first_loss) else f"{s.first_loss:.4f}"
-    last = "-" if math.isnan(s.loss) else f"{s.loss:.4f}"
-    print(f"job {s.job_id} {s.state}: {s.message}", file=out)
-    print(f"  steps       {s.step}/{s.total_steps}", file=out)
-    print(f"  first loss  {first}", file=out)
-    print(f"  final loss  {last}", file=out)
-    print(f"  checkpoint  {s.checkpoint or '-'}", file=out, flush=True)
-
-
-def cmd_submit(args) -> int:
-    from elasticd.client import format_status
-    from elasticd.jobspec import SpecError
-
-    client = _client(args)
-    try:
-        job_id = client.submit_file(args.spec, args.resume_from or "")
-    except SpecError as exc:
-        print(f"elasticd submit: {args.spec}: {exc}", file=sys.stderr)
-        return 2
-    print(job_id, flush=True)
-    if args.follow:
-        status = follow(client, job_id, args.timeout)
-        print(format_status(status))
-        return 0 if status.state == "COMPLETED" else 1
-    return 0
-
-
-def cmd_status(args) -> int:
-    from elasticd.client import format_status
-
-    client = _client(args)
-    if args.job:
-        s = client.get(args.job)
-        print(format_status(s))
-        for w in s.workers:
-            loss = "-" if math.isnan(w.loss) else f"{w.loss:.4f}"
-            print(f"  rank {w.rank:<3} {w.worker_id:<24} {w.state:<9} step={w.step} loss={loss}")
-        if s.message:
-            print(f"  {s.message}")
-    else:
-        jobs = client.list()
-        if not jobs:
-            print("no jobs")
-        for s in jobs:
-            print(format_status(s))
-    return 0
-
-
-def cmd_cancel(args) -> int:
-    from elasticd.client import format_status
-
-    print(format_status(_client(args).cancel(args.job)))
-    return 0
-
-
-def cmd_switch(args) -> int:
-    from elasticd.client import format_status
-
-    print(format_status(_client(args).switch(args.job, args.mode)))
-    return 0
 
 
 def cmd_logs(args) -> int:
@@ -156,7 +49,9 @@ def cmd_logs(args) -> int:
 
 
 def cmd_up(args) -> int:
+    from elasticd.cli_jobs import ended_code, print_result
     from elasticd.client import JobClient
+    from elasticd.follow import follow
     from elasticd.local import LocalCluster
 
     pki = None
@@ -190,9 +85,9 @@ def cmd_up(args) -> int:
             )
             job_id = client.submit_file(args.submit)
             print(f"submitted {args.submit} as job {job_id}", flush=True)
-            status = follow(client, job_id, args.timeout)
+            status = follow(client.watch(job_id))
             print_result(status)
-            code = 0 if status.state == "COMPLETED" else 1
+            code = ended_code(status)
             client.close()
             if args.stop_when_done:
                 return code
@@ -217,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="elasticd",
         description=DESCRIPTION,
+        epilog=cli_jobs.EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -260,7 +156,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--stop-when-done", action="store_true", help="stop the cluster when the submitted job ends"
     )
-    p.add_argument("--timeout", type=float, default=900, help="seconds to follow a submitted job")
     p.add_argument(
         "--tls",
         action="store_true",
@@ -269,41 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         "ELASTICD_CONFIG=DIR/tls/client.yaml",
     )
     p.set_defaults(func=cmd_up)
-
-    p = sub.add_parser("submit", help="submit a job spec", description="Submit a job spec (YAML).")
-    p.add_argument("spec", help="path to the job spec")
-    p.add_argument("--follow", action="store_true", help="follow the job's progress until it ends")
-    p.add_argument(
-        "--resume-from",
-        metavar="JOB_ID|URL",
-        default=None,
-        help="start from a checkpoint: a job's newest verified one, or a checkpoint's URL "
-        "(to revive a failed or cancelled job, or to fine-tune from it)",
-    )
-    p.add_argument("--timeout", type=float, default=3600, help="seconds to follow")
-    _client_args(p)
-    p.set_defaults(func=cmd_submit)
-
-    p = sub.add_parser("status", help="show jobs", description="Show one job, or all jobs.")
-    p.add_argument("job", nargs="?", help="job id (default: all jobs)")
-    _client_args(p)
-    p.set_defaults(func=cmd_status)
-
-    p = sub.add_parser("cancel", help="cancel a job", description="Cancel a job.")
-    p.add_argument("job", help="job id")
-    _client_args(p)
-    p.set_defaults(func=cmd_cancel)
-
-    p = sub.add_parser(
-        "switch",
-        help="switch a running job between ps-async and allreduce",
-        description="Switch a running job between ps-async and allreduce at its next step "
-        "boundary; parameters and optimizer state move with it.",
-    )
-    p.add_argument("job", help="job id")
-    p.add_argument("mode", choices=("ps-async", "allreduce"), help="the mode to train in")
-    _client_args(p)
-    p.set_defaults(func=cmd_switch)
+    cli_jobs.add_parsers(sub)
 
     p = sub.add_parser("logs", help="print worker logs", description="Print a job's worker logs.")
     p.add_argument("job", help="job id")
@@ -333,19 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 TOOLS = ("ls", "verify", "export", "-h", "--help")
+BAD_INPUT = (
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION,
+)
 
 
 def cmd_checkpoint(args) -> int:
     """`checkpoint ls|verify|export URL` reads storage; `checkpoint JOB` asks the controller."""
     if args.rest[:1] and args.rest[0] not in TOOLS:
-        from elasticd.client import format_status
-
-        p = argparse.ArgumentParser(prog="elasticd checkpoint", description="Checkpoint a job now.")
-        p.add_argument("job", help="job id")
-        _client_args(p)
-        job_args = p.parse_args(args.rest)
-        print(format_status(_client(job_args).checkpoint(job_args.job)))
-        return 0
+        return cli_jobs.cmd_checkpoint_job(args.rest)
     from elasticd.checkpoint.tools import main as checkpoint_main
 
     return checkpoint_main(args.rest)
@@ -360,11 +219,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except grpc.RpcError as exc:
-        print(f"elasticd {args.command}: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return 1
-    except (ConnectionError, FileNotFoundError) as exc:
+        code = exc.code()
+        where = getattr(getattr(args, "client", None), "address", "") or "the controller"
+        print(
+            f"elasticd {args.command}: {code.name} from {where}: {exc.details()}", file=sys.stderr
+        )
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return cli_jobs.EXIT_UNREACHABLE
+        if code in BAD_INPUT:
+            return cli_jobs.EXIT_BAD_INPUT
+        return cli_jobs.EXIT_JOB_FAILED
+    except ConnectionError as exc:  # elasticd.client.Unreachable names what it tried
         print(f"elasticd {args.command}: {exc}", file=sys.stderr)
-        return 1
+        return cli_jobs.EXIT_UNREACHABLE
+    except FileNotFoundError as exc:
+        print(f"elasticd {args.command}: {exc}", file=sys.stderr)
+        return cli_jobs.EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

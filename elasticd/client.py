@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 import grpc
 
@@ -29,6 +29,13 @@ CALL_TIMEOUT_S = 30.0
 # state first): minutes for a large model on slow storage.
 CHECKPOINT_CALL_TIMEOUT_S = 600.0
 RETRY_DEADLINE_S = 30.0  # how long a call follows a controller fail-over
+# A watch stream that ends with these is opened again: the controller went away or
+# stopped leading (a stream cut by a dying server ends UNAVAILABLE or CANCELLED).
+RECONNECT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+
+
+class Unreachable(ConnectionError):
+    """Neither etcd nor a leading controller answers; the message names what was tried."""
 
 
 class JobClient:
@@ -44,6 +51,7 @@ class JobClient:
             raise ValueError("give a controller address or etcd endpoints to find one")
         self.security = current() if security is None else security
         self._fixed = controller
+        self.etcd_endpoints = etcd or ""
         self._etcd = EtcdClient(etcd, security=self.security) if etcd else None
         self._keys = Keys(prefix)
         self._retry_deadline = retry_deadline_s
@@ -59,14 +67,24 @@ class JobClient:
             self._address = address
         return job_pb2_grpc.JobServiceStub(self._channel)
 
+    @property
+    def address(self) -> str:
+        """The controller this client talks to now ("" before the first call)."""
+        return self._fixed or self._address
+
     def _leader(self) -> str:
         assert self._etcd is not None
         try:
             value = observe_leader(self._etcd, self._keys.election)
         except EtcdError as exc:
-            raise ConnectionError(f"cannot reach etcd to find the controller: {exc}") from exc
+            raise Unreachable(
+                f"cannot reach etcd at {self.etcd_endpoints} to find the controller: {exc}"
+            ) from exc
         if value is None:
-            raise ConnectionError("no controller is leading (is `elasticd controller` running?)")
+            raise Unreachable(
+                f"no controller is leading under {self._keys.prefix!r} in etcd at "
+                f"{self.etcd_endpoints} (is `elasticd controller` running?)"
+            )
         return value.decode()
 
     def _call(self, method: str, request, timeout: float = CALL_TIMEOUT_S):
@@ -98,8 +116,53 @@ class JobClient:
     def get(self, job_id: str) -> job_pb2.JobStatus:
         return self._call("GetJob", job_pb2.GetJobRequest(job_id=job_id))
 
-    def list(self) -> list[job_pb2.JobStatus]:
-        return list(self._call("ListJobs", job_pb2.ListJobsRequest()).jobs)
+    def list(
+        self, states: Iterable[str] = (), name: str = "", mode: str = "", owner: str = ""
+    ) -> list[job_pb2.JobStatus]:
+        """Every job, or those that match all the filters given."""
+        request = job_pb2.ListJobsRequest(states=list(states), name=name, mode=mode, owner=owner)
+        return list(self._call("ListJobs", request).jobs)
+
+    def scale(self, job_id: str, min_workers: int, max_workers: int) -> job_pb2.JobStatus:
+        request = job_pb2.ScaleJobRequest(
+            job_id=job_id, min_workers=min_workers, max_workers=max_workers
+        )
+        return self._call("ScaleJob", request)
+
+    def watch(self, job_id: str) -> Iterator[job_pb2.JobStatus]:
+        """The job's status now and on every change, until it has ended.
+
+        Follows a controller fail-over: a stream that breaks (the controller died or
+        stopped leading) is opened again at whoever leads, for up to
+        ``retry_deadline_s`` without an answer. A status seen before is not repeated.
+        """
+        backoff = None  # a new one (with a new deadline) for every break
+        last = None
+        while True:
+            code = grpc.StatusCode.UNAVAILABLE  # a stream that ended before the job did
+            try:
+                for status in self._stub().WatchJob(job_pb2.WatchJobRequest(job_id=job_id)):
+                    backoff = None
+                    if status != last:
+                        yield status
+                        last = status
+                    if status.state in TERMINAL_STATES:
+                        return
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if code not in RECONNECT_CODES:
+                    raise
+            except ConnectionError:
+                pass  # etcd, or a leader, not there yet: try again within the deadline
+            if backoff is None:
+                backoff = Backoff(initial=0.2, maximum=2.0, deadline=self._retry_deadline)
+            if not backoff.sleep():
+                raise Unreachable(
+                    f"watch of job {job_id}: no leading controller answered for "
+                    f"{self._retry_deadline:g}s (last tried {self.address or self.etcd_endpoints}, "
+                    f"{code.name})"
+                )
+            self._address = ""  # ask etcd who leads now
 
     def cancel(self, job_id: str) -> job_pb2.JobStatus:
         return self._call(

@@ -21,14 +21,24 @@ from typing import Any
 import yaml
 
 from elasticd.optimizers import OptimizerError, validate_optimizer
+from elasticd.spec_checks import (
+    FieldErrors,
+    SpecError,
+    int_field,
+    mapping_field,
+    missing,
+    reject_unknown,
+    seconds_field,
+)
+
+__all__ = ["SpecError", "JobSpec", "parse_spec", "load_spec_yaml", "workers_errors"]
 
 MODES = ("ps-async", "allreduce", "script")
 COMPRESSIONS = ("none", "fp16", "bf16", "topk", "qsgd")  # elasticd/compression.py
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
-
-
-class SpecError(ValueError):
-    """A job spec is malformed; the message names the field."""
+# A generation and its assignments are single etcd writes (under 1.5 MiB): about 80 bytes
+# a member keeps this many workers well inside one request.
+MAX_WORKERS = 4096
 
 
 @dataclass(frozen=True)
@@ -134,42 +144,50 @@ class JobSpec:
         return parse_spec(json.loads(text))
 
 
-def _int(data: dict, key: str, path: str, default: int, minimum: int | None = None) -> int:
-    value = data.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise SpecError(f"{path}{key}: must be an integer, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise SpecError(f"{path}{key}: must be >= {minimum}, got {value}")
-    return value
+def workers_errors(wmin: Any, wmax: Any, path: str = "workers.") -> list[str]:
+    """What is wrong with a job's worker bounds (at submit and at ScaleJob), field by field."""
+    errors = []
+    for key, value in (("min", wmin), ("max", wmax)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            errors.append(f"{path}{key}: must be an integer, got {value!r}")
+        elif value < 1:
+            errors.append(f"{path}{key}: must be >= 1, got {value}")
+        elif value > MAX_WORKERS:
+            errors.append(f"{path}{key}: at most {MAX_WORKERS} workers, got {value}")
+    if not errors and wmax < wmin:
+        errors.append(f"{path}max: must be >= {path}min ({wmin}), got {wmax}")
+    return errors
 
 
-def _mapping(data: dict, key: str, path: str) -> dict:
-    value = data.get(key, {})
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise SpecError(f"{path}{key}: must be a mapping, got {type(value).__name__}")
-    return value
+def _workers(raw: dict) -> WorkersSpec:
+    e = FieldErrors()
+    e.check(lambda: reject_unknown(raw, {"min", "max"}, "workers."), None)
+    wmin = raw.get("min", 1)
+    wmax = raw.get("max", wmin)
+    errors = workers_errors(wmin, wmax)
+    if "max" not in raw:  # it follows min: min's error says it all
+        errors = [x for x in errors if not x.startswith("workers.max:")]
+    errors = e.items + errors
+    if errors:
+        raise SpecError(*errors)
+    return WorkersSpec(wmin, wmax)
 
 
-def _reject_unknown(data: dict, known: set[str], path: str) -> None:
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise SpecError(f"{path}{unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
-
-
-def parse_spec(data: Any, base_dir: str | None = None) -> JobSpec:
-    """Validate a decoded spec. Relative task paths resolve against ``base_dir``."""
-    if not isinstance(data, dict):
-        raise SpecError("spec: must be a mapping of fields")
-    _reject_unknown(data, {f for f in JobSpec.__dataclass_fields__}, "")
-
+def _name(data: dict) -> str:
     name = data.get("name")
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise SpecError(f"name: must be 1-40 lowercase letters, digits or '-', got {name!r}")
+    return name
+
+
+def _mode(data: dict) -> str:
     mode = data.get("mode")
     if mode not in MODES:
         raise SpecError(f"mode: must be one of {', '.join(MODES)}, got {mode!r}")
+    return mode
+
+
+def _task(data: dict, mode: str, base_dir: str | None) -> str:
     task = data.get("task", "")
     if mode != "script" and (not isinstance(task, str) or not task):
         raise SpecError("task: must name a task module or a .py file")
@@ -177,81 +195,115 @@ def parse_spec(data: Any, base_dir: str | None = None) -> JobSpec:
         raise SpecError(f"task: must be a string, got {task!r}")
     if task.endswith(".py") and base_dir and not os.path.isabs(task):
         task = os.path.normpath(os.path.join(base_dir, task))
-    task_args = _mapping(data, "task_args", "")
+    return task
 
-    workers_raw = _mapping(data, "workers", "")
-    _reject_unknown(workers_raw, {"min", "max"}, "workers.")
-    wmin = _int(workers_raw, "min", "workers.", 1, minimum=1)
-    wmax = _int(workers_raw, "max", "workers.", wmin, minimum=1)
-    if wmax < wmin:
-        raise SpecError(f"workers.max: must be >= workers.min ({wmin}), got {wmax}")
 
-    opt_raw = dict(_mapping(data, "optimizer", ""))
+def _steps(data: dict, mode: str) -> int:
+    """Required, except in script mode: a script counts its own steps (0: not known)."""
+    if "steps" in data:
+        return int_field(data, "steps", "", 0, minimum=1)
+    return 0 if mode == "script" else missing("steps")
+
+
+def _optimizer(raw: dict) -> OptimizerSpec:
+    opt_raw = dict(raw)
     opt_name = opt_raw.pop("name", "sgd")
     try:
-        opt_kwargs = validate_optimizer(opt_name, opt_raw)
+        return OptimizerSpec(opt_name, validate_optimizer(opt_name, opt_raw))
     except OptimizerError as exc:
         raise SpecError(f"optimizer.{exc.field}: {exc.reason}") from None
 
-    ps_raw = _mapping(data, "ps", "")
-    _reject_unknown(ps_raw, {"max_staleness", "compression", "replicas"}, "ps.")
-    staleness = _int(ps_raw, "max_staleness", "ps.", -1, minimum=-1)
-    replicas = _int(ps_raw, "replicas", "ps.", 1, minimum=1)
+
+def _ps(raw: dict) -> PSSpec:
+    reject_unknown(raw, {"max_staleness", "compression", "replicas"}, "ps.")
+    e = FieldErrors()
+    staleness = e.check(lambda: int_field(raw, "max_staleness", "ps.", -1, minimum=-1), -1)
+    replicas = e.check(lambda: int_field(raw, "replicas", "ps.", 1, minimum=1), 1)
     if replicas > MAX_REPLICAS:
-        raise SpecError(f"ps.replicas: at most {MAX_REPLICAS} copies are kept, got {replicas}")
-    compression = ps_raw.get("compression", "none")
+        e.items.append(f"ps.replicas: at most {MAX_REPLICAS} copies are kept, got {replicas}")
+    compression = raw.get("compression", "none")
     if not isinstance(compression, str) or not _codec_ok(compression):
-        raise SpecError(
+        e.items.append(
             f"ps.compression: must be one of {', '.join(COMPRESSIONS)} "
             f"(topk:RATIO and qsgd:LEVELS take an argument), got {compression!r}"
         )
+    e.raise_any()
+    return PSSpec(staleness, compression, replicas)
 
-    ck_raw = _mapping(data, "checkpoint", "")
-    _reject_unknown(ck_raw, {"url", "every_steps", "every_s", "keep"}, "checkpoint.")
-    ck_url = ck_raw.get("url", "")
-    if not isinstance(ck_url, str):
-        raise SpecError(f"checkpoint.url: must be a string, got {ck_url!r}")
-    if ck_url and "://" not in ck_url and base_dir and not os.path.isabs(ck_url):
-        ck_url = os.path.normpath(os.path.join(base_dir, ck_url))
 
-    data_raw = _mapping(data, "data", "")
-    _reject_unknown(data_raw, {"shard_batches", "epoch_batches"}, "data.")
-    data_spec = DataSpec(
-        _int(data_raw, "shard_batches", "data.", 32, minimum=1),
-        _int(data_raw, "epoch_batches", "data.", 0, minimum=0),
+def _checkpoint(raw: dict, base_dir: str | None) -> CheckpointSpec:
+    reject_unknown(raw, {"url", "every_steps", "every_s", "keep"}, "checkpoint.")
+    e = FieldErrors()
+    url = raw.get("url", "")
+    if not isinstance(url, str):
+        e.items.append(f"checkpoint.url: must be a string, got {url!r}")
+        url = ""
+    if url and "://" not in url and base_dir and not os.path.isabs(url):
+        url = os.path.normpath(os.path.join(base_dir, url))
+    spec = CheckpointSpec(
+        url,
+        e.check(lambda: int_field(raw, "every_steps", "checkpoint.", 0, 0), 0),
+        e.check(lambda: seconds_field(raw, "every_s", 0.0, "checkpoint."), 0.0),
+        e.check(lambda: int_field(raw, "keep", "checkpoint.", 0, 0), 0),
     )
+    e.raise_any()
+    return spec
 
-    script = _script(_mapping(data, "script", ""), mode, base_dir)
 
-    return JobSpec(
+def _data(raw: dict) -> DataSpec:
+    reject_unknown(raw, {"shard_batches", "epoch_batches"}, "data.")
+    e = FieldErrors()
+    spec = DataSpec(
+        e.check(lambda: int_field(raw, "shard_batches", "data.", 32, minimum=1), 32),
+        e.check(lambda: int_field(raw, "epoch_batches", "data.", 0, minimum=0), 0),
+    )
+    e.raise_any()
+    return spec
+
+
+def parse_spec(data: Any, base_dir: str | None = None) -> JobSpec:
+    """Validate a decoded spec. Relative task paths resolve against ``base_dir``.
+
+    Raises one SpecError that lists every malformed field (``.errors``).
+    """
+    if not isinstance(data, dict):
+        raise SpecError("spec: must be a mapping of fields")
+    e = FieldErrors()
+    e.check(lambda: reject_unknown(data, set(JobSpec.__dataclass_fields__), ""), None)
+
+    def section(key: str) -> dict:
+        return e.check(lambda: mapping_field(data, key, ""), {})
+
+    name = e.check(lambda: _name(data), "")
+    mode = e.check(lambda: _mode(data), "")
+    spec = JobSpec(
         name=name,
         mode=mode,
-        task=task,
-        steps=_int(data, "steps", "", 0, minimum=1) if "steps" in data else _missing("steps"),
-        batch_size=_int(data, "batch_size", "", 32, minimum=1),
-        seed=_int(data, "seed", "", 0),
-        task_args=dict(task_args),
-        workers=WorkersSpec(wmin, wmax),
-        optimizer=OptimizerSpec(opt_name, opt_kwargs),
-        ps=PSSpec(staleness, compression, replicas),
-        checkpoint=CheckpointSpec(
-            ck_url,
-            _int(ck_raw, "every_steps", "checkpoint.", 0, 0),
-            _seconds(ck_raw, "every_s", 0.0, "checkpoint."),
-            _int(ck_raw, "keep", "checkpoint.", 0, 0),
+        task=e.check(lambda: _task(data, mode, base_dir), ""),
+        steps=e.check(lambda: _steps(data, mode), 0),
+        batch_size=e.check(lambda: int_field(data, "batch_size", "", 32, minimum=1), 32),
+        seed=e.check(lambda: int_field(data, "seed", "", 0), 0),
+        task_args=dict(section("task_args")),
+        workers=e.check(lambda: _workers(section("workers")), WorkersSpec()),
+        optimizer=e.check(lambda: _optimizer(section("optimizer")), OptimizerSpec()),
+        ps=e.check(lambda: _ps(section("ps")), PSSpec()),
+        checkpoint=e.check(lambda: _checkpoint(section("checkpoint"), base_dir), CheckpointSpec()),
+        data=e.check(lambda: _data(section("data")), DataSpec()),
+        script=e.check(lambda: _script(section("script"), mode, base_dir), ScriptSpec()),
+        switch=e.check(lambda: _switches(data.get("switch", []), mode) if mode else (), ()),
+        allreduce=e.check(lambda: _allreduce(section("allreduce")), {}),
+        max_restarts=e.check(lambda: int_field(data, "max_restarts", "", 3, minimum=0), 3),
+        report_every_steps=e.check(
+            lambda: int_field(data, "report_every_steps", "", 10, minimum=1), 10
         ),
-        data=data_spec,
-        script=script,
-        switch=_switches(data.get("switch", []), mode),
-        allreduce=_allreduce(_mapping(data, "allreduce", "")),
-        max_restarts=_int(data, "max_restarts", "", 3, minimum=0),
-        report_every_steps=_int(data, "report_every_steps", "", 10, minimum=1),
-        hang_timeout_s=_seconds(data, "hang_timeout_s", 120.0),
+        hang_timeout_s=e.check(lambda: seconds_field(data, "hang_timeout_s", 120.0), 120.0),
     )
+    e.raise_any()
+    return spec
 
 
 def _script(raw: dict, mode: str, base_dir: str | None) -> ScriptSpec:
-    _reject_unknown(raw, {"path", "args", "master_port"}, "script.")
+    reject_unknown(raw, {"path", "args", "master_port"}, "script.")
     path = raw.get("path", "")
     if mode == "script" and (not isinstance(path, str) or not path):
         raise SpecError("script.path: required in script mode (the training script to run)")
@@ -262,17 +314,10 @@ def _script(raw: dict, mode: str, base_dir: str | None) -> ScriptSpec:
     args = raw.get("args", [])
     if not isinstance(args, list) or not all(isinstance(a, (str, int, float)) for a in args):
         raise SpecError("script.args: must be a list of strings")
-    port = _int(raw, "master_port", "script.", 0, minimum=0)
+    port = int_field(raw, "master_port", "script.", 0, minimum=0)
     if port > 65535:
         raise SpecError(f"script.master_port: must be a TCP port, got {port}")
     return ScriptSpec(path, tuple(str(a) for a in args), port)
-
-
-def _seconds(data: dict, key: str, default: float, path: str = "") -> float:
-    value = data.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise SpecError(f"{path}{key}: must be a number of seconds >= 0, got {value!r}")
-    return float(value)
 
 
 def _codec_ok(name: str) -> bool:
@@ -286,13 +331,13 @@ def _codec_ok(name: str) -> bool:
 
 
 def _allreduce(raw: dict) -> dict[str, Any]:
-    _reject_unknown(
+    reject_unknown(
         raw, {"scale_lr", "warmup_steps", "collective_timeout_s", "bucket_cap_mb"}, "allreduce."
     )
     if "scale_lr" in raw and not isinstance(raw["scale_lr"], bool):
         raise SpecError(f"allreduce.scale_lr: must be true or false, got {raw['scale_lr']!r}")
     if "warmup_steps" in raw:
-        _int(raw, "warmup_steps", "allreduce.", 0, minimum=0)
+        int_field(raw, "warmup_steps", "allreduce.", 0, minimum=0)
     for key in ("collective_timeout_s", "bucket_cap_mb"):
         value = raw.get(key, 1)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
@@ -311,11 +356,11 @@ def _switches(raw: Any, mode: str) -> tuple[ModeSwitch, ...]:
         path = f"switch[{i}]."
         if not isinstance(item, dict):
             raise SpecError(f"switch[{i}]: must be a mapping with at_step and mode")
-        _reject_unknown(item, {"at_step", "mode"}, path)
+        reject_unknown(item, {"at_step", "mode"}, path)
         at = (
-            _int(item, "at_step", path, 0, minimum=1)
+            int_field(item, "at_step", path, 0, minimum=1)
             if "at_step" in item
-            else _missing(path + "at_step")
+            else missing(path + "at_step")
         )
         target = item.get("mode")
         if target not in SWITCHABLE:
@@ -327,10 +372,6 @@ def _switches(raw: Any, mode: str) -> tuple[ModeSwitch, ...]:
         out.append(ModeSwitch(at, target))
         current = target
     return tuple(out)
-
-
-def _missing(field_name: str) -> int:
-    raise SpecError(f"{field_name}: required")
 
 
 def load_spec_yaml(text: str, base_dir: str | None = None) -> JobSpec:

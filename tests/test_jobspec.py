@@ -247,3 +247,54 @@ def test_build_optimizer(name: str, kwargs: dict[str, Any]) -> None:
     p.grad = torch.ones(3)
     opt.step()
     assert torch.all(p.detach() < 1)
+
+
+# -- every error at once -------------------------------------------------------
+
+
+def test_every_malformed_field_is_reported_at_once() -> None:
+    bad = spec_with(
+        name="Bad Name",
+        steps="many",
+        workers={"min": 0, "maxx": 2},
+        ps={"compression": "zstd", "replicas": 3},
+        checkpoint={"every_steps": -1},
+        epochs=3,
+    )
+    with pytest.raises(SpecError) as err:
+        parse_spec(bad)
+    fields = sorted(e.split(":", 1)[0] for e in err.value.errors)
+    assert fields == [
+        "checkpoint.every_steps",
+        "epochs",
+        "name",
+        "ps.compression",
+        "ps.replicas",
+        "steps",
+        "workers.maxx",
+        "workers.min",
+    ], err.value.errors
+    for e in err.value.errors:
+        assert e in str(err.value)
+
+
+def test_bounds_of_workers_are_checked_together() -> None:
+    with pytest.raises(SpecError) as err:
+        parse_spec(spec_with(workers={"min": 0, "max": "x"}))
+    assert [e.split(":")[0] for e in err.value.errors] == ["workers.min", "workers.max"]
+
+
+def test_a_single_error_reads_as_before() -> None:
+    with pytest.raises(SpecError) as err:
+        parse_spec(spec_with(steps=0))
+    assert err.value.errors == ("steps: must be >= 1, got 0",)
+    assert str(err.value) == "steps: must be >= 1, got 0"
+
+
+def test_script_mode_needs_no_steps() -> None:
+    spec = parse_spec(
+        spec_with(mode="script", task=None, steps=None, script={"path": "/srv/train.py"})
+    )
+    assert spec.steps == 0
+    with pytest.raises(SpecError, match=r"^steps: required"):
+        parse_spec(spec_with(steps=None))  # the other modes count steps for the job

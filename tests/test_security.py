@@ -86,6 +86,40 @@ def test_a_submit_without_a_token_is_unauthenticated(closed):
         )
 
 
+def test_roles_and_owners_decide_who_may_change_a_job(closed):
+    leader = closed.leader()
+    job = submit(leader, closed.client_security("alice"), steps=100000)
+    cancel = job_pb2.CancelJobRequest(job_id=job)
+    # read may look, not cancel
+    channel, stub = job_stub(leader, closed.client_security("auditor"))
+    with channel:
+        assert stub.GetJob(job_pb2.GetJobRequest(job_id=job), timeout=30).job_id == job
+        assert code_of(lambda: stub.CancelJob(cancel, timeout=30)) == (
+            grpc.StatusCode.PERMISSION_DENIED
+        )
+        assert code_of(
+            lambda: stub.SubmitJob(job_pb2.SubmitJobRequest(spec_yaml=spec_yaml()), timeout=30)
+        ) == (grpc.StatusCode.PERMISSION_DENIED)
+    # another submitter may not cancel alice's job
+    channel, stub = job_stub(leader, closed.client_security("bob"))
+    with channel:
+        with pytest.raises(grpc.RpcError) as info:
+            stub.CancelJob(cancel, timeout=30)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "alice" in info.value.details()
+    channel, stub = job_stub(leader, closed.client_security("alice"))
+    with channel:
+        assert stub.GetJob(job_pb2.GetJobRequest(job_id=job), timeout=30).state != "CANCELLED"
+    # its owner may; so may an admin (here: the owner)
+    client = JobClient(
+        etcd=closed.etcd, prefix=closed.prefix, security=closed.client_security("alice")
+    )
+    try:
+        assert client.cancel(job).state == "CANCELLED"
+    finally:
+        client.close()
+
+
 def test_a_client_without_a_valid_certificate_cannot_connect(closed, tmp_path):
     leader = closed.leader()
     admin = closed.client_security("root")

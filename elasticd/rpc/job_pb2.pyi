@@ -23,23 +23,25 @@ class SubmitJobReply(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "node_id", "rank", "state", "step", "loss")
+    __slots__ = ("worker_id", "node_id", "rank", "state", "step", "loss", "restarts")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     node_id: str
     rank: int
     state: str
     step: int
     loss: float
-    def __init__(self, worker_id: _Optional[str] = ..., node_id: _Optional[str] = ..., rank: _Optional[int] = ..., state: _Optional[str] = ..., step: _Optional[int] = ..., loss: _Optional[float] = ...) -> None: ...
+    restarts: int
+    def __init__(self, worker_id: _Optional[str] = ..., node_id: _Optional[str] = ..., rank: _Optional[int] = ..., state: _Optional[str] = ..., step: _Optional[int] = ..., loss: _Optional[float] = ..., restarts: _Optional[int] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("job_id", "name", "state", "mode", "generation", "workers", "step", "total_steps", "loss", "first_loss", "checkpoint", "message", "submitted_at", "updated_at", "ps", "restored_from", "restored_step", "updates_lost")
+    __slots__ = ("job_id", "name", "state", "mode", "generation", "workers", "step", "total_steps", "loss", "first_loss", "checkpoint", "message", "submitted_at", "updated_at", "ps", "restored_from", "restored_step", "updates_lost", "owner", "samples_per_s", "steps_per_s", "restarts", "min_workers", "max_workers")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +60,12 @@ class JobStatus(_message.Message):
     RESTORED_FROM_FIELD_NUMBER: _ClassVar[int]
     RESTORED_STEP_FIELD_NUMBER: _ClassVar[int]
     UPDATES_LOST_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    STEPS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    MIN_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_WORKERS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     name: str
     state: str
@@ -76,7 +84,13 @@ class JobStatus(_message.Message):
     restored_from: str
     restored_step: int
     updates_lost: int
-    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., mode: _Optional[str] = ..., generation: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., first_loss: _Optional[float] = ..., checkpoint: _Optional[str] = ..., message: _Optional[str] = ..., submitted_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., ps: _Optional[_Iterable[_Union[PSHolding, _Mapping]]] = ..., restored_from: _Optional[str] = ..., restored_step: _Optional[int] = ..., updates_lost: _Optional[int] = ...) -> None: ...
+    owner: str
+    samples_per_s: float
+    steps_per_s: float
+    restarts: int
+    min_workers: int
+    max_workers: int
+    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., mode: _Optional[str] = ..., generation: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., first_loss: _Optional[float] = ..., checkpoint: _Optional[str] = ..., message: _Optional[str] = ..., submitted_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., ps: _Optional[_Iterable[_Union[PSHolding, _Mapping]]] = ..., restored_from: _Optional[str] = ..., restored_step: _Optional[int] = ..., updates_lost: _Optional[int] = ..., owner: _Optional[str] = ..., samples_per_s: _Optional[float] = ..., steps_per_s: _Optional[float] = ..., restarts: _Optional[int] = ..., min_workers: _Optional[int] = ..., max_workers: _Optional[int] = ...) -> None: ...
 
 class PSHolding(_message.Message):
     __slots__ = ("ps_id", "bytes", "backup_bytes")
@@ -95,8 +109,32 @@ class GetJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("states", "name", "mode", "owner")
+    STATES_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    states: _containers.RepeatedScalarFieldContainer[str]
+    name: str
+    mode: str
+    owner: str
+    def __init__(self, states: _Optional[_Iterable[str]] = ..., name: _Optional[str] = ..., mode: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
+
+class WatchJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class ScaleJobRequest(_message.Message):
+    __slots__ = ("job_id", "min_workers", "max_workers")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    MIN_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    min_workers: int
+    max_workers: int
+    def __init__(self, job_id: _Optional[str] = ..., min_workers: _Optional[int] = ..., max_workers: _Optional[int] = ...) -> None: ...
 
 class ListJobsReply(_message.Message):
     __slots__ = ("jobs",)

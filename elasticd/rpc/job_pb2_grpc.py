@@ -64,6 +64,16 @@ class JobServiceStub:
                 request_serializer=elasticd_dot_rpc_dot_job__pb2.SwitchModeRequest.SerializeToString,
                 response_deserializer=elasticd_dot_rpc_dot_job__pb2.JobStatus.FromString,
                 _registered_method=True)
+        self.WatchJob = channel.unary_stream(
+                '/elasticd.job.JobService/WatchJob',
+                request_serializer=elasticd_dot_rpc_dot_job__pb2.WatchJobRequest.SerializeToString,
+                response_deserializer=elasticd_dot_rpc_dot_job__pb2.JobStatus.FromString,
+                _registered_method=True)
+        self.ScaleJob = channel.unary_unary(
+                '/elasticd.job.JobService/ScaleJob',
+                request_serializer=elasticd_dot_rpc_dot_job__pb2.ScaleJobRequest.SerializeToString,
+                response_deserializer=elasticd_dot_rpc_dot_job__pb2.JobStatus.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -106,6 +116,22 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchJob(self, request, context):
+        """The job's status now, then again whenever it changes; ends once the job has ended.
+        UNAVAILABLE when this controller stops leading: open it again at the new leader.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ScaleJob(self, request, context):
+        """New worker bounds for a job that has not ended (FAILED_PRECONDITION otherwise),
+        kept in etcd and used from the next planning decision on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +163,16 @@ def add_JobServiceServicer_to_server(servicer, server):
             'SwitchMode': grpc.unary_unary_rpc_method_handler(
                     servicer.SwitchMode,
                     request_deserializer=elasticd_dot_rpc_dot_job__pb2.SwitchModeRequest.FromString,
+                    response_serializer=elasticd_dot_rpc_dot_job__pb2.JobStatus.SerializeToString,
+            ),
+            'WatchJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchJob,
+                    request_deserializer=elasticd_dot_rpc_dot_job__pb2.WatchJobRequest.FromString,
+                    response_serializer=elasticd_dot_rpc_dot_job__pb2.JobStatus.SerializeToString,
+            ),
+            'ScaleJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScaleJob,
+                    request_deserializer=elasticd_dot_rpc_dot_job__pb2.ScaleJobRequest.FromString,
                     response_serializer=elasticd_dot_rpc_dot_job__pb2.JobStatus.SerializeToString,
             ),
     }
@@ -301,6 +337,60 @@ class JobService:
             target,
             '/elasticd.job.JobService/SwitchMode',
             elasticd_dot_rpc_dot_job__pb2.SwitchModeRequest.SerializeToString,
+            elasticd_dot_rpc_dot_job__pb2.JobStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/elasticd.job.JobService/WatchJob',
+            elasticd_dot_rpc_dot_job__pb2.WatchJobRequest.SerializeToString,
+            elasticd_dot_rpc_dot_job__pb2.JobStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScaleJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/elasticd.job.JobService/ScaleJob',
+            elasticd_dot_rpc_dot_job__pb2.ScaleJobRequest.SerializeToString,
             elasticd_dot_rpc_dot_job__pb2.JobStatus.FromString,
             options,
             channel_credentials,

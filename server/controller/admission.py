@@ -8,6 +8,7 @@ its code never runs in the controller.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 
@@ -16,7 +17,12 @@ from elasticd.coord.etcd import Put
 from elasticd.coord.keys import Keys
 from elasticd.jobspec import JobSpec
 from elasticd.placement import TensorSpec
+from elasticd.server.controller.errors import Conflict
 from elasticd.server.controller.records import PENDING, JobRecord
+
+log = logging.getLogger(__name__)
+
+CONFLICT_RETRIES = 5  # a user request retries this often when the job changed under it
 
 
 def check_resumable(
@@ -39,9 +45,10 @@ def check_resumable(
 
 
 def new_job(
-    spec: JobSpec, keys: Keys, now: float | None = None, resume_from: str = ""
+    spec: JobSpec, keys: Keys, now: float | None = None, resume_from: str = "", owner: str = ""
 ) -> tuple[str, list[Put]]:
-    """A fresh job id and the writes that admit the job under it."""
+    """A fresh job id and the writes that admit the job under it. A script counts its own
+    steps: elasticd does not, so a script job has no total."""
     job_id = f"{spec.name}-{uuid.uuid4().hex[:6]}"
     now = time.time() if now is None else now
     record = JobRecord(
@@ -49,8 +56,9 @@ def new_job(
         name=spec.name,
         mode=spec.mode,
         state=PENDING,
-        total_steps=spec.steps,
+        total_steps=spec.steps if spec.mode != "script" else 0,
         resume_from=resume_from,
+        owner=owner,
         submitted_at=now,
         updated_at=now,
     )
@@ -58,3 +66,26 @@ def new_job(
         Put(keys.job_spec(job_id), spec.to_json().encode()),
         Put(keys.job_status(job_id), record.to_json()),
     ]
+
+
+def admit(controller, spec: JobSpec, resume_from: str, owner: str) -> str:
+    """Check the job, then write it under a fresh id (another one if the id was taken)."""
+    tensors = controller.shapes.at_submit(spec)  # a task that cannot be built is refused now
+    if resume_from:
+        resume_from = check_resumable(spec, tensors, resume_from, controller.checkpoint_url)
+    for _ in range(CONFLICT_RETRIES):
+        job_id, ops = new_job(spec, controller.keys, resume_from=resume_from, owner=owner)
+        ops += controller.shapes.admission_ops(job_id, tensors)
+        try:
+            controller.writer.create(job_id, ops)
+        except Conflict:
+            continue  # the id was taken: draw another
+        log.info(
+            "event=job_submitted job=%s mode=%s steps=%d owner=%s",
+            job_id,
+            spec.mode,
+            spec.steps,
+            owner or "-",
+        )
+        return job_id
+    raise RuntimeError("no free job id after several tries; submit again")

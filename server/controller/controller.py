@@ -27,7 +27,8 @@ from elasticd.coord.keys import Keys
 from elasticd.coord.session import DEFAULT_TTL_S
 from elasticd.jobspec import JobSpec
 from elasticd.membership import Generation
-from elasticd.server.controller import admission, checkpoints, sealing
+from elasticd.server.controller import admission, checkpoints, scaling, sealing
+from elasticd.server.controller.admission import CONFLICT_RETRIES
 from elasticd.server.controller.adoption import adoption_ops
 from elasticd.server.controller.data_service import DataQueues
 from elasticd.server.controller.errors import BUG_GIVE_UP_S, Conflict, is_retryable, is_terminal
@@ -68,7 +69,6 @@ __all__ = ["Controller", "NotLeader", "SwitchRefused"]
 log = logging.getLogger(__name__)
 
 RECONCILE_INTERVAL_S = 0.5  # reconcile at least this often, and on every change
-CONFLICT_RETRIES = 5  # a user request retries this often when the job changed under it
 
 NotLeader = NotLeading
 
@@ -91,8 +91,8 @@ class Controller:
         self.checkpoint_url = checkpoint_url
         self.election = election
         self._wake = threading.Event()
-        self.view = EtcdView(client, keys, self._wake.set)
         self.progress = ProgressBook()
+        self.view = EtcdView(client, keys, self._changed)
         self.data = DataQueues()  # ps-async data leases, while leading
         self.lanes = JobLanes()
         self.writer = JobWriter(
@@ -131,7 +131,7 @@ class Controller:
     def owner_of(self, job_id: str) -> str | None:
         """Who submitted ``job_id`` ("" before owners were recorded); None: no such job."""
         try:
-            return getattr(self.snapshot(job_id).record, "owner", "")
+            return self.snapshot(job_id).record.owner
         except KeyError:  # JobNotFound
             return None
 
@@ -167,23 +167,18 @@ class Controller:
 
     # -- user requests ------------------------------------------------------------
 
-    def submit(self, spec: JobSpec, resume_from: str = "") -> str:
-        """Admit a job; ``resume_from`` names a checkpoint it starts from (NoSuchCheckpoint)."""
+    def submit(self, spec: JobSpec, resume_from: str = "", owner: str = "") -> str:
+        """Admit a job for ``owner``; ``resume_from`` names a checkpoint it starts from
+        (NoSuchCheckpoint)."""
         self.require_leader()
-        tensors = self.shapes.at_submit(spec)  # a task that cannot be built is refused now
-        if resume_from:
-            resume_from = admission.check_resumable(spec, tensors, resume_from, self.checkpoint_url)
-        for _ in range(CONFLICT_RETRIES):
-            job_id, ops = admission.new_job(spec, self.keys, resume_from=resume_from)
-            ops += self.shapes.admission_ops(job_id, tensors)
-            try:
-                self.writer.create(job_id, ops)
-            except Conflict:
-                continue  # the id was taken: draw another
-            log.info("event=job_submitted job=%s mode=%s steps=%d", job_id, spec.mode, spec.steps)
-            self._wake.set()
-            return job_id
-        raise RuntimeError("no free job id after several tries; submit again")
+        job_id = admission.admit(self, spec, resume_from, owner)
+        self._wake.set()
+        return job_id
+
+    def scale(self, job_id: str, wmin: int, wmax: int) -> JobRecord:
+        """New worker bounds for a job that has not ended (NotScalable, BadBounds)."""
+        self.require_leader()
+        return self._on_lane(job_id, lambda: scaling.scale(self, job_id, wmin, wmax))
 
     def cancel(self, job_id: str) -> JobRecord:
         self.require_leader()
@@ -224,7 +219,7 @@ class Controller:
         record, seal = plan_switch(snap, cluster, mode, reason, scheduled)
         if seal is None:
             if record != snap.record:
-                self.writer.update(snap, [self._record_put(record)])
+                self.writer.update(snap, [self.record_put(record)])
             return self.snapshot(job_id).record
         self._seal(replace(snap, record=record), cluster, seal)
         log.info("event=mode_switch job=%s from=%s to=%s", job_id, snap.record.mode, mode)
@@ -258,6 +253,11 @@ class Controller:
         return rec.state in TERMINAL, wanted
 
     # -- the reconcile loop ---------------------------------------------------------
+
+    def _changed(self) -> None:
+        """etcd changed: reconcile, and tell whoever watches a job's status."""
+        self._wake.set()
+        self.progress.notify()
 
     def wake(self) -> None:
         """Run a reconcile pass now."""
@@ -340,7 +340,7 @@ class Controller:
             snap.record.state != WAITING or snap.record.message != action.message
         ):
             record = snap.record.evolve(state=WAITING, message=action.message)
-            self.writer.update(snap, [self._record_put(record)])
+            self.writer.update(snap, [self.record_put(record)])
 
     def _wake_later(self, delay: float) -> None:
         timer = threading.Timer(max(delay, 0.01), self._wake.set)
@@ -349,7 +349,7 @@ class Controller:
 
     # -- effects ------------------------------------------------------------------
 
-    def _record_put(self, record: JobRecord) -> Put:
+    def record_put(self, record: JobRecord) -> Put:
         status = record.evolve(updated_at=time.time()).to_json()
         return Put(self.keys.job_status(record.job_id), status)
 

@@ -25,8 +25,21 @@ log = logging.getLogger(__name__)
 FINAL_GENERATION = 1 << 62  # a dropped job's fence: no worker generation reaches it
 
 
+def final_record(snap: JobSnapshot, record: JobRecord) -> JobRecord:
+    """``record`` with what the agents last reported of the final generation's workers:
+    the agents withdraw their reports once the job has ended, the record keeps them."""
+    number = snap.generation.number if snap.generation else -1
+    members = snap.generation.worker_ids if snap.generation else frozenset()
+    reports = {w: r for w, r in snap.workers.items() if w in members and r.generation == number}
+    return record.evolve(
+        final_workers={w: r.state for w, r in sorted(reports.items())},
+        restarts=max([record.restarts, *(r.restarts for r in snap.workers.values())]),
+    )
+
+
 def finish_ops(snap: JobSnapshot, record: JobRecord, keys: Keys) -> list[Put | Delete]:
     job_id = record.job_id
+    record = final_record(snap, record)
     ops: list[Put | Delete] = [
         Put(keys.job_status(job_id), record.evolve(updated_at=time.time()).to_json())
     ]

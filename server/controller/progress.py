@@ -11,9 +11,30 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
+from elasticd.jobspec import JobSpec
 from elasticd.server.controller.records import TERMINAL, JobRecord
+
+RATE_WINDOW_S = 10.0  # steps/s is measured over the reports of the last this many seconds
+
+
+def samples_per_step(spec: JobSpec, mode: str, world: int) -> int:
+    """Samples one step of the job consumes: every rank's batch in allreduce and in a
+    synchronous PS round (one version per round), one worker's batch per asynchronous
+    push; 0 for a script, whose steps elasticd does not count."""
+    if mode == "allreduce" or (mode == "ps-async" and spec.ps.max_staleness == 0):
+        return spec.batch_size * world
+    return spec.batch_size if mode == "ps-async" else 0
+
+
+def steps_per_s(samples: deque[tuple[float, int]], now: float) -> float:
+    """The job's step rate over ``samples`` (time, step), newest last; 0 once reports stop."""
+    if len(samples) < 2 or now - samples[-1][0] > RATE_WINDOW_S:
+        return 0.0
+    (t0, s0), (t1, s1) = samples[0], samples[-1]
+    return (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -30,6 +51,8 @@ class ProgressBook:
         self._lock = threading.Lock()
         self._by_job: dict[str, dict[str, Progress]] = {}
         self._first_loss: dict[str, float] = {}
+        self._steps: dict[str, deque[tuple[float, int]]] = {}  # job -> (time, job step)
+        self.changed = threading.Condition(self._lock)  # notified on every report
 
     def record(
         self, job_id: str, worker: str, generation: int, step: int, loss: float, finished: bool
@@ -40,11 +63,37 @@ class ProgressBook:
             before = per_job.get(worker)
             if math.isnan(loss) and before is not None:
                 loss = before.loss  # a report without a loss keeps the last one
-            per_job[worker] = Progress(generation, step, loss, finished, time.time())
+            now = time.time()
+            per_job[worker] = Progress(generation, step, loss, finished, now)
             first = job_id not in self._first_loss and not math.isnan(loss)
             if first:
                 self._first_loss[job_id] = loss
+            self._sample_step(job_id, now, max(p.step for p in per_job.values()))
+            self.changed.notify_all()
             return first
+
+    def _sample_step(self, job_id: str, now: float, step: int) -> None:
+        samples = self._steps.setdefault(job_id, deque())
+        if samples and step < samples[-1][1]:
+            samples.clear()  # a restore went back: the rate starts again
+        samples.append((now, step))
+        while len(samples) > 2 and now - samples[0][0] > RATE_WINDOW_S:
+            samples.popleft()
+
+    def steps_per_s(self, job_id: str) -> float:
+        with self._lock:
+            samples = self._steps.get(job_id)
+            return steps_per_s(samples, time.time()) if samples else 0.0
+
+    def notify(self) -> None:
+        """Wake the waiters of :meth:`wait_for_report` (something else changed)."""
+        with self.changed:
+            self.changed.notify_all()
+
+    def wait_for_report(self, timeout: float) -> None:
+        """Block until some worker reports, or ``timeout``."""
+        with self.changed:
+            self.changed.wait(timeout)
 
     def of(self, job_id: str) -> dict[str, Progress]:
         with self._lock:

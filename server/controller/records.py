@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 PENDING = "PENDING"
 WAITING = "WAITING"
@@ -45,6 +45,11 @@ class JobRecord:
     updates_lost: int = 0
     submitted_at: float = 0.0
     updated_at: float = 0.0
+    owner: str = ""  # the identity that submitted the job (empty without authentication)
+    # Written when the job ends, from its agents' last reports (they withdraw them then):
+    # each worker's final state, and the most restarts any worker had.
+    final_workers: dict[str, str] = field(default_factory=dict)
+    restarts: int = 0
 
     def evolve(self, **changes) -> JobRecord:
         return replace(self, **changes)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import math
+import threading
 
 import grpc
 
@@ -11,20 +11,30 @@ from elasticd.checkpoint.locate import NoSuchCheckpoint
 from elasticd.coord.etcd import EtcdError
 from elasticd.jobspec import SWITCHABLE, SpecError, load_spec_yaml
 from elasticd.rpc import job_pb2, job_pb2_grpc
+from elasticd.security.gate import caller_identity
 from elasticd.server.controller.checkpoints import NotCheckpointable
 from elasticd.server.controller.controller import Controller, NotLeader, SwitchRefused
 from elasticd.server.controller.data_service import NotLeasable
 from elasticd.server.controller.errors import Conflict
 from elasticd.server.controller.rank_checkpoints import BadShardReport
+from elasticd.server.controller.records import TERMINAL
 from elasticd.server.controller.rendezvous import RendezvousBoard, StaleGeneration, UnknownJob
+from elasticd.server.controller.scaling import BadBounds, NotScalable
+from elasticd.server.controller.status import changed, filter_errors, matches, status_message
 from elasticd.server.controller.suspicion import BadPeerReport, StalePeerReport, peer_lost
 from elasticd.server.controller.view import JobNotFound
+from elasticd.serving import GRPC_THREADS
 from elasticd.shape_probe.client import ProbeUnavailable
 from elasticd.task import TaskError
 
 log = logging.getLogger(__name__)
 
 MAX_SPEC_BYTES = 1 << 20
+WATCH_POLL_S = 0.5  # a watch looks at its job at least this often, and on every report
+# Each WatchJob stream holds a handler thread; the rest are kept for every other call.
+MAX_WATCHES = GRPC_THREADS // 2
+
+__all__ = ["JobServiceServicer", "TrainingCoordinatorServicer", "status_message"]
 
 
 def _abort_for(context, exc: Exception):
@@ -41,54 +51,10 @@ def _abort_for(context, exc: Exception):
     raise exc
 
 
-def status_message(controller: Controller, job_id: str) -> job_pb2.JobStatus:
-    record, gen, progress = controller.status(job_id)
-    placement = controller.snapshot(job_id).placement
-    shown = placement is not None and record.mode == "ps-async"
-    held = placement.bytes_per_ps() if shown else {}
-    backups = placement.backup_bytes_per_ps() if shown else {}
-    workers = []
-    if gen is not None:
-        for m in gen.members:
-            p = progress.get(m.worker_id)
-            workers.append(
-                job_pb2.WorkerStatus(
-                    worker_id=m.worker_id,
-                    node_id=m.node_id,
-                    rank=m.rank,
-                    state="RUNNING" if p and not p.finished else ("FINISHED" if p else "STARTING"),
-                    step=p.step if p else 0,
-                    loss=p.loss if p else math.nan,
-                )
-            )
-    return job_pb2.JobStatus(
-        job_id=record.job_id,
-        name=record.name,
-        state=record.state,
-        mode=record.mode,
-        generation=record.generation,
-        workers=workers,
-        step=record.step,
-        total_steps=record.total_steps,
-        loss=record.loss,
-        first_loss=record.first_loss,
-        checkpoint=record.checkpoint,
-        message=record.message,
-        submitted_at=record.submitted_at,
-        updated_at=record.updated_at,
-        ps=[
-            job_pb2.PSHolding(ps_id=p, bytes=n, backup_bytes=backups.get(p, 0))
-            for p, n in sorted(held.items())
-        ],
-        restored_from=record.restored_from,
-        restored_step=record.restored_step,
-        updates_lost=record.updates_lost,
-    )
-
-
 class JobServiceServicer(job_pb2_grpc.JobServiceServicer):
     def __init__(self, controller: Controller) -> None:
         self.controller = controller
+        self._watches = threading.BoundedSemaphore(MAX_WATCHES)
 
     def SubmitJob(self, request, context):
         if len(request.spec_yaml) > MAX_SPEC_BYTES:
@@ -98,7 +64,8 @@ class JobServiceServicer(job_pb2_grpc.JobServiceServicer):
         except SpecError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid job spec: {exc}")
         try:
-            job_id = self.controller.submit(spec, request.resume_from)
+            owner = caller_identity(context).name
+            job_id = self.controller.submit(spec, request.resume_from, owner)
         except TaskError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid job spec: task: {exc}")
         except NoSuchCheckpoint as exc:
@@ -114,13 +81,64 @@ class JobServiceServicer(job_pb2_grpc.JobServiceServicer):
             _abort_for(context, exc)
 
     def ListJobs(self, request, context):
+        errors = filter_errors(request.states, request.mode)
+        if errors:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(errors))
         jobs = []
         for job_id in self.controller.job_ids():
             try:
-                jobs.append(status_message(self.controller, job_id))
+                status = status_message(self.controller, job_id)
             except JobNotFound:
                 continue
+            if matches(status, request):
+                jobs.append(status)
         return job_pb2.ListJobsReply(jobs=jobs)
+
+    def WatchJob(self, request, context):
+        if not self._watches.acquire(blocking=False):
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{MAX_WATCHES} jobs are watched on this controller already; poll GetJob instead",
+            )
+        try:
+            yield from self._watch(request.job_id, context)
+        finally:
+            # Also when the caller left: gRPC stops pulling from the stream, and closes it.
+            self._watches.release()
+            log.info(
+                "event=watch_ended job=%s caller_active=%s", request.job_id, context.is_active()
+            )
+
+    def _watch(self, job_id: str, context):
+        """Send the status whenever it changes; end after the job has ended, or as soon as
+        the caller has gone (its handler thread is not held for nobody)."""
+        last = None
+        while context.is_active():
+            if not self.controller.is_leader:
+                # A standby's progress book is empty: the client opens the watch again
+                # at whoever leads now.
+                context.abort(grpc.StatusCode.UNAVAILABLE, "this controller is not leading")
+            try:
+                status = status_message(self.controller, job_id)
+            except Exception as exc:
+                _abort_for(context, exc)
+            if changed(last, status):
+                yield status
+                last = status
+            if status.state in TERMINAL:
+                return
+            self.controller.progress.wait_for_report(WATCH_POLL_S)
+
+    def ScaleJob(self, request, context):
+        try:
+            self.controller.scale(request.job_id, request.min_workers, request.max_workers)
+            return status_message(self.controller, request.job_id)
+        except BadBounds as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except NotScalable as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except Exception as exc:
+            _abort_for(context, exc)
 
     def CancelJob(self, request, context):
         try:
