@@ -435,3 +435,25 @@ def test_a_script_jobs_status_shows_its_ranks_and_restarts_as_its_agents_report(
     assert [w.state for w in status.workers] == ["SUCCEEDED", "SUCCEEDED"]
     assert status.restarts == 1 and status.total_steps == 0
     client.close()
+
+
+def test_connect_submits_watches_and_waits_from_python(served, nodes, keys, tmp_path):
+    from elasticd import connect
+    from elasticd.job_handle import JobFailed
+
+    s = served()
+    nodes(1)
+    wait_until(lambda: s.controller.is_leader, 30, "leadership")
+    spec = tmp_path / "job.yaml"
+    # A script job: its cancel waits for no ranks' checkpoint (nothing trains here).
+    spec.write_text(spec_yaml(name="nb", mode="script", script={"path": "/srv/train.py"}))
+    with connect(controller=s.address) as cluster:
+        job = cluster.submit(str(spec))
+        gen = sealed(s, keys, job.id, 1)
+        assert job.state == "RUNNING"
+        assert [j.id for j in cluster.jobs(states=("RUNNING",))] == [job.id]
+        agents_report(s.running.client, keys, gen, "RUNNING")
+        job.cancel()
+        with pytest.raises(JobFailed) as info:
+            job.wait(check=True)
+        assert info.value.status.state == "CANCELLED"
