@@ -80,7 +80,8 @@ def _emit(args, status) -> None:
     print(json.dumps(as_json(status)) if args.json else format_status(status), flush=True)
 
 
-def print_result(s, out=sys.stdout) -> None:
+def print_result(s, out=None) -> None:
+    out = sys.stdout if out is None else out
     first = "-" if math.isnan(s.first_loss) else f"{s.first_loss:.4f}"
     last = "-" if math.isnan(s.loss) else f"{s.loss:.4f}"
     print(f"job {s.job_id} {s.state}: {s.message}", file=out)

@@ -207,10 +207,14 @@ class JobClient:
 def format_status(s: job_pb2.JobStatus) -> str:
     loss = "-" if s.loss != s.loss else f"{s.loss:.4f}"
     workers = len(s.workers)
+    # A script counts its own steps: elasticd shows how often its processes restarted.
+    progress = f"step={s.step}/{s.total_steps}" if s.total_steps else f"restarts={s.restarts}"
     line = (
         f"{s.job_id}  {s.state:<9} mode={s.mode} gen={s.generation} workers={workers} "
-        f"step={s.step}/{s.total_steps} loss={loss}"
+        f"{progress} loss={loss}"
     )
+    if s.samples_per_s:
+        line += f" samples/s={s.samples_per_s:.1f}"
     if s.ps:
         line += " ps=" + ",".join(
             f"{h.ps_id}:{h.bytes}B" + (f"({h.backup_bytes}B backup)" if h.backup_bytes else "")

@@ -104,9 +104,10 @@ def follow_bar(statuses: Iterable[job_pb2.JobStatus], out: TextIO) -> job_pb2.Jo
 
 
 def follow(
-    statuses: Iterable[job_pb2.JobStatus], out: TextIO = sys.stdout
+    statuses: Iterable[job_pb2.JobStatus], out: TextIO | None = None
 ) -> job_pb2.JobStatus | None:
     """Show a job's statuses until the last one; the bar only on a terminal."""
+    out = sys.stdout if out is None else out
     if out.isatty():
         return follow_bar(statuses, out)
     return follow_plain(statuses, out)

@@ -134,6 +134,8 @@ class JobSpec:
         data["optimizer"] = {"name": self.optimizer.name, **self.optimizer.kwargs}
         data["script"]["args"] = list(self.script.args)
         data["switch"] = [asdict(x) for x in self.switch]
+        if not self.steps:  # a script job that counts its own steps
+            del data["steps"]
         return data
 
     def to_json(self) -> str:

@@ -296,5 +296,6 @@ def test_script_mode_needs_no_steps() -> None:
         spec_with(mode="script", task=None, steps=None, script={"path": "/srv/train.py"})
     )
     assert spec.steps == 0
+    assert JobSpec.from_json(spec.to_json()) == spec  # as it travels in etcd and assignments
     with pytest.raises(SpecError, match=r"^steps: required"):
         parse_spec(spec_with(steps=None))  # the other modes count steps for the job

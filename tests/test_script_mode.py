@@ -50,6 +50,8 @@ def test_killed_rank_restarts_every_process_with_the_count_raised_and_it_resumes
     status = client.wait(job_id, timeout=180, interval=0.5)
     assert status.state == "COMPLETED", status
     assert status.generation >= 2  # the failure restarted the job in a new generation
+    assert status.restarts >= 1  # `elasticd status` shows it
+    assert [w.state for w in status.workers] == ["SUCCEEDED", "SUCCEEDED"]
     assert snapshot_step(snap) == STEPS
 
     logs = {
@@ -96,7 +98,11 @@ def test_script_gets_torchruns_environment(cluster, tmp_path):
             max_restarts=5,
         )
     )
-    assert client.wait(job_id, timeout=60, interval=0.2).state == "COMPLETED"
+    status = client.wait(job_id, timeout=60, interval=0.2)
+    assert status.state == "COMPLETED"
+    # Its ranks as their agents last reported them, not STARTING; no steps it cannot count.
+    assert [w.state for w in status.workers] == ["SUCCEEDED", "SUCCEEDED"]
+    assert status.total_steps == 0 and status.restarts == 0
     import json
 
     envs = [json.loads((tmp_path / f"env{r}").read_text()) for r in (0, 1)]
