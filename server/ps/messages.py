@@ -45,6 +45,11 @@ def shard_header(header: ps_pb2.InitShardHeader, context) -> tuple[list[TensorHe
         )
     except (WireError, OptimizerError, json.JSONDecodeError) as exc:
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad shard header: {exc}")
+    if not headers:
+        context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "tensors: a shard holds at least one tensor; the header lists none",
+        )
     if sum(h.nbytes for h in headers) > MAX_SHARD_BYTES:
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "shard larger than this PS accepts")
     config = ShardConfig(
