@@ -145,6 +145,7 @@ def hostile_dims() -> st.SearchStrategy[list[int]]:
     return st.one_of(
         st.lists(st.integers(0, 4), max_size=3),
         st.lists(st.integers(0, 4), max_size=3),
+        st.sampled_from([[1 << 33], [1 << 31, 4], [1 << 40, 1 << 30]]),  # 64 GiB and more
         st.lists(st.one_of(st.integers(-2, 5), huge), max_size=5),
     )
 
