@@ -13,7 +13,26 @@ import threading
 import time
 from dataclasses import dataclass
 
+from elasticd.membership import Generation
 from elasticd.server.controller.records import TERMINAL, JobRecord
+
+
+class NotAMember(Exception):
+    """A progress report from a worker outside the job's sealed generation: not counted.
+
+    Without this check any caller could move a running job's step (and with it a
+    scheduled checkpoint or mode switch) by reporting under a made-up worker id.
+    """
+
+    def __init__(self, job_id: str, worker: str, generation: int) -> None:
+        super().__init__(
+            f"worker {worker!r} is not a member of job {job_id}'s sealed generation "
+            f"(it reported generation {generation}): its progress does not count"
+        )
+
+
+def is_member(generation: Generation | None, worker: str) -> bool:
+    return generation is not None and any(m.worker_id == worker for m in generation.members)
 
 
 @dataclass(frozen=True)
