@@ -47,7 +47,7 @@ from elasticd.server.controller.planning import (
     decide,
     running_members,
 )
-from elasticd.server.controller.progress import Progress, ProgressBook
+from elasticd.server.controller.progress import NotAMember, Progress, ProgressBook, is_member
 from elasticd.server.controller.rank_checkpoints import RankCheckpoints
 from elasticd.server.controller.records import (
     CANCELLED,
@@ -230,14 +230,16 @@ class Controller:
     ) -> tuple[bool, bool]:
         """Record a worker's progress. Returns (the job is over for the worker, an allreduce
         job's ranks are to take a checkpoint)."""
+        try:
+            snap = self.snapshot(job_id)
+        except JobNotFound:
+            return True, False  # nothing is kept for a job that does not exist
+        if not self._reports_to(snap, worker, generation):
+            raise NotAMember(job_id, worker, generation)
         if self.progress.record(job_id, worker, generation, step, loss, finished):
             log.info(
                 "event=first_loss job=%s worker=%s step=%d loss=%.4f", job_id, worker, step, loss
             )
-        try:
-            snap = self.snapshot(job_id)
-        except JobNotFound:
-            return True, False
         rec = snap.record
         wanted = self._is_leader and self.rank_checkpoints.wanted(snap, time.time())
         if self._is_leader and checkpoints.checkpoint_due(snap, step, time.time()):
@@ -251,6 +253,13 @@ class Controller:
 
             self.lanes.submit(job_id, lambda: self._guarded(job_id, switch), kind="switch")
         return rec.state in TERMINAL, wanted
+
+    def _reports_to(self, snap, worker: str, generation: int) -> bool:
+        gen = snap.generation  # a seal newer than the cache's is read from etcd itself
+        if gen is None or generation > gen.number:
+            kv = self.client.get(self.keys.generation(snap.record.job_id))
+            gen = Generation.from_json(kv.value) if kv else None
+        return is_member(gen, worker)
 
     # -- the reconcile loop ---------------------------------------------------------
 

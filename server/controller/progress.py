@@ -15,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from elasticd.jobspec import JobSpec
+from elasticd.membership import Generation
 from elasticd.server.controller.records import TERMINAL, JobRecord
 
 RATE_WINDOW_S = 10.0  # steps/s is measured over the reports of the last this many seconds
@@ -35,6 +36,24 @@ def steps_per_s(samples: deque[tuple[float, int]], now: float) -> float:
         return 0.0
     (t0, s0), (t1, s1) = samples[0], samples[-1]
     return (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
+
+
+class NotAMember(Exception):
+    """A progress report from a worker outside the job's sealed generation: not counted.
+
+    Without this check any caller could move a running job's step (and with it a
+    scheduled checkpoint or mode switch) by reporting under a made-up worker id.
+    """
+
+    def __init__(self, job_id: str, worker: str, generation: int) -> None:
+        super().__init__(
+            f"worker {worker!r} is not a member of job {job_id}'s sealed generation "
+            f"(it reported generation {generation}): its progress does not count"
+        )
+
+
+def is_member(generation: Generation | None, worker: str) -> bool:
+    return generation is not None and any(m.worker_id == worker for m in generation.members)
 
 
 @dataclass(frozen=True)

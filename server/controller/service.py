@@ -16,6 +16,7 @@ from elasticd.server.controller.checkpoints import NotCheckpointable
 from elasticd.server.controller.controller import Controller, NotLeader, SwitchRefused
 from elasticd.server.controller.data_service import NotLeasable
 from elasticd.server.controller.errors import Conflict
+from elasticd.server.controller.progress import NotAMember
 from elasticd.server.controller.rank_checkpoints import BadShardReport
 from elasticd.server.controller.records import TERMINAL
 from elasticd.server.controller.rendezvous import RendezvousBoard, StaleGeneration, UnknownJob
@@ -196,6 +197,8 @@ class TrainingCoordinatorServicer(job_pb2_grpc.TrainingCoordinatorServicer):
                 request.loss,
                 request.finished,
             )
+        except NotAMember as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except Exception as exc:
             _abort_for(context, exc)
         return job_pb2.ProgressAck(stop=stop, checkpoint=checkpoint)

@@ -71,7 +71,10 @@ class ShardDirectory:
                 "restores them or moves the job"
             )
         with self._lock:
-            floor = self._floors.get(job_id, 0)
+            # A group the job does not have here yet is created at no generation older
+            # than the floor, nor than any group of the job this PS holds.
+            held = [s.generation for (j, _), s in self._shards.items() if j == job_id]
+            floor = max([self._floors.get(job_id, 0), *held])
         if floor >= DROPPED:
             raise ShardRefused(
                 f"ps {self.ps_id} dropped job {job_id}'s shard when the job ended; "

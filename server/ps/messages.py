@@ -11,6 +11,7 @@ import json
 from collections.abc import Iterator
 
 import grpc
+import psutil
 
 from elasticd.optimizers import OptimizerError, validate_optimizer
 from elasticd.rpc import ps_pb2
@@ -45,8 +46,22 @@ def shard_header(header: ps_pb2.InitShardHeader, context) -> tuple[list[TensorHe
         )
     except (WireError, OptimizerError, json.JSONDecodeError) as exc:
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad shard header: {exc}")
-    if sum(h.nbytes for h in headers) > MAX_SHARD_BYTES:
+    if not headers:
+        context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "tensors: a shard holds at least one tensor; the header lists none",
+        )
+    nbytes = sum(h.nbytes for h in headers)
+    if nbytes > MAX_SHARD_BYTES:
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "shard larger than this PS accepts")
+    # The shard's tensors are allocated when its header arrives, before any byte:
+    # a header claiming more than this machine has free is refused, not allocated.
+    free = psutil.virtual_memory().available
+    if nbytes > free:
+        context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"tensors: the shard needs {nbytes} bytes, this PS has {free} bytes of memory free",
+        )
     config = ShardConfig(
         job_id=header.fence.job_id,
         optimizer=header.optimizer.name,

@@ -205,7 +205,10 @@ class ParameterServerServicer(ShardStateRPCs, ps_pb2_grpc.ParameterServerService
                 "event=shard_create_refused ps=%s job=%s reason=%r", self.ps_id, job_id, exc
             )
             self._abort(context, exc)
-        assembler = Assembler(headers)
+        try:
+            assembler = Assembler(headers)
+        except (RuntimeError, MemoryError) as exc:  # torch could not allocate the tensors
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"tensors: {exc}")
         try:
             for index, offset, data in chunks_of(request_iterator):
                 assembler.add(index, offset, data)

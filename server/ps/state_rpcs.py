@@ -12,6 +12,7 @@ import logging
 import grpc
 
 from elasticd.checkpoint import CheckpointError, CorruptShard, ShardRecord
+from elasticd.checkpoint.manifest import check_name, check_step
 from elasticd.checkpoint.serialize import state_digest
 from elasticd.checkpoint.store import CheckpointStore
 from elasticd.rpc import ps_pb2
@@ -28,6 +29,23 @@ log = logging.getLogger(__name__)
 def _import_limit(headers) -> int:
     """The most bytes a shard of these slices may take: parameters and optimizer state."""
     return 2 * (2 * sum(h.nbytes for h in headers) + (1 << 20))
+
+
+def _snapshot_store(request: ps_pb2.SnapshotRequest, context) -> CheckpointStore:
+    """The store a snapshot goes to, once its url, name and step are known to be usable.
+
+    An empty url would be the PS's working directory: refused, as is a url no
+    fsspec backend knows, a name that is not a file name and a negative step.
+    """
+    if not request.url:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "url: name the checkpoint store")
+    try:
+        check_name("name", request.name)
+        check_name("fence.job_id", request.fence.job_id)
+        check_step("step", request.step)
+        return CheckpointStore(request.url)
+    except (CheckpointError, ValueError, ImportError) as exc:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"snapshot: {exc}")
 
 
 class ShardStateRPCs:
@@ -52,12 +70,15 @@ class ShardStateRPCs:
 
     def Snapshot(self, request, context):
         shard = self._of(request.fence, context)
+        store = _snapshot_store(request, context)  # refused before the shard lock is taken
         try:
             data, version, applied = export_shard(shard, request.fence.generation)
         except ShardError as exc:
             self._abort(context, exc)
-        store = CheckpointStore(request.url)
-        record = store.write_shard(request.fence.job_id, request.step, request.name, data)
+        try:
+            record = store.write_shard(request.fence.job_id, request.step, request.name, data)
+        except OSError as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"checkpoint store {request.url}: {exc}")
         log.info(
             "event=shard_snapshot ps=%s job=%s step=%d version=%d bytes=%d",
             self.ps_id,
