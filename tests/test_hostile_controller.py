@@ -257,7 +257,7 @@ SPEC_YAML = st.one_of(
 
 def field_overrides(live: LiveController, method) -> dict[str, st.SearchStrategy]:
     others = st.one_of(HOSTILE_TEXT, st.just("ghost"), st.just(live.job_id + "x"))
-    commands = {"CancelJob", "CheckpointJob"}
+    commands = {"CancelJob", "CheckpointJob", "ScaleJob"}  # they change a live job by design
     job_ids = others if method.name in commands else st.one_of(st.just(live.job_id), others)
     overrides = {
         "job_id": job_ids,
