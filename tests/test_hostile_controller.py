@@ -312,7 +312,7 @@ def _property(live: LiveController, method, requests: st.SearchStrategy, example
         _check(live, method, request, before)
 
     run()
-    before_fp.assert_nothing_left(_footprint(live), POOLS, FD_SLACK)
+    before_fp.assert_nothing_left(lambda: _footprint(live), POOLS, FD_SLACK)
 
 
 def _messages(live: LiveController, method) -> st.SearchStrategy:
