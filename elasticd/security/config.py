@@ -156,12 +156,26 @@ def _config_file(path: str) -> dict:
         raise SecurityError(f"config {path!r}: not YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise SecurityError(f"config {path!r}: expected a mapping of settings")
-    base = Path(path).resolve().parent  # relative paths are relative to the file
-    paths = ("tls_cert", "tls_key", "tls_ca", "tokens_file", "etcd_ca", "etcd_cert", "etcd_key")
-    for key, value in list(data.items()):
-        if (key in paths or key.endswith("_file")) and isinstance(value, str) and value:
-            data[key] = str(base / os.path.expanduser(value))
-    return _from_mapping(data, f"config {path}")
+    # relative paths are relative to the file
+    return _from_mapping(_anchored(data, Path(path).resolve().parent), f"config {path}")
+
+
+PATHS = ("tls_cert", "tls_key", "tls_ca", "tokens_file", "etcd_ca", "etcd_cert", "etcd_key")
+
+
+def _anchored(values: dict, base: Path) -> dict:
+    out = dict(values)
+    for key, value in values.items():
+        if (key in PATHS or key.endswith("_file")) and isinstance(value, str) and value:
+            out[key] = str(base / os.path.expanduser(value))
+    return out
+
+
+def from_settings(values: dict, base: Path) -> Security:
+    """The Security a config file in ``base`` holding ``values`` would give."""
+    security = Security(**_from_mapping(_anchored(values, base), f"settings in {base}"))
+    security.check()
+    return security
 
 
 def _from_environment(environ) -> dict:

@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from elasticd.security.certs import Authority, Issued, make_authority, write_secret
-from elasticd.security.config import Security, resolve
+from elasticd.security.config import Security, from_settings, resolve
 
 
 @dataclass(frozen=True)
@@ -35,17 +35,7 @@ class LocalPKI:
 
     def client(self, user: str | None = "admin", certificate: bool = True) -> Security:
         """Settings of a client calling as ``user`` (None: no token)."""
-        return Security(
-            tls_ca=str(self.authority.cert),
-            tls_cert=str(self.node.cert) if certificate and self.cluster.tls_client_auth else "",
-            tls_key=str(self.node.key) if certificate and self.cluster.tls_client_auth else "",
-            token=self.tokens[user] if user else "",
-            etcd_ca=self.cluster.etcd_ca,
-            etcd_cert=self.cluster.etcd_cert,
-            etcd_key=self.cluster.etcd_key,
-            etcd_user=self.cluster.etcd_user,
-            etcd_password=self.cluster.etcd_password,
-        )
+        return from_settings(_client_settings(self, user, certificate), self.directory)
 
     @property
     def client_config(self) -> Path:
@@ -86,12 +76,20 @@ def make_local_pki(
     (d / "cluster.yaml").write_text(yaml.safe_dump(settings))
     cluster = resolve(None, {"ELASTICD_CONFIG": str(d / "cluster.yaml")})
     pki = LocalPKI(d, authority, node, cluster, tokens, etcd)
-    client = {"tls_ca": "ca.pem", "token_file": "token-admin" if "admin" in users else None}
-    if mutual:
-        client.update(tls_cert="node.pem", tls_key="node-key.pem")
-    if etcd:
-        client.update(etcd_ca="ca.pem", etcd_cert="node.pem", etcd_key="node-key.pem")
-    if etcd_user:
-        client.update(etcd_user=etcd_user, etcd_password_file=str(d / "etcd-password"))
-    (d / "client.yaml").write_text(yaml.safe_dump({k: v for k, v in client.items() if v}))
+    admin = "admin" if "admin" in users else None
+    (d / "client.yaml").write_text(yaml.safe_dump(_client_settings(pki, admin)))
     return pki
+
+
+def _client_settings(pki: LocalPKI, user: str | None, certificate: bool = True) -> dict:
+    """A client's config file, relative to ``pki.directory``: CA, its token, etcd's."""
+    client = {"tls_ca": "ca.pem"}
+    if user:
+        client["token_file"] = f"token-{user}"
+    if certificate and pki.cluster.tls_client_auth:
+        client.update(tls_cert="node.pem", tls_key="node-key.pem")
+    if pki.etcd:
+        client.update(etcd_ca="ca.pem", etcd_cert="node.pem", etcd_key="node-key.pem")
+    if pki.cluster.etcd_user:
+        client.update(etcd_user=pki.cluster.etcd_user, etcd_password_file="etcd-password")
+    return client
