@@ -181,8 +181,8 @@ def _guarded(handler: grpc.RpcMethodHandler, admit) -> grpc.RpcMethodHandler:
     if handler.unary_stream:
 
         def unary_stream(request, context):
-            admit(request, context)
-            yield from handler.unary_stream(request, context)
+            admit(request, context)  # before the stream starts, not at its first reply
+            return handler.unary_stream(request, context)
 
         return grpc.unary_stream_rpc_method_handler(
             unary_stream, handler.request_deserializer, handler.response_serializer
@@ -199,7 +199,7 @@ def _guarded(handler: grpc.RpcMethodHandler, admit) -> grpc.RpcMethodHandler:
 
     def stream_stream(requests, context):
         admit(None, context)
-        yield from handler.stream_stream(requests, context)
+        return handler.stream_stream(requests, context)
 
     return grpc.stream_stream_rpc_method_handler(
         stream_stream, handler.request_deserializer, handler.response_serializer
