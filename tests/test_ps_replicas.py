@@ -9,6 +9,7 @@ fails the push on both copies, and a worker cannot push to a backup.
 
 from __future__ import annotations
 
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -164,10 +165,7 @@ def test_a_worker_cannot_push_to_a_backup(ps_cluster: PSCluster) -> None:
     primary, backup = placement.holders(g)
     # A stale placement that still names the backup as the group's primary.
     swapped = ShardPlacement(
-        tuple(
-            s.__class__(**{**s.__dict__, "ps_id": backup, "backup": primary})
-            for s in placement.in_group(g)
-        ),
+        tuple(dataclasses.replace(s, ps_id=backup, backup=primary) for s in placement.in_group(g)),
         {},
     )
     wrong = ps_cluster.tier(servers, swapped)
