@@ -30,6 +30,7 @@ from elasticd.jobspec import parse_spec
 from elasticd.optimizers import build_optimizer
 from elasticd.retry import wait_until
 from elasticd.server.controller.rendezvous import (
+    NotRankZero,
     RendezvousBoard,
     StaleGeneration,
     UnknownJob,
@@ -239,6 +240,17 @@ def test_rendezvous_board_fences_old_generations():
         with pytest.raises(ValueError):
             board.publish("j", 4, address)
     assert board.lookup("j", 4) == "10.0.0.2:5000"  # refused publishes changed nothing
+
+
+def test_only_rank_zero_of_the_sealed_generation_publishes():
+    sealed = {"j": 3}
+    board = RendezvousBoard(sealed.get, lambda job, g: "n.0" if g == 3 else None)
+    board.publish("j", 3, "10.0.0.1:4000", "n.0")
+    with pytest.raises(NotRankZero, match="n.1 is not rank 0 of generation 3 of job j"):
+        board.publish("j", 3, "10.0.0.66:1", "n.1")
+    assert board.lookup("j", 3) == "10.0.0.1:4000"  # the refused publish changed nothing
+    board.publish("j", 4, "10.0.0.2:5000", "n.1")  # not sealed here yet: rank 0 unknown
+    assert board.lookup("j", 4) == "10.0.0.2:5000"
 
 
 class RecordingGroup(ElasticGroup):

@@ -12,6 +12,10 @@ Fencing (invariant 3): a publish or a lookup for a generation older than the
 job's sealed generation, or older than one already published, is refused as
 stale. A generation newer than the one the controller has sealed is accepted:
 the controller's etcd cache may trail the seal that assigned it.
+
+Only rank 0 of a generation may publish its address: a publish for the sealed
+generation from any other worker is refused (:class:`NotRankZero`), so a
+stray or confused worker cannot point the others at a store of its own.
 """
 
 from __future__ import annotations
@@ -31,6 +35,10 @@ class UnknownJob(KeyError):
 
 class StaleGeneration(ValueError):
     """A generation older than the job's current one."""
+
+
+class NotRankZero(ValueError):
+    """A worker other than the generation's rank 0 tried to publish."""
 
 
 @dataclass(frozen=True)
@@ -54,13 +62,19 @@ class RendezvousBoard:
     """The newest published rendezvous address of each job.
 
     ``sealed_generation(job_id)`` returns the job's sealed generation number
-    as the controller knows it, or None for an unknown job.
+    as the controller knows it, or None for an unknown job. ``rank_zero(job_id,
+    generation)`` names the worker holding rank 0 of that generation, or None
+    when the controller does not know it (yet).
     """
 
     def __init__(
-        self, sealed_generation: Callable[[str], int | None], max_jobs: int = MAX_JOBS
+        self,
+        sealed_generation: Callable[[str], int | None],
+        rank_zero: Callable[[str, int], str | None] = lambda job_id, generation: None,
+        max_jobs: int = MAX_JOBS,
     ) -> None:
         self._sealed = sealed_generation
+        self._rank_zero = rank_zero
         self._max_jobs = max_jobs
         self._entries: OrderedDict[str, RendezvousEntry] = OrderedDict()
         self._lock = threading.Lock()
@@ -91,6 +105,12 @@ class RendezvousBoard:
         validate_address(address)
         with self._lock:
             self._check(job_id, generation)
+            rank_zero = self._rank_zero(job_id, generation)
+            if rank_zero is not None and worker_id != rank_zero:
+                raise NotRankZero(
+                    f"worker {worker_id or '(unnamed)'} is not rank 0 of generation "
+                    f"{generation} of job {job_id} ({rank_zero} is): only rank 0 publishes"
+                )
             self._entries[job_id] = RendezvousEntry(generation, address, worker_id)
             self._entries.move_to_end(job_id)
             while len(self._entries) > self._max_jobs:

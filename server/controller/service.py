@@ -19,7 +19,12 @@ from elasticd.server.controller.errors import Conflict
 from elasticd.server.controller.progress import NotAMember
 from elasticd.server.controller.rank_checkpoints import BadShardReport
 from elasticd.server.controller.records import TERMINAL
-from elasticd.server.controller.rendezvous import RendezvousBoard, StaleGeneration, UnknownJob
+from elasticd.server.controller.rendezvous import (
+    NotRankZero,
+    RendezvousBoard,
+    StaleGeneration,
+    UnknownJob,
+)
 from elasticd.server.controller.scaling import BadBounds, NotScalable
 from elasticd.server.controller.status import changed, filter_errors, matches, status_message
 from elasticd.server.controller.suspicion import BadPeerReport, StalePeerReport, peer_lost
@@ -182,10 +187,24 @@ def sealed_generation(controller: Controller, job_id: str) -> int | None:
     return snap.generation.number if snap.generation is not None else 0
 
 
+def rank_zero(controller: Controller, job_id: str, generation: int) -> str | None:
+    """The worker holding rank 0 of the job's sealed generation, if that is ``generation``."""
+    try:
+        sealed = controller.snapshot(job_id).generation
+    except KeyError:  # JobNotFound
+        return None
+    if sealed is None or sealed.number != generation:
+        return None
+    return next((m.worker_id for m in sealed.members if m.rank == 0), None)
+
+
 class TrainingCoordinatorServicer(job_pb2_grpc.TrainingCoordinatorServicer):
     def __init__(self, controller: Controller, board: RendezvousBoard | None = None) -> None:
         self.controller = controller
-        self.board = board or RendezvousBoard(lambda job: sealed_generation(controller, job))
+        self.board = board or RendezvousBoard(
+            lambda job: sealed_generation(controller, job),
+            lambda job, generation: rank_zero(controller, job, generation),
+        )
 
     def ReportProgress(self, request, context):
         try:
@@ -254,6 +273,8 @@ class TrainingCoordinatorServicer(job_pb2_grpc.TrainingCoordinatorServicer):
             context.abort(grpc.StatusCode.NOT_FOUND, f"no job with id {request.job_id!r}")
         except StaleGeneration as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except NotRankZero as exc:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         except ValueError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Exception as exc:
