@@ -37,13 +37,28 @@ def _duration(seconds: float | None) -> str:
     return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
 
 
-def progress_line(s: job_pb2.JobStatus) -> str:
+def progress_line(s: job_pb2.JobStatus, rate: float | None = None) -> str:
+    """``rate``: the samples/s to show instead of the status's own (see :class:`Rate`)."""
     loss = "-" if math.isnan(s.loss) else f"{s.loss:.4f}"
     steps = f"step {s.step}/{s.total_steps}" if s.total_steps else f"restarts {s.restarts}"
+    rate = s.samples_per_s if rate is None else rate
     return (
         f"[{s.state}] gen {s.generation}  workers {len(s.workers)}  {steps}  loss {loss}  "
-        f"samples/s {s.samples_per_s:.1f}  eta {_duration(eta_s(s))}"
+        f"samples/s {rate:.1f}  eta {_duration(eta_s(s))}"
     )
+
+
+class Rate:
+    """The samples/s to show: a job that has ended measures 0, so it keeps showing
+    the last rate measured while it ran."""
+
+    def __init__(self) -> None:
+        self.last = 0.0
+
+    def __call__(self, s: job_pb2.JobStatus) -> float:
+        if s.state == "RUNNING" or s.samples_per_s > 0:
+            self.last = s.samples_per_s
+        return self.last
 
 
 def _shape(s: job_pb2.JobStatus) -> tuple:
@@ -59,13 +74,15 @@ def follow_plain(
     """One line per change, rate-limited; the last status is always printed."""
     last = printed = None
     printed_at = -math.inf
+    rate = Rate()
     for s in statuses:
         last = s
+        shown = rate(s)
         if printed is None or _shape(s) != _shape(printed) or clock() - printed_at >= interval_s:
-            print(progress_line(s), file=out, flush=True)
+            print(progress_line(s, shown), file=out, flush=True)
             printed, printed_at = s, clock()
     if last is not None and last is not printed:
-        print(progress_line(last), file=out, flush=True)
+        print(progress_line(last, rate.last), file=out, flush=True)
     return last
 
 
@@ -82,6 +99,7 @@ def follow_bar(statuses: Iterable[job_pb2.JobStatus], out: TextIO) -> job_pb2.Jo
         console=Console(file=out),
     )
     last = None
+    rate = Rate()
     with progress:
         task = progress.add_task(
             "PENDING", total=None, steps="-", loss="-", rate="-", workers=0, gen=0, eta="-"
@@ -95,7 +113,7 @@ def follow_bar(statuses: Iterable[job_pb2.JobStatus], out: TextIO) -> job_pb2.Jo
                 completed=s.step,
                 steps=f"{s.step}/{s.total_steps}" if s.total_steps else f"restarts {s.restarts}",
                 loss="-" if math.isnan(s.loss) else f"{s.loss:.4f}",
-                rate=f"{s.samples_per_s:.1f}",
+                rate=f"{rate(s):.1f}",
                 workers=len(s.workers),
                 gen=s.generation,
                 eta=_duration(eta_s(s)),

@@ -371,7 +371,13 @@ def test_cli_names_the_unreachable_cluster_and_exits_3(capsys):
 
 def status_at(step: int, state: str = "RUNNING", generation: int = 1) -> job_pb2.JobStatus:
     return job_pb2.JobStatus(
-        job_id="j", state=state, step=step, total_steps=100, generation=generation, loss=0.5
+        job_id="j",
+        state=state,
+        step=step,
+        total_steps=100,
+        generation=generation,
+        loss=0.5,
+        samples_per_s=10.0 * step if state == "RUNNING" else 0.0,  # an ended job measures 0
     )
 
 
@@ -393,6 +399,7 @@ def test_plain_follow_prints_one_line_per_change_at_most_every_interval():
     assert lines[0].startswith("[RUNNING] gen 1") and "step 1/100" in lines[0]
     assert any(line.startswith("[RUNNING] gen 2") for line in lines)
     assert lines[-1].startswith("[COMPLETED]")
+    assert "samples/s 50.0" in lines[-1]  # the rate it ran at, not the 0 of a job that ended
     assert len(lines) < len(statuses)  # progress alone is rate-limited
 
 
