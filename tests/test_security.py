@@ -232,6 +232,13 @@ def test_an_etcd_auth_token_that_expires_is_renewed(tmp_path):
         client = EtcdClient(server.endpoint, security=c)
         probe = EtcdClient(server.endpoint, security=c)
         client.put("/k", b"1")
+        seen: list[tuple[str, bytes]] = []
+        errors: list[Exception] = []
+        # A watch opened before the token expires keeps delivering after it has.
+        cancel = client.watch_prefix(
+            "/w/", client.get("/k").mod_revision + 1,
+            lambda events, rev: seen.extend((e.key, e.value) for e in events), errors.append,
+        )  # fmt: skip
 
         def probe_token_expired() -> bool:  # the library's own call: nothing renews it
             try:
@@ -243,6 +250,10 @@ def test_an_etcd_auth_token_that_expires_is_renewed(tmp_path):
         # each try uses the token, which restarts its TTL: try less often than the TTL
         wait_until(probe_token_expired, 30, "etcd to drop an idle auth token", interval=1.5)
         assert client.get("/k").value == b"1"  # our client got a new token, not an error
+        client.put("/w/after", b"2")
+        wait_until(lambda: ("/w/after", b"2") in seen, 30, "the open watch to see the put")
+        assert errors == []
+        cancel()
     finally:
         for x in (client, probe):
             if x is not None:

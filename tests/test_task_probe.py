@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import textwrap
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -26,7 +28,7 @@ from elasticd.rpc import job_pb2, job_pb2_grpc
 from elasticd.server.controller import admission
 from elasticd.server.controller.service import JobServiceServicer
 from elasticd.serving import start_grpc_server
-from elasticd.shape_probe.client import ShapeProbe
+from elasticd.shape_probe.client import ProbeUnavailable, ShapeProbe
 from elasticd.shape_probe.outcome import BadProbeOutput, parse_shapes
 from elasticd.task import TaskError
 from tests.fixtures.controller import start_controller
@@ -206,6 +208,31 @@ def test_a_hanging_task_is_killed_with_its_whole_process_group(
         probe.shapes(ref, 8, 0)
     helper = int(pid_file.read_text())
     wait_until(lambda: not _alive(helper), 30, f"the task's helper process {helper} to be killed")
+
+
+def test_a_probe_process_killed_mid_question_fails_that_question_and_is_restarted(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL of the probe process itself (not the task): the question in flight gets
+    ProbeUnavailable at once, not after its timeout, and the next one starts a new probe."""
+    started = tmp_path / "started"
+    ref = write_task(
+        tmp_path / "slow.py", mark=f"open({str(started)!r}, 'w').write('x'); import time; "
+        "time.sleep(600)"
+    )  # fmt: skip
+    p = ShapeProbe(timeout_s=600, memory_mib=MEMORY_MIB)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            asked = pool.submit(p.shapes, ref, 8, 0)
+            wait_until(started.exists, 120, "the task to start importing")
+            first = p._process.proc.pid
+            os.killpg(first, signal.SIGKILL)
+            with pytest.raises(ProbeUnavailable, match="exited"):
+                asked.result(timeout=60)
+        assert p.shapes(write_task(tmp_path / "good.py"), 8, 0) == SHAPES
+        assert p._process.proc.pid != first
+    finally:
+        p.close()
 
 
 def _alive(pid: int) -> bool:
