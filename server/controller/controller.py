@@ -27,7 +27,7 @@ from elasticd.coord.keys import Keys
 from elasticd.coord.session import DEFAULT_TTL_S
 from elasticd.jobspec import JobSpec
 from elasticd.membership import Generation
-from elasticd.server.controller import admission, checkpoints, scaling, sealing
+from elasticd.server.controller import admission, checkpoints, reports, scaling, sealing
 from elasticd.server.controller.admission import CONFLICT_RETRIES
 from elasticd.server.controller.adoption import adoption_ops
 from elasticd.server.controller.data_service import DataQueues
@@ -36,7 +36,7 @@ from elasticd.server.controller.executor import JobLanes, OffLane
 from elasticd.server.controller.failover import fail_over
 from elasticd.server.controller.finishing import finish_ops, release_shards
 from elasticd.server.controller.join_window import JOIN_WINDOW_S, JoinWindow
-from elasticd.server.controller.modes import SwitchRefused, plan_switch, switch_due
+from elasticd.server.controller.modes import SwitchRefused, plan_switch
 from elasticd.server.controller.planning import (
     ClusterSnapshot,
     Complete,
@@ -47,7 +47,7 @@ from elasticd.server.controller.planning import (
     decide,
     running_members,
 )
-from elasticd.server.controller.progress import NotAMember, Progress, ProgressBook, is_member
+from elasticd.server.controller.progress import Progress, ProgressBook
 from elasticd.server.controller.rank_checkpoints import RankCheckpoints
 from elasticd.server.controller.records import (
     CANCELLED,
@@ -228,38 +228,8 @@ class Controller:
     def report(
         self, job_id: str, worker: str, generation: int, step: int, loss: float, finished: bool
     ) -> tuple[bool, bool]:
-        """Record a worker's progress. Returns (the job is over for the worker, an allreduce
-        job's ranks are to take a checkpoint)."""
-        try:
-            snap = self.snapshot(job_id)
-        except JobNotFound:
-            return True, False  # nothing is kept for a job that does not exist
-        if not self._reports_to(snap, worker, generation):
-            raise NotAMember(job_id, worker, generation)
-        if self.progress.record(job_id, worker, generation, step, loss, finished):
-            log.info(
-                "event=first_loss job=%s worker=%s step=%d loss=%.4f", job_id, worker, step, loss
-            )
-        rec = snap.record
-        wanted = self._is_leader and self.rank_checkpoints.wanted(snap, time.time())
-        if self._is_leader and checkpoints.checkpoint_due(snap, step, time.time()):
-            self._start_background(job_id, lambda: checkpoints.take_checkpoint(self, job_id))
-        due = switch_due(snap, step)
-        if self._is_leader and due is not None:
-            reason = f"scheduled at step {due.at_step}"
-
-            def switch() -> None:
-                self._switch(job_id, due.mode, reason, True, rec.switches_done)
-
-            self.lanes.submit(job_id, lambda: self._guarded(job_id, switch), kind="switch")
-        return rec.state in TERMINAL, wanted
-
-    def _reports_to(self, snap, worker: str, generation: int) -> bool:
-        gen = snap.generation  # a seal newer than the cache's is read from etcd itself
-        if gen is None or generation > gen.number:
-            kv = self.client.get(self.keys.generation(snap.record.job_id))
-            gen = Generation.from_json(kv.value) if kv else None
-        return is_member(gen, worker)
+        """Record a worker's progress (:func:`.reports.record_report`)."""
+        return reports.record_report(self, job_id, worker, generation, step, loss, finished)
 
     # -- the reconcile loop ---------------------------------------------------------
 
