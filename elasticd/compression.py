@@ -42,15 +42,15 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from elasticd.codec_names import (  # noqa: F401  (re-exported)
+    DEFAULT_QSGD_LEVELS,
+    DEFAULT_TOPK_RATIO,
+    CompressionError,
+    parse_codec,
+)
 from elasticd.wire import DTYPES, TensorHeader, dtype_name
 
-DEFAULT_TOPK_RATIO = 0.01
-DEFAULT_QSGD_LEVELS = 127
 FP16_MAX = 65504.0
-
-
-class CompressionError(ValueError):
-    """An unknown codec name, or a compressed payload that does not decode."""
 
 
 class Codec(ABC):
@@ -235,42 +235,20 @@ class QSGD(Codec):
         return level.to(DTYPES[target.dtype]).mul_(s)
 
 
-def _ratio(arg: str) -> float:
-    try:
-        return float(arg)
-    except ValueError:
-        raise CompressionError(f"topk ratio must be a number, got {arg!r}") from None
-
-
-def _levels(arg: str) -> int:
-    try:
-        return int(arg)
-    except ValueError:
-        raise CompressionError(f"qsgd levels must be an integer, got {arg!r}") from None
-
-
-# name -> factory(argument or None, seed)
-CODECS: dict[str, Callable[[str | None, int], Codec]] = {
+# name -> factory(argument, seed); the names and arguments are checked by parse_codec
+CODECS: dict[str, Callable[[float | int | None, int], Codec]] = {
     "none": lambda arg, seed: Dense(),
     "fp16": lambda arg, seed: Cast("fp16", torch.float16, clamp=FP16_MAX),
     "bf16": lambda arg, seed: Cast("bf16", torch.bfloat16),
-    "topk": lambda arg, seed: TopK(DEFAULT_TOPK_RATIO if arg is None else _ratio(arg)),
-    "qsgd": lambda arg, seed: QSGD(DEFAULT_QSGD_LEVELS if arg is None else _levels(arg), seed),
+    "topk": lambda arg, seed: TopK(arg),
+    "qsgd": lambda arg, seed: QSGD(arg, seed),
 }
-_TAKES_ARGUMENT = {"topk", "qsgd"}
 
 
 def codec_for(spec: str, seed: int = 0) -> Codec:
     """The codec named by ``spec`` ("none", "fp16", "topk:0.05", ...; "" is "none")."""
-    name, sep, arg = (spec or "none").partition(":")
-    if name not in CODECS:
-        raise CompressionError(
-            f"unknown compression {spec!r} (known: {', '.join(CODECS)}; "
-            "topk and qsgd take an optional ':<ratio>' or ':<levels>')"
-        )
-    if sep and name not in _TAKES_ARGUMENT:
-        raise CompressionError(f"compression {name!r} takes no argument, got {spec!r}")
-    return CODECS[name](arg if sep else None, seed)
+    name, arg = parse_codec(spec)
+    return CODECS[name](arg, seed)
 
 
 def check_payload(

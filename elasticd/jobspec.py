@@ -323,10 +323,10 @@ def _script(raw: dict, mode: str, base_dir: str | None) -> ScriptSpec:
 
 
 def _codec_ok(name: str) -> bool:
-    from elasticd.compression import CompressionError, codec_for
+    from elasticd.codec_names import CompressionError, parse_codec
 
     try:
-        codec_for(name)
+        parse_codec(name)
     except CompressionError:
         return False
     return True

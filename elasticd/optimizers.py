@@ -1,30 +1,54 @@
 """The optimizers a job may name, and validation of their arguments.
 
-Optimizers are torch.optim's own, found by name in a registry, so state moves
-between a PS shard and a worker replica as an ordinary ``state_dict()``.
-Arguments are checked against the constructor's signature; values must be
-plain numbers, booleans or short lists of numbers — nothing else is accepted
-from a job spec.
+Optimizers are torch.optim's own, so state moves between a PS shard and a
+worker replica as an ordinary ``state_dict()``. The arguments a spec may give
+are listed here, with torch's defaults, rather than read from torch: the
+controller, the agents and the CLI validate specs without importing torch
+(tests/test_jobspec.py checks the list against the installed torch). Values
+must be plain numbers, booleans or short lists of numbers; nothing else is
+accepted from a job spec. Arguments that change where or how the step runs
+(``foreach``, ``fused``, ``capturable``, ``differentiable``) are not a
+spec's to give: the PS and the workers choose them.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterable
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
-    "sgd": torch.optim.SGD,
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-    "adagrad": torch.optim.Adagrad,
-}
 
-# Constructor arguments that change where or how the step runs, not what it
-# computes; the PS and the workers choose these themselves.
-_RESERVED = {"params", "foreach", "fused", "capturable", "differentiable"}
+@dataclass(frozen=True)
+class OptimizerKind:
+    torch_name: str  # the class in torch.optim
+    arguments: dict[str, Any]  # what a spec may set, with torch's default
+
+
+OPTIMIZERS: dict[str, OptimizerKind] = {
+    "sgd": OptimizerKind(
+        "SGD",
+        {"lr": 1e-3, "momentum": 0, "dampening": 0, "weight_decay": 0, "nesterov": False,
+         "maximize": False},
+    ),
+    "adam": OptimizerKind(
+        "Adam",
+        {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0, "amsgrad": False,
+         "maximize": False},
+    ),
+    "adamw": OptimizerKind(
+        "AdamW",
+        {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2, "amsgrad": False,
+         "maximize": False},
+    ),
+    "adagrad": OptimizerKind(
+        "Adagrad",
+        {"lr": 1e-2, "lr_decay": 0, "weight_decay": 0, "initial_accumulator_value": 0,
+         "eps": 1e-10, "maximize": False},
+    ),
+}  # fmt: skip
 
 
 class OptimizerError(ValueError):
@@ -48,8 +72,7 @@ def validate_optimizer(name: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         raise OptimizerError("name", f"must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
     if not isinstance(kwargs, dict):
         raise OptimizerError("kwargs", f"must be a mapping, got {type(kwargs).__name__}")
-    params = inspect.signature(OPTIMIZERS[name].__init__).parameters
-    allowed = {p for p in params if p not in _RESERVED and p != "self"}
+    allowed = OPTIMIZERS[name].arguments
     out: dict[str, Any] = {}
     for key, value in kwargs.items():
         if key not in allowed:
@@ -61,7 +84,7 @@ def validate_optimizer(name: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
                 key, f"must be a number, a boolean or a list of numbers, got {value!r}"
             )
         out[key] = list(value) if isinstance(value, (list, tuple)) else value
-    lr = out.get("lr", params["lr"].default if "lr" in params else None)
+    lr = out.get("lr", allowed.get("lr"))
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0:
         raise OptimizerError("lr", f"must be a positive number, got {lr!r}")
     return out
@@ -70,7 +93,9 @@ def validate_optimizer(name: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
 def build_optimizer(
     name: str, kwargs: dict[str, Any], params: Iterable[torch.nn.Parameter]
 ) -> torch.optim.Optimizer:
+    import torch
+
     args = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
     # foreach=False: the per-tensor loop is the reference arithmetic, so a PS
     # shard and a local optimizer over the same tensors agree bit for bit.
-    return OPTIMIZERS[name](params, foreach=False, **args)
+    return getattr(torch.optim, OPTIMIZERS[name].torch_name)(params, foreach=False, **args)

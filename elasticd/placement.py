@@ -22,7 +22,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
-from elasticd.wire import DTYPES
+from elasticd.dtypes import ITEMSIZE
 
 MIN_SPLIT_BYTES = 4 << 20  # tensors below this are never split
 
@@ -35,7 +35,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
+        return math.prod(self.shape) * ITEMSIZE[self.dtype]
 
 
 def tensors_to_json(tensors: Sequence[TensorSpec]) -> str:
@@ -71,7 +71,7 @@ class Slice:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
+        return math.prod(self.shape) * ITEMSIZE[self.dtype]
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,19 @@ import zlib
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
-import torch
 
-from elasticd.compression import GradientEncoder, codec_for
+from elasticd.frames import (
+    TensorHeader,
+    WireError,
+    chunk,
+    chunk_fields,
+    encode_chunk_frame,
+    frame_deserializer,
+    frame_serializer,
+)
 from elasticd.placement import ShardPlacement, Slice
 from elasticd.ps_errors import (
     PSUnavailable,
@@ -32,18 +40,15 @@ from elasticd.ps_state import RPC_TIMEOUT_S, TierState
 from elasticd.rpc import ps_pb2, ps_pb2_grpc
 from elasticd.rpc.limits import GRPC_OPTIONS
 from elasticd.security.channels import open_channel
-from elasticd.wire import (
-    Assembler,
-    TensorHeader,
-    WireError,
-    as_bytes,
-    chunk,
-    chunk_fields,
-    encode_chunk_frame,
-    frame_deserializer,
-    frame_serializer,
-    header_of,
-)
+
+if TYPE_CHECKING:
+    import torch
+
+    from elasticd.compression import GradientEncoder
+
+# Tensors are the worker side's alone: torch, elasticd.wire and elasticd.compression
+# are imported where a call handles tensors, so the controller (info, snapshot,
+# data leases) talks to the PS tier without importing torch.
 
 # A shard this small is pulled and pushed in one unary call each way: grpcio's
 # streams cost about four unary calls each, which dominates for small tensors.
@@ -157,12 +162,16 @@ class PSTier(TierState):
         return out
 
     def _stream(self, group: str, header_msg, tensors: Mapping[str, torch.Tensor]) -> Iterator:
+        from elasticd.wire import as_bytes
+
         yield header_msg
         for index, s in enumerate(self._slices[group]):
             for offset, piece in chunk(as_bytes(slice_view(tensors[s.param], s))):
                 yield encode_chunk_frame(index, offset, piece)
 
     def _metas(self, group: str, tensors: Mapping[str, torch.Tensor]) -> list[ps_pb2.TensorMeta]:
+        from elasticd.wire import header_of
+
         out = []
         for s in self._slices[group]:
             h = header_of(s.key, slice_view(tensors[s.param], s))
@@ -225,6 +234,9 @@ class PSTier(TierState):
 
     def pull_into(self, params: Mapping[str, torch.Tensor]) -> dict[str, int]:
         """Overwrite ``params`` with the PS tier's values; returns each shard's version."""
+        import torch
+
+        from elasticd.wire import Assembler
 
         def one(g: str) -> int:
             slices, p = self._slices[g], self.primary(g)
@@ -260,6 +272,8 @@ class PSTier(TierState):
 
     def encoder(self, compression: str) -> GradientEncoder:
         """The worker side of a codec, with its error-feedback state, made once per name."""
+        from elasticd.compression import GradientEncoder, codec_for
+
         if compression not in self._encoders:
             # Seeded by worker id: workers draw independent quantization noise.
             seed = zlib.crc32(f"{self.job_id}/{self.worker_id}".encode())
@@ -282,6 +296,8 @@ class PSTier(TierState):
         the batch index the gradient was computed on: a group that applied that
         batch before answers ``duplicate`` and applies nothing.
         """
+        from elasticd.wire import as_bytes
+
         encoder = self.encoder(compression)
 
         def dense(g: str) -> PushOutcome:
@@ -340,6 +356,8 @@ class PSTier(TierState):
 
     @staticmethod
     def _parts_stream(header_msg, parts: list[torch.Tensor]) -> Iterator:
+        from elasticd.wire import as_bytes
+
         yield header_msg
         for index, t in enumerate(parts):
             for offset, piece in chunk(as_bytes(t)):

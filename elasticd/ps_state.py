@@ -12,10 +12,12 @@ from collections.abc import Mapping
 
 import grpc
 
-from elasticd.checkpoint import CorruptShard, ShardRecord, decode_shard, encode_shard
-from elasticd.checkpoint.serialize import state_digest
+from elasticd.checkpoint.manifest import CorruptShard, ShardRecord
+from elasticd.frames import CHUNK_BYTES
 from elasticd.rpc import ps_pb2, ps_pb2_grpc
-from elasticd.wire import CHUNK_BYTES, dtype_name
+
+# Exporting and importing state handles tensors: the shard codec (torch) is imported
+# there, so info and snapshot need no torch.
 
 RPC_TIMEOUT_S = 60.0  # one whole shard in or out
 
@@ -49,6 +51,7 @@ class TierState:
 
     def export_state(self) -> dict[str, tuple[dict, dict, dict]]:
         """Every group's (tensors by slice key, optimizer state_dict, meta), for a switch."""
+        from elasticd.checkpoint.serialize import decode_shard
 
         def one(g: str):
             replies = self._stubs[g].ExportShard(
@@ -95,6 +98,8 @@ class TierState:
         Returns, per group, (digest of what was sent, digest of what the copies hold:
         the backup's when it differs from the primary's).
         """
+        from elasticd.checkpoint.serialize import encode_shard, state_digest
+        from elasticd.wire import dtype_name
 
         def one(g: str) -> tuple[str, str]:
             tensors, state, keys = parts[g]

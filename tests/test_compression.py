@@ -12,6 +12,7 @@ import grpc
 import pytest
 import torch
 
+from elasticd.codec_names import NAMES
 from elasticd.compression import (
     CODECS,
     CompressionError,
@@ -53,6 +54,7 @@ def grad(shape: tuple[int, ...] = (64, 33), seed: int = 0) -> torch.Tensor:
 
 def test_every_codec_is_a_job_spec_choice() -> None:
     assert set(CODECS) <= set(COMPRESSIONS)
+    assert set(CODECS) == set(NAMES)  # the torch-free names are the codecs there are
 
 
 @pytest.mark.parametrize(

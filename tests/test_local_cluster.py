@@ -87,6 +87,11 @@ def test_job_completes_with_checkpoint_and_falling_loss(cluster):
     assert meta["version"] == 200
     assert state["state"], "momentum buffers must be in the checkpoint"
     client.close()
+    # Only the PS and the training processes hold tensors: through submit, placement,
+    # training and checkpoints the controller and the agents never imported torch.
+    for name in ("controller-0", "node-0", "node-1"):
+        assert "libtorch" not in Path(f"/proc/{c.procs[name].popen.pid}/maps").read_text(), name
+    assert "libtorch" in Path(f"/proc/{c.procs['ps-0'].popen.pid}/maps").read_text()
 
 
 def test_killed_worker_is_restarted_and_no_update_is_lost_or_doubled(cluster):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from elasticd.dtypes import ITEMSIZE
 from elasticd.wire import (
     DTYPES,
     Assembler,
@@ -61,6 +62,10 @@ CASES = {
     "empty": (torch.float32, (0,)),
     "empty-2d": (torch.int64, (4, 0)),
 }
+
+
+def test_the_torch_free_sizes_are_torchs() -> None:
+    assert ITEMSIZE == {name: dtype.itemsize for name, dtype in DTYPES.items()}
 
 
 @pytest.mark.parametrize("size", [1, 3, 7, 64, 1 << 20])

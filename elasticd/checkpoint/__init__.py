@@ -2,7 +2,8 @@
 
 A checkpoint exists only when its manifest exists; see ``store`` for how the
 manifest is committed last and atomically, and ``serialize`` for the pickle-free
-shard format.
+shard format. The shard codec needs torch and is imported on first use, so the
+controller can list, choose and commit checkpoints without importing torch.
 """
 
 from elasticd.checkpoint.manifest import (
@@ -17,7 +18,6 @@ from elasticd.checkpoint.manifest import (
     StaleGeneration,
     choose_checkpoint,
 )
-from elasticd.checkpoint.serialize import ShardFormatError, decode_shard, encode_shard
 from elasticd.checkpoint.store import CheckpointStore, StorageBackend, register_backend
 
 __all__ = [
@@ -38,3 +38,13 @@ __all__ = [
     "encode_shard",
     "register_backend",
 ]
+
+_SERIALIZE = ("ShardFormatError", "decode_shard", "encode_shard")
+
+
+def __getattr__(name: str):
+    if name in _SERIALIZE:
+        from elasticd.checkpoint import serialize
+
+        return getattr(serialize, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,10 +13,8 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 from elasticd.checkpoint.manifest import MANIFEST_NAME, CheckpointError, CheckpointManifest
-from elasticd.checkpoint.serialize import decode_shard
 from elasticd.checkpoint.store import CheckpointStore
 from elasticd.placement import ShardPlacement, TensorSpec
-from elasticd.slicing import join_slices
 
 
 class NoSuchCheckpoint(CheckpointError):
@@ -109,6 +107,9 @@ def load_state(store: CheckpointStore, manifest: CheckpointManifest) -> tuple[di
 
     Every shard is checked against the manifest as it is read (CorruptShard if not).
     """
+    from elasticd.checkpoint.serialize import decode_shard  # torch: only a restore loads state
+    from elasticd.slicing import join_slices
+
     names = [r.name for r in manifest.shards]
     if not names:
         return join_slices(saved_placement(manifest), {})

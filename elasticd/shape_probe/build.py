@@ -16,11 +16,9 @@ from typing import Any
 
 import torch
 
+from elasticd.shape_probe.limits import OUT_OF_MEMORY
 from elasticd.task import TaskError, load_task
 from elasticd.wire import WireError, dtype_name
-
-# What torch and the allocators say when an allocation fails under the limit.
-OUT_OF_MEMORY = ("can't allocate memory", "cannot allocate memory", "bad_alloc", "out of memory")
 
 
 def describe(task: str, batch_size: int, seed: int, task_args: dict[str, Any]) -> dict[str, Any]:

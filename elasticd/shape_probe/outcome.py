@@ -12,11 +12,10 @@ import json
 import signal
 from typing import Any
 
+from elasticd.dtypes import ITEMSIZE
 from elasticd.placement import TensorSpec
-from elasticd.shape_probe.build import OUT_OF_MEMORY
-from elasticd.shape_probe.limits import RESULT_LIMIT
+from elasticd.shape_probe.limits import OUT_OF_MEMORY, RESULT_LIMIT
 from elasticd.task import TaskError
-from elasticd.wire import DTYPES
 
 MAX_PARAMETERS = 200_000
 MAX_NAME = 1024  # characters in a parameter's name
@@ -36,8 +35,10 @@ def _parameter(item: Any, seen: set[str]) -> TensorSpec:
         raise BadProbeOutput(f"a parameter name must be a string of 1 to {MAX_NAME} characters")
     if name in seen:
         raise BadProbeOutput(f"parameter {name!r} appears twice")
-    if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise BadProbeOutput(f"parameter {name!r}: dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    if not isinstance(dtype, str) or dtype not in ITEMSIZE:
+        raise BadProbeOutput(
+            f"parameter {name!r}: dtype {dtype!r} is not one of {sorted(ITEMSIZE)}"
+        )
     if not isinstance(shape, list) or len(shape) > MAX_DIMS:
         raise BadProbeOutput(f"parameter {name!r}: shape must be a list of at most {MAX_DIMS}")
     if not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape):

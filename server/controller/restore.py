@@ -36,7 +36,6 @@ from elasticd.checkpoint.locate import (
     locate,
     saved_placement,
 )
-from elasticd.checkpoint.serialize import state_digest
 from elasticd.coord.election import NotLeading
 from elasticd.coord.etcd import Put
 from elasticd.jobspec import JobSpec
@@ -46,7 +45,6 @@ from elasticd.ps_client import PSTier
 from elasticd.ps_errors import PSUnavailable
 from elasticd.server.controller.planning import ClusterSnapshot, JobSnapshot
 from elasticd.server.controller.records import WAITING, JobRecord
-from elasticd.slicing import split_state
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +83,9 @@ def combined_digest(per_ps: Mapping[str, str]) -> str:
 
 def tier_digest(placement: ShardPlacement, params: dict, named: dict) -> str:
     """The digest a PS tier holding ``params`` and ``named`` state on ``placement`` reports."""
+    from elasticd.checkpoint.serialize import state_digest
+    from elasticd.slicing import split_state
+
     parts = split_state(placement, params, named)
     return combined_digest({p: state_digest(t, st, keys) for p, (t, st, keys) in parts.items()})
 
@@ -198,6 +199,8 @@ def _restore_through_controller(
     spec: JobSpec, tier: PSTier, world_size: int, store: CheckpointStore, manifest
 ) -> dict[str, str]:
     """Read the whole checkpoint here, cut it for the placement, and import each group."""
+    from elasticd.slicing import split_state  # torch: the one place the controller holds state
+
     params, named = load_state(store, manifest)
     digests = tier.import_state(
         split_state(tier.placement, params, named),

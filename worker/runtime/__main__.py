@@ -36,12 +36,12 @@ def warm_up() -> None:
     """
     import torch
 
-    from elasticd.optimizers import OPTIMIZERS
+    from elasticd.optimizers import OPTIMIZERS, build_optimizer
 
     param = torch.zeros(1, requires_grad=True)
     param.grad = torch.zeros(1)
-    for make in OPTIMIZERS.values():
-        make([param]).step()
+    for name in OPTIMIZERS:
+        build_optimizer(name, {}, [param]).step()
 
 
 def run_script(script: ScriptRun) -> int:
