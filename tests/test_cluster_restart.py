@@ -58,8 +58,15 @@ def test_a_sigkilled_cluster_started_again_resumes_its_job(tmp_path):
     newest = store.latest(job_id)
     assert newest is not None and newest.step >= 80
 
-    second = local_cluster(base)
+    # ps-1 comes back late: the new leader waits for it rather than restore onto ps-0 alone.
+    second = LocalCluster(base, lease_ttl=LEASE_TTL_S, join_window=0.5, threads_per_worker=1)
+    second.start_etcd()
     try:
+        second.start(ps=1, agents=2)
+        log_path = base / "logs" / "controller-0.log"
+        waits = f"event=restore_waits_for_ps job={job_id} ps=['ps-1']"
+        wait_until(lambda: waits in log_path.read_text(), 60, "the restore to wait for ps-1")
+        second.start_ps("ps-1")
         restored = wait_until(
             lambda: (r := record(second, job_id)).restored_generation and r, 90, "a restore"
         )
@@ -67,7 +74,7 @@ def test_a_sigkilled_cluster_started_again_resumes_its_job(tmp_path):
         assert restored.restored_from == store.url_of(newest)
 
         # What the PS tier held right after the import is the checkpoint, bit for bit.
-        log = (base / "logs" / "controller-0.log").read_text()
+        log = log_path.read_text()
         held = re.search(rf"event=job_restored job={job_id} .* digest=(\w+)", log).group(1)
         placement = ShardPlacement.from_json(second.client.get(second.keys.placement(job_id)).value)
         params, named = checkpoint_state(store, newest)

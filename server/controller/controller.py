@@ -101,6 +101,8 @@ class Controller:
         self.shapes = JobShapes(probe or ShapeProbe(), self.writer, keys)  # no task runs here
         self.joins = JoinWindow(join_window_s)  # departures seal at once, joins wait for it
         self.suspicions = PeerSuspicions(hold_s=2 * lease_ttl_s)  # nodes a survivor lost
+        self.startup_grace_s = max(2 * lease_ttl_s, 10.0)  # a new leader's restores wait for PS
+        self.leading_since = 0.0
         self._is_leader = False
         self._adopted: set[str] = set()
         self.background = OffLane()  # one checkpoint or completion under way per job
@@ -155,6 +157,7 @@ class Controller:
     def set_leader(self, leader: bool) -> None:
         if leader and not self._is_leader:
             log.info("event=leadership_acquired address=%s", self.address)
+            self.leading_since = time.monotonic()
             self._adopted.clear()
             self.data.forget()  # leases handed out meanwhile by another leader
         if not leader and self._is_leader:

@@ -294,6 +294,15 @@ def restore_in_seal(controller, snap, cluster, gen, record, reason: str):
     if controller.restores.wait(job_id, now) > 0:
         controller._wake_later(controller.restores.wait(job_id, now))
         return None
+    held_by = snap.placement.ps_ids if snap.placement is not None else ()
+    missing = sorted(p for p in held_by if p not in cluster.ps)
+    grace = controller.startup_grace_s - (now - controller.leading_since)
+    if missing and grace > 0:
+        # Just took the lead, as after a whole-cluster restart: give the job's PS the
+        # moment they need to register rather than pile its state onto the first ones up.
+        log.info("event=restore_waits_for_ps job=%s ps=%s for_s=%.1f", job_id, missing, grace)
+        controller._wake_later(grace)
+        return None
     if snap.record.restore_pending != gen.number:
         intent = snap.record.evolve(restore_pending=gen.number, updated_at=time.time())
         controller.writer.update(snap, [Put(controller.keys.job_status(job_id), intent.to_json())])
