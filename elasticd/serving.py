@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import socket
-import sys
 import threading
 from collections.abc import Callable, Sequence
 from concurrent import futures
@@ -15,6 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from elasticd.logs import configure_logging  # noqa: F401  (re-exported)
 from elasticd.rpc.limits import GRPC_OPTIONS
 from elasticd.security.channels import server_credentials
 from elasticd.security.config import Security, current
@@ -81,15 +80,6 @@ def advertised_host(host: str) -> str:
     if host in ("0.0.0.0", "::", ""):
         return socket.gethostname()
     return host
-
-
-def configure_logging(process: str, level: str | None = None) -> None:
-    """One line per event: time, level, process, then key=value fields."""
-    logging.basicConfig(
-        level=(level or os.environ.get("ELASTICD_LOG_LEVEL", "INFO")).upper(),
-        format=f"%(asctime)s %(levelname)s process={process} pid=%(process)d %(name)s %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def wait_for_stop_signal() -> threading.Event:

@@ -70,6 +70,10 @@ class Session:
         self._thread.start()
         return self
 
+    def alive(self) -> bool:
+        """Whether the keepalive thread runs (whether or not etcd answers it)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def put(self, key: str, value: bytes) -> None:
         """Put ``key`` on the session's lease; it is put again on every new lease."""
         with self._lock:

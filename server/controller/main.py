@@ -11,7 +11,9 @@ from elasticd.coord.election import Election
 from elasticd.coord.etcd import EtcdClient
 from elasticd.coord.keys import DEFAULT_PREFIX, Keys
 from elasticd.coord.session import DEFAULT_TTL_S, Session
+from elasticd.logs import add_logging_arguments
 from elasticd.retry import Backoff
+from elasticd.sd_notify import Notifier
 from elasticd.security import Gate, add_security_arguments
 from elasticd.security.config import configure_daemon
 from elasticd.server.controller.join_window import JOIN_WINDOW_S
@@ -66,6 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         f"included (default {PROBE_MEMORY_MIB}, at least {MIN_MEMORY_MIB}); more: refused at submit",
     )
     add_security_arguments(p)
+    add_logging_arguments(p)
 
 
 def _positive_seconds(text: str) -> float:
@@ -116,6 +119,7 @@ def lead(controller, election: Election, stop: threading.Event) -> None:
 
 def run(args: argparse.Namespace) -> int:
     security = configure_daemon(args, args.host, "controller", needs_tokens=True)
+    notifier = Notifier.from_environment()
     # Imported here: `elasticd --help` and the other roles need no torch.
     from elasticd.rpc import job_pb2, job_pb2_grpc
     from elasticd.server.controller.controller import Controller
@@ -125,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from elasticd.shape_probe.client import ShapeProbe
 
-    configure_logging("controller")
+    configure_logging("controller", fmt=args.log_format)
     stop = wait_for_stop_signal()
     keys = Keys(args.prefix)
     client = EtcdClient(args.etcd)
@@ -157,7 +161,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"controller listening on {controller.address}", flush=True)
     loop = threading.Thread(target=lead, args=(controller, election, stop), daemon=True)
     loop.start()
+    notifier.ready(f"controller serving on {controller.address}", session.alive)
     stop.wait()
+    notifier.stopping()
     controller.set_leader(False)
     loop.join(timeout=5)
     election.resign()

