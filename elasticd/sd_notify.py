@@ -56,7 +56,8 @@ class Notifier:
         address = "\0" + self.address[1:] if self.address.startswith("@") else self.address
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-                s.sendto("\n".join(fields).encode(), address)
+                # Never wait on a listener that does not read: a full queue drops the message.
+                s.sendto("\n".join(fields).encode(), socket.MSG_DONTWAIT, address)
             return True
         except OSError as exc:
             log.warning("event=sd_notify_failed socket=%s error=%s", self.address, exc)
