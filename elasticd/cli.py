@@ -65,6 +65,7 @@ def cmd_up(args) -> int:
         prefix=args.prefix,
         threads_per_worker=max(1, cpus // max(args.agents, 1)),
         pki=pki,
+        metrics=True,
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -76,6 +77,8 @@ def cmd_up(args) -> int:
         print("elasticd local cluster is up:", flush=True)
         for name, address in cluster.addresses().items():
             print(f"  {name:<12} {address}", flush=True)
+        for name, url in sorted(cluster.wait_metrics(30).items()):
+            print(f"  metrics      {url}  ({name})", flush=True)
         print(f"  logs         {cluster.base_dir / 'logs'}", flush=True)
         if pki is not None:
             print(f"  clients      export ELASTICD_CONFIG={pki.client_config}", flush=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -61,8 +62,10 @@ class LocalCluster:
         join_window: float = 1.0,
         threads_per_worker: int | None = None,
         pki: LocalPKI | None = None,
+        metrics: bool = False,
     ) -> None:
         self.base_dir = Path(base_dir).resolve()
+        self.metrics = metrics  # every daemon serves /metrics on a free port (metrics_urls)
         self.pki = pki  # TLS, tokens (and etcd TLS/auth) for every daemon; None: open
         self.prefix = prefix
         self.keys = Keys(prefix)
@@ -119,6 +122,8 @@ class LocalCluster:
         return ["--etcd", self.etcd, "--prefix", self.prefix, "--lease-ttl", str(self.lease_ttl)]
 
     def _start(self, name: str, args: list[str], env: dict | None = None) -> Proc:
+        if self.metrics:
+            args = [*args, "--metrics-port", "0"]
         argv = [sys.executable, "-m", "elasticd", *args]
         if self.pki is not None:
             env = {**(env or {}), CONFIG_ENV: str(self.pki.directory / "cluster.yaml")}
@@ -215,6 +220,26 @@ class LocalCluster:
             )
 
         wait_until(check, timeout, f"ps {ps}, agents {nodes} and a controller to register")
+
+    def metrics_urls(self) -> dict[str, str]:
+        """Each running daemon's /metrics URL, as its log announced it (``metrics=True``)."""
+        urls = {}
+        for name, proc in self.procs.items():
+            text = proc.log_path.read_text(errors="replace") if proc.log_path.exists() else ""
+            found = re.findall(r"event=metrics_ready .*?url=(\S+)", text)
+            if found and proc.alive():
+                urls[name] = found[-1]
+        return urls
+
+    def wait_metrics(self, timeout: float = 60.0) -> dict[str, str]:
+        """Every daemon's /metrics URL, once each has announced one."""
+        deadline = time.monotonic() + timeout
+        while len(urls := self.metrics_urls()) < len(self.procs):
+            if time.monotonic() > deadline:
+                missing = sorted(set(self.procs) - set(urls))
+                raise TimeoutError(f"no metrics from {', '.join(missing)} after {timeout:g} s")
+            time.sleep(0.1)
+        return urls
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         proc = self.procs[name]

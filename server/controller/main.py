@@ -11,6 +11,7 @@ from elasticd.coord.election import Election
 from elasticd.coord.etcd import EtcdClient
 from elasticd.coord.keys import DEFAULT_PREFIX, Keys
 from elasticd.coord.session import DEFAULT_TTL_S, Session
+from elasticd.daemon_metrics import ControllerCollector, start_metrics, stop_metrics
 from elasticd.logs import add_logging_arguments
 from elasticd.retry import Backoff
 from elasticd.sd_notify import Notifier
@@ -66,6 +67,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=PROBE_MEMORY_MIB,
         help="address space, MiB, of the task probe that builds a submitted task's model, torch "
         f"included (default {PROBE_MEMORY_MIB}, at least {MIN_MEMORY_MIB}); more: refused at submit",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (0: any free port; "
+        "default: off)",
     )
     add_security_arguments(p)
     add_logging_arguments(p)
@@ -161,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"controller listening on {controller.address}", flush=True)
     loop = threading.Thread(target=lead, args=(controller, election, stop), daemon=True)
     loop.start()
+    metrics = start_metrics(args, ControllerCollector(controller), "controller")
     notifier.ready(f"controller serving on {controller.address}", session.alive)
     stop.wait()
     notifier.stopping()
@@ -170,5 +179,6 @@ def run(args: argparse.Namespace) -> int:
     session.close()
     controller.stop()
     server.stop(grace=2).wait()
+    stop_metrics(metrics)
     client.close()
     return 0

@@ -32,7 +32,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -40,6 +40,8 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+
+from elasticd.daemon_metrics import serve_metrics  # noqa: F401  (re-exported)
 
 STALENESS_BOUNDS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
 STEP_SECONDS_BOUNDS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
@@ -255,13 +257,3 @@ def new_registry(collector: Collector) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
     return registry
-
-
-def serve_metrics(registry: CollectorRegistry, host: str, port: int):
-    """Serve ``registry`` on http://host:port/metrics in a daemon thread; returns the server.
-
-    ``port`` 0 picks a free port (``server.server_port``). Stop with
-    ``server.shutdown(); server.server_close()``.
-    """
-    server, _thread = start_http_server(port, addr=host, registry=registry)
-    return server

@@ -159,6 +159,11 @@ class NodeAgent:
         self.assignments.start()
         return self
 
+    def slots_snapshot(self) -> list[Slot]:
+        """The slots this node holds now (for metrics)."""
+        with self._lock:
+            return list(self._slots.values())
+
     def worker_state(self, job_id: str, worker_id: str) -> tuple[str, int, int]:
         """(state, pid, generation) of a worker of this node; ("", 0, 0) if it has none."""
         with self._lock:

@@ -10,6 +10,7 @@ import socket
 from elasticd.coord.etcd import EtcdClient
 from elasticd.coord.keys import DEFAULT_PREFIX, Keys
 from elasticd.coord.session import DEFAULT_TTL_S
+from elasticd.daemon_metrics import AgentCollector, start_metrics, stop_metrics
 from elasticd.logs import add_logging_arguments
 from elasticd.sd_notify import Notifier
 from elasticd.security import add_security_arguments
@@ -49,6 +50,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=os.path.abspath(".elasticd/logs"),
         help="directory for training process logs (<log-dir>/<job>/<worker>.log)",
     )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (0: any free port; "
+        "default: off)",
+    )
     add_security_arguments(p)
     add_logging_arguments(p)
 
@@ -74,10 +82,12 @@ def run(args: argparse.Namespace) -> int:
         "event=agent_ready node=%s slots=%d allow_chaos=%s", node_id, args.slots, args.allow_chaos
     )
     print(f"agent {node_id} ready with {args.slots} slot(s)", flush=True)
+    metrics = start_metrics(args, AgentCollector(agent), f"agent:{node_id}")
     notifier.ready(f"agent {node_id} with {args.slots} slot(s)", agent.session.alive)
     try:
         agent.run(stop)
     finally:
         notifier.stopping()
         agent.shutdown()
+        stop_metrics(metrics)
     return 0

@@ -1,0 +1,167 @@
+"""Prometheus metrics of the controller and the agents (the PS has its own:
+:mod:`elasticd.server.ps.metrics`), served with ``--metrics-port``.
+
+Everything is read at scrape time from what the daemon already holds; nothing
+is counted twice and nothing goes through etcd. Workers' figures (step, loss,
+samples/s) reach the controller in their progress reports over gRPC, and the
+controller's metrics show them.
+
+Controller (job metrics only on the leader, so that a standby does not
+report the same jobs twice):
+
+- ``elasticd_controller_leader``: 1 on the leader
+- ``elasticd_controller_reconciles_total``
+- ``elasticd_jobs{state}``: jobs the cluster knows, by state
+- per running job (label ``job``): ``elasticd_job_step``,
+  ``elasticd_job_total_steps``, ``elasticd_job_loss``,
+  ``elasticd_job_samples_per_second``, ``elasticd_job_steps_per_second``,
+  ``elasticd_job_generation``, ``elasticd_job_workers``,
+  ``elasticd_job_restarts``, ``elasticd_job_checkpoint_step``,
+  ``elasticd_job_updates_lost``
+
+Agent (label ``node``):
+
+- ``elasticd_agent_slots``
+- ``elasticd_agent_processes{state}``: training processes by state
+- ``elasticd_agent_process_restarts``: restarts of the processes it holds now
+- ``elasticd_agent_warm_processes``: interpreters waiting, torch imported
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+JOB_GAUGES = (
+    ("step", "step", "Steps applied"),
+    ("total_steps", "total_steps", "Steps the job runs"),
+    ("loss", "loss", "Latest reported loss"),
+    ("samples_per_second", "samples_per_s", "Samples trained per second"),
+    ("steps_per_second", "steps_per_s", "Steps per second"),
+    ("generation", "generation", "Sealed membership generation"),
+    ("restarts", "restarts", "Training process restarts in this generation"),
+    ("checkpoint_step", None, "Step of the newest checkpoint"),
+    ("updates_lost", "updates_lost", "Applied updates lost to restores"),
+)
+
+
+def serve_metrics(registry: CollectorRegistry, host: str, port: int):
+    """Serve ``registry`` on http://host:port/metrics in a daemon thread; returns the server.
+
+    ``port`` 0 picks a free port (``server.server_port``). Stop with
+    ``server.shutdown(); server.server_close()``.
+    """
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server
+
+
+class ControllerCollector(Collector):
+    def describe(self) -> list[Metric]:
+        return []  # names are not checked up front: nothing is read at registration
+
+    def __init__(self, controller) -> None:
+        self.controller = controller
+
+    def collect(self) -> Iterator[Metric]:
+        from elasticd.server.controller.records import TERMINAL
+        from elasticd.server.controller.status import status_message
+
+        c = self.controller
+        yield GaugeMetricFamily(
+            "elasticd_controller_leader", "1 on the leader", value=int(c.is_leader)
+        )
+        yield CounterMetricFamily(
+            "elasticd_controller_reconciles", "Reconcile passes run", value=c.reconciles
+        )
+        states: Counter[str] = Counter()
+        gauges = {
+            name: GaugeMetricFamily(f"elasticd_job_{name}", help_, labels=["job"])
+            for name, _, help_ in JOB_GAUGES
+        }
+        workers = GaugeMetricFamily(
+            "elasticd_job_workers", "Workers in the generation", labels=["job"]
+        )
+        for job_id in c.job_ids():
+            try:
+                status = status_message(c, job_id)
+                record = c.snapshot(job_id).record
+            except KeyError:  # gone since the listing
+                continue
+            states[status.state] += 1
+            if not c.is_leader or status.state in TERMINAL:
+                continue
+            for name, field, _ in JOB_GAUGES:
+                value = record.checkpoint_step if field is None else getattr(status, field)
+                gauges[name].add_metric([job_id], float(value))
+            workers.add_metric([job_id], len(status.workers))
+        jobs = GaugeMetricFamily("elasticd_jobs", "Jobs by state", labels=["state"])
+        for state, n in sorted(states.items()):
+            jobs.add_metric([state], n)
+        yield jobs
+        yield from gauges.values()
+        yield workers
+
+
+class AgentCollector(Collector):
+    def describe(self) -> list[Metric]:
+        return []  # names are not checked up front: nothing is read at registration
+
+    def __init__(self, agent) -> None:
+        self.agent = agent
+
+    def collect(self) -> Iterator[Metric]:
+        a = self.agent
+        node = [a.node_id]
+        slots = a.slots_snapshot()
+        yield _gauge("elasticd_agent_slots", "Slots of this node", node, a.slots)
+        by_state = GaugeMetricFamily(
+            "elasticd_agent_processes", "Training processes by state", labels=["node", "state"]
+        )
+        for state, n in sorted(Counter(s.state for s in slots).items()):
+            by_state.add_metric([a.node_id, state], n)
+        yield by_state
+        yield _gauge(
+            "elasticd_agent_process_restarts",
+            "Restarts of the training processes this node holds",
+            node,
+            sum(s.restarts for s in slots),
+        )
+        yield _gauge(
+            "elasticd_agent_warm_processes",
+            "Interpreters waiting for an assignment, torch imported",
+            node,
+            len(a.supervisor.warm_pids()),
+        )
+
+
+def _gauge(name: str, help_: str, node: list[str], value: float) -> GaugeMetricFamily:
+    g = GaugeMetricFamily(name, help_, labels=["node"])
+    g.add_metric(node, value)
+    return g
+
+
+def start_metrics(args, collector: Collector, process: str):
+    """Serve ``collector`` when the daemon was given ``--metrics-port``; None otherwise."""
+    if getattr(args, "metrics_port", None) is None:
+        return None
+    registry = CollectorRegistry()
+    registry.register(collector)
+    server = serve_metrics(registry, args.host or "127.0.0.1", args.metrics_port)
+    log.info(
+        "event=metrics_ready process=%s url=http://%s:%d/metrics",
+        process, args.host or "127.0.0.1", server.server_port,
+    )  # fmt: skip
+    return server
+
+
+def stop_metrics(server) -> None:
+    if server is not None:
+        server.shutdown()
+        server.server_close()
