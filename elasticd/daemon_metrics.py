@@ -52,6 +52,21 @@ JOB_GAUGES = (
 )
 
 
+def add_metrics_arguments(p) -> None:
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (0: any free port; "
+        "default: off)",
+    )
+
+
+class _ReadAtScrape(Collector):
+    def describe(self) -> list[Metric]:
+        return []  # names are not checked up front: nothing is read at registration
+
+
 def serve_metrics(registry: CollectorRegistry, host: str, port: int):
     """Serve ``registry`` on http://host:port/metrics in a daemon thread; returns the server.
 
@@ -62,10 +77,7 @@ def serve_metrics(registry: CollectorRegistry, host: str, port: int):
     return server
 
 
-class ControllerCollector(Collector):
-    def describe(self) -> list[Metric]:
-        return []  # names are not checked up front: nothing is read at registration
-
+class ControllerCollector(_ReadAtScrape):
     def __init__(self, controller) -> None:
         self.controller = controller
 
@@ -90,12 +102,12 @@ class ControllerCollector(Collector):
         )
         for job_id in c.job_ids():
             try:
-                status = status_message(c, job_id)
                 record = c.snapshot(job_id).record
+                states[record.state] += 1
+                if not c.is_leader or record.state in TERMINAL:
+                    continue  # an ended job's status is not built at every scrape
+                status = status_message(c, job_id)
             except KeyError:  # gone since the listing
-                continue
-            states[status.state] += 1
-            if not c.is_leader or status.state in TERMINAL:
                 continue
             for name, field, _ in JOB_GAUGES:
                 value = record.checkpoint_step if field is None else getattr(status, field)
@@ -109,10 +121,7 @@ class ControllerCollector(Collector):
         yield workers
 
 
-class AgentCollector(Collector):
-    def describe(self) -> list[Metric]:
-        return []  # names are not checked up front: nothing is read at registration
-
+class AgentCollector(_ReadAtScrape):
     def __init__(self, agent) -> None:
         self.agent = agent
 

@@ -11,7 +11,12 @@ from elasticd.coord.election import Election
 from elasticd.coord.etcd import EtcdClient
 from elasticd.coord.keys import DEFAULT_PREFIX, Keys
 from elasticd.coord.session import DEFAULT_TTL_S, Session
-from elasticd.daemon_metrics import ControllerCollector, start_metrics, stop_metrics
+from elasticd.daemon_metrics import (
+    ControllerCollector,
+    add_metrics_arguments,
+    start_metrics,
+    stop_metrics,
+)
 from elasticd.logs import add_logging_arguments
 from elasticd.retry import Backoff
 from elasticd.sd_notify import Notifier
@@ -68,13 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="address space, MiB, of the task probe that builds a submitted task's model, torch "
         f"included (default {PROBE_MEMORY_MIB}, at least {MIN_MEMORY_MIB}); more: refused at submit",
     )
-    p.add_argument(
-        "--metrics-port",
-        type=int,
-        default=None,
-        help="serve Prometheus metrics on http://HOST:PORT/metrics (0: any free port; "
-        "default: off)",
-    )
+    add_metrics_arguments(p)
     add_security_arguments(p)
     add_logging_arguments(p)
 

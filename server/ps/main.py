@@ -10,6 +10,7 @@ import uuid
 from elasticd.coord.etcd import EtcdClient
 from elasticd.coord.keys import DEFAULT_PREFIX, Keys
 from elasticd.coord.session import DEFAULT_TTL_S, Session
+from elasticd.daemon_metrics import add_metrics_arguments
 from elasticd.logs import add_logging_arguments
 from elasticd.sd_notify import Notifier
 from elasticd.security import add_security_arguments
@@ -31,13 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=0, help="port to listen on (0: any free port)")
     p.add_argument("--lease-ttl", type=int, default=DEFAULT_TTL_S, help="etcd lease TTL, seconds")
-    p.add_argument(
-        "--metrics-port",
-        type=int,
-        default=None,
-        help="serve Prometheus metrics on http://HOST:PORT/metrics (0: any free port; "
-        "default: off)",
-    )
+    add_metrics_arguments(p)
     p.add_argument(
         "--torch-threads",
         type=int,

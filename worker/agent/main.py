@@ -10,7 +10,12 @@ import socket
 from elasticd.coord.etcd import EtcdClient
 from elasticd.coord.keys import DEFAULT_PREFIX, Keys
 from elasticd.coord.session import DEFAULT_TTL_S
-from elasticd.daemon_metrics import AgentCollector, start_metrics, stop_metrics
+from elasticd.daemon_metrics import (
+    AgentCollector,
+    add_metrics_arguments,
+    start_metrics,
+    stop_metrics,
+)
 from elasticd.logs import add_logging_arguments
 from elasticd.sd_notify import Notifier
 from elasticd.security import add_security_arguments
@@ -50,13 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=os.path.abspath(".elasticd/logs"),
         help="directory for training process logs (<log-dir>/<job>/<worker>.log)",
     )
-    p.add_argument(
-        "--metrics-port",
-        type=int,
-        default=None,
-        help="serve Prometheus metrics on http://HOST:PORT/metrics (0: any free port; "
-        "default: off)",
-    )
+    add_metrics_arguments(p)
     add_security_arguments(p)
     add_logging_arguments(p)
 
