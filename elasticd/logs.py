@@ -10,10 +10,12 @@ as a field of its own, ready for Loki, Elasticsearch or ``jq``.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
 import re
+import signal
 import sys
 import time
 
@@ -91,3 +93,6 @@ def configure_logging(process: str, level: str | None = None, fmt: str | None = 
     logging.basicConfig(
         level=(level or os.environ.get("ELASTICD_LOG_LEVEL", "INFO")).upper(), handlers=[handler]
     )
+    # `kill -USR1 PID` writes every thread's stack to stderr: how to see where a
+    # daemon that will not stop or answer is stuck, without stopping it.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)

@@ -82,9 +82,30 @@ def advertised_host(host: str) -> str:
     return host
 
 
-def wait_for_stop_signal() -> threading.Event:
-    """An event set on SIGTERM or SIGINT (main thread only)."""
-    stop = threading.Event()
+class StopSignal(threading.Event):
+    """Set by SIGTERM or SIGINT.
+
+    Python runs a signal's handler in the main thread, but the kernel may deliver
+    the signal to any thread, gRPC's included; then it only flags the handler,
+    which runs the next time the main thread runs Python code. A main thread
+    blocked in a plain ``Event.wait()`` never does, and the daemon ignores its
+    SIGTERM. So the main thread's untimed wait wakes every ``POLL_S`` to let the
+    handler run.
+    """
+
+    POLL_S = 0.2
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if timeout is not None or threading.current_thread() is not threading.main_thread():
+            return super().wait(timeout)
+        while not super().wait(self.POLL_S):
+            pass
+        return True
+
+
+def wait_for_stop_signal() -> StopSignal:
+    """An event set on SIGTERM or SIGINT (install from the main thread)."""
+    stop = StopSignal()
 
     def handler(signum, _frame):
         log.info("event=signal signal=%s", signal.Signals(signum).name)
