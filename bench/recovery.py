@@ -33,13 +33,14 @@ import datetime
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from elasticd.local_processes import free_port
 
 HERE = Path(__file__).resolve().parent
 MLP_TASK = str(HERE / "allreduce.py")
@@ -103,12 +104,6 @@ def _wait(pred, timeout: float, what: str):
 
 def _after(steps: list[tuple[float, int]], since: float) -> list[tuple[float, int]]:
     return [s for s in steps if s[0] > since]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _summary(values: list[float]) -> dict[str, float]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import random
 import shutil
 import signal
 import socket
@@ -16,8 +18,45 @@ from elasticd.spawn import spawn
 STOP_GRACE_S = 15.0
 
 
+# A port handed to a process that binds it later (etcd, moto, a daemon's metrics) is
+# taken below the kernel's ephemeral range. From that range the kernel picks the
+# local port of every outgoing connection and every bind to port 0, so there any
+# connection made on the machine between our check and the process's bind, or
+# while an etcd is down between a kill and its restart, can take the port.
+LOWEST_PORT = 10000
+PORT_SLICE = 2000  # ports a process cycles through; pytest-xdist workers get one each
+_ports = itertools.count(random.randrange(PORT_SLICE))
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def _slice_start() -> int | None:
+    slices = (_ephemeral_low() - LOWEST_PORT) // PORT_SLICE
+    if slices < 1:
+        return None
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    index = int(worker[2:]) if worker[2:].isdigit() else os.getpid()
+    return LOWEST_PORT + (index % slices) * PORT_SLICE
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A loopback port nobody listens on now, and that no outgoing connection takes."""
+    start = _slice_start()
+    if start is not None:
+        for _ in range(PORT_SLICE):
+            port = start + next(_ports) % PORT_SLICE
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    with socket.socket() as s:  # no room below the ephemeral range on this machine
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
