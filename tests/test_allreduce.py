@@ -445,7 +445,7 @@ def test_allreduce_job_completes_on_a_local_cluster(cluster):
 LONG_JOIN_WINDOW_S = 300.0
 
 
-def test_killed_workers_come_back_and_take_the_survivors_state(cluster):
+def test_killed_workers_come_back_and_take_the_survivors_state(cluster, tmp_path):
     """A killed worker is left out of one generation and comes back, fresh, in the next.
 
     Neither change waits for the join window: the departure seals at once
@@ -459,6 +459,7 @@ def test_killed_workers_come_back_and_take_the_survivors_state(cluster):
     c = cluster(ps=0, agents=2, join_window=LONG_JOIN_WINDOW_S)
     client = JobClient(etcd=c.etcd, prefix=c.prefix)
     steps = 1000
+    slow = tmp_path / "slow"
     job_id = client.submit_yaml(
         spec_yaml(
             task=GATED,
@@ -466,21 +467,30 @@ def test_killed_workers_come_back_and_take_the_survivors_state(cluster):
             steps=steps,
             report_every_steps=5,
             max_restarts=2,
-            # steps slow enough that the survivor is still training when the
-            # replacement is ready (it starts while the survivor trains alone)
-            task_args={"step_delay_s": 0.01},
+            # the survivor, once it has trained alone, slows down while this file exists
+            task_args={"step_delay_s": 0.01, "slow": str(slow)},
         )
     )
     first = wait_until(lambda: len((s := client.get(job_id)).workers) == 2 and s, 60, "2 workers")
     wid = next(w.worker_id for w in first.workers if w.rank == 0)  # it also hosts the store
+    survivor = next(w.worker_id for w in first.workers if w.rank == 1)
     wait_until(lambda: client.get(job_id).step >= 20, 60, "training to start")
     os.kill(workers_of(c, job_id)[wid].pid, signal.SIGKILL)
     # Left out of the next generation, back in the one after, as a fresh process.
+    alone = c.base_dir / "logs" / job_id / f"{survivor}.log"
+    wait_until(
+        lambda: f"event=state_synced job={job_id} generation=2 " in alone.read_text(),
+        60,
+        "the survivor to train alone",
+    )
+    # However slowly the replacement starts, the survivor must not finish the job first.
+    slow.touch()
     wait_until(
         lambda: (s := client.get(job_id)).generation >= 3 and len(s.workers) == 2,
-        60,
+        120,
         f"{wid} back in a later generation",
     )
+    slow.unlink()
 
     status = client.wait(job_id, timeout=120, interval=0.5)
     assert status.state == "COMPLETED", status

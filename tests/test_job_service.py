@@ -454,7 +454,8 @@ def test_connect_submits_watches_and_waits_from_python(served, nodes, keys, tmp_
     with connect(controller=s.address) as cluster:
         job = cluster.submit(str(spec))
         gen = sealed(s, keys, job.id, 1)
-        assert job.state == "RUNNING"
+        # read from etcd, the generation may be ahead of the controller's cache of it
+        wait_until(lambda: job.state == "RUNNING", 30, "the controller to report RUNNING")
         assert [j.id for j in cluster.jobs(states=("RUNNING",))] == [job.id]
         agents_report(s.running.client, keys, gen, "RUNNING")
         job.cancel()
