@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -48,16 +49,28 @@ def test_sigterm_delivered_to_another_thread_stops_the_main_wait(program) -> Non
 
 
 def test_sigusr1_writes_every_threads_stack_and_the_daemon_goes_on(program) -> None:
-    program.send_signal(signal.SIGUSR1)
+    # The program prints "waiting" just before it enters its wait, so the first
+    # SIGUSR1 may catch the main thread elsewhere: send it again until a dump shows
+    # the wait. A reader thread keeps a pipe read from ever blocking the test.
     lines: list[str] = []
 
-    def dumped() -> bool:
-        lines.append(program.stderr.readline())
-        return "in wait" in lines[-1] and "serving.py" in lines[-1]
+    def read() -> None:
+        for line in program.stderr:
+            lines.append(line)
 
-    wait_until(dumped, 30, "the main thread's stack")
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+
+    def dumped() -> bool:
+        if any("in wait" in line and "serving.py" in line for line in list(lines)):
+            return True
+        program.send_signal(signal.SIGUSR1)
+        return False
+
+    wait_until(dumped, 30, "the main thread's stack in StopSignal.wait", interval=0.5)
     assert program.poll() is None  # still waiting
     assert any("Thread 0x" in line for line in lines), lines
     program.send_signal(signal.SIGTERM)
-    out, _ = program.communicate(timeout=30)
-    assert out == "stopped\n"
+    assert program.wait(timeout=30) == 0
+    reader.join(timeout=30)
+    assert program.stdout.read() == "stopped\n"
