@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, help_, description in servers:
         p = sub.add_parser(name, help=help_, description=description)
         module.add_arguments(p)
-        p.set_defaults(func=module.run)
+        p.set_defaults(func=module.run, daemon=True)
 
     p = sub.add_parser(
         "up",
@@ -220,7 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args = build_parser().parse_args(argv)
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
+        if getattr(args, "daemon", False):
+            from elasticd.serving import exit_without_teardown
+
+            exit_without_teardown(code)
+        return code
     except grpc.RpcError as exc:
         code = exc.code()
         where = getattr(getattr(args, "client", None), "address", "") or "the controller"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from concurrent import futures
@@ -114,3 +116,20 @@ def wait_for_stop_signal() -> StopSignal:
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
     return stop
+
+
+def exit_without_teardown(code: int) -> None:
+    """End a daemon whose own shutdown is done, skipping the interpreter's.
+
+    By then the daemon has stopped its servers, revoked its lease and closed its
+    clients. What the interpreter would still do is tear down torch and gRPC's
+    modules, which took 1.7 s of a parameter server's 1.8 s stop here: time
+    that a systemd stop, a drain or a restart spends waiting for nothing.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
