@@ -44,6 +44,8 @@ from elasticd.worker.runtime.rendezvous import FileDirectory
 from elasticd.worker.runtime.replica import LRSchedule, Ramp, choose_source
 from tests.jobs import spec_yaml
 
+pytestmark = pytest.mark.slow  # whole clusters or many processes: run first (conftest)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -12,6 +12,8 @@ import json
 import re
 import signal
 
+import pytest
+
 from elasticd.checkpoint import CheckpointStore
 from elasticd.checkpoint.locate import load_state
 from elasticd.client import JobClient
@@ -24,6 +26,8 @@ from tests.fixtures.cluster import LEASE_TTL_S
 from tests.jobs import spec_yaml
 from tests.test_ps_restore import record
 from tests.test_restore_tier import checkpoint_state
+
+pytestmark = pytest.mark.slow  # whole clusters or many processes: run first (conftest)
 
 STEPS = 600
 

@@ -27,6 +27,8 @@ from elasticd.server.controller.planning import Seal
 from tests.fixtures.controller import start_controller
 from tests.jobs import spec_yaml
 
+pytestmark = pytest.mark.slow  # whole clusters or many processes: run first (conftest)
+
 
 def allreduce_spec(**fields):
     return load_spec_yaml(

@@ -18,6 +18,8 @@ from elasticd.worker.agent.api import ProcessSpec
 from elasticd.worker.agent.launch import RUNTIME_ARGV
 from elasticd.worker.agent.supervisor import ProcessSupervisor
 
+pytestmark = pytest.mark.slow  # whole clusters or many processes: run first (conftest)
+
 
 @pytest.fixture
 def supervisor(tmp_path):
