@@ -138,12 +138,19 @@ class ShapeProbe:
         self._process: _ProbeProcess | None = None
         self.probes = 0  # questions asked (read by tests and logs)
 
-    def _running(self) -> _ProbeProcess:
+    def start(self) -> _ProbeProcess:
+        """Start the probe process unless it runs; do not wait for it to be ready.
+
+        A leading controller starts it as it takes over, so that the first
+        submit finds torch imported instead of waiting for it."""
         with self._lock:
             if self._process is None or not self._process.alive:
                 self._process = _ProbeProcess(self.timeout_s, self.memory_mib)
                 log.info("event=shape_probe_started pid=%d", self._process.proc.pid)
-            process = self._process
+            return self._process
+
+    def _running(self) -> _ProbeProcess:
+        process = self.start()
         if not process.ready.wait(START_TIMEOUT_S) or not process.alive:
             process.kill()
             raise ProbeUnavailable("the task probe process did not start")

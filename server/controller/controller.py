@@ -157,6 +157,7 @@ class Controller:
     def set_leader(self, leader: bool) -> None:
         if leader and not self._is_leader:
             log.info("event=leadership_acquired address=%s", self.address)
+            self.shapes.probe.start()  # only the leader admits jobs
             self.leading_since = time.monotonic()
             self._adopted.clear()
             self.data.forget()  # leases handed out meanwhile by another leader

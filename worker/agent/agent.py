@@ -157,6 +157,7 @@ class NodeAgent:
         info = replace(info, agent_address=f"{info.address}:{port}")
         self.session.put(self.keys.node(self.node_id), info.to_json())
         self.assignments.start()
+        self.supervisor.fill_warm_pool()  # a node's first launch is then as quick as a restart
         return self
 
     def slots_snapshot(self) -> list[Slot]:
