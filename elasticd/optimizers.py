@@ -99,3 +99,19 @@ def build_optimizer(
     # foreach=False: the per-tensor loop is the reference arithmetic, so a PS
     # shard and a local optimizer over the same tensors agree bit for bit.
     return getattr(torch.optim, OPTIMIZERS[name].torch_name)(params, foreach=False, **args)
+
+
+def warm_up_optimizers() -> None:
+    """Pay torch's lazy first-use costs of every optimizer now, not at a job's first step.
+
+    The first optimizer built imports torch._dynamo (about 2 s here, more on a
+    busy machine). A training process waiting to be taken and a parameter
+    server that just started have the time; a job's first InitShard or step
+    does not.
+    """
+    import torch
+
+    param = torch.zeros(1, requires_grad=True)
+    param.grad = torch.zeros(1)
+    for name in OPTIMIZERS:
+        build_optimizer(name, {}, [param]).step()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import threading
 import uuid
 
 from elasticd.coord.etcd import EtcdClient
@@ -56,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     notifier = Notifier.from_environment()
     import torch
 
+    from elasticd.optimizers import warm_up_optimizers
     from elasticd.server.ps.messages import SERVICE
     from elasticd.server.ps.metrics import serve_metrics
     from elasticd.server.ps.service import ParameterServerServicer, add_to_server
@@ -95,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
     log.info("event=ps_ready ps=%s address=%s incarnation=%s", ps_id, address, servicer.incarnation)
     print(f"ps {ps_id} listening on {address}", flush=True)
     notifier.ready(f"ps {ps_id} serving on {address}", session.alive)
+    # In the background: the first InitShard would otherwise pay for it.
+    threading.Thread(target=warm_up_optimizers, name="warm-up", daemon=True).start()
     stop.wait()
     notifier.stopping()
     session.close()

@@ -14,6 +14,7 @@ import runpy
 import sys
 from collections.abc import Callable
 
+from elasticd.optimizers import warm_up_optimizers
 from elasticd.serving import configure_logging
 from elasticd.worker.runtime import allreduce, ps_async
 from elasticd.worker.runtime.control import Assignment, ControlChannel, ScriptRun
@@ -24,24 +25,6 @@ MODES: dict[str, Callable[[Assignment, ControlChannel, Handover | None], int | S
     "ps-async": ps_async.train,
     "allreduce": allreduce.train,
 }
-
-
-def warm_up() -> None:
-    """Pay torch's lazy first-use costs before an assignment arrives, not after.
-
-    The first optimizer built imports torch._dynamo (about 3 s here); a warm
-    process, which waits for its assignment, has then done it already. A
-    process launched with its assignment skips it: a ps-async worker never
-    builds an optimizer, and an allreduce one pays it once either way.
-    """
-    import torch
-
-    from elasticd.optimizers import OPTIMIZERS, build_optimizer
-
-    param = torch.zeros(1, requires_grad=True)
-    param.grad = torch.zeros(1)
-    for name in OPTIMIZERS:
-        build_optimizer(name, {}, [param]).step()
 
 
 def run_script(script: ScriptRun) -> int:
@@ -61,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     if script is not None:  # started for a script: run it now
         return run_script(script)
     control = ControlChannel()
-    first = control.first(warm_up=warm_up)
+    # A warm process pays torch's first-use costs while it waits to be taken; one
+    # launched with its assignment skips them (a ps-async worker builds no optimizer).
+    first = control.first(warm_up=warm_up_optimizers)
     if isinstance(first, ScriptRun):  # a warm interpreter taken for a script
         return run_script(first)
     configure_logging(f"worker:{first.worker_id}")
