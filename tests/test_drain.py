@@ -137,6 +137,9 @@ def test_sigterm_to_an_agent_drains_its_workers_and_loses_no_step(cluster, tmp_p
     after = [sorted(g.worker_ids) for g in seen[drained_at:]]
     assert after and after[0] == ["node-0.0"], f"generations after the drain: {after}"
 
+    controller_log = (c.base_dir / "logs" / "controller-0.log").read_text()
+    assert "event=data_reclaimed" in controller_log  # the drained worker's range went back
+
     counts = applied_counts(c, job_id)
     (tmp_path / "applied.json").write_text(json.dumps(counts))
     for name, per_batch in counts.items():
