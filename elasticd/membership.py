@@ -37,6 +37,7 @@ class NodeInfo:
     hostname: str = ""
     address: str = ""  # host others reach this node at (torchrun's MASTER_ADDR)
     agent_address: str = ""  # host:port of the agent's NodeAgent gRPC service
+    draining: bool = False  # its agent is leaving: no job chooses a worker here
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()

@@ -86,5 +86,8 @@ class Notifier:
                 log.warning("event=watchdog_withheld reason=unhealthy")
 
     def stopping(self) -> None:
+        """Say STOPPING=1, once however often called (an agent says it when its drain begins)."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         self.send("STOPPING=1")

@@ -97,6 +97,19 @@ class StopSignal(threading.Event):
 
     POLL_S = 0.2
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._callbacks: list[Callable[[], None]] = []
+
+    def on_set(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` when the signal comes (to wake a loop that sleeps on its own event)."""
+        self._callbacks.append(callback)
+
+    def set(self) -> None:
+        super().set()
+        for callback in list(self._callbacks):
+            callback()
+
     def wait(self, timeout: float | None = None) -> bool:
         if timeout is not None or threading.current_thread() is not threading.main_thread():
             return super().wait(timeout)

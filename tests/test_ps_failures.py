@@ -24,30 +24,40 @@ from tests.test_membership_etcd import generation
 ENDLESS = 10_000_000
 
 
-class StateLog:
-    """Every state a job's status key took, from etcd's own watch (nothing is missed)."""
+class KeyLog:
+    """Every value one etcd key took from ``start_revision`` on, parsed, from etcd's own
+    watch (nothing is missed)."""
 
-    def __init__(self, c: LocalCluster, job_id: str) -> None:
-        self.states: list[str] = []
+    def __init__(self, c: LocalCluster, key: str, parse, start_revision: int) -> None:
+        self.values: list = []
         self._lock = threading.Lock()
         self._client = EtcdClient(c.etcd)
-        key = c.keys.job_status(job_id)
-        kv = self._client.get(key)
 
         def on_events(events, _revision) -> None:
             with self._lock:
-                self.states += [json.loads(e.value)["state"] for e in events if e.kind == "put"]
+                self.values += [parse(e.value) for e in events if e.kind == "put"]
 
-        self.states.append(json.loads(kv.value)["state"])
-        self._cancel = self._client.watch_prefix(key, kv.mod_revision + 1, on_events, print)
+        self._cancel = self._client.watch_prefix(key, start_revision, on_events, print)
 
-    def seen(self) -> list[str]:
+    def seen(self) -> list:
         with self._lock:
-            return list(self.states)
+            return list(self.values)
 
     def close(self) -> None:
         self._cancel()
         self._client.close()
+
+
+class StateLog(KeyLog):
+    """Every state a job's status key took, from now on."""
+
+    def __init__(self, c: LocalCluster, job_id: str) -> None:
+        kv = c.client.get(c.keys.job_status(job_id))
+        super().__init__(
+            c, c.keys.job_status(job_id), lambda v: json.loads(v)["state"], kv.mod_revision + 1
+        )
+        with self._lock:
+            self.values.insert(0, json.loads(kv.value)["state"])
 
 
 def ps_address(c: LocalCluster, ps_id: str) -> str:

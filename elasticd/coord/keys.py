@@ -87,3 +87,11 @@ class Keys:
     @property
     def all_assignments(self) -> str:
         return f"{self.prefix}/assign/"
+
+    @property
+    def drain_requests(self) -> str:
+        """``elasticd agent --drain`` asks a node's agent to drain under this prefix."""
+        return f"{self.prefix}/drain/"
+
+    def drain_request(self, node_id: str) -> str:
+        return f"{self.drain_requests}{node_id}"

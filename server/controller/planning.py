@@ -137,7 +137,7 @@ def decide(job: JobSnapshot, cluster: ClusterSnapshot) -> Action:
     ready = {w for w, r in job.workers.items() if r.state == READY}
     failed = [w for w, r in job.workers.items() if r.state == FAILED] + sorted(starting)
     desired = choose_workers(
-        cluster.nodes,
+        schedulable(cluster.nodes),
         cluster.taken_except(spec_job_id(job)),
         current | ready,
         failed,
@@ -172,6 +172,15 @@ def decide(job: JobSnapshot, cluster: ClusterSnapshot) -> Action:
             restore=resume,
         )
     return Nothing()
+
+
+def schedulable(nodes: Mapping[str, NodeInfo]) -> dict[str, NodeInfo]:
+    """The nodes a job may choose workers on: every registered node but a draining one.
+
+    A draining node's workers are left out of the next generation, which is then
+    a departure and sealed at once (see worker/agent/drain.py).
+    """
+    return {n: info for n, info in nodes.items() if not info.draining}
 
 
 def ps_trouble(job: JobSnapshot, cluster: ClusterSnapshot) -> str:

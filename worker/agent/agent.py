@@ -21,6 +21,10 @@ assignments, and makes the running processes match them:
 * in script mode every process is restarted when the generation changes, with
   the restart count raised, as torchrun does.
 
+On SIGTERM or a drain request the agent drains (:mod:`.drain`): it marks its
+node draining, launches nothing more, stops each process once the controller
+has sealed a generation without it, and exits once none is left.
+
 Worker states go to ``<prefix>/jobs/<job>/workers/<worker>`` on the agent's
 lease, written when they change, so they vanish with the agent.
 """
@@ -37,9 +41,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import psutil
-
 from elasticd.coord.cache import PrefixCache
+from elasticd.coord.election import observe_leader
 from elasticd.coord.etcd import EtcdClient, EtcdError
 from elasticd.coord.keys import Keys
 from elasticd.coord.session import Session
@@ -47,6 +50,7 @@ from elasticd.membership import NodeInfo, WorkerReport
 from elasticd.rpc import agent_pb2, agent_pb2_grpc
 from elasticd.serving import service_name, start_grpc_server
 from elasticd.worker.agent.api import FAILED, READY, RESTARTING, RUNNING, SUCCEEDED, Exited
+from elasticd.worker.agent.capacity import node_capacity
 from elasticd.worker.agent.fault_injection import FaultExecutor
 from elasticd.worker.agent.launch import (
     RUNTIME_ARGV,
@@ -58,33 +62,6 @@ from elasticd.worker.agent.status_service import NodeAgentServicer
 from elasticd.worker.agent.supervisor import ProcessSupervisor
 
 log = logging.getLogger(__name__)
-
-
-def gpu_count() -> int:
-    """GPUs this node offers, without importing torch (an agent stays light).
-
-    CUDA_VISIBLE_DEVICES narrows what the driver lists, as it does for CUDA.
-    """
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
-    try:
-        return len(os.listdir("/proc/driver/nvidia/gpus"))
-    except OSError:
-        return 0
-
-
-def node_capacity(node_id: str, slots: int, address: str = "") -> NodeInfo:
-    gpus = gpu_count()
-    return NodeInfo(
-        node_id=node_id,
-        slots=slots,
-        cpus=psutil.cpu_count() or 0,
-        memory_bytes=psutil.virtual_memory().total,
-        gpus=gpus,
-        hostname=socket.gethostname(),
-        address=address or socket.gethostname(),
-    )
 
 
 @dataclass
@@ -125,6 +102,10 @@ class NodeAgent:
         self.session = Session(client, ttl=lease_ttl, name=f"agent-{node_id}")
         self._wake = threading.Event()
         self.assignments = PrefixCache(client, keys.assignments(node_id), self._wake.set)
+        self.drain_requests = PrefixCache(client, keys.drain_requests, self._wake.set)
+        self.draining = False  # launches nothing more; leaves once nothing runs
+        self._stopping = False  # exits are ours: neither restarted nor reported
+        self._info: NodeInfo | None = None  # what start() advertised
         # A warm interpreter per slot (``warm``: how many; default one per slot), so a
         # restart costs neither interpreter nor torch start-up.
         self.supervisor = ProcessSupervisor(
@@ -154,11 +135,18 @@ class NodeAgent:
             [service_name(agent_pb2, "NodeAgent")],
         )
         info = node_capacity(self.node_id, self.slots, self.address)
-        info = replace(info, agent_address=f"{info.address}:{port}")
-        self.session.put(self.keys.node(self.node_id), info.to_json())
+        self._info = replace(info, agent_address=f"{info.address}:{port}")
+        # A drain request left for an earlier agent of this node is not for this one.
+        self.client.delete(self.keys.drain_request(self.node_id))
+        self.session.put(self.keys.node(self.node_id), self._info.to_json())
         self.assignments.start()
+        self.drain_requests.start()
         self.supervisor.fill_warm_pool()  # a node's first launch is then as quick as a restart
         return self
+
+    def drain_requested(self) -> bool:
+        """Whether ``elasticd agent --drain`` asked this node to drain."""
+        return self.node_id in self.drain_requests.items()
 
     def slots_snapshot(self) -> list[Slot]:
         """The slots this node holds now (for metrics)."""
@@ -175,19 +163,46 @@ class NodeAgent:
             return slot.state, pid, slot.generation
 
     def run(self, stop: threading.Event) -> None:
-        while not stop.is_set():
+        """Reconcile until ``stop`` is set (SIGTERM) or a drain is requested."""
+        while not stop.is_set() and not self.drain_requested():
             self.kill_hung()
             try:
                 self.reconcile()
             except EtcdError as exc:
                 log.warning("event=agent_reconcile_failed node=%s error=%s", self.node_id, exc)
-            self._wake.wait(1.0)
-            self._wake.clear()
+            self.wait_for_change(1.0)
+
+    def mark_draining(self) -> None:
+        """Launch nothing more, and advertise the node as draining: no job chooses it."""
+        self.draining = True
+        self.session.put(self.keys.node(self.node_id), replace(self._info, draining=True).to_json())
+
+    def leader_present(self) -> bool:
+        """Whether a controller leads (somebody can seal the drain's generation)."""
+        return observe_leader(self.client, self.keys.election) is not None
+
+    def wake(self) -> None:
+        """Reconcile now (a stop signal came). Safe in a signal handler: the event is set
+        from another thread, as the main thread may hold the event's lock when the
+        handler runs."""
+        threading.Thread(target=self._wake.set, name="wake", daemon=True).start()
+
+    def wait_for_change(self, timeout_s: float) -> None:
+        """Sleep until an assignment or drain request changes, or ``timeout_s``."""
+        self._wake.wait(timeout_s)
+        self._wake.clear()
 
     def shutdown(self) -> None:
+        with self._lock:
+            self._stopping = True
         self.assignments.stop()
+        self.drain_requests.stop()
         self.supervisor.stop_all()
         self.session.close()
+        try:
+            self.client.delete(self.keys.drain_request(self.node_id))
+        except EtcdError:
+            pass  # the next agent of this node deletes it at start
         if self._server is not None:
             self._server.stop(grace=1).wait()
 
@@ -218,6 +233,8 @@ class NodeAgent:
                 del self._restarts[key]
             for key, assignment in wanted.items():
                 slot = self._slots.get(key)
+                if self.draining and (slot is None or slot.standby or slot.state == RESTARTING):
+                    continue  # launches nothing more: the controller takes it out
                 if slot is None:
                     self._launch(key, assignment)
                 elif slot.standby and slot.generation != assignment["generation"]:
@@ -331,9 +348,12 @@ class NodeAgent:
     def _on_exit(self, event: Exited) -> None:
         with self._lock:
             slot = self._slots.get(event.key)
-            if slot is None or slot.pid != event.pid:
-                return  # withdrawn or replaced: we stopped it
+            if self._stopping or slot is None or slot.pid != event.pid:
+                return  # withdrawn, replaced, or the agent is stopping: we stopped it
             slot.exit_code = event.code
+            if self.draining and event.code != 0:
+                self._slots.pop(event.key)  # not restarted, nor a failure of the job
+                return
             max_restarts = int(slot.assignment["spec"].get("max_restarts", 0))
             if event.code == 0:
                 slot.state = SUCCEEDED

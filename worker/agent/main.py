@@ -22,6 +22,8 @@ from elasticd.security import add_security_arguments
 from elasticd.security.config import configure_daemon
 from elasticd.serving import configure_logging, wait_for_stop_signal
 from elasticd.worker.agent.agent import NodeAgent, default_node_id
+from elasticd.worker.agent.drain import DRAIN_TIMEOUT_S, drain
+from elasticd.worker.agent.drain_request import add_drain_arguments, request_drain
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="serve InjectFault, through which `elasticd chaos` SIGKILLs or SIGSTOPs this "
         "agent or a training process it supervises (off by default; for test clusters)",
     )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=DRAIN_TIMEOUT_S,
+        help="on SIGTERM or a drain request, how long the controller gets to take this "
+        "node's workers out of their jobs before they are stopped anyway, seconds "
+        "(keep it below the service manager's stop timeout)",
+    )
+    add_drain_arguments(p)
     p.add_argument("--lease-ttl", type=int, default=DEFAULT_TTL_S, help="etcd lease TTL, seconds")
     p.add_argument(
         "--log-dir",
@@ -61,6 +72,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.drain:
+        return request_drain(args)
     node_id = args.node_id or default_node_id()
     configure_logging(f"agent:{node_id}", fmt=args.log_format)
     configure_daemon(args, args.host or socket.gethostname(), "agent")
@@ -77,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         warm=args.warm,
         allow_chaos=args.allow_chaos,
     ).start()
+    stop.on_set(agent.wake)
     log.info(
         "event=agent_ready node=%s slots=%d allow_chaos=%s", node_id, args.slots, args.allow_chaos
     )
@@ -84,7 +98,9 @@ def run(args: argparse.Namespace) -> int:
     metrics = start_metrics(args, AgentCollector(agent), f"agent:{node_id}")
     notifier.ready(f"agent {node_id} with {args.slots} slot(s)", agent.session.alive)
     try:
-        agent.run(stop)
+        agent.run(stop)  # until SIGTERM or a drain request
+        notifier.stopping()  # systemd's stop timeout (TimeoutStopSec) covers the drain
+        drain(agent, args.drain_timeout)
     finally:
         notifier.stopping()
         agent.shutdown()
