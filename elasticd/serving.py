@@ -24,6 +24,11 @@ from elasticd.security.gate import Gate
 log = logging.getLogger(__name__)
 
 GRPC_THREADS = 32  # handler threads per server: one per concurrent stream
+# gRPC sets SO_REUSEPORT by default: a second server given a port another process
+# listens on would start, and the kernel would split the port's connections
+# between the two. A daemon given a port in use (a fixed --port, the port its
+# probes and firewall rules name) must fail instead.
+EXCLUSIVE_PORT = [("grpc.so_reuseport", 0)]
 
 
 def start_grpc_server(
@@ -44,7 +49,7 @@ def start_grpc_server(
         gate = Gate(security)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=GRPC_THREADS, thread_name_prefix="grpc"),
-        options=GRPC_OPTIONS,
+        options=[*GRPC_OPTIONS, *EXCLUSIVE_PORT],
         interceptors=[gate] if gate is not None else None,
     )
     add_servicers(server)
@@ -62,12 +67,15 @@ def start_grpc_server(
     )
     credentials = server_credentials(security)
     address = f"{host}:{port}"
-    if credentials is None:
-        bound = server.add_insecure_port(address)
-    else:
-        bound = server.add_secure_port(address, credentials)
+    try:  # grpc reports a failed bind by returning 0 or, in newer releases, raising
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
+    except RuntimeError:
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot listen on {address}")
+        raise OSError(f"cannot listen on {address}: the port is in use or the address not local")
     server.start()
     return server, bound
 

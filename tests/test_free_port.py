@@ -1,11 +1,16 @@
-"""Ports handed to processes that bind them later: free, and out of the ephemeral range."""
+"""Ports handed to processes that bind them later: free, out of the ephemeral range, and
+never shared by two servers."""
 
 from __future__ import annotations
 
 import socket
 
+import pytest
+
 from elasticd import local_processes
 from elasticd.local_processes import LOWEST_PORT, PORT_SLICE, free_port
+from elasticd.security.config import Security
+from elasticd.serving import start_grpc_server
 
 
 def test_ports_are_free_distinct_and_below_the_ephemeral_range() -> None:
@@ -33,3 +38,12 @@ def test_each_xdist_worker_takes_its_own_slice(monkeypatch) -> None:
         assert start <= port < start + PORT_SLICE
         starts.add(start)
     assert len(starts) == 4
+
+
+def test_a_server_refuses_a_port_another_server_listens_on() -> None:
+    first, port = start_grpc_server(lambda s: None, "127.0.0.1", 0, [], Security())
+    try:
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
+            start_grpc_server(lambda s: None, "127.0.0.1", port, [], Security())
+    finally:
+        first.stop(grace=None)

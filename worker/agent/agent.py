@@ -91,8 +91,10 @@ class NodeAgent:
         address: str = "",
         warm: int | None = None,
         allow_chaos: bool = False,
+        port: int = 0,
     ) -> None:
         self.address = address
+        self.port = port  # of the NodeAgent gRPC service; 0: any free port
         self.allow_chaos = allow_chaos  # serve InjectFault (`elasticd chaos`)
         self.client = client
         self.keys = keys
@@ -131,7 +133,7 @@ class NodeAgent:
                 s,
             ),
             self.address or socket.gethostname(),
-            0,
+            self.port,
             [service_name(agent_pb2, "NodeAgent")],
         )
         info = node_capacity(self.node_id, self.slots, self.address)

@@ -39,6 +39,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="address other nodes reach this node at (default: the hostname)",
     )
     p.add_argument(
+        "--port",
+        type=int,
+        default=0,
+        help="port of the NodeAgent gRPC service (0: any free port; a fixed one lets "
+        "health probes and firewall rules name it)",
+    )
+    p.add_argument(
         "--warm",
         type=int,
         default=None,
@@ -87,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         args.log_dir,
         args.lease_ttl,
         address=args.host,
+        port=args.port,
         warm=args.warm,
         allow_chaos=args.allow_chaos,
     ).start()
