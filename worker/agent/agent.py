@@ -114,8 +114,10 @@ class NodeAgent:
         address: str = "",
         warm: int | None = None,
         allow_chaos: bool = False,
+        host: str = "",
     ) -> None:
-        self.address = address
+        self.host = host or address  # where the agent's gRPC service listens
+        self.address = address  # what the cluster dials: registration, rendezvous host
         self.allow_chaos = allow_chaos  # serve InjectFault (`elasticd chaos`)
         self.client = client
         self.keys = keys
@@ -149,7 +151,7 @@ class NodeAgent:
                 ),
                 s,
             ),
-            self.address or socket.gethostname(),
+            self.host or socket.gethostname(),
             0,
             [service_name(agent_pb2, "NodeAgent")],
         )
