@@ -1,22 +1,26 @@
 """Which address a daemon tells the cluster to dial, and which interface carries it.
 
 A daemon listening on a wildcard address (``--host 0.0.0.0``) still registers one
-address in etcd for the others to dial. The hostname is a poor default: in a
-container or a network namespace it often resolves to loopback or to an address
-the machine does not hold, and on Kubernetes other pods cannot resolve it at all.
-So, in order:
+address in etcd for the others to dial. In order:
 
-1. ``--advertise ADDR`` when given (a name, for TLS certificates issued for names);
-2. the local address of the route to etcd, when that is not loopback: every member
-   reaches etcd, so the interface it reaches etcd through is the one the cluster
-   talks on (a UDP ``connect`` picks it and sends nothing);
-3. the hostname, as before (etcd on this machine's loopback, say).
+1. ``--advertise ADDR`` when given;
+2. the hostname, when it resolves to an address this machine holds other than
+   loopback: names suit TLS certificates issued for them;
+3. else the local address of the route to etcd, when that is not loopback: every
+   member reaches etcd, so the interface it reaches etcd through is the one the
+   cluster talks on (a UDP ``connect`` picks it and sends nothing). This is what a
+   container or a network namespace gets, where the hostname resolves to loopback
+   or to an address of another namespace;
+4. else the hostname (etcd on this machine's loopback, say).
 
-A daemon given a specific ``--host`` advertises that host.
+A daemon given a specific ``--host`` advertises that host. Where the hostname
+resolves here but not on the other machines (a Kubernetes pod), pass
+``--advertise`` (the pod's IP).
 
-The same route decides which interface torch.distributed's gloo binds to
-(:func:`interface_of`): gloo otherwise binds to whatever the hostname resolves to,
-and falls back to loopback, where peers on other machines cannot reach it.
+The advertised address also decides which interface torch.distributed's gloo
+binds to (:func:`interface_of`): gloo otherwise binds to whatever the hostname
+resolves to, and falls back to loopback, where peers on other machines cannot
+reach it.
 """
 
 from __future__ import annotations
@@ -58,12 +62,15 @@ def advertised_host(host: str, advertise: str = "", etcd: str = "") -> str:
         return advertise
     if host not in WILDCARDS:
         return host
+    hostname = socket.gethostname()
+    if interface_of(hostname) is not None:
+        return hostname
     for endpoint in filter(None, (e.strip() for e in etcd.split(","))):
         name, _, port = endpoint.removeprefix("http://").removeprefix("https://").rpartition(":")
         source = route_source(name, int(port) if port.isdigit() else 1)
         if source and not _is_loopback(source):
             return source
-    return socket.gethostname()
+    return hostname
 
 
 def add_advertise_argument(p) -> None:
@@ -72,7 +79,8 @@ def add_advertise_argument(p) -> None:
         default="",
         metavar="ADDR",
         help="address (or name) the others dial to reach this daemon (default: --host; "
-        "with a wildcard --host, this machine's address on the route to etcd)",
+        "with a wildcard --host, the hostname if it resolves to an address of this machine, "
+        "else this machine's address on the route to etcd)",
     )
 
 
