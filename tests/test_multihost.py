@@ -98,12 +98,9 @@ def counts(base: Path, job_id: str) -> list[float]:
     return (-params["a"]).tolist()
 
 
-@pytest.mark.early
-def test_jobs_train_across_hosts_and_come_back_after_a_partition(network, tmp_path):
-    a, b, c = start_cluster(network, tmp_path)
-    etcd = EtcdClient(a.tunnel(ETCD_PORT))
+def check_advertised(etcd: EtcdClient, a: Host, b: Host, c: Host) -> None:
+    """Each daemon registered the address of its own interface, never 0.0.0.0 or a hostname."""
     keys = Keys("/elasticd")
-    # Each daemon registered the address of its own interface, never 0.0.0.0 or a hostname.
     nodes = wait_until(
         lambda: len(n := registrations(etcd, keys.nodes)) == 2 and n, 60, "agents on B and C"
     )
@@ -116,13 +113,15 @@ def test_jobs_train_across_hosts_and_come_back_after_a_partition(network, tmp_pa
     assert ps["ps-0"]["address"].startswith(f"{a.address}:"), ps
     assert leader.decode() == f"{a.address}:{CONTROLLER_PORT}"
 
-    client = JobClient(controller=a.tunnel(CONTROLLER_PORT))
-    slow = tmp_path / "slow"  # while it exists, every batch takes 0.1 s
-    slow.touch()
+
+def submit_across_b_and_c(client: JobClient, slow: Path) -> tuple[str, str]:
+    """A ps-async and an allreduce job, each with a worker on B and one on C.
+
+    Nodes fill in order: the ps-async job starts on B alone, the allreduce job then
+    takes a slot on B and one on C, and the ps-async job, raised to 2, C's other slot.
+    """
     common = {"task": str(TASK), "optimizer": {"name": "sgd", "lr": 1.0},
               "report_every_steps": 5, "max_restarts": 5}  # fmt: skip
-    # Nodes fill in order: the ps-async job starts on B alone, the allreduce job then
-    # takes a slot on B and one on C, and the ps-async job, raised to 2, C's other slot.
     ps_job = client.submit_yaml(spec_yaml(
         **common,
         steps=PS_BATCHES,
@@ -144,15 +143,13 @@ def test_jobs_train_across_hosts_and_come_back_after_a_partition(network, tmp_pa
     wait_until(lambda: workers(client, ar_job) == BOTH, 60, "the allreduce job on B and C")
     client.scale(ps_job, 1, 2)
     wait_until(lambda: workers(client, ps_job) == BOTH, 60, "the ps-async job on B and C")
-    jobs = (ps_job, ar_job)
-    # Both train across the two machines: C's workers report steps of their own.
-    for job in jobs:
-        wait_until(
-            lambda j=job: all(w.step >= 5 for w in client.get(j).workers), 60, f"{job} training"
-        )
+    return ps_job, ar_job
 
-    network.cut(c)
+
+def partition(network: Network, c: Host, client: JobClient, jobs: tuple[str, ...]) -> None:
+    """Cut C off: its workers leave, B trains on; plug it back: they return."""
     before = {job: client.get(job).generation for job in jobs}
+    network.cut(c)
     for job in jobs:
         alone = wait_until(
             lambda j=job: (
@@ -164,23 +161,41 @@ def test_jobs_train_across_hosts_and_come_back_after_a_partition(network, tmp_pa
             f"{job} to go on without C",
         )
         wait_until(lambda j=job, s=alone: client.get(j).step >= s.step + 5, 60, f"{job} on B")
-    cut_generation = {job: client.get(job).generation for job in jobs}
-
+    cut = {job: client.get(job).generation for job in jobs}
     network.heal(c)
     for job in jobs:
         wait_until(
             lambda j=job: (
-                (s := client.get(j)).generation > cut_generation[j]
+                (s := client.get(j)).generation > cut[j]
                 and sorted(w.worker_id for w in s.workers) == BOTH
                 and all(w.state == "RUNNING" for w in s.workers)
             ),
             60,
             f"C's worker back in {job}",
         )
-    slow.unlink()
-    final = {job: client.wait(job, timeout=120, interval=0.5) for job in jobs}
-    client.close()
-    etcd.close()
+
+
+@pytest.mark.early
+def test_jobs_train_across_hosts_and_come_back_after_a_partition(network, tmp_path):
+    a, b, c = start_cluster(network, tmp_path)
+    etcd = EtcdClient(a.tunnel(ETCD_PORT))
+    client = JobClient(controller=a.tunnel(CONTROLLER_PORT))
+    slow = tmp_path / "slow"  # while it exists, every batch takes 0.1 s
+    slow.touch()
+    try:
+        check_advertised(etcd, a, b, c)
+        jobs = ps_job, ar_job = submit_across_b_and_c(client, slow)
+        # Both train across the two machines: C's workers report steps of their own.
+        for job in jobs:
+            wait_until(
+                lambda j=job: all(w.step >= 5 for w in client.get(j).workers), 60, f"{job} training"
+            )
+        partition(network, c, client, jobs)
+        slow.unlink()
+        final = {job: client.wait(job, timeout=120, interval=0.5) for job in jobs}
+    finally:
+        client.close()
+        etcd.close()
 
     assert final[ps_job].state == "COMPLETED" and final[ps_job].step == PS_BATCHES, final[ps_job]
     applied = counts(tmp_path, ps_job)
