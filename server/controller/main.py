@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 
+from elasticd.addresses import add_advertise_argument, advertised_host
 from elasticd.coord.election import Election
 from elasticd.coord.etcd import EtcdClient
 from elasticd.coord.keys import DEFAULT_PREFIX, Keys
@@ -24,7 +25,6 @@ from elasticd.security import Gate, add_security_arguments
 from elasticd.security.config import configure_daemon
 from elasticd.server.controller.join_window import JOIN_WINDOW_S
 from elasticd.serving import (
-    advertised_host,
     configure_logging,
     service_name,
     start_grpc_server,
@@ -39,6 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--etcd", default="127.0.0.1:2379", help="etcd endpoints, host:port[,host:port]")
     p.add_argument("--prefix", default=DEFAULT_PREFIX, help="etcd key prefix of this cluster")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    add_advertise_argument(p)
     p.add_argument("--port", type=int, default=0, help="port to listen on (0: any free port)")
     p.add_argument("--lease-ttl", type=int, default=DEFAULT_TTL_S, help="etcd lease TTL, seconds")
     p.add_argument(
@@ -159,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     gate = Gate(security, owner_of=controller.owner_of)
     services = [service_name(job_pb2, n) for n in ("JobService", "TrainingCoordinator")]
     server, port = start_grpc_server(add, args.host, args.port, services, security, gate)
-    controller.address = f"{advertised_host(args.host)}:{port}"
+    controller.address = f"{advertised_host(args.host, args.advertise, args.etcd)}:{port}"
     controller.start()
     session = Session(client, ttl=args.lease_ttl, name="controller").start()
     election = Election(session, keys.election, controller.address.encode()).start()

@@ -8,6 +8,7 @@ import logging
 import threading
 import uuid
 
+from elasticd.addresses import add_advertise_argument, advertised_host
 from elasticd.coord.etcd import EtcdClient
 from elasticd.coord.keys import DEFAULT_PREFIX, Keys
 from elasticd.coord.session import DEFAULT_TTL_S, Session
@@ -16,12 +17,7 @@ from elasticd.logs import add_logging_arguments
 from elasticd.sd_notify import Notifier
 from elasticd.security import add_security_arguments
 from elasticd.security.config import configure_daemon
-from elasticd.serving import (
-    advertised_host,
-    configure_logging,
-    start_grpc_server,
-    wait_for_stop_signal,
-)
+from elasticd.serving import configure_logging, start_grpc_server, wait_for_stop_signal
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix", default=DEFAULT_PREFIX, help="etcd key prefix of this cluster")
     p.add_argument("--id", dest="ps_id", default=None, help="PS id (default: random)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    add_advertise_argument(p)
     p.add_argument("--port", type=int, default=0, help="port to listen on (0: any free port)")
     p.add_argument("--lease-ttl", type=int, default=DEFAULT_TTL_S, help="etcd lease TTL, seconds")
     add_metrics_arguments(p)
@@ -77,14 +74,15 @@ def run(args: argparse.Namespace) -> int:
         args.port,
         [SERVICE.full_name],
     )
-    address = f"{advertised_host(args.host)}:{port}"
+    host = advertised_host(args.host, args.advertise, args.etcd)
+    address = f"{host}:{port}"
     metrics = None
     if args.metrics_port is not None:
         metrics = serve_metrics(servicer.registry, args.host, args.metrics_port)
         log.info(
             "event=metrics_ready ps=%s url=http://%s:%d/metrics",
             ps_id,
-            advertised_host(args.host),
+            host,
             metrics.server_port,
         )
     keys = Keys(args.prefix)

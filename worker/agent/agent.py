@@ -91,9 +91,11 @@ class NodeAgent:
         address: str = "",
         warm: int | None = None,
         allow_chaos: bool = False,
+        host: str = "",
         port: int = 0,
     ) -> None:
-        self.address = address
+        self.host = host or address  # where the agent's gRPC service listens
+        self.address = address  # what the cluster dials: registration, rendezvous host
         self.port = port  # of the NodeAgent gRPC service; 0: any free port
         self.allow_chaos = allow_chaos  # serve InjectFault (`elasticd chaos`)
         self.client = client
@@ -132,7 +134,7 @@ class NodeAgent:
                 ),
                 s,
             ),
-            self.address or socket.gethostname(),
+            self.host or socket.gethostname(),
             self.port,
             [service_name(agent_pb2, "NodeAgent")],
         )

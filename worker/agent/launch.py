@@ -16,11 +16,13 @@ import functools
 import os
 import sys
 
+from elasticd.addresses import interface_of
 from elasticd.worker.agent.api import ProcessSpec
 
 # The command of every ps-async and allreduce process: the agent keeps some
 # started in advance (warm), with torch imported, waiting for an assignment.
 RUNTIME_ARGV = (sys.executable, "-m", "elasticd.worker.runtime")
+GLOO_INTERFACE_ENV = "GLOO_SOCKET_IFNAME"  # the interface torch.distributed's gloo binds to
 
 
 def torchrun_env(assignment: dict, worker_id: str, restarts: int) -> dict[str, str]:
@@ -69,6 +71,20 @@ def script_imports(path: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+def gloo_interface(node_address: str) -> dict[str, str]:
+    """``GLOO_SOCKET_IFNAME``: the interface that holds the node's advertised address.
+
+    Without it gloo binds to what the hostname resolves to, falling back to
+    loopback, where the peers on other nodes cannot reach it. Left alone when
+    the agent's own environment sets it, or when the address is loopback (a
+    local cluster, where gloo's default works).
+    """
+    if os.environ.get(GLOO_INTERFACE_ENV):
+        return {}
+    interface = interface_of(node_address)
+    return {GLOO_INTERFACE_ENV: interface} if interface else {}
+
+
 def heartbeat_path(log_path: str) -> str:
     return log_path.removesuffix(".log") + ".heartbeat"
 
@@ -87,6 +103,7 @@ def process_spec(
     if node_address:
         # Where this node's allreduce rank 0 hosts its store (as MASTER_ADDR in script mode).
         env["ELASTICD_RENDEZVOUS_HOST"] = node_address
+        env.update(gloo_interface(node_address))
     spec = assignment["spec"]
     if spec["mode"] == "script":
         script = spec["script"]

@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 
+from elasticd.addresses import add_advertise_argument, advertised_host
 from elasticd.coord.etcd import EtcdClient
 from elasticd.coord.keys import DEFAULT_PREFIX, Keys
 from elasticd.coord.session import DEFAULT_TTL_S
@@ -33,11 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix", default=DEFAULT_PREFIX, help="etcd key prefix of this cluster")
     p.add_argument("--node-id", default=None, help="node id (default: <hostname>-<pid>)")
     p.add_argument("--slots", type=int, default=1, help="training processes this node runs at once")
-    p.add_argument(
-        "--host",
-        default="",
-        help="address other nodes reach this node at (default: the hostname)",
-    )
+    p.add_argument("--host", default="", help="address to listen on (default: the hostname)")
+    add_advertise_argument(p)
     p.add_argument(
         "--port",
         type=int,
@@ -83,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         return request_drain(args)
     node_id = args.node_id or default_node_id()
     configure_logging(f"agent:{node_id}", fmt=args.log_format)
-    configure_daemon(args, args.host or socket.gethostname(), "agent")
+    host = args.host or socket.gethostname()
+    configure_daemon(args, host, "agent")
     notifier = Notifier.from_environment()  # before any training process is started
     stop = wait_for_stop_signal()
     agent = NodeAgent(
@@ -93,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
         args.slots,
         args.log_dir,
         args.lease_ttl,
-        address=args.host,
+        address=advertised_host(host, args.advertise, args.etcd),
+        host=host,
         port=args.port,
         warm=args.warm,
         allow_chaos=args.allow_chaos,

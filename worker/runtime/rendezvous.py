@@ -24,6 +24,7 @@ from typing import Protocol
 
 import grpc
 
+from elasticd.addresses import route_source
 from elasticd.rpc import job_pb2, job_pb2_grpc
 from elasticd.security.channels import open_channel
 from elasticd.worker.runtime.control import Assignment
@@ -61,14 +62,7 @@ def advertise_host(controller: str) -> str:
     if os.environ.get(HOST_ENV):
         return os.environ[HOST_ENV]
     host, _, port = controller.rpartition(":")
-    host = host.strip("[]")
-    try:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_DGRAM) as s:
-            s.connect((host, int(port or 1)))
-            return s.getsockname()[0]
-    except (OSError, ValueError):
-        return socket.gethostname()
+    return route_source(host, int(port) if port.isdigit() else 1) or socket.gethostname()
 
 
 class ControllerDirectory:
