@@ -145,7 +145,6 @@ class NodeAgent:
         self.session.put(self.keys.node(self.node_id), self._info.to_json())
         self.assignments.start()
         self.drain_requests.start()
-        self.supervisor.fill_warm_pool()  # a node's first launch is then as quick as a restart
         return self
 
     def drain_requested(self) -> bool:

@@ -47,8 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--warm",
         type=int,
         default=None,
-        help="training interpreters kept started in advance, from the agent's start, torch "
-        "imported, so a launch or a restart skips start-up (default: one per slot; 0: none)",
+        help="training interpreters kept started in advance, torch imported, so a restart "
+        "skips start-up (default: one per slot; 0: none)",
     )
     p.add_argument(
         "--allow-chaos",

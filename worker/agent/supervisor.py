@@ -92,7 +92,7 @@ class ProcessSupervisor:
 
     def start(self, spec: ProcessSpec, first_message: dict | None = None) -> int:
         """Start (or take a warm process for) ``spec``; the first one of ``warm_argv``
-        fills the warm pool unless :meth:`fill_warm_pool` did already."""
+        starts the warm pool, so a node that never runs such a process keeps none."""
         n = len(self._warm_argv)
         warmable = bool(n) and spec.argv[:n] == self._warm_argv
         proc = self._take_warm(spec) if warmable else None
@@ -143,10 +143,6 @@ class ProcessSupervisor:
                     self._keys[proc.pid] = spec.key
                     return proc
         return None
-
-    def fill_warm_pool(self) -> None:
-        """Start the warm processes now, before the first launch needs one."""
-        self._refill()
 
     def _refill(self, delay: float = 0.0) -> None:
         """Start warm processes until ``warm`` are waiting (after ``delay`` seconds)."""
