@@ -45,7 +45,7 @@ COPY_TIMEOUT_S = 120.0  # one group exported or imported whole
 CONTROL_TIMEOUT_S = 5.0
 
 
-def _group_header(
+def group_header(
     spec: JobSpec, job_id: str, generation: int, workers: int, placement: ShardPlacement, group: str
 ) -> ps_pb2.InitShardHeader:
     return ps_pb2.InitShardHeader(
@@ -94,7 +94,7 @@ def _copy(
         info = stub.ShardInfo(
             ps_pb2.ShardInfoRequest(job_id=job_id, shard=copy.group), timeout=CONTROL_TIMEOUT_S
         )
-    header = _group_header(spec, job_id, gen.number, gen.world_size, placement, copy.group)
+    header = group_header(spec, job_id, gen.number, gen.world_size, placement, copy.group)
     with open_channel(addresses[copy.target], options=GRPC_OPTIONS) as channel:
         import_bytes(ps_pb2_grpc.ParameterServerStub(channel), header, info.version, data)
     log.info(
@@ -109,7 +109,7 @@ def _copy(
     )
 
 
-def _configure(
+def configure_backups(
     job_id: str, generation: int, placement: ShardPlacement, addresses: Mapping[str, str]
 ) -> None:
     for group in placement.groups:
@@ -147,7 +147,7 @@ def fail_over(
     try:
         for c in copies:
             _copy(snap.spec, job_id, gen, placement, c, cluster.ps)
-        _configure(job_id, gen.number, placement, cluster.ps)
+        configure_backups(job_id, gen.number, placement, cluster.ps)
     except grpc.RpcError as exc:
         raise PSUnavailable(
             f"failover of job {job_id}: {exc.code().name}: {exc.details()}"
