@@ -24,19 +24,10 @@ import logging
 import grpc
 
 from elasticd.membership import Generation
-from elasticd.placement import Move, ShardPlacement
+from elasticd.placement import Copy, Move, ShardPlacement
 from elasticd.ps_control import drop_shards
 from elasticd.ps_errors import PSUnavailable
-from elasticd.ps_state import import_bytes
-from elasticd.rpc import ps_pb2, ps_pb2_grpc
-from elasticd.rpc.limits import GRPC_OPTIONS
-from elasticd.security.channels import open_channel
-from elasticd.server.controller.failover import (
-    CONTROL_TIMEOUT_S,
-    COPY_TIMEOUT_S,
-    configure_backups,
-    group_header,
-)
+from elasticd.server.controller.failover import configure_backups, copy_group
 from elasticd.server.controller.planning import ClusterSnapshot, JobSnapshot, planned_drain
 
 log = logging.getLogger(__name__)
@@ -50,30 +41,10 @@ def _move(
     cluster: ClusterSnapshot,
 ) -> None:
     job_id = snap.record.job_id
-    fence = ps_pb2.Fence(job_id=job_id, generation=gen.number, shard=move.group)
-    with open_channel(cluster.ps[move.source], options=GRPC_OPTIONS) as channel:
-        stub = ps_pb2_grpc.ParameterServerStub(channel)
-        try:
-            data = b"".join(
-                r.data
-                for r in stub.ExportShard(
-                    ps_pb2.ExportShardRequest(fence=fence), timeout=COPY_TIMEOUT_S
-                )
-            )
-        except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.NOT_FOUND:
-                raise
-            log.info(
-                "event=group_not_moved job=%s group=%s reason=no shard yet", job_id, move.group
-            )
-            return  # never created (the job had not trained yet): workers create it where placed
-        info = stub.ShardInfo(
-            ps_pb2.ShardInfoRequest(job_id=job_id, shard=move.group), timeout=CONTROL_TIMEOUT_S
-        )
-    header = group_header(snap.spec, job_id, gen.number, gen.world_size, placement, move.group)
-    header.backup = move.backup
-    with open_channel(cluster.ps[move.target], options=GRPC_OPTIONS) as channel:
-        import_bytes(ps_pb2_grpc.ParameterServerStub(channel), header, info.version, data)
+    copy = Copy(move.group, move.source, move.target)
+    copied = copy_group(snap.spec, job_id, gen, placement, copy, cluster.ps, move.backup)
+    if copied is None:
+        return
     log.info(
         "event=group_moved job=%s generation=%d group=%s from=%s to=%s backup=%s version=%d "
         "bytes=%d",
@@ -83,8 +54,7 @@ def _move(
         move.source,
         move.target,
         move.backup,
-        info.version,
-        len(data),
+        *copied,
     )
 
 
