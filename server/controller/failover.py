@@ -104,14 +104,14 @@ def copy_group(
     return info.version, len(data)
 
 
-def _copy(
+def _fill_backup(
     spec: JobSpec,
     job_id: str,
     gen: Generation,
-    placement: ShardPlacement,
+    plan: tuple[ShardPlacement, Mapping[str, str]],
     copy: Copy,
-    addresses: Mapping[str, str],
 ) -> None:
+    placement, addresses = plan
     copied = copy_group(spec, job_id, gen, placement, copy, addresses)
     if copied is None:
         return
@@ -163,7 +163,7 @@ def fail_over(
     job_id = snap.record.job_id
     try:
         for c in copies:
-            _copy(snap.spec, job_id, gen, placement, c, cluster.ps)
+            _fill_backup(snap.spec, job_id, gen, (placement, cluster.ps), c)
         configure_backups(job_id, gen.number, placement, cluster.ps)
     except grpc.RpcError as exc:
         raise PSUnavailable(
