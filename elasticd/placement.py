@@ -278,3 +278,54 @@ def failover(
     )
     moved = ShardPlacement(slices, placement.incarnations)
     return moved.with_incarnations(live), copies
+
+
+@dataclass(frozen=True, order=True)
+class Move:
+    """Copy ``group`` from its primary on ``source`` to ``target``, as its new
+    primary (``backup`` False) or its new backup, because a PS drains."""
+
+    group: str
+    source: str
+    target: str
+    backup: bool
+
+
+def drain_moves(
+    placement: ShardPlacement, live: Mapping[str, str], draining: frozenset[str]
+) -> tuple[ShardPlacement, list[Move]] | None:
+    """The placement with no copy on a ``draining`` PS, and the copies that make it.
+
+    Every copy (primary or backup) on a draining PS goes to the live,
+    non-draining PS that carries the fewest bytes and does not hold the
+    group's other copy; the data always comes from the group's primary, which
+    is still serving. None when some copy has nowhere to go: the draining PS
+    then stops at once, and its groups fail over or are restored as after a loss.
+    """
+    takers = sorted(p for p in live if p not in draining)
+    load = {p: placement.bytes_per_ps().get(p, 0) for p in takers}
+    plan = {g: placement.holders(g) for g in placement.groups}
+    moves: list[Move] = []
+    for g in sorted(plan):
+        size = sum(s.nbytes for s in placement.in_group(g))
+        for role in (0, 1):
+            holder = plan[g][role]
+            if not holder or holder not in draining:
+                continue
+            other = plan[g][1 - role]
+            candidates = [p for p in takers if p != other]
+            if not candidates:
+                if role == 1:  # a backup with nowhere to go: the group runs without one
+                    plan[g] = (plan[g][0], "")
+                    continue
+                return None
+            target = min(candidates, key=lambda p: (load[p], p))
+            load[target] += size
+            moves.append(Move(g, placement.holders(g)[0], target, backup=role == 1))
+            plan[g] = (target, plan[g][1]) if role == 0 else (plan[g][0], target)
+    slices = tuple(
+        replace(s, group=s.shard, ps_id=plan[s.shard][0], backup=plan[s.shard][1])
+        for s in placement.slices
+    )
+    moved = ShardPlacement(slices, placement.incarnations)
+    return moved.with_incarnations({**placement.incarnations, **live}), moves

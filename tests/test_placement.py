@@ -17,9 +17,11 @@ import torch
 from elasticd.placement import (
     MIN_SPLIT_BYTES,
     Copy,
+    Move,
     ShardPlacement,
     Slice,
     TensorSpec,
+    drain_moves,
     failover,
     place,
 )
@@ -300,3 +302,39 @@ def test_the_last_ps_serves_every_group_without_a_backup() -> None:
     again, copies = failover(moved, {"a": "a", "c": "c"}, replicas=2)
     assert {again.holders(g) for g in again.groups} == {("a", "c")}
     assert sorted(c.group for c in copies) == ["a", "b"]
+
+
+def test_a_draining_ps_hands_its_groups_to_the_least_loaded_live_ps() -> None:
+    live = {p: f"boot-{p}" for p in "abc"}
+    placement = place(charlm_tensors(), sorted(live), min_split_bytes=0).with_incarnations(live)
+    moved, moves = drain_moves(placement, live, frozenset({"b"}))
+    target = moves[0].target
+    assert moves == [Move("b", "b", target, backup=False)] and target in ("a", "c")
+    assert "b" not in moved.ps_ids and moved.holders("b") == (target, "")
+    assert moved.holders("a") == ("a", "") and moved.holders("c") == ("c", "")
+    # Groups keep their slices: version, optimizer state and applied batches move whole.
+    assert [(s.param, s.row_start) for s in moved.in_group("b")] == [
+        (s.param, s.row_start) for s in placement.in_group("b")
+    ]
+    # Nothing left to move: draining again changes nothing.
+    assert drain_moves(moved, live, frozenset({"b"})) == (moved, [])
+
+
+def test_a_draining_ps_moves_its_primaries_and_its_backups() -> None:
+    live = {p: p for p in "abc"}
+    placement = place(charlm_tensors(), sorted(live), replicas=2).with_incarnations(live)
+    moved, moves = drain_moves(placement, live, frozenset({"b"}))
+    # b was the primary of b (backup c) and the backup of a (primary a).
+    assert sorted(moves) == [Move("a", "a", "c", backup=True), Move("b", "b", "a", backup=False)]
+    assert moved.holders("a") == ("a", "c") and moved.holders("b") == ("a", "c")
+    assert "b" not in moved.ps_ids
+
+
+def test_a_drain_with_no_other_live_ps_moves_nothing() -> None:
+    live = {"a": "a"}
+    placement = place(charlm_tensors(), ["a"]).with_incarnations(live)
+    assert drain_moves(placement, live, frozenset({"a"})) is None
+    # With a backup on the other PS, only the backup has nowhere to go: it is dropped.
+    two = {"a": "a", "b": "b"}
+    replicated = place(charlm_tensors(), ["a", "b"], replicas=2).with_incarnations(two)
+    assert drain_moves(replicated, two, frozenset({"a", "b"})) is None

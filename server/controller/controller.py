@@ -48,6 +48,7 @@ from elasticd.server.controller.planning import (
     running_members,
 )
 from elasticd.server.controller.progress import Progress, ProgressBook
+from elasticd.server.controller.ps_drain import move_off_draining, release_draining
 from elasticd.server.controller.rank_checkpoints import RankCheckpoints
 from elasticd.server.controller.records import (
     CANCELLED,
@@ -344,7 +345,8 @@ class Controller:
         gen = sealing.next_generation(snap, action)
         record = sealing.sealed_record(snap, gen, action.reason)
         restored = False
-        moved = fail_over(snap, cluster, gen) if action.restore else None
+        drained = move_off_draining(snap, cluster, gen) if action.restore else None
+        moved = drained or (fail_over(snap, cluster, gen) if action.restore else None)
         if moved is not None:  # hot replicas took over: nothing is read from storage
             placement, summary = moved
             record = record.evolve(message=f"{action.reason}; {summary}")
@@ -365,6 +367,8 @@ class Controller:
         )
         revision = self.writer.update(snap, ops, generation=True)
         self._adopted.add(job_id)
+        if drained is not None:
+            release_draining(job_id, drained[0], cluster, gen.number)
         sealing.log_sealed(snap, gen, placement, revision, action.reason)
 
     def _adopt(self, snap: JobSnapshot, cluster: ClusterSnapshot) -> None:

@@ -64,14 +64,18 @@ def _group_header(
     )
 
 
-def _copy(
+def copy_group(
     spec: JobSpec,
     job_id: str,
     gen: Generation,
     placement: ShardPlacement,
     copy: Copy,
     addresses: Mapping[str, str],
-) -> None:
+    backup: bool = True,
+) -> tuple[int, int] | None:
+    """Export ``copy.group`` from its primary at ``gen`` (fencing it) and import it on
+    ``copy.target`` as a backup or a primary: (version, bytes), or None when the
+    group was never created (the job had not trained yet: workers create it)."""
     fence = ps_pb2.Fence(job_id=job_id, generation=gen.number, shard=copy.group)
     with open_channel(addresses[copy.source], options=GRPC_OPTIONS) as channel:
         stub = ps_pb2_grpc.ParameterServerStub(channel)
@@ -85,18 +89,32 @@ def _copy(
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 raise
-            # Never created yet (the job had not started training): workers create both copies.
             log.info(
-                "event=backup_not_filled job=%s group=%s reason=no shard yet", job_id, copy.group
+                "event=group_not_copied job=%s group=%s reason=no shard yet", job_id, copy.group
             )
-            return
+            return None
         # Fenced at gen.number by the export: nothing changes the primary until the seal.
         info = stub.ShardInfo(
             ps_pb2.ShardInfoRequest(job_id=job_id, shard=copy.group), timeout=CONTROL_TIMEOUT_S
         )
     header = _group_header(spec, job_id, gen.number, gen.world_size, placement, copy.group)
+    header.backup = backup
     with open_channel(addresses[copy.target], options=GRPC_OPTIONS) as channel:
         import_bytes(ps_pb2_grpc.ParameterServerStub(channel), header, info.version, data)
+    return info.version, len(data)
+
+
+def _fill_backup(
+    spec: JobSpec,
+    job_id: str,
+    gen: Generation,
+    plan: tuple[ShardPlacement, Mapping[str, str]],
+    copy: Copy,
+) -> None:
+    placement, addresses = plan
+    copied = copy_group(spec, job_id, gen, placement, copy, addresses)
+    if copied is None:
+        return
     log.info(
         "event=backup_filled job=%s generation=%d group=%s from=%s to=%s version=%d bytes=%d",
         job_id,
@@ -104,12 +122,11 @@ def _copy(
         copy.group,
         copy.source,
         copy.target,
-        info.version,
-        len(data),
+        *copied,
     )
 
 
-def _configure(
+def configure_backups(
     job_id: str, generation: int, placement: ShardPlacement, addresses: Mapping[str, str]
 ) -> None:
     for group in placement.groups:
@@ -146,8 +163,8 @@ def fail_over(
     job_id = snap.record.job_id
     try:
         for c in copies:
-            _copy(snap.spec, job_id, gen, placement, c, cluster.ps)
-        _configure(job_id, gen.number, placement, cluster.ps)
+            _fill_backup(snap.spec, job_id, gen, (placement, cluster.ps), c)
+        configure_backups(job_id, gen.number, placement, cluster.ps)
     except grpc.RpcError as exc:
         raise PSUnavailable(
             f"failover of job {job_id}: {exc.code().name}: {exc.details()}"

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from elasticd.jobspec import JobSpec
 from elasticd.membership import Generation, NodeInfo, WorkerReport, choose_workers
-from elasticd.placement import Copy, ShardPlacement, TensorSpec, failover
+from elasticd.placement import Copy, Move, ShardPlacement, TensorSpec, drain_moves, failover
 from elasticd.server.controller.records import FAILED, TERMINAL, JobRecord
 
 RESTARTING = "RESTARTING"  # as the agent reports a process waiting to come back
@@ -43,6 +43,12 @@ class ClusterSnapshot:
     # slots each other active job holds per node
     taken: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     ps_incarnations: Mapping[str, str] = field(default_factory=dict)  # ps_id -> boot id
+    ps_draining: frozenset[str] = frozenset()  # PS that drain: nothing new is placed on them
+
+    @property
+    def ps_open(self) -> list[str]:
+        """The registered PS that take new groups: every one but a draining one."""
+        return sorted(p for p in self.ps if p not in self.ps_draining)
 
     def taken_except(self, job_id: str) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -153,7 +159,7 @@ def decide(job: JobSnapshot, cluster: ClusterSnapshot) -> Action:
     if trouble or unfinished:
         why = trouble or "a restore that did not finish"
         return Seal(tuple(desired), f"restore from {rec.checkpoint}: {why}", restore=True)
-    wanted = replica_wanted(job, cluster)
+    wanted = drain_wanted(job, cluster) or replica_wanted(job, cluster)
     if wanted and current:
         return Seal(tuple(desired), wanted, restore=True)
     # A member reported READY is a replacement whose predecessor died in this very
@@ -224,6 +230,28 @@ def planned_failover(
     if job.placement is None or job.spec.ps.replicas < 2:
         return None
     return failover(job.placement, live_tier(cluster), job.spec.ps.replicas)
+
+
+def planned_drain(
+    job: JobSnapshot, cluster: ClusterSnapshot
+) -> tuple[ShardPlacement, list[Move]] | None:
+    """The placement with no copy on a draining PS and the moves that make it, or None:
+    nothing to move, or nowhere to move it (see server/controller/ps_drain.py)."""
+    if job.record.mode != "ps-async" or job.placement is None or not cluster.ps_draining:
+        return None
+    if ps_trouble(job, cluster) or job.record.restore_pending > job.record.restored_generation:
+        return None  # a loss is handled first, as a failover or a restore
+    plan = drain_moves(job.placement, live_tier(cluster), cluster.ps_draining)
+    return plan if plan is not None and plan[1] else None
+
+
+def drain_wanted(job: JobSnapshot, cluster: ClusterSnapshot) -> str:
+    """Why the job needs a seal that moves its groups off a draining PS ("" when it does not)."""
+    plan = planned_drain(job, cluster)
+    if plan is None:
+        return ""
+    moved = ",".join(f"{m.group}->{m.target}" for m in plan[1])
+    return f"parameter server {','.join(sorted(cluster.ps_draining))} drains: groups {moved}"
 
 
 def replica_wanted(job: JobSnapshot, cluster: ClusterSnapshot) -> str:

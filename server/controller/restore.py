@@ -235,8 +235,9 @@ def restore_for_seal(
     store, manifest = restore_source(snap, default_url)
     check_fits(manifest, tensors)
     check_optimizer(manifest, snap.spec.optimizer.name)
+    servers = {p: cluster.ps[p] for p in cluster.ps_open} or cluster.ps  # none draining
     placement = restore_placement(
-        tensors, cluster.ps, cluster.ps_incarnations, snap.spec.ps.replicas, manifest
+        tensors, servers, cluster.ps_incarnations, snap.spec.ps.replicas, manifest
     )
     restored = restore_tier(
         snap.spec,

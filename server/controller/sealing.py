@@ -57,7 +57,8 @@ def placement_for_seal(
     """The job's placement: the existing one, or (ps-async) a new one on the live PS tier."""
     if snap.placement is not None or snap.record.mode != "ps-async":
         return snap.placement  # an allreduce job keeps its placement for a switch back
-    return place(tensors(), sorted(cluster.ps), replicas=snap.spec.ps.replicas).with_incarnations(
+    servers = cluster.ps_open or sorted(cluster.ps)  # a draining PS takes nothing new
+    return place(tensors(), servers, replicas=snap.spec.ps.replicas).with_incarnations(
         cluster.ps_incarnations
     )
 

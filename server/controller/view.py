@@ -99,7 +99,8 @@ class EtcdView:
             for m in snap.generation.members:
                 per_node[m.node_id] = per_node.get(m.node_id, 0) + 1
             taken[job_id] = per_node
-        return ClusterSnapshot(nodes, ps, taken, incarnations)
+        draining = frozenset(k for k, d in registered.items() if d.get("draining"))
+        return ClusterSnapshot(nodes, ps, taken, incarnations, draining)
 
     def placement(self, job_id: str) -> ShardPlacement | None:
         raw = self.job_items(job_id).get("placement")

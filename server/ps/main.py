@@ -45,6 +45,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="seconds a synchronous push (max_staleness 0) waits for the rest of its round "
         "before it is refused (default: shard.SYNC_ROUND_TIMEOUT_S, 30)",
     )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=None,
+        help="on SIGTERM, how long the controller gets to move this PS's groups to other "
+        "PS before it exits anyway (default: server/ps/drain.py DRAIN_TIMEOUT_S, 60)",
+    )
     add_security_arguments(p)
     add_logging_arguments(p)
 
@@ -99,6 +106,10 @@ def run(args: argparse.Namespace) -> int:
     threading.Thread(target=warm_up_optimizers, name="warm-up", daemon=True).start()
     stop.wait()
     notifier.stopping()
+    from elasticd.server.ps.drain import DRAIN_TIMEOUT_S, drain
+
+    timeout = DRAIN_TIMEOUT_S if args.drain_timeout is None else args.drain_timeout
+    drain(ps_id, session, client, keys, registration, lambda: len(servicer.shards.items()), timeout)
     session.close()
     server.stop(grace=2).wait()
     servicer.close()
