@@ -35,6 +35,7 @@ from elasticd.server.controller.errors import BUG_GIVE_UP_S, Conflict, is_retrya
 from elasticd.server.controller.executor import JobLanes, OffLane
 from elasticd.server.controller.failover import fail_over
 from elasticd.server.controller.finishing import finish_ops, release_shards
+from elasticd.server.controller.job_figures import JobFigures
 from elasticd.server.controller.join_window import JOIN_WINDOW_S, JoinWindow
 from elasticd.server.controller.modes import SwitchRefused, plan_switch
 from elasticd.server.controller.planning import (
@@ -92,6 +93,7 @@ class Controller:
         self.election = election
         self._wake = threading.Event()
         self.progress = ProgressBook()
+        self.figures = JobFigures()  # recoveries and checkpoints, for the metrics
         self.view = EtcdView(client, keys, self._changed)
         self.data = DataQueues()  # ps-async data leases, while leading
         self.lanes = JobLanes()
@@ -301,6 +303,9 @@ class Controller:
             self._adopt(snap, cluster)
             snap = self.snapshot(job_id)
         action = decide(snap, cluster)
+        if snap.generation is not None:
+            restarts = {w: r.restarts for w, r in snap.workers.items()}
+            self.figures.saw_restarts(job_id, snap.generation.number, restarts, time.time())
         if isinstance(action, Seal):
             current = snap.generation.worker_ids if snap.generation else frozenset()
             heard = {w: (p.generation, p.at) for w, p in self.progress.of(job_id).items()}
@@ -341,6 +346,7 @@ class Controller:
 
     def _seal(self, snap: JobSnapshot, cluster: ClusterSnapshot, action: Seal) -> None:
         job_id = snap.record.job_id
+        seen = time.time()
         gen = sealing.next_generation(snap, action)
         record = sealing.sealed_record(snap, gen, action.reason)
         restored = False
@@ -366,6 +372,8 @@ class Controller:
         revision = self.writer.update(snap, ops, generation=True)
         self._adopted.add(job_id)
         sealing.log_sealed(snap, gen, placement, revision, action.reason)
+        if gen.members and sealing.is_recovery(snap, action):
+            self.figures.recovery_began(job_id, gen.number, seen)
 
     def _adopt(self, snap: JobSnapshot, cluster: ClusterSnapshot) -> None:
         """A new leader points the running generation's workers at itself."""

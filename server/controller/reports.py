@@ -39,6 +39,7 @@ def record_report(
         return True, False  # nothing is kept for a job that does not exist
     if not reports_to(c, snap, worker, generation):
         raise NotAMember(job_id, worker, generation)
+    c.figures.reported(job_id, worker, generation, time.time())
     if c.progress.record(job_id, worker, generation, step, loss, finished):
         log.info("event=first_loss job=%s worker=%s step=%d loss=%.4f", job_id, worker, step, loss)
     rec = snap.record
