@@ -14,6 +14,7 @@ import urllib.request
 
 from elasticd.client import JobClient
 from elasticd.retry import wait_until
+from elasticd.tensorboard_events import read_scalars
 from tests.jobs import spec_yaml
 from tests.test_local_cluster import processes_of_job
 
@@ -40,12 +41,17 @@ def value(samples: dict[str, float], name: str, **labels: str) -> float | None:
     return None
 
 
-def test_every_daemon_serves_its_metrics(cluster) -> None:
+def test_every_daemon_serves_its_metrics(cluster, tmp_path) -> None:
     c = cluster(ps=1, agents=2, metrics=True)
     urls = c.wait_metrics(60)
     assert set(urls) == {"controller-0", "ps-0", "node-0", "node-1"}
     client = JobClient(etcd=c.etcd, prefix=c.prefix)
-    spec = spec_yaml(steps=100_000, checkpoint={"every_steps": 20}, max_restarts=3)
+    spec = spec_yaml(
+        steps=100_000,
+        checkpoint={"every_steps": 20},
+        max_restarts=3,
+        tensorboard=str(tmp_path / "tb"),
+    )
     job = client.submit_yaml(spec)
     wait_until(lambda: client.get(job).checkpoint, 120, "a checkpoint")
     (victim,) = wait_until(lambda: processes_of_job(job, "node-1.0"), 60, "node-1.0 running")
@@ -94,5 +100,15 @@ def test_every_daemon_serves_its_metrics(cluster) -> None:
             return (n or 0) >= 1
 
         wait_until(kept_alive, 30, f"a lease keepalive of {process}")
+    # The controller wrote the job's TensorBoard scalars, one set per new step.
+    (events,) = (tmp_path / "tb" / job).glob("events.out.tfevents.*")
+    scalars = read_scalars(events)
+    tags = {tag for _, tag, _ in scalars}
+    assert tags == {"loss", "samples_per_second", "workers", "generation"}
+    steps = [step for step, tag, _ in scalars if tag == "generation"]
+    assert steps == sorted(set(steps)) and steps[-1] > 0
+    assert {v for _, tag, v in scalars if tag == "workers"} <= {1.0, 2.0}
+    assert any(v > 0 for _, tag, v in scalars if tag == "samples_per_second")
+    assert all(v >= 1 for _, tag, v in scalars if tag == "generation")
     client.cancel(job)
     client.close()

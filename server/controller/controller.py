@@ -36,6 +36,7 @@ from elasticd.server.controller.executor import JobLanes, OffLane
 from elasticd.server.controller.failover import fail_over
 from elasticd.server.controller.finishing import finish_ops, release_shards
 from elasticd.server.controller.job_figures import JobFigures
+from elasticd.server.controller.job_scalars import JobScalars
 from elasticd.server.controller.join_window import JOIN_WINDOW_S, JoinWindow
 from elasticd.server.controller.modes import SwitchRefused, plan_switch
 from elasticd.server.controller.planning import (
@@ -94,6 +95,7 @@ class Controller:
         self._wake = threading.Event()
         self.progress = ProgressBook()
         self.figures = JobFigures()  # recoveries and checkpoints, for the metrics
+        self.scalars = JobScalars()  # TensorBoard scalars of the jobs that ask for them
         self.view = EtcdView(client, keys, self._changed)
         self.data = DataQueues()  # ps-async data leases, while leading
         self.lanes = JobLanes()
@@ -412,3 +414,5 @@ class Controller:
             record.loss,
         )
         release_shards(record.job_id, snap.placement, self._registered_ps())
+        self.figures.forget(record.job_id)
+        self.scalars.forget(record.job_id)
