@@ -17,7 +17,13 @@ report the same jobs twice):
   ``elasticd_job_samples_per_second``, ``elasticd_job_steps_per_second``,
   ``elasticd_job_generation``, ``elasticd_job_workers``,
   ``elasticd_job_restarts``, ``elasticd_job_checkpoint_step``,
-  ``elasticd_job_updates_lost``
+  ``elasticd_job_updates_lost``, ``elasticd_job_step_seconds`` (time per step, from
+  the steps/s of the reports)
+- per job, since this controller leads: ``elasticd_job_recoveries_total`` and the
+  histogram ``elasticd_job_recovery_seconds`` (from the pass that sees a member
+  gone to the first report of the next generation), ``elasticd_job_checkpoints_total``,
+  ``elasticd_job_checkpoint_bytes_total`` and the histogram
+  ``elasticd_job_checkpoint_seconds`` (checkpoints the controller ordered from the PS)
 
 Agent (label ``node``):
 
@@ -25,6 +31,11 @@ Agent (label ``node``):
 - ``elasticd_agent_processes{state}``: training processes by state
 - ``elasticd_agent_process_restarts``: restarts of the processes it holds now
 - ``elasticd_agent_warm_processes``: interpreters waiting, torch imported
+- ``elasticd_agent_processes_restarted_total``: restarts since the agent started
+
+Every daemon (label ``process``): ``elasticd_lease_keepalive_seconds`` (summary of
+the round-trips of its etcd lease keepalives) and
+``elasticd_lease_keepalive_last_seconds`` (the latest one).
 """
 
 from __future__ import annotations
@@ -34,7 +45,13 @@ from collections import Counter
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
@@ -100,6 +117,10 @@ class ControllerCollector(_ReadAtScrape):
         workers = GaugeMetricFamily(
             "elasticd_job_workers", "Workers in the generation", labels=["job"]
         )
+        step_s = GaugeMetricFamily(
+            "elasticd_job_step_seconds", "Seconds per step (0: not stepping)", labels=["job"]
+        )
+        figures = JobFigureMetrics()
         for job_id in c.job_ids():
             try:
                 record = c.snapshot(job_id).record
@@ -113,12 +134,88 @@ class ControllerCollector(_ReadAtScrape):
                 value = record.checkpoint_step if field is None else getattr(status, field)
                 gauges[name].add_metric([job_id], float(value))
             workers.add_metric([job_id], len(status.workers))
+            step_s.add_metric([job_id], 1 / status.steps_per_s if status.steps_per_s > 0 else 0)
+            figures.add(job_id, c.figures.of(job_id))
         jobs = GaugeMetricFamily("elasticd_jobs", "Jobs by state", labels=["state"])
         for state, n in sorted(states.items()):
             jobs.add_metric([state], n)
         yield jobs
         yield from gauges.values()
         yield workers
+        yield step_s
+        yield from figures.families()
+
+
+# (name, help, kind, field of JobCounts): the controller's recovery and checkpoint figures
+JOB_FIGURES = (
+    ("recoveries", "Recoveries from a lost or restarted member", CounterMetricFamily, "recoveries"),
+    (
+        "recovery_seconds",
+        "Seconds from a lost or restarted member seen to its job's next report",
+        HistogramMetricFamily,
+        "recovery_seconds",
+    ),
+    ("checkpoints", "Checkpoints ordered and committed", CounterMetricFamily, "checkpoints"),
+    (
+        "checkpoint_bytes",
+        "Bytes of the committed checkpoints",
+        CounterMetricFamily,
+        "checkpoint_bytes",
+    ),
+    (
+        "checkpoint_seconds",
+        "Seconds to write a checkpoint's shards and commit it",
+        HistogramMetricFamily,
+        "checkpoint_seconds",
+    ),
+)
+
+
+class JobFigureMetrics:
+    """The controller's recovery and checkpoint figures, one job at a time."""
+
+    def __init__(self) -> None:
+        self._families = [
+            (kind(f"elasticd_job_{name}", help_, labels=["job"]), field)
+            for name, help_, kind, field in JOB_FIGURES
+        ]
+
+    def add(self, job_id: str, counts) -> None:
+        for family, field in self._families:
+            figure = getattr(counts, field)
+            if isinstance(family, HistogramMetricFamily):
+                family.add_metric([job_id], figure.cumulative(), figure.sum)
+            else:
+                family.add_metric([job_id], figure)
+
+    def families(self) -> Iterator[Metric]:
+        for family, _ in self._families:
+            yield family
+
+
+class SessionCollector(_ReadAtScrape):
+    """The round-trips of a daemon's etcd lease keepalives."""
+
+    def __init__(self, session, process: str) -> None:
+        self.session = session
+        self.process = process
+
+    def collect(self) -> Iterator[Metric]:
+        count, total, last = self.session.keepalive_figures()
+        s = SummaryMetricFamily(
+            "elasticd_lease_keepalive_seconds",
+            "Round-trips of the etcd lease keepalives",
+            labels=["process"],
+        )
+        s.add_metric([self.process], count, total)
+        yield s
+        g = GaugeMetricFamily(
+            "elasticd_lease_keepalive_last_seconds",
+            "Round-trip of the latest etcd lease keepalive",
+            labels=["process"],
+        )
+        g.add_metric([self.process], last)
+        yield g
 
 
 class AgentCollector(_ReadAtScrape):
@@ -148,6 +245,14 @@ class AgentCollector(_ReadAtScrape):
             node,
             len(a.supervisor.warm_pids()),
         )
+        restarted = CounterMetricFamily(
+            "elasticd_agent_processes_restarted",
+            "Training processes restarted since the agent started",
+            labels=["node"],
+        )
+        restarted.add_metric(node, a.restarts_total)
+        yield restarted
+        yield from SessionCollector(a.session, f"agent:{a.node_id}").collect()
 
 
 def _gauge(name: str, help_: str, node: list[str], value: float) -> GaugeMetricFamily:
@@ -156,12 +261,14 @@ def _gauge(name: str, help_: str, node: list[str], value: float) -> GaugeMetricF
     return g
 
 
-def start_metrics(args, collector: Collector, process: str):
-    """Serve ``collector`` when the daemon was given ``--metrics-port``; None otherwise."""
+def start_metrics(args, collector: Collector, process: str, *more: Collector):
+    """Serve ``collector`` (and ``more``) when the daemon was given ``--metrics-port``;
+    None otherwise."""
     if getattr(args, "metrics_port", None) is None:
         return None
     registry = CollectorRegistry()
-    registry.register(collector)
+    for each in (collector, *more):
+        registry.register(each)
     server = serve_metrics(registry, args.host or "127.0.0.1", args.metrics_port)
     log.info(
         "event=metrics_ready process=%s url=http://%s:%d/metrics",

@@ -127,6 +127,8 @@ class JobSpec:
     report_every_steps: int = 10
     # a training process silent for this long is killed and handled as failed (0: never)
     hang_timeout_s: float = 120.0
+    # directory the controller writes the job's TensorBoard scalars under ("": none)
+    tensorboard: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """The spec in the shape a user writes it (parse_spec(to_dict()) == self)."""
@@ -252,6 +254,16 @@ def _checkpoint(raw: dict, base_dir: str | None) -> CheckpointSpec:
     return spec
 
 
+def _directory(data: dict, key: str, base_dir: str | None) -> str:
+    """A directory the controller writes to; relative: against the spec's directory."""
+    path = data.get(key, "")
+    if not isinstance(path, str):
+        raise SpecError(f"{key}: must be a directory path (a string), got {path!r}")
+    if path and base_dir and not os.path.isabs(path):
+        path = os.path.normpath(os.path.join(base_dir, path))
+    return path
+
+
 def _data(raw: dict) -> DataSpec:
     reject_unknown(raw, {"shard_batches", "epoch_batches"}, "data.")
     e = FieldErrors()
@@ -299,6 +311,7 @@ def parse_spec(data: Any, base_dir: str | None = None) -> JobSpec:
             lambda: int_field(data, "report_every_steps", "", 10, minimum=1), 10
         ),
         hang_timeout_s=e.check(lambda: seconds_field(data, "hang_timeout_s", 120.0), 120.0),
+        tensorboard=e.check(lambda: _directory(data, "tensorboard", base_dir), ""),
     )
     e.raise_any()
     return spec

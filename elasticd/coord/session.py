@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 from elasticd.coord.etcd import EtcdClient, EtcdError, EtcdUnavailable
@@ -47,6 +48,10 @@ class Session:
         self._lease_id: int | None = None
         self._thread: threading.Thread | None = None
         self.generation = 0  # how many leases this session has held
+        # keepalives etcd answered, their summed and latest round-trip (read by the metrics)
+        self.keepalives = 0
+        self.keepalive_seconds = 0.0
+        self.keepalive_last_s = 0.0
 
     @property
     def lease_id(self) -> int:
@@ -133,13 +138,26 @@ class Session:
         if self._on_new_lease is not None:
             self._on_new_lease(lease)
 
+    def _keepalive_took(self, seconds: float) -> None:
+        with self._lock:
+            self.keepalives += 1
+            self.keepalive_seconds += seconds
+            self.keepalive_last_s = seconds
+
+    def keepalive_figures(self) -> tuple[int, float, float]:
+        """(keepalives answered, their summed seconds, the latest one's seconds)."""
+        with self._lock:
+            return self.keepalives, self.keepalive_seconds, self.keepalive_last_s
+
     def _keepalive_loop(self) -> None:
         interval = self.ttl / 3
         backoff = Backoff(initial=0.2, maximum=interval)
         outage = False
         while not self._stop.wait(interval if not outage else backoff.next_delay()):
             try:
+                started = time.monotonic()
                 remaining = self.client.keepalive(self.lease_id)
+                self._keepalive_took(time.monotonic() - started)
                 if remaining <= 0:
                     log.warning("event=lease_expired session=%s lease=%x", self.name, self.lease_id)
                     self._new_lease()

@@ -106,11 +106,14 @@ def take_checkpoint(controller, job_id: str) -> CheckpointManifest | None:
         return None  # a PS is gone or lost the job: there is no whole state to keep
     live = controller.progress.live(snap.record)
     url = snap.spec.checkpoint.url or controller.checkpoint_url
+    started = time.monotonic()
     manifest, where = checkpoint_ps_job(
         snap, snap.placement, controller.view.cluster().ps, url, extra={"loss": live.loss}
     )
     if manifest is None:
         return None
+    nbytes = sum(s.size for s in manifest.shards)
+    controller.figures.checkpointed(job_id, time.monotonic() - started, nbytes)
     record_checkpoint(controller, job_id, manifest, where, url, snap.spec.checkpoint.keep)
     return manifest
 

@@ -35,6 +35,8 @@ from elasticd.server.controller.errors import BUG_GIVE_UP_S, Conflict, is_retrya
 from elasticd.server.controller.executor import JobLanes, OffLane
 from elasticd.server.controller.failover import fail_over
 from elasticd.server.controller.finishing import finish_ops, release_shards
+from elasticd.server.controller.job_figures import JobFigures
+from elasticd.server.controller.job_scalars import JobScalars
 from elasticd.server.controller.join_window import JOIN_WINDOW_S, JoinWindow
 from elasticd.server.controller.modes import SwitchRefused, plan_switch
 from elasticd.server.controller.planning import (
@@ -93,6 +95,8 @@ class Controller:
         self.election = election
         self._wake = threading.Event()
         self.progress = ProgressBook()
+        self.figures = JobFigures()  # recoveries and checkpoints, for the metrics
+        self.scalars = JobScalars()  # TensorBoard scalars of the jobs that ask for them
         self.view = EtcdView(client, keys, self._changed)
         self.data = DataQueues()  # ps-async data leases, while leading
         self.lanes = JobLanes()
@@ -302,6 +306,9 @@ class Controller:
             self._adopt(snap, cluster)
             snap = self.snapshot(job_id)
         action = decide(snap, cluster)
+        if snap.generation is not None:
+            restarts = {w: r.restarts for w, r in snap.workers.items()}
+            self.figures.saw_restarts(job_id, snap.generation.number, restarts, time.time())
         if isinstance(action, Seal):
             current = snap.generation.worker_ids if snap.generation else frozenset()
             heard = {w: (p.generation, p.at) for w, p in self.progress.of(job_id).items()}
@@ -342,6 +349,7 @@ class Controller:
 
     def _seal(self, snap: JobSnapshot, cluster: ClusterSnapshot, action: Seal) -> None:
         job_id = snap.record.job_id
+        seen = time.time()
         gen = sealing.next_generation(snap, action)
         record = sealing.sealed_record(snap, gen, action.reason)
         restored = False
@@ -370,6 +378,8 @@ class Controller:
         if drained is not None:
             release_draining(job_id, drained[0], cluster, gen.number)
         sealing.log_sealed(snap, gen, placement, revision, action.reason)
+        if gen.members and sealing.is_recovery(snap, action):
+            self.figures.recovery_began(job_id, gen.number, seen)
 
     def _adopt(self, snap: JobSnapshot, cluster: ClusterSnapshot) -> None:
         """A new leader points the running generation's workers at itself."""
@@ -408,3 +418,5 @@ class Controller:
             record.loss,
         )
         release_shards(record.job_id, snap.placement, self._registered_ps())
+        self.figures.forget(record.job_id)
+        self.scalars.forget(record.job_id)

@@ -14,6 +14,7 @@ from elasticd.coord.keys import DEFAULT_PREFIX, Keys
 from elasticd.coord.session import DEFAULT_TTL_S, Session
 from elasticd.daemon_metrics import (
     ControllerCollector,
+    SessionCollector,
     add_metrics_arguments,
     start_metrics,
     stop_metrics,
@@ -169,7 +170,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"controller listening on {controller.address}", flush=True)
     loop = threading.Thread(target=lead, args=(controller, election, stop), daemon=True)
     loop.start()
-    metrics = start_metrics(args, ControllerCollector(controller), "controller")
+    metrics = start_metrics(
+        args, ControllerCollector(controller), "controller", SessionCollector(session, "controller")
+    )
     notifier.ready(f"controller serving on {controller.address}", session.alive)
     stop.wait()
     notifier.stopping()

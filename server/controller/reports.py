@@ -39,9 +39,11 @@ def record_report(
         return True, False  # nothing is kept for a job that does not exist
     if not reports_to(c, snap, worker, generation):
         raise NotAMember(job_id, worker, generation)
+    c.figures.reported(job_id, worker, generation, time.time())
     if c.progress.record(job_id, worker, generation, step, loss, finished):
         log.info("event=first_loss job=%s worker=%s step=%d loss=%.4f", job_id, worker, step, loss)
     rec = snap.record
+    c.scalars.reported(snap, step, loss, c.progress.steps_per_s(job_id))
     wanted = c.is_leader and c.rank_checkpoints.wanted(snap, time.time())
     if c.is_leader and checkpoints.checkpoint_due(snap, step, time.time()):
         c._start_background(job_id, lambda: checkpoints.take_checkpoint(c, job_id))

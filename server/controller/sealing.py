@@ -222,3 +222,13 @@ def log_sealed(
             placement.bytes_per_ps(),
             dict(placement.incarnations),
         )
+
+
+def is_recovery(snap: JobSnapshot, action: Seal) -> bool:
+    """Whether ``action`` replaces a generation that trained and lost a member, its PS
+    state, or (a script job) a process: the job stands still until the new one steps."""
+    current = snap.generation.worker_ids if snap.generation is not None else frozenset()
+    if not current:
+        return False
+    lost = bool(current - set(action.workers))
+    return lost or action.restore or action.reason.startswith("restart after failure")

@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     notifier = Notifier.from_environment()
     import torch
 
+    from elasticd.daemon_metrics import SessionCollector
     from elasticd.optimizers import warm_up_optimizers
     from elasticd.server.ps.messages import SERVICE
     from elasticd.server.ps.metrics import serve_metrics
@@ -95,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     keys = Keys(args.prefix)
     client = EtcdClient(args.etcd)
     session = Session(client, ttl=args.lease_ttl, name=ps_id).start()
+    servicer.registry.register(SessionCollector(session, f"ps:{ps_id}"))
     # The boot id tells the controller and workers that a PS with this id restarted
     # (and so holds none of the slices placed on it before).
     registration = {"ps_id": ps_id, "address": address, "incarnation": servicer.incarnation}

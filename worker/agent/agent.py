@@ -122,6 +122,7 @@ class NodeAgent:
         self._slots: dict[tuple[str, str], Slot] = {}
         # restarts used per (job, worker), kept while a slot is out of a generation
         self._restarts: dict[tuple[str, str], int] = {}
+        self.restarts_total = 0  # processes restarted since the agent started (metrics)
         self._lock = threading.RLock()
         self._server = None  # the NodeAgent gRPC service, started by start()
 
@@ -369,6 +370,7 @@ class NodeAgent:
                     slot.restarts + 1,
                 )
                 self._restarts[event.key] = slot.restarts + 1
+                self.restarts_total += 1
                 mode = slot.assignment["spec"]["mode"]
                 if mode in ("ps-async", "allreduce"):
                     # ps-async: at once, its state is on the PS tier. allreduce: as a
