@@ -11,7 +11,7 @@ import socket
 import psutil
 
 from elasticd.addresses import advertised_host, interface_of, route_source
-from elasticd.worker.agent.launch import GLOO_INTERFACE_ENV, gloo_interface
+from elasticd.worker.agent.launch import INTERFACE_ENVS, socket_interfaces
 
 
 def test_an_explicit_address_wins_and_a_specific_host_is_advertised_as_it_is():
@@ -33,12 +33,14 @@ def test_the_route_source_is_an_address_of_this_machine():
     assert route_source("127.0.0.1:2379") is None  # a host, not an endpoint
 
 
-def test_gloo_is_pointed_at_the_interface_holding_the_address_unless_told_otherwise(
+def test_gloo_and_nccl_are_pointed_at_the_interface_holding_the_address_unless_told_otherwise(
     monkeypatch,
 ):
-    monkeypatch.delenv(GLOO_INTERFACE_ENV, raising=False)
-    assert interface_of("127.0.0.1") is None  # loopback: gloo's default works
-    assert gloo_interface("127.0.0.1") == {}
+    gloo, nccl = INTERFACE_ENVS
+    for name in INTERFACE_ENVS:
+        monkeypatch.delenv(name, raising=False)
+    assert interface_of("127.0.0.1") is None  # loopback: the backends' defaults work
+    assert socket_interfaces("127.0.0.1") == {}
     assert interface_of("no-such-host.invalid") is None
     outside = [
         (name, a.address)
@@ -46,8 +48,11 @@ def test_gloo_is_pointed_at_the_interface_holding_the_address_unless_told_otherw
         for a in addrs
         if a.family == socket.AF_INET and not a.address.startswith("127.")
     ]
+    assert outside, "this machine has no address outside loopback to check with"
     for name, address in outside:
         assert interface_of(address) == name
-        assert gloo_interface(address) == {GLOO_INTERFACE_ENV: name}
-    monkeypatch.setenv(GLOO_INTERFACE_ENV, "eth7")  # the operator's choice stays
-    assert all(gloo_interface(address) == {} for _, address in outside)
+        assert socket_interfaces(address) == {gloo: name, nccl: name}
+    monkeypatch.setenv(gloo, "eth7")  # the operator's choice stays, for each backend
+    assert all(socket_interfaces(address) == {nccl: name} for name, address in outside)
+    monkeypatch.setenv(nccl, "ib0")
+    assert all(socket_interfaces(address) == {} for _, address in outside)

@@ -22,7 +22,9 @@ from elasticd.worker.agent.api import ProcessSpec
 # The command of every ps-async and allreduce process: the agent keeps some
 # started in advance (warm), with torch imported, waiting for an assignment.
 RUNTIME_ARGV = (sys.executable, "-m", "elasticd.worker.runtime")
-GLOO_INTERFACE_ENV = "GLOO_SOCKET_IFNAME"  # the interface torch.distributed's gloo binds to
+# The interface each torch.distributed backend binds its sockets to: gloo (CPU) and
+# NCCL (its bootstrap and its socket transport between GPU hosts).
+INTERFACE_ENVS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 
 
 def torchrun_env(assignment: dict, worker_id: str, restarts: int) -> dict[str, str]:
@@ -71,18 +73,21 @@ def script_imports(path: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def gloo_interface(node_address: str) -> dict[str, str]:
-    """``GLOO_SOCKET_IFNAME``: the interface that holds the node's advertised address.
+def socket_interfaces(node_address: str) -> dict[str, str]:
+    """``GLOO_SOCKET_IFNAME`` and ``NCCL_SOCKET_IFNAME``: the interface that holds
+    the node's advertised address.
 
-    Without it gloo binds to what the hostname resolves to, falling back to
-    loopback, where the peers on other nodes cannot reach it. Left alone when
-    the agent's own environment sets it, or when the address is loopback (a
-    local cluster, where gloo's default works).
+    Without them gloo binds to what the hostname resolves to, falling back to
+    loopback where the peers on other nodes cannot reach it, and NCCL takes the
+    first interface that is not loopback or docker, which on a host with several
+    networks need not be the one its peers reach. Each is left alone when the
+    agent's own environment sets it, and both when the address is loopback (a
+    local cluster, where the defaults work).
     """
-    if os.environ.get(GLOO_INTERFACE_ENV):
-        return {}
     interface = interface_of(node_address)
-    return {GLOO_INTERFACE_ENV: interface} if interface else {}
+    if not interface:
+        return {}
+    return {name: interface for name in INTERFACE_ENVS if not os.environ.get(name)}
 
 
 def heartbeat_path(log_path: str) -> str:
@@ -103,7 +108,7 @@ def process_spec(
     if node_address:
         # Where this node's allreduce rank 0 hosts its store (as MASTER_ADDR in script mode).
         env["ELASTICD_RENDEZVOUS_HOST"] = node_address
-        env.update(gloo_interface(node_address))
+        env.update(socket_interfaces(node_address))
     spec = assignment["spec"]
     if spec["mode"] == "script":
         script = spec["script"]
