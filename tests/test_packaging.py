@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
 import pytest
 
 from elasticd.cli import main as cli_main
 from elasticd.rpc.generate import PROTOS, generate
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.source_tree import ROOT, copy_source
 
 
 def test_generated_stubs_match_the_protos(tmp_path):
@@ -27,13 +24,7 @@ def test_generated_stubs_match_the_protos(tmp_path):
 
 
 def test_wheel_installs_server_and_worker_inside_elasticd(tmp_path):
-    # Build from a copy: a build in the checkout would leave build/ behind.
-    src = tmp_path / "src"
-    shutil.copytree(
-        ROOT,
-        src,
-        ignore=shutil.ignore_patterns(".venv", ".git", ".elasticd", "build", "*.egg-info"),
-    )
+    src = copy_source(tmp_path / "src")
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
          "-w", str(tmp_path), str(src)],
