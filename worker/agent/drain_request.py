@@ -1,4 +1,5 @@
-"""`elasticd agent --drain`: ask the running agent of a node to drain, and wait until it has.
+"""The drain request: `elasticd agent --drain` asks a node's running agent to drain and
+waits until it has; the agent watches for it (:class:`DrainRequests`).
 
 The request is a key in etcd, ``<prefix>/drain/<node_id>`` (``Keys.drain_request``),
 which every agent watches. A key rather than an RPC to the agent: the agent
@@ -6,8 +7,6 @@ may listen on an address only its peers reach, and whoever may run this command
 holds the node's etcd settings already (the same environment file the agent
 uses). The agent deletes the key when it exits, and at start (a request left
 for an earlier agent of the node is not for the new one).
-
-:class:`DrainRequests` is the agent's side of the key.
 
 The command returns 0 once the node's registration is gone (the agent drained
 and exited), 1 if it did not go within ``--drain-wait``, 2 on bad input.
