@@ -24,6 +24,7 @@ from elasticd.retry import wait_until
 from elasticd.server.controller.controller import Controller
 from elasticd.server.controller.errors import Conflict
 from elasticd.server.controller.planning import Seal
+from elasticd.server.controller.sealing import seal
 from tests.fixtures.controller import start_controller
 from tests.jobs import spec_yaml
 
@@ -125,7 +126,7 @@ def test_a_seal_decided_before_a_cancel_changes_nothing(etcd, keys, running, nod
     r.controller.cancel(job_id)
     before = r.client.get_prefix(keys.prefix + "/")[0]
     with pytest.raises(Conflict):
-        r.controller._seal(stale, r.controller.view.cluster(), Seal(("node-0.0",), "stale"))
+        seal(r.controller, stale, r.controller.view.cluster(), Seal(("node-0.0",), "stale"))
     after = r.client.get_prefix(keys.prefix + "/")[0]
     assert [(kv.key, kv.mod_revision) for kv in after] == [
         (kv.key, kv.mod_revision) for kv in before

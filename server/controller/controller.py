@@ -10,7 +10,9 @@ piece at a time: reconcile passes, cancels, switches, checkpoints and the
 end. Every write is conditional on the job as it was read and on this
 controller's leadership (:mod:`.writes`). The decisions themselves are plain
 functions: :func:`.planning.decide`, :func:`.modes.plan_switch`,
-:func:`.sealing.next_generation`, :func:`.checkpoints.checkpoint_due`.
+:func:`.sealing.next_generation`, :func:`.checkpoints.checkpoint_due`; the
+effects beside them take the controller: :func:`.sealing.seal`,
+:func:`.admission.admit`, :func:`.scaling.scale`, :func:`.restore.restore_in_seal`.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ from elasticd.server.controller.adoption import adoption_ops
 from elasticd.server.controller.data_service import DataQueues
 from elasticd.server.controller.errors import BUG_GIVE_UP_S, Conflict, is_retryable, is_terminal
 from elasticd.server.controller.executor import JobLanes, OffLane
-from elasticd.server.controller.failover import fail_over
 from elasticd.server.controller.finishing import finish_ops, release_shards
 from elasticd.server.controller.job_figures import JobFigures
 from elasticd.server.controller.job_scalars import JobScalars
@@ -50,7 +51,6 @@ from elasticd.server.controller.planning import (
     running_members,
 )
 from elasticd.server.controller.progress import Progress, ProgressBook
-from elasticd.server.controller.ps_drain import move_off_draining, release_draining
 from elasticd.server.controller.rank_checkpoints import RankCheckpoints
 from elasticd.server.controller.records import (
     CANCELLED,
@@ -60,7 +60,7 @@ from elasticd.server.controller.records import (
     WAITING,
     JobRecord,
 )
-from elasticd.server.controller.restore import RestoreBackoff, restore_in_seal
+from elasticd.server.controller.restore import RestoreBackoff
 from elasticd.server.controller.shapes import JobShapes
 from elasticd.server.controller.suspicion import PeerSuspicions
 from elasticd.server.controller.view import EtcdView, JobNotFound
@@ -109,7 +109,7 @@ class Controller:
         self.startup_grace_s = max(2 * lease_ttl_s, 10.0)  # a new leader's restores wait for PS
         self.leading_since = 0.0
         self._is_leader = False
-        self._adopted: set[str] = set()
+        self.adopted: set[str] = set()  # jobs whose generation this leader sealed or adopted
         self.background = OffLane()  # one checkpoint or completion under way per job
         self.rank_checkpoints = RankCheckpoints()  # allreduce checkpoints: asked for, reported
         self.restores = RestoreBackoff()
@@ -164,7 +164,7 @@ class Controller:
             log.info("event=leadership_acquired address=%s", self.address)
             self.shapes.probe.start()  # only the leader admits jobs
             self.leading_since = time.monotonic()
-            self._adopted.clear()
+            self.adopted.clear()
             self.data.forget()  # leases handed out meanwhile by another leader
         if not leader and self._is_leader:
             log.warning("event=leadership_lost address=%s", self.address)
@@ -230,7 +230,7 @@ class Controller:
             if record != snap.record:
                 self.writer.update(snap, [self.record_put(record)])
             return self.snapshot(job_id).record
-        self._seal(replace(snap, record=record), cluster, seal)
+        sealing.seal(self, replace(snap, record=record), cluster, seal)
         log.info("event=mode_switch job=%s from=%s to=%s", job_id, snap.record.mode, mode)
         return self.snapshot(job_id).record
 
@@ -302,7 +302,7 @@ class Controller:
         if snap.record.state in TERMINAL or not self._is_leader:
             return
         cluster = self.suspicions.without_dead(self.view.cluster())
-        if job_id not in self._adopted and snap.generation is not None:
+        if job_id not in self.adopted and snap.generation is not None:
             self._adopt(snap, cluster)
             snap = self.snapshot(job_id)
         action = decide(snap, cluster)
@@ -317,7 +317,7 @@ class Controller:
                 job_id, action, current, running, snap.spec, time.monotonic()
             )
             if now is not None:
-                self._seal(snap, cluster, now)
+                sealing.seal(self, snap, cluster, now)
             else:
                 self._wake_later(wait)
             return
@@ -344,48 +344,14 @@ class Controller:
         status = record.evolve(updated_at=time.time()).to_json()
         return Put(self.keys.job_status(record.job_id), status)
 
-    def _registered_ps(self) -> dict[str, str]:
+    def registered_ps(self) -> dict[str, str]:
         return dict(self.view.cluster().ps)
-
-    def _seal(self, snap: JobSnapshot, cluster: ClusterSnapshot, action: Seal) -> None:
-        job_id = snap.record.job_id
-        seen = time.time()
-        gen = sealing.next_generation(snap, action)
-        record = sealing.sealed_record(snap, gen, action.reason)
-        restored = False
-        drained = move_off_draining(snap, cluster, gen) if action.restore else None
-        moved = drained or (fail_over(snap, cluster, gen) if action.restore else None)
-        if moved is not None:  # hot replicas took over: nothing is read from storage
-            placement, summary = moved
-            record = record.evolve(message=f"{action.reason}; {summary}")
-        elif action.restore:
-            # The import at the new generation fences every PS of the new placement.
-            done = restore_in_seal(self, snap, cluster, gen, record, action.reason)
-            if done is None:
-                return
-            snap, placement, record = done
-            restored = True
-        else:
-            placement = sealing.placement_for_seal(snap, cluster, lambda: self.shapes.of(snap))
-        if placement is not None and not restored:
-            # Invariant 3: the PS tier refuses the old generation before the new one exists.
-            sealing.fence_tier(job_id, gen, placement, self._registered_ps)
-        ops = sealing.seal_ops(
-            snap, cluster, gen, placement, record, self.keys, self.address, self.checkpoint_url
-        )
-        revision = self.writer.update(snap, ops, generation=True)
-        self._adopted.add(job_id)
-        if drained is not None:
-            release_draining(job_id, drained[0], cluster, gen.number)
-        sealing.log_sealed(snap, gen, placement, revision, action.reason)
-        if gen.members and sealing.is_recovery(snap, action):
-            self.figures.recovery_began(job_id, gen.number, seen)
 
     def _adopt(self, snap: JobSnapshot, cluster: ClusterSnapshot) -> None:
         """A new leader points the running generation's workers at itself."""
         ops = adoption_ops(snap, cluster, self.keys, self.address, self.checkpoint_url)
         self.writer.update(snap, ops, generation=True)
-        self._adopted.add(snap.record.job_id)
+        self.adopted.add(snap.record.job_id)
         log.info(
             "event=job_adopted job=%s generation=%d", snap.record.job_id, snap.generation.number
         )
@@ -417,6 +383,6 @@ class Controller:
             record.step,
             record.loss,
         )
-        release_shards(record.job_id, snap.placement, self._registered_ps())
+        release_shards(record.job_id, snap.placement, self.registered_ps())
         self.figures.forget(record.job_id)
         self.scalars.forget(record.job_id)

@@ -12,6 +12,8 @@ a pure function). Before the seal it
    its record of applied batches, as primary or as backup;
 2. tells every primary where its backup is (ConfigureShard at N).
 
+Both steps are :func:`.group_copy.copy_groups`, which a failover applies too.
+
 After the seal it drops the job's shards from the draining PS, which then
 holds nothing of the job and exits once it holds nothing at all. No update is
 lost and none is read back from storage: the state moves over gRPC, whole.
@@ -21,41 +23,13 @@ from __future__ import annotations
 
 import logging
 
-import grpc
-
 from elasticd.membership import Generation
-from elasticd.placement import Copy, Move, ShardPlacement
+from elasticd.placement import Copy, ShardPlacement
 from elasticd.ps_control import drop_shards
-from elasticd.ps_errors import PSUnavailable
-from elasticd.server.controller.failover import configure_backups, copy_group
+from elasticd.server.controller.group_copy import copy_groups
 from elasticd.server.controller.planning import ClusterSnapshot, JobSnapshot, planned_drain
 
 log = logging.getLogger(__name__)
-
-
-def _move(
-    snap: JobSnapshot,
-    gen: Generation,
-    placement: ShardPlacement,
-    move: Move,
-    cluster: ClusterSnapshot,
-) -> None:
-    job_id = snap.record.job_id
-    copy = Copy(move.group, move.source, move.target)
-    copied = copy_group(snap.spec, job_id, gen, placement, copy, cluster.ps, move.backup)
-    if copied is None:
-        return
-    log.info(
-        "event=group_moved job=%s generation=%d group=%s from=%s to=%s backup=%s version=%d "
-        "bytes=%d",
-        job_id,
-        gen.number,
-        move.group,
-        move.source,
-        move.target,
-        move.backup,
-        *copied,
-    )
 
 
 def move_off_draining(
@@ -71,12 +45,23 @@ def move_off_draining(
         return None
     placement, moves = plan
     job_id = snap.record.job_id
-    try:
-        for m in moves:
-            _move(snap, gen, placement, m, cluster)
-        configure_backups(job_id, gen.number, placement, cluster.ps)
-    except grpc.RpcError as exc:
-        raise PSUnavailable(f"drain of job {job_id}: {exc.code().name}: {exc.details()}") from None
+
+    def moved(copy: Copy, backup: bool, version: int, size: int) -> None:
+        log.info(
+            "event=group_moved job=%s generation=%d group=%s from=%s to=%s backup=%s version=%d "
+            "bytes=%d",
+            job_id,
+            gen.number,
+            copy.group,
+            copy.source,
+            copy.target,
+            backup,
+            version,
+            size,
+        )
+
+    copies = [(Copy(m.group, m.source, m.target), m.backup) for m in moves]
+    copy_groups("drain", snap, gen, placement, copies, cluster.ps, moved)
     summary = "drain: groups " + ",".join(f"{m.group}->{m.target}" for m in moves)
     return placement, summary
 

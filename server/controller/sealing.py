@@ -13,6 +13,10 @@ since generation numbers only ever go up by one.
 
 Which workers, which ranks and which placement are plain functions of the
 snapshot; only :func:`fence_tier` and the commit touch the world.
+:func:`seal` applies a Seal decision (:func:`.planning.decide`) in that order,
+with the PS tier's state moved first when the seal restores it: off a
+draining PS (:mod:`.ps_drain`), to hot replicas (:mod:`.failover`), or from
+a checkpoint (:mod:`.restore`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from elasticd.coord.etcd import Delete, Put
 from elasticd.coord.keys import Keys
@@ -30,6 +35,7 @@ from elasticd.placement import ShardPlacement, TensorSpec, place
 from elasticd.ps_control import advance_fence
 from elasticd.retry import Backoff
 from elasticd.server.controller.errors import FenceIncomplete
+from elasticd.server.controller.failover import fail_over
 from elasticd.server.controller.planning import (
     READY,
     RESTARTING,
@@ -38,7 +44,12 @@ from elasticd.server.controller.planning import (
     Seal,
     master_port,
 )
+from elasticd.server.controller.ps_drain import move_off_draining, release_draining
 from elasticd.server.controller.records import RUNNING, WAITING, JobRecord
+from elasticd.server.controller.restore import restore_in_seal
+
+if TYPE_CHECKING:
+    from elasticd.server.controller.controller import Controller
 
 log = logging.getLogger(__name__)
 
@@ -232,3 +243,47 @@ def is_recovery(snap: JobSnapshot, action: Seal) -> bool:
         return False
     lost = bool(current - set(action.workers))
     return lost or action.restore or action.reason.startswith("restart after failure")
+
+
+def seal(controller: Controller, snap: JobSnapshot, cluster: ClusterSnapshot, action: Seal) -> None:
+    """Seal the generation ``action`` asks for: the PS tier's state moved first when it
+    restores (drain, failover, or a checkpoint), the tier fenced, then one transaction."""
+    job_id = snap.record.job_id
+    seen = time.time()
+    gen = next_generation(snap, action)
+    record = sealed_record(snap, gen, action.reason)
+    restored = False
+    drained = move_off_draining(snap, cluster, gen) if action.restore else None
+    moved = drained or (fail_over(snap, cluster, gen) if action.restore else None)
+    if moved is not None:  # hot replicas took over: nothing is read from storage
+        placement, summary = moved
+        record = record.evolve(message=f"{action.reason}; {summary}")
+    elif action.restore:
+        # The import at the new generation fences every PS of the new placement.
+        done = restore_in_seal(controller, snap, cluster, gen, record, action.reason)
+        if done is None:
+            return
+        snap, placement, record = done
+        restored = True
+    else:
+        placement = placement_for_seal(snap, cluster, lambda: controller.shapes.of(snap))
+    if placement is not None and not restored:
+        # Invariant 3: the PS tier refuses the old generation before the new one exists.
+        fence_tier(job_id, gen, placement, controller.registered_ps)
+    ops = seal_ops(
+        snap,
+        cluster,
+        gen,
+        placement,
+        record,
+        controller.keys,
+        controller.address,
+        controller.checkpoint_url,
+    )
+    revision = controller.writer.update(snap, ops, generation=True)
+    controller.adopted.add(job_id)
+    if drained is not None:
+        release_draining(job_id, drained[0], cluster, gen.number)
+    log_sealed(snap, gen, placement, revision, action.reason)
+    if gen.members and is_recovery(snap, action):
+        controller.figures.recovery_began(job_id, gen.number, seen)

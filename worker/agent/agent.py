@@ -21,9 +21,11 @@ assignments, and makes the running processes match them:
 * in script mode every process is restarted when the generation changes, with
   the restart count raised, as torchrun does.
 
-On SIGTERM or a drain request the agent drains (:mod:`.drain`): it marks its
-node draining, launches nothing more, stops each process once the controller
-has sealed a generation without it, and exits once none is left.
+On SIGTERM or a drain request (:mod:`.drain_request`) the agent drains
+(:mod:`.drain`, :mod:`.node_drain`): it marks its node draining, launches
+nothing more, stops each process once the controller has sealed a generation
+without it, and exits once none is left. The node's registration is
+:mod:`.registration`.
 
 Worker states go to ``<prefix>/jobs/<job>/workers/<worker>`` on the agent's
 lease, written when they change, so they vanish with the agent.
@@ -42,22 +44,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from elasticd.coord.cache import PrefixCache
-from elasticd.coord.election import observe_leader
 from elasticd.coord.etcd import EtcdClient, EtcdError
 from elasticd.coord.keys import Keys
 from elasticd.coord.session import Session
-from elasticd.membership import NodeInfo, WorkerReport
+from elasticd.membership import WorkerReport
 from elasticd.rpc import agent_pb2, agent_pb2_grpc
 from elasticd.serving import service_name, start_grpc_server
 from elasticd.worker.agent.api import FAILED, READY, RESTARTING, RUNNING, SUCCEEDED, Exited
-from elasticd.worker.agent.capacity import node_capacity
+from elasticd.worker.agent.drain_request import DrainRequests
 from elasticd.worker.agent.fault_injection import FaultExecutor
-from elasticd.worker.agent.launch import (
-    RUNTIME_ARGV,
-    heartbeat_path,
-    process_spec,
-    script_imports,
-)
+from elasticd.worker.agent.launch import RUNTIME_ARGV, heartbeat_path, process_spec, script_imports
+from elasticd.worker.agent.registration import NodeRegistration
 from elasticd.worker.agent.status_service import NodeAgentServicer
 from elasticd.worker.agent.supervisor import ProcessSupervisor
 
@@ -106,10 +103,10 @@ class NodeAgent:
         self.session = Session(client, ttl=lease_ttl, name=f"agent-{node_id}")
         self._wake = threading.Event()
         self.assignments = PrefixCache(client, keys.assignments(node_id), self._wake.set)
-        self.drain_requests = PrefixCache(client, keys.drain_requests, self._wake.set)
+        self.drain_requests = DrainRequests(client, keys, node_id, self._wake.set)
+        self.registration = NodeRegistration(self.session, keys, node_id)
         self.draining = False  # launches nothing more; leaves once nothing runs
         self._stopping = False  # exits are ours: neither restarted nor reported
-        self._info: NodeInfo | None = None  # what start() advertised
         # A warm interpreter per slot (``warm``: how many; default one per slot), so a
         # restart costs neither interpreter nor torch start-up.
         self.supervisor = ProcessSupervisor(
@@ -139,18 +136,11 @@ class NodeAgent:
             self.port,
             [service_name(agent_pb2, "NodeAgent")],
         )
-        info = node_capacity(self.node_id, self.slots, self.address)
-        self._info = replace(info, agent_address=f"{info.address}:{port}")
-        # A drain request left for an earlier agent of this node is not for this one.
-        self.client.delete(self.keys.drain_request(self.node_id))
-        self.session.put(self.keys.node(self.node_id), self._info.to_json())
+        self.drain_requests.clear()
+        self.registration.register(self.slots, self.address, port)
         self.assignments.start()
         self.drain_requests.start()
         return self
-
-    def drain_requested(self) -> bool:
-        """Whether ``elasticd agent --drain`` asked this node to drain."""
-        return self.node_id in self.drain_requests.items()
 
     def slots_snapshot(self) -> list[Slot]:
         """The slots this node holds now (for metrics)."""
@@ -168,7 +158,7 @@ class NodeAgent:
 
     def run(self, stop: threading.Event) -> None:
         """Reconcile until ``stop`` is set (SIGTERM) or a drain is requested."""
-        while not stop.is_set() and not self.drain_requested():
+        while not stop.is_set() and not self.drain_requests.requested():
             self.kill_hung()
             try:
                 self.reconcile()
@@ -179,11 +169,7 @@ class NodeAgent:
     def mark_draining(self) -> None:
         """Launch nothing more, and advertise the node as draining: no job chooses it."""
         self.draining = True
-        self.session.put(self.keys.node(self.node_id), replace(self._info, draining=True).to_json())
-
-    def leader_present(self) -> bool:
-        """Whether a controller leads (somebody can seal the drain's generation)."""
-        return observe_leader(self.client, self.keys.election) is not None
+        self.registration.mark_draining()
 
     def wake(self) -> None:
         """Reconcile now (a stop signal came). Safe in a signal handler: the event is set
@@ -203,10 +189,7 @@ class NodeAgent:
         self.drain_requests.stop()
         self.supervisor.stop_all()
         self.session.close()
-        try:
-            self.client.delete(self.keys.drain_request(self.node_id))
-        except EtcdError:
-            pass  # the next agent of this node deletes it at start
+        self.drain_requests.withdraw()
         if self._server is not None:
             self._server.stop(grace=1).wait()
 
@@ -415,7 +398,3 @@ class NodeAgent:
             log.warning(
                 "event=report_deferred job=%s worker=%s error=%s", slot.job_id, slot.worker_id, exc
             )
-
-
-def default_node_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"

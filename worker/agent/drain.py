@@ -22,25 +22,13 @@ leader, etcd unreachable), the agent stops them anyway and exits: revoking its
 lease then tells the controller, as a dead node would.
 
 :func:`next_step` is the decision, a plain function of a :class:`DrainView`;
-:func:`drain` applies it to a :class:`~elasticd.worker.agent.agent.NodeAgent`.
+:func:`elasticd.worker.agent.node_drain.drain` applies it to a
+:class:`~elasticd.worker.agent.agent.NodeAgent`. This module does no I/O.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-from elasticd.coord.etcd import EtcdError
-
-if TYPE_CHECKING:
-    from elasticd.worker.agent.agent import NodeAgent
-
-log = logging.getLogger(__name__)
-
-DRAIN_TIMEOUT_S = 60.0  # how long the controller gets to take the workers out (--drain-timeout)
-DRAIN_POLL_S = 0.2  # how often the agent looks again while it waits
 
 
 @dataclass(frozen=True)
@@ -81,37 +69,3 @@ def next_step(view: DrainView) -> DrainStep:
     if view.elapsed_s >= view.timeout_s:
         return StopNow(view.running)
     return AwaitSeal(view.running)
-
-
-def drain(agent: NodeAgent, timeout_s: float = DRAIN_TIMEOUT_S) -> DrainStep:
-    """Drain ``agent``'s node; returns how it ended (Leave, or StopNow with what still runs).
-
-    The caller then shuts the agent down, which stops what still runs and
-    revokes its lease.
-    """
-    agent.mark_draining()
-    log.info("event=drain_started node=%s timeout_s=%g", agent.node_id, timeout_s)
-    began = time.monotonic()
-    while True:
-        try:
-            agent.reconcile()  # stops each process its job no longer lists
-            leader = agent.leader_present()
-        except EtcdError as exc:
-            log.warning("event=drain_etcd_error node=%s error=%s", agent.node_id, exc)
-            leader = True  # unknown: wait for the controller until the timeout
-        elapsed = time.monotonic() - began
-        running = frozenset(agent.supervisor.running())
-        step = next_step(DrainView(running, elapsed, timeout_s if leader else 0.0))
-        if isinstance(step, Leave):
-            log.info("event=drained node=%s elapsed_s=%.1f", agent.node_id, elapsed)
-            return step
-        if isinstance(step, StopNow):
-            log.warning(
-                "event=drain_timed_out node=%s elapsed_s=%.1f leader=%s workers=%s",
-                agent.node_id,
-                elapsed,
-                leader,
-                ",".join(sorted(f"{job}/{worker}" for job, worker in step.workers)),
-            )
-            return step
-        agent.wait_for_change(DRAIN_POLL_S)

@@ -1,4 +1,5 @@
-"""`elasticd agent --drain`: ask the running agent of a node to drain, and wait until it has.
+"""The drain request: `elasticd agent --drain` asks a node's running agent to drain and
+waits until it has; the agent watches for it (:class:`DrainRequests`).
 
 The request is a key in etcd, ``<prefix>/drain/<node_id>`` (``Keys.drain_request``),
 which every agent watches. A key rather than an RPC to the agent: the agent
@@ -18,8 +19,10 @@ import json
 import socket
 import sys
 import time
+from collections.abc import Callable
 
-from elasticd.coord.etcd import EtcdClient
+from elasticd.coord.cache import PrefixCache
+from elasticd.coord.etcd import EtcdClient, EtcdError
 from elasticd.coord.keys import Keys
 from elasticd.membership import NodeInfo
 from elasticd.retry import wait_until
@@ -95,3 +98,38 @@ def request_drain(args: argparse.Namespace) -> int:
         return 0
     finally:
         client.close()
+
+
+class DrainRequests:
+    """The agent's side: a watch on the drain requests, and this node's request removed."""
+
+    def __init__(
+        self, client: EtcdClient, keys: Keys, node_id: str, on_change: Callable[[], None]
+    ) -> None:
+        self.client = client
+        self.key = keys.drain_request(node_id)
+        self.node_id = node_id
+        self._cache = PrefixCache(client, keys.drain_requests, on_change)
+
+    def clear(self) -> None:
+        """Delete this node's request: one left for an earlier agent of the node is not for
+        this one."""
+        self.client.delete(self.key)
+
+    def start(self) -> None:
+        self._cache.start()
+
+    def requested(self) -> bool:
+        """Whether ``elasticd agent --drain`` asked this node to drain."""
+        return self.node_id in self._cache.items()
+
+    def stop(self) -> None:
+        self._cache.stop()
+
+    def withdraw(self) -> None:
+        """Delete this node's request as the agent exits; when etcd does not answer, the
+        next agent of this node deletes it at start."""
+        try:
+            self.clear()
+        except EtcdError:
+            pass

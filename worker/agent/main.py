@@ -22,9 +22,10 @@ from elasticd.sd_notify import Notifier
 from elasticd.security import add_security_arguments
 from elasticd.security.config import configure_daemon
 from elasticd.serving import configure_logging, wait_for_stop_signal
-from elasticd.worker.agent.agent import NodeAgent, default_node_id
-from elasticd.worker.agent.drain import DRAIN_TIMEOUT_S, drain
+from elasticd.worker.agent.agent import NodeAgent
 from elasticd.worker.agent.drain_request import add_drain_arguments, request_drain
+from elasticd.worker.agent.node_drain import DRAIN_TIMEOUT_S, drain
+from elasticd.worker.agent.registration import default_node_id
 
 log = logging.getLogger(__name__)
 
