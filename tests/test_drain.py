@@ -21,6 +21,7 @@ the batches 0, 1, 2, ... the job consumed were each applied once.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -189,6 +190,17 @@ def test_elasticd_agent_drain_asks_the_running_agent_to_leave(cluster):
 
 
 ALLREDUCE_STEPS = 120  # a step consumes one batch per worker
+ALLREDUCE_SPEC = {
+    "task": str(TASK),
+    "mode": "allreduce",
+    "steps": ALLREDUCE_STEPS,
+    "workers": {"min": 1, "max": 2},
+    # lr 1 at 2 workers, 0.5 alone: every batch applied takes 0.5 off its slot
+    "optimizer": {"name": "sgd", "lr": 1.0},
+    "task_args": {"batches": 2 * ALLREDUCE_STEPS, "step_delay_s": 0.02},
+    "report_every_steps": 5,
+    "max_restarts": 0,
+}
 
 
 def test_sigterm_to_an_agent_in_an_allreduce_job_loses_no_step(cluster):
@@ -197,19 +209,7 @@ def test_sigterm_to_an_agent_in_an_allreduce_job_loses_no_step(cluster):
     batches 0, 1, 2, ... each once."""
     c = cluster(ps=0, agents=2)
     client = JobClient(etcd=c.etcd, prefix=c.prefix)
-    job_id = client.submit_yaml(
-        spec_yaml(
-            task=str(TASK),
-            mode="allreduce",
-            steps=ALLREDUCE_STEPS,
-            workers={"min": 1, "max": 2},
-            # lr 1 at 2 workers, 0.5 alone: every batch applied takes 0.5 off its slot
-            optimizer={"name": "sgd", "lr": 1.0},
-            task_args={"batches": 2 * ALLREDUCE_STEPS, "step_delay_s": 0.02},
-            report_every_steps=5,
-            max_restarts=0,
-        )
-    )
+    job_id = client.submit_yaml(spec_yaml(**ALLREDUCE_SPEC))
     generations = generation_log(c, job_id)
     try:
         both = wait_until(
@@ -242,3 +242,43 @@ def test_sigterm_to_an_agent_in_an_allreduce_job_loses_no_step(cluster):
     # Steps consumed batches 0, 1, 2, ... one per worker: a prefix, each applied once.
     used = assert_prefix_once(applied_counts(c.base_dir / "checkpoints", job_id, 0.5))
     assert ALLREDUCE_STEPS < used < 2 * ALLREDUCE_STEPS, used  # some steps ran alone
+
+
+def test_draining_an_allreduce_job_below_its_minimum_keeps_no_process_on_the_node(cluster):
+    """``workers.min: 2`` on two nodes: without the drained node the job waits, and the
+    survivor waits in it as a standby holding the replica. The drained node's process
+    is not kept as a standby too (the agent would wait out its drain timeout for it):
+    the agent leaves at once, and a node that joins later takes the survivor's state."""
+    c = cluster(ps=0, agents=2)
+    client = JobClient(etcd=c.etcd, prefix=c.prefix)
+    try:
+        job_id = client.submit_yaml(
+            spec_yaml(**{**ALLREDUCE_SPEC, "workers": {"min": 2, "max": 2}})
+        )
+        both = wait_until(
+            lambda: len((s := client.get(job_id)).workers) == 2 and s.step >= 30 and s,
+            120,
+            "step 30 with both workers",
+        )
+        node = both.workers[1].worker_id.rsplit(".", 1)[0]
+        c.kill(node, signal.SIGTERM)
+        code = c.procs[node].popen.returncode
+        wait_until(lambda: client.get(job_id).state == "WAITING", 60, "the job to wait")
+        c.start_agent("node-2")
+        final = client.wait(job_id, timeout=180, interval=0.5)
+    finally:
+        client.close()
+    agent_log = c.procs[node].log_path.read_text()
+    assert code == 0 and "event=drained" in agent_log, agent_log[-3000:]
+    assert (final.state, final.step) == ("COMPLETED", ALLREDUCE_STEPS), final
+    logs = c.base_dir / "logs" / job_id
+    drained = both.workers[1].worker_id
+    assert f"event=departed job={job_id} generation=1 " in (logs / f"{drained}.log").read_text()
+    # The newcomer had no state and took the survivor's, mid-training.
+    synced = re.search(
+        r"event=state_synced .* step=(\d+) .*had_state=False", (logs / "node-2.0.log").read_text()
+    )
+    assert synced and int(synced[1]) >= both.step, synced
+    # Two workers at every step: batches 0 .. 2 * steps - 1, each applied once.
+    counts = applied_counts(c.base_dir / "checkpoints", job_id, 0.5)
+    assert assert_prefix_once(counts) == 2 * ALLREDUCE_STEPS
