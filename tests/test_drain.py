@@ -203,6 +203,7 @@ ALLREDUCE_SPEC = {
 }
 
 
+@pytest.mark.slow
 def test_sigterm_to_an_agent_in_an_allreduce_job_loses_no_step(cluster):
     """The drained node hosts rank 0 (and so the group's store): its worker finishes its
     step with the survivor and leaves, the survivor re-forms alone, and the job consumes
@@ -244,6 +245,7 @@ def test_sigterm_to_an_agent_in_an_allreduce_job_loses_no_step(cluster):
     assert ALLREDUCE_STEPS < used < 2 * ALLREDUCE_STEPS, used  # some steps ran alone
 
 
+@pytest.mark.slow
 def test_draining_an_allreduce_job_below_its_minimum_keeps_no_process_on_the_node(cluster):
     """``workers.min: 2`` on two nodes: without the drained node the job waits, and the
     survivor waits in it as a standby holding the replica. The drained node's process

@@ -94,6 +94,7 @@ def test_sigterm_to_a_ps_moves_its_group_and_loses_no_update(cluster):
     assert_each_batch_once(applied_counts(c.base_dir / "checkpoints", job_id), BATCHES)
 
 
+@pytest.mark.slow
 def test_sigterm_to_a_ps_with_hot_replicas_loses_no_update(cluster, tmp_path):
     """Two PS, ``ps.replicas: 2``: each holds one group's primary and the other's backup,
     so the drained PS's primary has nowhere to move but its backup, which takes over."""
@@ -127,6 +128,7 @@ def test_sigterm_to_a_ps_with_hot_replicas_loses_no_update(cluster, tmp_path):
     assert_each_batch_once(applied_counts(c.base_dir / "checkpoints", job_id), BATCHES)
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_last_ps_stops_it_at_once_and_the_job_restores(cluster, tmp_path):
     """No other PS can take the groups: the PS does not wait for a move that cannot
     happen. It stops at once and says why; the job stops training and waits, saying
