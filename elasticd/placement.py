@@ -318,7 +318,13 @@ def drain_moves(
                 if role == 1:  # a backup with nowhere to go: the group runs without one
                     plan[g] = (plan[g][0], "")
                     continue
-                return None
+                if other not in takers:
+                    return None
+                # A primary whose only taker holds its backup: the copy becomes the
+                # primary there (overwritten from the fenced primary), without a backup.
+                moves.append(Move(g, placement.holders(g)[0], other, backup=False))
+                plan[g] = (other, "")
+                continue
             target = min(candidates, key=lambda p: (load[p], p))
             load[target] += size
             moves.append(Move(g, placement.holders(g)[0], target, backup=role == 1))

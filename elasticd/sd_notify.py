@@ -35,6 +35,9 @@ class Notifier:
         self.address = address
         self.watchdog_usec = watchdog_usec
         self._stop = threading.Event()
+        # No WATCHDOG=1 after STOPPING=1: systemd stops enforcing the watchdog when a unit
+        # stops, and a late ping could arm it again for a drain that no longer pings.
+        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     @classmethod
@@ -81,13 +84,16 @@ class Notifier:
                 log.exception("event=health_check_error")
                 ok = False
             if ok:
-                self.send("WATCHDOG=1")
+                with self._lock:
+                    if not self._stop.is_set():
+                        self.send("WATCHDOG=1")
             else:
                 log.warning("event=watchdog_withheld reason=unhealthy")
 
     def stopping(self) -> None:
         """Say STOPPING=1, once however often called (an agent says it when its drain begins)."""
-        if self._stop.is_set():
-            return
-        self._stop.set()
-        self.send("STOPPING=1")
+        with self._lock:
+            if self._stop.is_set():
+                return
+            self._stop.set()
+            self.send("STOPPING=1")

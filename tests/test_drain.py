@@ -12,21 +12,23 @@ agent gets SIGTERM, as ``systemctl stop`` sends it. The agent must exit 0; the
 job's next generation must lack its worker; the job must complete on the
 other node; and every batch must have been applied exactly once on both
 shards (none lost with the drained worker's range, none applied twice).
+
+The same in allreduce, where the drained worker must finish its step with the
+survivor before it leaves: the survivor never sees a broken collective, and
+the batches 0, 1, 2, ... the job consumed were each applied once.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
 from dataclasses import replace
 
 import pytest
-import torch
 
-from elasticd.checkpoint import CheckpointStore
-from elasticd.checkpoint.locate import load_state
 from elasticd.client import JobClient
 from elasticd.local import LocalCluster
 from elasticd.membership import Generation
@@ -34,6 +36,12 @@ from elasticd.retry import wait_until
 from elasticd.server.controller.planning import ClusterSnapshot, Seal, decide, seal_at_once
 from elasticd.worker.agent.drain import AwaitSeal, DrainView, Leave, StopNow, next_step
 from elasticd.worker.agent.drain_request import target_node
+from tests.fixtures.batch_counts import (
+    TASK,
+    applied_counts,
+    assert_each_batch_once,
+    assert_prefix_once,
+)
 from tests.jobs import spec_yaml
 from tests.test_exactly_once import SPEC as EXACTLY_ONCE_SPEC
 from tests.test_membership import PS, nodes, report, snapshot
@@ -94,16 +102,34 @@ def test_which_node_elasticd_agent_drain_means() -> None:
         target_node(registered, None, "h3")
 
 
+DEPARTING = """
+import os, signal, sys, time
+from elasticd.worker.runtime.departure import Departure
+d = Departure(grace_s=0.2)
+d.install()
+if sys.argv[1] == "in-step":
+    with d.deferred():
+        os.kill(os.getpid(), signal.SIGTERM)
+        print("asked", d.asked, flush=True)  # alive: it waits for the step boundary
+        time.sleep(60)  # a step that never ends: the grace runs out
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize(
+    ("where", "code", "out"), [("in-step", 143, "asked True\n"), ("", -15, "")]
+)
+def test_sigterm_waits_for_the_step_boundary_only_in_a_step_and_not_forever(where, code, out):
+    run = subprocess.run(
+        [sys.executable, "-c", DEPARTING, where], capture_output=True, text=True, timeout=60
+    )
+    assert (run.returncode, run.stdout) == (code, out), run.stderr
+
+
 def generation_log(c: LocalCluster, job_id: str) -> KeyLog:
     """Every generation the job sealed, from its first."""
     return KeyLog(c, c.keys.generation(job_id), Generation.from_json, 1)
-
-
-def applied_counts(c: LocalCluster, job_id: str) -> dict[str, list[int]]:
-    """How often each batch was applied, per shard, in the job's newest checkpoint."""
-    store = CheckpointStore(str(c.base_dir / "checkpoints"))
-    params, _ = load_state(store, store.latest(job_id))
-    return {name: (-params[name]).round().to(torch.int64).tolist() for name in ("a", "b")}
 
 
 def test_sigterm_to_an_agent_drains_its_workers_and_loses_no_step(cluster, tmp_path):
@@ -140,13 +166,9 @@ def test_sigterm_to_an_agent_drains_its_workers_and_loses_no_step(cluster, tmp_p
     controller_log = (c.base_dir / "logs" / "controller-0.log").read_text()
     assert "event=data_reclaimed" in controller_log  # the drained worker's range went back
 
-    counts = applied_counts(c, job_id)
+    counts = applied_counts(c.base_dir / "checkpoints", job_id)
     (tmp_path / "applied.json").write_text(json.dumps(counts))
-    for name, per_batch in counts.items():
-        assert per_batch == [1] * BATCHES, (
-            f"shard {name}: batches lost {[i for i, n in enumerate(per_batch) if n == 0]}, "
-            f"applied twice {[i for i, n in enumerate(per_batch) if n > 1]}"
-        )
+    assert_each_batch_once(counts, BATCHES)
 
 
 def test_elasticd_agent_drain_asks_the_running_agent_to_leave(cluster):
@@ -165,3 +187,100 @@ def test_elasticd_agent_drain_asks_the_running_agent_to_leave(cluster):
     assert agent.wait(timeout=30) == 0
     assert "event=drained" in c.procs["node-0"].log_path.read_text()
     assert c.client.get(c.keys.drain_request("node-0")) is None  # the agent took it away
+
+
+ALLREDUCE_STEPS = 120  # a step consumes one batch per worker
+ALLREDUCE_SPEC = {
+    "task": str(TASK),
+    "mode": "allreduce",
+    "steps": ALLREDUCE_STEPS,
+    "workers": {"min": 1, "max": 2},
+    # lr 1 at 2 workers, 0.5 alone: every batch applied takes 0.5 off its slot
+    "optimizer": {"name": "sgd", "lr": 1.0},
+    "task_args": {"batches": 2 * ALLREDUCE_STEPS, "step_delay_s": 0.02},
+    "report_every_steps": 5,
+    "max_restarts": 0,
+}
+
+
+@pytest.mark.slow
+def test_sigterm_to_an_agent_in_an_allreduce_job_loses_no_step(cluster):
+    """The drained node hosts rank 0 (and so the group's store): its worker finishes its
+    step with the survivor and leaves, the survivor re-forms alone, and the job consumes
+    batches 0, 1, 2, ... each once."""
+    c = cluster(ps=0, agents=2)
+    client = JobClient(etcd=c.etcd, prefix=c.prefix)
+    job_id = client.submit_yaml(spec_yaml(**ALLREDUCE_SPEC))
+    generations = generation_log(c, job_id)
+    try:
+        both = wait_until(
+            lambda: len((s := client.get(job_id)).workers) == 2 and s.step >= 30 and s,
+            120,
+            "step 30 with both workers",
+        )
+        drained = next(w.worker_id for w in both.workers if w.rank == 0)
+        node = drained.rsplit(".", 1)[0]
+        drained_at = len(generations.seen())
+        c.kill(node, signal.SIGTERM)
+        code = c.procs[node].popen.returncode
+        final = client.wait(job_id, timeout=180, interval=0.5)
+        seen = generations.seen()
+    finally:
+        generations.close()
+        client.close()
+    agent_log = c.procs[node].log_path.read_text()
+    assert code == 0, f"the drained agent exited {code}:\n{agent_log[-3000:]}"
+    assert "event=drained" in agent_log, "the worker was stopped before the controller let it go"
+    assert (final.state, final.step) == ("COMPLETED", ALLREDUCE_STEPS), final
+    after = [sorted(g.worker_ids) for g in seen[drained_at:]]
+    survivor = next(w.worker_id for w in both.workers if w.worker_id != drained)
+    assert after and all(ids == [survivor] for ids in after), f"generations after: {after}"
+    # At a step boundary: the drained rank finished its step with the survivor and
+    # left; the survivor's collectives never broke.
+    logs = c.base_dir / "logs" / job_id
+    assert f"event=departed job={job_id} generation=1 " in (logs / f"{drained}.log").read_text()
+    assert "event=collective_failed" not in (logs / f"{survivor}.log").read_text()
+    # Steps consumed batches 0, 1, 2, ... one per worker: a prefix, each applied once.
+    used = assert_prefix_once(applied_counts(c.base_dir / "checkpoints", job_id, 0.5))
+    assert ALLREDUCE_STEPS < used < 2 * ALLREDUCE_STEPS, used  # some steps ran alone
+
+
+@pytest.mark.slow
+def test_draining_an_allreduce_job_below_its_minimum_keeps_no_process_on_the_node(cluster):
+    """``workers.min: 2`` on two nodes: without the drained node the job waits, and the
+    survivor waits in it as a standby holding the replica. The drained node's process
+    is not kept as a standby too (the agent would wait out its drain timeout for it):
+    the agent leaves at once, and a node that joins later takes the survivor's state."""
+    c = cluster(ps=0, agents=2)
+    client = JobClient(etcd=c.etcd, prefix=c.prefix)
+    try:
+        job_id = client.submit_yaml(
+            spec_yaml(**{**ALLREDUCE_SPEC, "workers": {"min": 2, "max": 2}})
+        )
+        both = wait_until(
+            lambda: len((s := client.get(job_id)).workers) == 2 and s.step >= 30 and s,
+            120,
+            "step 30 with both workers",
+        )
+        node = both.workers[1].worker_id.rsplit(".", 1)[0]
+        c.kill(node, signal.SIGTERM)
+        code = c.procs[node].popen.returncode
+        wait_until(lambda: client.get(job_id).state == "WAITING", 60, "the job to wait")
+        c.start_agent("node-2")
+        final = client.wait(job_id, timeout=180, interval=0.5)
+    finally:
+        client.close()
+    agent_log = c.procs[node].log_path.read_text()
+    assert code == 0 and "event=drained" in agent_log, agent_log[-3000:]
+    assert (final.state, final.step) == ("COMPLETED", ALLREDUCE_STEPS), final
+    logs = c.base_dir / "logs" / job_id
+    drained = both.workers[1].worker_id
+    assert f"event=departed job={job_id} generation=1 " in (logs / f"{drained}.log").read_text()
+    # The newcomer had no state and took the survivor's, mid-training.
+    synced = re.search(
+        r"event=state_synced .* step=(\d+) .*had_state=False", (logs / "node-2.0.log").read_text()
+    )
+    assert synced and int(synced[1]) >= both.step, synced
+    # Two workers at every step: batches 0 .. 2 * steps - 1, each applied once.
+    counts = applied_counts(c.base_dir / "checkpoints", job_id, 0.5)
+    assert assert_prefix_once(counts) == 2 * ALLREDUCE_STEPS

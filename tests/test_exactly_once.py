@@ -16,20 +16,15 @@ from __future__ import annotations
 
 import json
 import signal
-from pathlib import Path
 
-import torch
-
-from elasticd.checkpoint import CheckpointStore
-from elasticd.checkpoint.locate import load_state
 from elasticd.client import JobClient
 from elasticd.retry import wait_until
+from tests.fixtures.batch_counts import TASK, applied_counts, assert_each_batch_once
 from tests.jobs import spec_yaml
 from tests.test_local_cluster import processes_of_job
 from tests.test_ps_failures import StateLog
 from tests.test_ps_restore import record
 
-TASK = Path(__file__).resolve().parent / "tasks" / "batch_counter.py"
 BATCHES = 480
 SPEC = {
     "task": str(TASK),
@@ -78,16 +73,10 @@ def test_every_batch_is_applied_once_through_kills_and_a_restore(cluster, tmp_pa
     assert (final.state, final.step) == ("COMPLETED", BATCHES), final.message
     assert final.restored_generation > 0 and final.restored_from, "no restore happened"
 
-    store = CheckpointStore(str(c.base_dir / "checkpoints"))
-    params, _ = load_state(store, store.latest(job_id))
-    counts = {name: (-params[name]).round().to(torch.int64).tolist() for name in ("a", "b")}
+    counts = applied_counts(c.base_dir / "checkpoints", job_id)
     # the record of this run: every fault, and how often each batch was applied on each shard
     (tmp_path / "applied.json").write_text(json.dumps({"faults": faults, "counts": counts}))
-    for name, per_batch in counts.items():
-        assert torch.equal(-params[name], torch.ones(BATCHES)), (
-            f"shard {name}: batches lost {[i for i, n in enumerate(per_batch) if n == 0]}, "
-            f"applied twice {[i for i, n in enumerate(per_batch) if n > 1]}"
-        )
+    assert_each_batch_once(counts, BATCHES)
 
     controller_log = (c.base_dir / "logs" / "controller-0.log").read_text()
     assert "event=data_reclaimed" in controller_log  # a killed worker's range went back

@@ -334,7 +334,17 @@ def test_a_drain_with_no_other_live_ps_moves_nothing() -> None:
     live = {"a": "a"}
     placement = place(charlm_tensors(), ["a"]).with_incarnations(live)
     assert drain_moves(placement, live, frozenset({"a"})) is None
-    # With a backup on the other PS, only the backup has nowhere to go: it is dropped.
     two = {"a": "a", "b": "b"}
     replicated = place(charlm_tensors(), ["a", "b"], replicas=2).with_incarnations(two)
     assert drain_moves(replicated, two, frozenset({"a", "b"})) is None
+
+
+def test_a_draining_ps_hands_its_primary_to_its_backup_when_no_other_ps_is_free() -> None:
+    two = {"a": "a", "b": "b"}
+    replicated = place(charlm_tensors(), ["a", "b"], replicas=2).with_incarnations(two)
+    moved, moves = drain_moves(replicated, two, frozenset({"a"}))
+    # a was the primary of a (backup b) and the backup of b: b takes a's group over,
+    # copied whole from a, and b's group runs without a backup.
+    assert moves == [Move("a", "a", "b", backup=False)]
+    assert moved.holders("a") == ("b", "") and moved.holders("b") == ("b", "")
+    assert moved.ps_ids == ["b"] and drain_moves(moved, two, frozenset({"a"})) == (moved, [])

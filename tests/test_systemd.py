@@ -26,6 +26,7 @@ from elasticd.client import JobClient
 from elasticd.retry import wait_until
 from elasticd.sd_notify import Notifier
 from tests.jobs import spec_yaml
+from tests.test_ps_replica_failover import placement_of
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "systemd"
 UCRED = struct.Struct("3i")  # pid, uid, gid
@@ -118,6 +119,42 @@ def test_every_daemon_says_ready_feeds_the_watchdog_and_says_stopping(cluster, f
     fake_systemd.collect_until(
         lambda _: all(fake_systemd.said(p, "STOPPING=1") == 1 for p in pids.values()), 10
     )
+
+
+@pytest.mark.slow
+def test_a_drain_longer_than_the_watchdog_period_says_stopping_first(cluster, fake_systemd):
+    """systemd enforces WatchdogSec only while a unit runs: STOPPING=1 (or `systemctl
+    stop` itself) ends that. A PS whose drain lasts many watchdog periods (its job has
+    no worker left, so nobody moves its group until --drain-timeout) must say STOPPING=1
+    as the drain begins, while it still pings, and then stay up draining: it is not
+    restarted for a hang meanwhile, nor does it hurry out."""
+    c = cluster(ps=2, agents=1)
+    client = JobClient(etcd=c.etcd, prefix=c.prefix)
+    try:
+        job_id = client.submit_yaml(spec_yaml(steps=100_000, workers={"min": 1, "max": 1}))
+        wait_until(lambda: client.get(job_id).step >= 5, 120, "the job to train")
+        os.kill(c.procs["node-0"].popen.pid, signal.SIGTERM)  # its only node drains
+        assert c.procs["node-0"].popen.wait(timeout=60) == 0
+        wait_until(lambda: client.get(job_id).state == "WAITING", 60, "the job to wait")
+        victim = placement_of(c, job_id).ps_ids[0]
+    finally:
+        client.close()
+    ps, controller = c.procs[victim].popen.pid, c.procs["controller-0"].popen.pid
+    assert fake_systemd.said(ps, "WATCHDOG=1") >= 2 and not fake_systemd.said(ps, "STOPPING=1")
+    os.kill(ps, signal.SIGTERM)
+    fake_systemd.collect_until(lambda _: fake_systemd.said(ps, "STOPPING=1") == 1, 10)
+    # The controller's pings (every half period) are the clock: two watchdog periods on.
+    pings = fake_systemd.said(controller, "WATCHDOG=1")
+    fake_systemd.collect_until(
+        lambda _: fake_systemd.said(controller, "WATCHDOG=1") >= pings + 4, 30
+    )
+    assert c.procs[victim].alive(), "the PS left before its drain ended"
+    ps_log = c.procs[victim].log_path.read_text()
+    assert "event=ps_drain_started" in ps_log and "event=ps_drain_stopped" not in ps_log
+    said = [m for p, m in list(fake_systemd.received) if p == ps]
+    # Fed up to the drain, then STOPPING=1, then nothing that systemd would wait for.
+    assert said[-1] == "STOPPING=1" and said[-2] == "WATCHDOG=1", said[-3:]
+    c.kill(victim)  # rather than wait out its --drain-timeout
 
 
 def test_a_daemon_that_is_not_healthy_withholds_the_watchdog(tmp_path) -> None:

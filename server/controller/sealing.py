@@ -137,7 +137,8 @@ def seal_ops(
     if placement is not None and placement != snap.placement:
         ops.append(Put(keys.placement(job_id), placement.to_json().encode()))
     sealed = replace(snap, record=record)  # assignments follow the record as sealed
-    waiting = standby_workers(snap, gen)
+    draining = frozenset(n for n, info in cluster.nodes.items() if info.draining)
+    waiting = standby_workers(snap, gen, draining)
     nodes = set(gen.nodes) | set(waiting)
     for node in sorted(nodes):
         ops.append(
@@ -160,16 +161,19 @@ def seal_ops(
     return ops
 
 
-def standby_workers(snap: JobSnapshot, gen: Generation) -> dict[str, tuple[str, ...]]:
+def standby_workers(
+    snap: JobSnapshot, gen: Generation, draining: frozenset[str] = frozenset()
+) -> dict[str, tuple[str, ...]]:
     """Per node, the job's workers kept running outside ``gen``: replacements that are
     starting or ready; and, when an allreduce job falls below ``workers.min`` (``gen``
-    is empty), its running processes too, which hold the only copy of its replica."""
+    is empty), its running processes too, which hold the only copy of its replica.
+    None on a ``draining`` node: its agent leaves once it holds no process."""
     waiting = {RESTARTING, READY}
     if not gen.members and snap.record.mode == "allreduce":
         waiting.add(RUNNING)
     out: dict[str, list[str]] = {}
     for w, r in sorted(snap.workers.items()):
-        if r.state in waiting and w not in gen.worker_ids:
+        if r.state in waiting and w not in gen.worker_ids and r.node_id not in draining:
             out.setdefault(r.node_id, []).append(w)
     return {node: tuple(ws) for node, ws in out.items()}
 

@@ -20,7 +20,8 @@ fails anyway (a peer died or hung past ``collective_timeout_s``) is caught,
 the group is destroyed and formed again (:mod:`.process_group`) — for a
 newer generation if the agent hands one over, else as a new round of the
 same generation (a restarted peer) — and state comes from the surviving
-replica with the highest step. The step in flight is simply redone.
+replica with the highest step. The step in flight is simply redone. SIGTERM
+(a draining agent) is a request to leave at the next step boundary (:mod:`.departure`).
 
 Every worker reports progress (global step, mean loss over ranks) every
 ``report_every_steps`` steps, and exits 0 once the global step reaches
@@ -39,7 +40,7 @@ import math
 import threading
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -54,10 +55,8 @@ from elasticd.worker.runtime.control import (
     ControlChannel,
     announce_ready,
 )
-from elasticd.worker.runtime.grad_buckets import (
-    FIRST_BUCKET_CAP_BYTES,
-    GradientBuckets,
-)
+from elasticd.worker.runtime.departure import Departure, depart_now
+from elasticd.worker.runtime.grad_buckets import FIRST_BUCKET_CAP_BYTES, GradientBuckets
 from elasticd.worker.runtime.handover import Handover
 from elasticd.worker.runtime.process_group import (
     CollectiveFailed,
@@ -91,6 +90,7 @@ def train(
     reporter = ProgressReporter(first.controller, first.job_id, first.worker_id, first.rank)
     try:
         worker = AllreduceWorker(first, control, directory, reporter)
+        worker.departure.install()  # SIGTERM: leave at the next step boundary
         if handover is not None:
             worker.adopt(handover)
         announce_ready()
@@ -138,6 +138,7 @@ class AllreduceWorker:
             reporter,
         )
         self._stop = False
+        self.departure = Departure()  # the agent stops this process (a drain)
         self._checkpoint_asked = False  # the controller asked for a checkpoint
         self._peers: tuple[str, ...] = ()  # the other members of the formed generation
         self._losses: deque[float] = deque(maxlen=self.spec.report_every_steps)
@@ -171,8 +172,11 @@ class AllreduceWorker:
                 try:
                     self.group.form(self.feed, after_generation=after)
                     self._formed()
-                    outcome = self._train()
+                    with self.departure.deferred():
+                        outcome = self._train()
                 except CollectiveFailed as exc:
+                    if self.departure.asked:
+                        self._depart()
                     a = self.feed.current
                     log.warning(
                         "event=collective_failed job=%s generation=%d worker=%s step=%d error=%s",
@@ -187,6 +191,8 @@ class AllreduceWorker:
                     self.group.destroy()
                     after = 0
                     continue
+                if outcome == "reform" and self.departure.asked:
+                    self._depart()
                 if outcome == "reform":
                     after = self.group.generation
                     self.group.destroy()
@@ -219,6 +225,11 @@ class AllreduceWorker:
             return 3
         finally:
             self.group.close()
+
+    def _depart(self) -> NoReturn:
+        a, generation = self.feed.current, self.group.generation
+        log.info("event=departed job=%s generation=%d worker=%s", a.job_id, generation, a.worker_id)
+        depart_now()
 
     def _report_peers(self) -> None:
         """A broken collective lost some peer: name them all to the controller, which asks
@@ -313,7 +324,7 @@ class AllreduceWorker:
         self.buckets.prepare(g)
         loss = replica.task.loss(replica.model, batch)
         control = torch.zeros(4, dtype=torch.float64, device=self.device)
-        control[0] = float(self.feed.current.generation > g.generation)
+        control[0] = float(self.feed.current.generation > g.generation or self.departure.asked)
         control[1] = float(self._stop)
         control[2] = float(self._checkpoint_asked)
         control[3] = loss.detach().to(torch.float64)
