@@ -30,6 +30,7 @@ from elasticd.checkpoint import (
     decode_shard,
     encode_shard,
 )
+from elasticd.checkpoint.store import s3fs_exclusive_problem
 
 JOB = "job-a"
 SHA = "ab" * 32
@@ -170,6 +171,19 @@ def test_racing_commits_of_one_step(target: Any) -> None:
     winner = store.latest(JOB)
     assert winner is not None
     assert store.read_shard(winner, "ps-0") == f"writer {int(winner.created_at)}".encode()
+
+
+@pytest.mark.parametrize(
+    ("version", "refused"),
+    [("2024.12.0", True), ("2025.5.1", True), ("2025.7.0", False), ("2026.9.0", False)],
+)
+def test_an_s3fs_that_cannot_create_exclusively_is_named(version: str, refused: bool) -> None:
+    # 2024.12 and 2025.5 sent no If-None-Match on a one-shot write: two commits of one
+    # step both won against moto with each installed (pip installs a newer one for the suite).
+    problem = s3fs_exclusive_problem(version)
+    assert (problem is not None) == refused
+    if refused:
+        assert f"s3fs {version}" in problem and "s3fs>=2025.7" in problem
 
 
 def test_stale_generation_refused_and_nothing_written(store: CheckpointStore, target: Any) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import importlib.metadata
 import logging
 import os
 import secrets
@@ -73,6 +74,8 @@ class StorageBackend:
     """Create a file with these bytes; raise FileExistsError if it already exists."""
     atomic: bool
     """Whether ``create_exclusive`` is atomic against concurrent writers."""
+    check: Callable[[], None] = lambda: None
+    """Raise :class:`CheckpointError` if what is installed cannot keep these promises."""
 
 
 def _write_temp(directory: str, data: bytes) -> str:
@@ -132,6 +135,32 @@ def _pipe(fs: AbstractFileSystem, path: str, data: bytes) -> None:
     fs.pipe_file(path, data)
 
 
+# The first s3fs whose one-shot "xb" write sends If-None-Match: *. Earlier releases send
+# it on multipart uploads only, so the create of a small manifest was silently not
+# exclusive. pyproject's floor cannot say so: a higher one sends pip's resolver astray.
+S3FS_EXCLUSIVE_CREATE = (2025, 7)
+
+
+def s3fs_exclusive_problem(version: str) -> str | None:
+    """Why the s3fs of this ``version`` cannot commit checkpoints, or None."""
+    try:
+        year, month = (int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return None  # not a calendar version: a development build, taken as new
+    if (year, month) >= S3FS_EXCLUSIVE_CREATE:
+        return None
+    return (
+        f"s3fs {version} does not create files exclusively on S3 (If-None-Match: *), so two "
+        f"commits of one checkpoint could both win: pip install 's3fs>=2025.7'"
+    )
+
+
+def _check_s3fs() -> None:
+    problem = s3fs_exclusive_problem(importlib.metadata.version("s3fs"))
+    if problem:
+        raise CheckpointError(problem)
+
+
 def _s3_create_exclusive(fs: AbstractFileSystem, path: str, data: bytes) -> None:
     with fs.open(path, "xb") as f:  # s3fs: PutObject with If-None-Match: *
         f.write(data)
@@ -155,7 +184,7 @@ def _generic_create_exclusive(fs: AbstractFileSystem, path: str, data: bytes) ->
 
 _GENERIC = StorageBackend(_pipe, _generic_create_exclusive, atomic=False)
 _LOCAL = StorageBackend(_local_write, _local_create_exclusive, atomic=True)
-_S3 = StorageBackend(_pipe, _s3_create_exclusive, atomic=True)
+_S3 = StorageBackend(_pipe, _s3_create_exclusive, atomic=True, check=_check_s3fs)
 _MEMORY = StorageBackend(_pipe, _memory_create_exclusive, atomic=True)
 _BACKENDS = {"file": _LOCAL, "local": _LOCAL, "s3": _S3, "s3a": _S3, "memory": _MEMORY}
 
@@ -188,6 +217,7 @@ class CheckpointStore:
         self._fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
         self._root = root.rstrip("/")
         self._backend = backend_for(self._fs)
+        self._backend.check()
         if not self._backend.atomic:
             log.warning(
                 "checkpoint store has no conditional create, commits not atomic url=%s", url
