@@ -322,6 +322,14 @@ def test_running_generation_ends_when_it_falls_below_min() -> None:
     assert action.workers == ()
 
 
+def test_running_generation_ends_when_min_is_raised_past_its_workers() -> None:
+    # `elasticd scale --min 3`: nobody left, but the job may not train on with two
+    job = snapshot(["a.0", "b.0"], mode="allreduce", wmin=3, wmax=3)
+    action = decide(job, ClusterSnapshot(nodes(a=1, b=1), PS))
+    assert action == Seal((), "2 of at least 3 workers available")
+    assert seal_at_once(action, job.generation.worker_ids, job.spec) == action  # no join window
+
+
 def test_slots_of_other_jobs_are_not_used() -> None:
     job = snapshot(None, wmin=1, wmax=2, state=WAITING)
     cluster = ClusterSnapshot(nodes(a=1, b=1), PS, taken={"other": {"a": 1}, JOB: {"b": 1}})

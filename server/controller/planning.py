@@ -150,8 +150,9 @@ def decide(job: JobSnapshot, cluster: ClusterSnapshot) -> Action:
         max(spec.workers.max - len(starting), 0),
     )
     if len(desired) < spec.workers.min:
-        if current and set(desired) != current:
-            # Below the minimum: end the running generation; the job waits.
+        if current:
+            # Below the minimum (a worker left, or the minimum was raised past the
+            # workers there are): end the running generation; the job waits.
             return Seal((), f"{len(desired)} of at least {spec.workers.min} workers available")
         return Wait(f"waiting for workers: {len(desired)} of at least {spec.workers.min} available")
     if in_memory:

@@ -5,7 +5,10 @@ record, in one conditional write) is what persists them: every later
 planning decision, this leader's or the next one's, reads them from there
 (:func:`.planning.decide` fills slots up to ``workers.max`` and waits below
 ``workers.min``). Workers see the new spec in their next generation's
-assignment.
+assignment. A minimum above the workers the job has ends its running
+generation: the job waits, and an allreduce job's processes wait with it,
+keeping their replicas, until enough workers are there (or the minimum is
+lowered again).
 """
 
 from __future__ import annotations

@@ -15,9 +15,10 @@ assignments, and makes the running processes match them:
   controller seals it into a generation only then, so the survivors never wait
   on a process that is starting (the controller lists it under ``standby`` in
   the node's assignment meanwhile, and lists an allreduce job's running
-  processes there too when the job falls below ``workers.min``: they wait,
-  keeping the replica, instead of being stopped). In script mode it is reported RESTARTING
-  and every process restarts in the next generation;
+  processes there too when the job falls below ``workers.min``: they are sent
+  that generation, which leaves them out, and wait at a step boundary with the
+  replica). In script mode it is reported RESTARTING and every process
+  restarts in the next generation;
 * in script mode every process is restarted when the generation changes, with
   the restart count raised, as torchrun does.
 
@@ -197,7 +198,7 @@ class NodeAgent:
 
     def reconcile(self) -> None:
         wanted: dict[tuple[str, str], dict] = {}
-        standby: set[tuple[str, str]] = set()
+        standby: dict[tuple[str, str], dict] = {}
         for job_id, raw in self.assignments.items().items():
             assignment = json.loads(raw)
             for member in assignment["members"]:
@@ -205,7 +206,8 @@ class NodeAgent:
                     **assignment,
                     "worker_id": member["worker_id"],
                 }
-            standby.update((job_id, w) for w in assignment.get("standby", ()))
+            for w in assignment.get("standby", ()):
+                standby[(job_id, w)] = {**assignment, "worker_id": w}
             if assignment["spec"]["mode"] != "script":
                 self.supervisor.preload(assignment["spec"]["task"])
             else:
@@ -233,6 +235,10 @@ class NodeAgent:
                     self._relaunch(slot, assignment)
                 elif slot.generation != assignment["generation"] or slot.assignment != assignment:
                     self._update(slot, assignment)
+            for key, assignment in standby.items():
+                slot = self._slots.get(key)
+                if slot and slot.state == RUNNING and slot.generation < assignment["generation"]:
+                    self._hold(slot, assignment)
 
     @staticmethod
     def assignments_jobs(wanted: dict[tuple[str, str], dict]) -> set[str]:
@@ -322,6 +328,13 @@ class NodeAgent:
         slot.assignment = assignment
         if slot.state == RUNNING:
             self.supervisor.send((slot.job_id, slot.worker_id), {"assignment": assignment})
+        self._report(slot)
+
+    def _hold(self, slot: Slot, assignment: dict) -> None:
+        """Tell a process kept out of the new generation (it holds an allreduce replica) to
+        stop stepping; its slot keeps the assignment it trained in, for a restart."""
+        slot.generation = assignment["generation"]
+        self.supervisor.send((slot.job_id, slot.worker_id), {"assignment": assignment})
         self._report(slot)
 
     def _withdraw(self, key: tuple[str, str]) -> None:

@@ -62,6 +62,7 @@ from elasticd.worker.runtime.process_group import (
     CollectiveFailed,
     ElasticGroup,
     GroupAbandoned,
+    LeftOut,
     pick_backend,
 )
 from elasticd.worker.runtime.progress import ProgressReporter
@@ -190,6 +191,10 @@ class AllreduceWorker:
                     self._report_peers()
                     self.group.destroy()
                     after = 0
+                    continue
+                except LeftOut as exc:  # the job fell below workers.min
+                    self.feed.outside(exc.generation, self.replica.step)
+                    after = exc.generation
                     continue
                 if outcome == "reform" and self.departure.asked:
                     self._depart()

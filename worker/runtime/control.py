@@ -11,6 +11,11 @@ task modules to import while it waits. An adoption whose ``argv`` is
 ``["--script", PATH, ARGS...]`` makes it a script process: :meth:`first`
 returns a :class:`ScriptRun` instead of an assignment.
 
+A later assignment may leave the process out (``members`` does not list
+it): its job fell below ``workers.min``, and an allreduce process stops at
+the next step boundary and waits, keeping its replica, for a generation that
+lets it in again.
+
 A first message marked ``standby`` starts a replacement for a process that
 failed: it carries the generation the failed one trained in, and the process
 prepares (imports, builds its model), says it is ready with
@@ -72,18 +77,21 @@ class Assignment:
     checkpoint_url: str = ""  # where the job's checkpoints go (the spec's, else the cluster's)
     resume_from: str = ""  # the checkpoint the job was submitted to start from
     peers: tuple[str, ...] = ()  # the other members of this generation
+    # False: the generation leaves this process out (an allreduce job below workers.min
+    # keeps its processes waiting, with their replicas, for a later one); rank is -1
+    member: bool = True
 
     @classmethod
     def from_message(cls, message: dict[str, Any]) -> Assignment:
         a = message["assignment"]
-        me = next(m for m in a["members"] if m["worker_id"] == a["worker_id"])
+        me = next((m for m in a["members"] if m["worker_id"] == a["worker_id"]), None)
         return cls(
             job_id=a["job_id"],
             worker_id=a["worker_id"],
             generation=int(a["generation"]),
             world_size=int(a["world_size"]),
-            rank=int(me["rank"]),
-            local_rank=int(me["local_rank"]),
+            rank=int(me["rank"]) if me else -1,
+            local_rank=int(me["local_rank"]) if me else -1,
             spec=a["spec"],
             placement=a.get("placement"),
             ps=a.get("ps", {}),
@@ -97,6 +105,7 @@ class Assignment:
                 for m in a.get("all_members", a["members"])
                 if m["worker_id"] != a["worker_id"]
             ),
+            member=me is not None,
         )
 
 
@@ -188,6 +197,19 @@ class AssignmentFeed:
             self.refresh()
             time.sleep(0.01)
         return self.current
+
+    def outside(self, generation: int, step: int) -> None:
+        """Wait, however long and without stepping, for a generation newer than
+        ``generation``, which left this process out: its replica, at ``step``, is
+        kept for the generation that lets it in again."""
+        log.info(
+            "event=outside_generation job=%s generation=%d worker=%s step=%d",
+            self.current.job_id,
+            generation,
+            self.current.worker_id,
+            step,
+        )
+        self.admitted(generation)
 
     def admitted(self, generation: int) -> None:
         """Wait, however long, until the controller seals a generation newer than

@@ -60,6 +60,14 @@ class CollectiveFailed(RuntimeError):
     """A collective, or forming the group, failed: a peer died, hung, or left."""
 
 
+class LeftOut(Exception):
+    """The newest generation does not list this process: there is no group to form."""
+
+    def __init__(self, generation: int) -> None:
+        super().__init__(f"generation {generation} leaves this process out")
+        self.generation = generation
+
+
 def pick_backend(local_rank: int) -> tuple[str, torch.device]:
     """nccl on ``cuda:<local_rank>`` when CUDA is available, else gloo on the CPU."""
     if torch.cuda.is_available():
@@ -106,9 +114,9 @@ class ElasticGroup:
     def form(self, feed: AssignmentFeed, after_generation: int = 0) -> None:
         """Form the group of the newest assignment whose generation is > ``after_generation``.
 
-        Returns once ``init_process_group`` succeeded; raises GroupAbandoned
-        when the control pipe closes or nothing works out within the reform
-        timeout.
+        Returns once ``init_process_group`` succeeded; raises LeftOut when that
+        assignment does not list this process, GroupAbandoned when the control
+        pipe closes or nothing works out within the reform timeout.
         """
         self.destroy()
         deadline = time.monotonic() + self.reform_timeout_s
@@ -128,6 +136,8 @@ class ElasticGroup:
             if a.generation <= after_generation:
                 backoff.sleep()
                 continue
+            if not a.member:
+                raise LeftOut(a.generation)
             try:
                 store = self._store_for(a)
                 k = self._join_round(store, a, feed, deadline) if store is not None else None
