@@ -26,7 +26,7 @@ On SIGTERM or a drain request (:mod:`.drain_request`) the agent drains
 (:mod:`.drain`, :mod:`.node_drain`): it marks its node draining, launches
 nothing more, stops each process once the controller has sealed a generation
 without it, and exits once none is left. The node's registration is
-:mod:`.registration`.
+:mod:`.registration`; hung processes are found by :mod:`.hang_watch`.
 
 Worker states go to ``<prefix>/jobs/<job>/workers/<worker>`` on the agent's
 lease, written when they change, so they vanish with the agent.
@@ -40,7 +40,6 @@ import logging
 import os
 import socket
 import threading
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -54,6 +53,7 @@ from elasticd.serving import service_name, start_grpc_server
 from elasticd.worker.agent.api import FAILED, READY, RESTARTING, RUNNING, SUCCEEDED, Exited
 from elasticd.worker.agent.drain_request import DrainRequests
 from elasticd.worker.agent.fault_injection import FaultExecutor
+from elasticd.worker.agent.hang_watch import kill_hung
 from elasticd.worker.agent.launch import RUNTIME_ARGV, heartbeat_path, process_spec, script_imports
 from elasticd.worker.agent.registration import NodeRegistration
 from elasticd.worker.agent.status_service import NodeAgentServicer
@@ -160,7 +160,9 @@ class NodeAgent:
     def run(self, stop: threading.Event) -> None:
         """Reconcile until ``stop`` is set (SIGTERM) or a drain is requested."""
         while not stop.is_set() and not self.drain_requests.requested():
-            self.kill_hung()
+            with self._lock:
+                running = [s for s in self._slots.values() if s.state == RUNNING]
+            kill_hung(running, self.log_dir, self.supervisor.kill)
             try:
                 self.reconcile()
             except EtcdError as exc:
@@ -260,35 +262,6 @@ class NodeAgent:
         slot.standby = False
         slot.state = RUNNING
         self._update(slot, assignment)
-
-    def kill_hung(self) -> None:
-        """SIGKILL training processes whose heartbeat is older than the job's hang timeout.
-
-        Only processes that have beaten once are judged (start-up is not a hang);
-        script processes do not beat and are never judged.
-        """
-        now = time.time()
-        with self._lock:
-            slots = [s for s in self._slots.values() if s.state == RUNNING]
-        for slot in slots:
-            timeout = float(slot.assignment["spec"].get("hang_timeout_s", 0) or 0)
-            if not timeout or slot.assignment["spec"]["mode"] == "script":
-                continue
-            path = heartbeat_path(str(self.log_dir / slot.job_id / f"{slot.worker_id}.log"))
-            try:
-                silent = now - os.stat(path).st_mtime
-            except FileNotFoundError:
-                continue
-            if silent > timeout:
-                log.warning(
-                    "event=worker_hung job=%s generation=%d worker=%s silent_s=%.1f timeout_s=%.1f",
-                    slot.job_id,
-                    slot.generation,
-                    slot.worker_id,
-                    silent,
-                    timeout,
-                )
-                self.supervisor.kill((slot.job_id, slot.worker_id))
 
     def _launch(self, key: tuple[str, str], assignment: dict, standby: bool = False) -> None:
         job_id, wid = key
