@@ -12,10 +12,8 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# --no-compile: Python writes the .pyc of what is imported when it is first imported,
-	# instead of pip compiling every module installed (25 s of a fresh install here).
-	$(BIN)/pip install -q --no-compile "$(TORCH)"
-	$(BIN)/pip install -q --no-compile -e ".[dev]"
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
 # Start a local cluster (etcd, controller, 2 PS, 2 agents), train the reference
