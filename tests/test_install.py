@@ -88,6 +88,7 @@ def torch_venv(tmp_path_factory, worker_id) -> Path:
     return base
 
 
+@pytest.mark.early  # 30-40 s each under the suite: started first, the rest fills in (conftest)
 @pytest.mark.parametrize("extra", ["", "[local]"], ids=["plain", "local"])
 @pytest.mark.parametrize("pip", ["as-venv-brings-it", "current"])
 def test_pip_install_in_a_new_venv_with_torch(torch_venv, tmp_path, pip, extra):

@@ -27,6 +27,8 @@ from elasticd.retry import wait_until
 from tests.jobs import spec_yaml
 from tests.test_local_cluster import processes_of_job
 
+pytestmark = pytest.mark.slow  # clusters through etcd outages: run first (conftest)
+
 ENDLESS = 10_000_000  # steps: the job trains until the test is done with it
 
 
