@@ -22,6 +22,10 @@ The config file's keys are the field names of :class:`Security`::
     etcd_ca: /etc/elasticd/etcd-ca.pem
     etcd_user: elasticd
     etcd_password_file: /etc/elasticd/etcd-password
+    job_cert: /etc/elasticd/job.pem           # mutual TLS: what training processes present
+    job_key: /etc/elasticd/job-key.pem        # (grants nothing without a job credential)
+    job_secret_file: /etc/elasticd/job-secret # signs job credentials (default: the cluster token)
+    allowed_storage: [file:///var/lib/elasticd, s3://bucket/elasticd]  # controller only
 """
 
 from __future__ import annotations
@@ -59,6 +63,11 @@ class Security:
     etcd_user: str = ""
     etcd_password: str = field(default="", repr=False)
     insecure: bool = False  # allow plaintext on an address other than loopback
+    job_cert: str = ""  # mutual TLS: the certificate training processes present (no authority)
+    job_key: str = ""
+    job_secret: str = field(default="", repr=False)  # signs job credentials; else cluster_token
+    # URL roots that checkpoint, tensorboard and restore URLs must lie under (controller)
+    allowed_storage: tuple[str, ...] = ()
 
     @property
     def tls(self) -> bool:
@@ -78,7 +87,9 @@ class Security:
             raise SecurityError("etcd_cert and etcd_key: give both or neither")
         if bool(self.etcd_user) != bool(self.etcd_password):
             raise SecurityError("etcd_user and etcd_password: give both or neither")
-        for name in ("tls_cert", "tls_key", "tls_ca", "tokens_file", "etcd_ca", "etcd_cert"):
+        if bool(self.job_cert) != bool(self.job_key):
+            raise SecurityError("job_cert and job_key: give both or neither")
+        for name in ("tls_cert", "tls_key", "tls_ca", "etcd_ca", "etcd_cert", "job_cert"):
             path = getattr(self, name)
             if path and not Path(path).is_file():
                 raise SecurityError(f"{name}: no such file {path!r}")
@@ -105,8 +116,13 @@ ENV = {
     "etcd_user": "ELASTICD_ETCD_USER",
     "etcd_password": "ELASTICD_ETCD_PASSWORD",
     "insecure": "ELASTICD_INSECURE",
+    "job_cert": "ELASTICD_JOB_CERT",
+    "job_key": "ELASTICD_JOB_KEY",
+    "job_secret": "ELASTICD_JOB_SECRET",
+    "allowed_storage": "ELASTICD_ALLOWED_STORAGE",  # comma-separated in the environment
 }
-SECRETS = ("cluster_token", "token", "etcd_password")  # also read from <name>_file
+SECRETS = ("cluster_token", "token", "etcd_password", "job_secret")  # also read from <name>_file
+LISTS = ("allowed_storage",)
 BOOLEANS = ("tls_client_auth", "insecure")
 
 
@@ -119,6 +135,16 @@ def _boolean(name: str, value) -> bool:
     if text in ("", "0", "false", "no", "off"):
         return False
     raise SecurityError(f"{name}: expected true or false, got {value!r}")
+
+
+def _string_list(name: str, value, source: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise SecurityError(f"{source}: {name} must be a list of strings")
+    return tuple(v.strip() for v in value)
 
 
 def _read_secret(name: str, path: str) -> str:
@@ -140,6 +166,8 @@ def _from_mapping(values: dict, source: str) -> dict:
             raise SecurityError(f"{source}: unknown setting {key!r}")
         if key in BOOLEANS:
             out[key] = _boolean(key, value)
+        elif key in LISTS:
+            out[key] = _string_list(key, value, source)
         elif value is not None:
             if not isinstance(value, (str, int, float)):
                 raise SecurityError(f"{source}: {key} must be a string, got {type(value).__name__}")
@@ -160,7 +188,17 @@ def _config_file(path: str) -> dict:
     return _from_mapping(_anchored(data, Path(path).resolve().parent), f"config {path}")
 
 
-PATHS = ("tls_cert", "tls_key", "tls_ca", "tokens_file", "etcd_ca", "etcd_cert", "etcd_key")
+PATHS = (
+    "tls_cert",
+    "tls_key",
+    "tls_ca",
+    "tokens_file",
+    "etcd_ca",
+    "etcd_cert",
+    "etcd_key",
+    "job_cert",
+    "job_key",
+)
 
 
 def _anchored(values: dict, base: Path) -> dict:
@@ -255,6 +293,8 @@ def export_to_environment(security: Security, environ=None) -> None:
         value = getattr(security, name)
         if name in BOOLEANS:
             value = "1" if value else ""
+        elif name in LISTS:
+            value = ",".join(value)
         if value:
             environ[var] = value
         else:
