@@ -354,6 +354,12 @@ def configure_daemon(
     try:
         security = resolve(args)
         check_exposure(security, host, role, needs_tokens)
+        if security.members_checked and not (security.job_secret or security.cluster_token):
+            raise SecurityError(
+                "members are checked but nothing signs job credentials: set job_secret_file "
+                "(or cluster_token_file), the same on every daemon; training processes prove "
+                "their job with credentials it signs"
+            )
     except SecurityError as exc:
         print(f"elasticd {role}: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc  # bad input, as for every CLI error

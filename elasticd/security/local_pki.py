@@ -22,6 +22,7 @@ import yaml
 
 from elasticd.security.certs import Authority, Issued, make_authority, write_secret
 from elasticd.security.config import Security, from_settings, resolve
+from elasticd.security.identities import NODE_CERT
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,8 @@ def make_local_pki(
     """A CA, the cluster's certificate and tokens; ``users`` maps names to roles."""
     d = Path(directory)
     authority = make_authority(d)
-    node = authority.issue(d, "node", ("127.0.0.1", "::1", "localhost", socket.gethostname()))
+    hosts = ("127.0.0.1", "::1", "localhost", socket.gethostname())
+    node = authority.issue(d, NODE_CERT, hosts, stem="node")
     write_secret(d / "cluster-token")
     users = users or {"admin": "admin"}
     tokens = {name: write_secret(d / f"token-{name}") for name in users}

@@ -27,20 +27,28 @@ from pathlib import Path
 import yaml
 
 from elasticd.security.config import SecurityError
+from elasticd.security.job_credentials import JobCredential
 
 ROLES = ("read", "submit", "admin")  # each may do what the ones before it may
 
 
 @dataclass(frozen=True)
 class Identity:
+    """Who called: a user (name and role), a daemon (``daemon_kinds``) or a training
+    process (``job``: its job credential). See :mod:`elasticd.security.identities`."""
+
     name: str
     role: str
+    daemon_kinds: tuple[str, ...] = ()  # the daemon kinds it may act as; () for others
+    job: JobCredential | None = None  # a training process's credential
+    anonymous: bool = False  # an open cluster checks nobody: it may call anything
 
     def may(self, role: str) -> bool:
-        return ROLES.index(self.role) >= ROLES.index(role)
+        return self.role in ROLES and ROLES.index(self.role) >= ROLES.index(role)
 
 
-ANONYMOUS = Identity("anonymous", "admin")  # a cluster without tokens lets everyone in
+# A cluster that checks nobody lets everyone in, as everything.
+ANONYMOUS = Identity("anonymous", "admin", anonymous=True)
 
 
 def digest(token: str) -> str:

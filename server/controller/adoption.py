@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from elasticd.coord.etcd import Put
 from elasticd.coord.keys import Keys
+from elasticd.security.job_credentials import NO_CREDENTIALS, JobMinter
 from elasticd.server.controller.planning import ClusterSnapshot, JobSnapshot
 from elasticd.server.controller.sealing import assignment
 
@@ -22,6 +23,7 @@ def adoption_ops(
     keys: Keys,
     controller: str,
     checkpoint_root: str = "",
+    mint: JobMinter = NO_CREDENTIALS,
 ) -> list[Put]:
     """The writes that point every node of ``snap``'s generation at ``controller``."""
     gen = snap.generation
@@ -30,7 +32,9 @@ def adoption_ops(
     return [
         Put(
             keys.assignment(node, snap.record.job_id),
-            assignment(snap, gen, snap.placement, cluster, node, controller, checkpoint_root),
+            assignment(
+                snap, gen, snap.placement, cluster, node, controller, checkpoint_root, mint=mint
+            ),
         )
         for node in gen.nodes
     ]

@@ -29,6 +29,8 @@ from elasticd.coord.keys import Keys
 from elasticd.coord.session import DEFAULT_TTL_S
 from elasticd.jobspec import JobSpec
 from elasticd.membership import Generation
+from elasticd.security import config as security
+from elasticd.security.job_credentials import JobMinter
 from elasticd.server.controller import admission, checkpoints, reports, scaling, sealing
 from elasticd.server.controller.admission import CONFLICT_RETRIES
 from elasticd.server.controller.adoption import adoption_ops
@@ -92,6 +94,7 @@ class Controller:
         self.keys = keys
         self.address = address
         self.checkpoint_url = checkpoint_url
+        self.mint = JobMinter.of(security.current())  # each worker's job credential
         self.election = election
         self._wake = threading.Event()
         self.progress = ProgressBook()
@@ -349,7 +352,7 @@ class Controller:
 
     def _adopt(self, snap: JobSnapshot, cluster: ClusterSnapshot) -> None:
         """A new leader points the running generation's workers at itself."""
-        ops = adoption_ops(snap, cluster, self.keys, self.address, self.checkpoint_url)
+        ops = adoption_ops(snap, cluster, self.keys, self.address, self.checkpoint_url, self.mint)
         self.writer.update(snap, ops, generation=True)
         self.adopted.add(snap.record.job_id)
         log.info(

@@ -34,6 +34,7 @@ from elasticd.membership import Generation, assign_ranks
 from elasticd.placement import ShardPlacement, TensorSpec, place
 from elasticd.ps_control import advance_fence
 from elasticd.retry import Backoff
+from elasticd.security.job_credentials import NO_CREDENTIALS, JobMinter
 from elasticd.server.controller.errors import FenceIncomplete
 from elasticd.server.controller.failover import fail_over
 from elasticd.server.controller.planning import (
@@ -83,10 +84,13 @@ def assignment(
     controller: str,
     checkpoint_root: str = "",
     standby: tuple[str, ...] = (),
+    mint: JobMinter = NO_CREDENTIALS,
 ) -> bytes:
     """What ``node_id``'s agent must run for the job in generation ``gen``; ``standby``:
-    its replacements that are starting, kept running to join a later generation."""
+    its replacements that are starting, kept running to join a later generation. Each of
+    its workers gets a job credential from ``mint`` (none on an open cluster)."""
     rank0 = gen.members[0].node_id if gen.members else node_id
+    ranks = {w: -1 for w in standby} | {m.worker_id: m.rank for m in gen.on_node(node_id)}
     node = cluster.nodes.get(rank0)
     ps = {p: cluster.ps[p] for p in placement.ps_ids if p in cluster.ps} if placement else {}
     return json.dumps(
@@ -114,6 +118,8 @@ def assignment(
                 "url": snap.spec.checkpoint.url or checkpoint_root,
                 "resume_from": snap.record.resume_from,
             },
+            # each process gets only its own (the agent sees to that)
+            "credentials": mint(snap.record.job_id, gen.number, ranks),
         }
     ).encode()
 
@@ -127,6 +133,7 @@ def seal_ops(
     keys: Keys,
     controller: str,
     checkpoint_root: str = "",
+    mint: JobMinter = NO_CREDENTIALS,
 ) -> list[Put | Delete]:
     """The writes of one seal: generation, record, placement, every node's assignment."""
     job_id = snap.record.job_id
@@ -153,6 +160,7 @@ def seal_ops(
                     controller,
                     checkpoint_root,
                     standby=waiting.get(node, ()),
+                    mint=mint,
                 ),
             )
         )
@@ -283,6 +291,7 @@ def seal(controller: Controller, snap: JobSnapshot, cluster: ClusterSnapshot, ac
         controller.keys,
         controller.address,
         controller.checkpoint_url,
+        controller.mint,
     )
     revision = controller.writer.update(snap, ops, generation=True)
     controller.adopted.add(job_id)

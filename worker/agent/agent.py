@@ -204,12 +204,9 @@ class NodeAgent:
         for job_id, raw in self.assignments.items().items():
             assignment = json.loads(raw)
             for member in assignment["members"]:
-                wanted[(job_id, member["worker_id"])] = {
-                    **assignment,
-                    "worker_id": member["worker_id"],
-                }
+                wanted[(job_id, member["worker_id"])] = for_worker(assignment, member["worker_id"])
             for w in assignment.get("standby", ()):
-                standby[(job_id, w)] = {**assignment, "worker_id": w}
+                standby[(job_id, w)] = for_worker(assignment, w)
             if assignment["spec"]["mode"] != "script":
                 self.supervisor.preload(assignment["spec"]["task"])
             else:
@@ -384,3 +381,14 @@ class NodeAgent:
             log.warning(
                 "event=report_deferred job=%s worker=%s error=%s", slot.job_id, slot.worker_id, exc
             )
+
+
+def for_worker(assignment: dict, worker_id: str) -> dict:
+    """What one process of a node's assignment gets: its worker id and its own job
+    credential, never the credentials of the node's other workers."""
+    mine = {k: v for k, v in assignment.items() if k != "credentials"}
+    mine["worker_id"] = worker_id
+    credential = assignment.get("credentials", {}).get(worker_id)
+    if credential:
+        mine["credential"] = credential
+    return mine

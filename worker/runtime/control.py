@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from elasticd.security.channels import use_job_credential
 from elasticd.worker.runtime import heartbeat
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ class ControlChannel:
         self._lock = threading.Lock()
         self.closed = threading.Event()
         self.standby = False  # the first assignment is the failed process's: wait for a newer
+        self._credential_generation = 0
 
     def first(self, warm_up: Callable[[], None] | None = None) -> Assignment | ScriptRun:
         """The first assignment. A warm process (its first message says ``warm``)
@@ -141,7 +143,7 @@ class ControlChannel:
                 raise SystemExit("control pipe closed before an assignment arrived")
             message = json.loads(line)
         self.standby = bool(message.get("standby"))
-        assignment = Assignment.from_message(message)
+        assignment = self._take(message)
         threading.Thread(target=self._read, name="control", daemon=True).start()
         return assignment
 
@@ -149,9 +151,19 @@ class ControlChannel:
         for line in self._stream:
             message = json.loads(line)
             if "assignment" in message:
+                assignment = self._take(message)
                 with self._lock:
-                    self._latest = Assignment.from_message(message)
+                    self._latest = assignment
         self.closed.set()
+
+    def _take(self, message: dict[str, Any]) -> Assignment:
+        """The assignment a message carries; its credential is this process's from now on
+        (it also covers the older generations, which every server fences anyway)."""
+        assignment = Assignment.from_message(message)
+        if assignment.generation >= self._credential_generation:
+            self._credential_generation = assignment.generation
+            use_job_credential(message["assignment"].get("credential", ""))
+        return assignment
 
     def push_back(self, assignment: Assignment) -> None:
         """Return ``assignment`` to the next :meth:`poll`, unless a newer one arrived."""
