@@ -38,9 +38,12 @@ class Authority:
         key = serialization.load_pem_private_key(self.key.read_bytes(), password=None)
         return cert, key
 
-    def issue(self, directory: Path, name: str, hosts: tuple[str, ...] = ()) -> Issued:
+    def issue(
+        self, directory: Path, name: str, hosts: tuple[str, ...] = (), stem: str = ""
+    ) -> Issued:
         """A certificate for ``name`` (its common name), valid as server for ``hosts``
-        (DNS names or IP addresses) and as client."""
+        (DNS names or IP addresses) and as client, in ``<stem>.pem`` and
+        ``<stem>-key.pem`` (stem: ``name``)."""
         ca_cert, ca_key = self._load()
         key = ec.generate_private_key(ec.SECP256R1())
         alt: list[x509.GeneralName] = []
@@ -69,7 +72,7 @@ class Authority:
         if alt:
             builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
         cert = builder.sign(ca_key, hashes.SHA256())
-        return Issued(*_write(directory, name, cert, key))
+        return Issued(*_write(directory, stem or name, cert, key))
 
 
 def make_authority(directory: Path, name: str = "elasticd local CA") -> Authority:
