@@ -102,14 +102,11 @@ class LocalCluster:
         data = self.base_dir / "etcd"
         if fresh:
             shutil.rmtree(data, ignore_errors=True)
-        server = EtcdServer(data, client_port=port or free_port())
-        pki = self.pki
+        pki, client_port = self.pki, port or free_port()
         if pki is not None and pki.etcd:
-            own = pki.certificates["etcd"]
-            server.cert_file, server.key_file = str(own.cert), str(own.key)
-            server.ca_file = str(pki.authority.cert)
-            server.security = Security(etcd_ca=server.ca_file, etcd_cert=server.cert_file,
-                                       etcd_key=server.key_file)  # fmt: skip
+            server = EtcdServer.on_tls(data, pki, client_port=client_port)
+        else:
+            server = EtcdServer(data, client_port=client_port)
         self.etcd_server = server.start()
         marker = self.base_dir / "etcd-auth-enabled"  # etcd keeps it in its data
         if fresh:

@@ -12,6 +12,7 @@ from elasticd.coord.etcd import EtcdClient, EtcdError, EtcdRefused
 from elasticd.local_processes import Proc, etcd_binary, free_port, start_process, stop_process
 from elasticd.retry import wait_until
 from elasticd.security.config import Security
+from elasticd.security.local_pki import LocalPKI
 
 
 @dataclass
@@ -34,6 +35,15 @@ class EtcdServer:
     extra_args: tuple[str, ...] = ()
     host: str = "127.0.0.1"  # where clients and peers reach it
     runner: tuple[str, ...] = ()  # a command etcd runs under (``ip netns exec NS``)
+
+    @classmethod
+    def on_tls(cls, data_dir: Path, pki: LocalPKI, **fields) -> EtcdServer:
+        """An etcd serving TLS with the local PKI's etcd certificate, and requiring client
+        certificates from its CA (the common name is the etcd user, once auth is on)."""
+        own, ca = pki.certificates["etcd"], str(pki.authority.cert)
+        cert, key = str(own.cert), str(own.key)
+        checker = Security(etcd_ca=ca, etcd_cert=cert, etcd_key=key)
+        return cls(data_dir, cert_file=cert, key_file=key, ca_file=ca, security=checker, **fields)
 
     @property
     def endpoint(self) -> str:

@@ -226,16 +226,8 @@ def test_etcd_with_tls_and_auth_refuses_what_it_should(closed):
 
 def test_an_etcd_auth_token_that_expires_is_renewed(tmp_path):
     pki = make_local_pki(tmp_path / "tls")
-    etcd, user = pki.certificates["etcd"], pki.certificates["user-admin"]
-    ca = str(pki.authority.cert)
-    server = EtcdServer(
-        tmp_path / "etcd",
-        cert_file=str(etcd.cert),
-        key_file=str(etcd.key),
-        ca_file=ca,
-        security=Security(etcd_ca=ca, etcd_cert=str(etcd.cert), etcd_key=str(etcd.key)),
-        extra_args=("--auth-token-ttl", "1"),
-    )
+    user, ca = pki.certificates["user-admin"], str(pki.authority.cert)
+    server = EtcdServer.on_tls(tmp_path / "etcd", pki, extra_args=("--auth-token-ttl", "1"))
     server.start()
     c = Security(
         etcd_ca=ca,
