@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from elasticd.coord.access import etcd_roles
 from elasticd.coord.election import observe_leader
 from elasticd.coord.etcd import EtcdClient
 from elasticd.coord.keys import DEFAULT_PREFIX, Keys
@@ -65,7 +66,7 @@ class LocalCluster:
     ) -> None:
         self.base_dir = Path(base_dir).resolve()
         self.metrics = metrics  # every daemon serves /metrics on a free port (metrics_urls)
-        self.pki = pki  # TLS, tokens (and etcd TLS/auth) for every daemon; None: open
+        self.pki = pki  # TLS, tokens, etcd TLS and roles, per daemon kind; None: open
         self.prefix = prefix
         self.keys = Keys(prefix)
         self.lease_ttl = lease_ttl
@@ -86,8 +87,10 @@ class LocalCluster:
 
     @property
     def client(self) -> EtcdClient:
+        """The harness's own etcd client: it reads what the controller reads."""
         if self._client is None:
-            self._client = EtcdClient(self.etcd, security=self.client_security(None))
+            security = self.pki.daemon("controller") if self.pki is not None else Security()
+            self._client = EtcdClient(self.etcd, security=security)
         return self._client
 
     def client_security(self, user: str | None = "admin") -> Security:
@@ -99,19 +102,17 @@ class LocalCluster:
         data = self.base_dir / "etcd"
         if fresh:
             shutil.rmtree(data, ignore_errors=True)
-        server = EtcdServer(data, client_port=port or free_port())
-        if self.pki is not None and self.pki.etcd:
-            c = self.pki.cluster
-            server.cert_file, server.key_file, server.ca_file = c.etcd_cert, c.etcd_key, c.etcd_ca
-            server.security = Security(
-                etcd_ca=c.etcd_ca, etcd_cert=c.etcd_cert, etcd_key=c.etcd_key
-            )
+        pki, client_port = self.pki, port or free_port()
+        if pki is not None and pki.etcd:
+            server = EtcdServer.on_tls(data, pki, client_port=client_port)
+        else:
+            server = EtcdServer(data, client_port=client_port)
         self.etcd_server = server.start()
         marker = self.base_dir / "etcd-auth-enabled"  # etcd keeps it in its data
         if fresh:
             marker.unlink(missing_ok=True)
-        if self.pki is not None and self.pki.cluster.etcd_user and not marker.exists():
-            server.enable_auth(self.pki.cluster.etcd_user, self.pki.cluster.etcd_password)
+        if pki is not None and pki.etcd_auth and not marker.exists():
+            server.enable_auth(etcd_roles(self.keys), pki.etcd_passwords)
             marker.touch()
         self._etcd_endpoint = server.endpoint
         self.write_state()
@@ -121,11 +122,12 @@ class LocalCluster:
         return ["--etcd", self.etcd, "--prefix", self.prefix, "--lease-ttl", str(self.lease_ttl)]
 
     def _start(self, name: str, args: list[str], env: dict | None = None) -> Proc:
+        """Start ``elasticd <kind> ...`` (``args[0]`` is the kind) with its kind's settings."""
         if self.metrics:
             args = [*args, "--metrics-port", "0"]
         argv = [sys.executable, "-m", "elasticd", *args]
         if self.pki is not None:
-            env = {**(env or {}), CONFIG_ENV: str(self.pki.directory / "cluster.yaml")}
+            env = {**(env or {}), CONFIG_ENV: str(self.pki.config(args[0]))}
         proc = start_process(name, argv, self.base_dir / "logs" / f"{name}.log", env)
         self.procs[name] = proc
         self.write_state()

@@ -7,10 +7,12 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from elasticd.coord.etcd import EtcdClient, EtcdError
+from elasticd.coord.access import EtcdRole, etcdctl_steps
+from elasticd.coord.etcd import EtcdClient, EtcdError, EtcdRefused
 from elasticd.local_processes import Proc, etcd_binary, free_port, start_process, stop_process
 from elasticd.retry import wait_until
 from elasticd.security.config import Security
+from elasticd.security.local_pki import LocalPKI
 
 
 @dataclass
@@ -33,6 +35,15 @@ class EtcdServer:
     extra_args: tuple[str, ...] = ()
     host: str = "127.0.0.1"  # where clients and peers reach it
     runner: tuple[str, ...] = ()  # a command etcd runs under (``ip netns exec NS``)
+
+    @classmethod
+    def on_tls(cls, data_dir: Path, pki: LocalPKI, **fields) -> EtcdServer:
+        """An etcd serving TLS with the local PKI's etcd certificate, and requiring client
+        certificates from its CA (the common name is the etcd user, once auth is on)."""
+        own, ca = pki.certificates["etcd"], str(pki.authority.cert)
+        cert, key = str(own.cert), str(own.key)
+        checker = Security(etcd_ca=ca, etcd_cert=cert, etcd_key=key)
+        return cls(data_dir, cert_file=cert, key_file=key, ca_file=ca, security=checker, **fields)
 
     @property
     def endpoint(self) -> str:
@@ -82,6 +93,8 @@ class EtcdServer:
             try:
                 client.get("/")
                 return True
+            except EtcdRefused:
+                return True  # it answered: with authentication on, "/" is nobody's to read
             except EtcdError:
                 return False
 
@@ -90,23 +103,18 @@ class EtcdServer:
         finally:
             client.close()
 
-    def enable_auth(self, user: str, password: str) -> None:
-        """Turn on etcd's authentication: ``root`` and ``user`` (read-write on every key),
-        both with ``password``, through etcdctl as an operator would."""
+    def enable_auth(self, roles: dict[str, EtcdRole], passwords: dict[str, str]) -> None:
+        """Create ``roles`` (:func:`elasticd.coord.access.etcd_roles`) and turn etcd's
+        authentication on, through etcdctl as an operator would. ``passwords``: root's
+        and each password user's."""
         etcdctl = str(Path(etcd_binary()).with_name("etcdctl"))
         base = [etcdctl, "--endpoints", self.client_url, "--command-timeout", "10s"]
         if self.cert_file:
             base += ["--cacert", self.ca_file, "--cert", self.cert_file, "--key", self.key_file]
-        steps = [
-            ["user", "add", "root", f"--new-user-password={password}"],
-            ["user", "add", user, f"--new-user-password={password}"],
-            ["role", "add", user],
-            ["role", "grant-permission", user, "--prefix=true", "readwrite", "/"],
-            ["user", "grant-role", user, user],
-            ["auth", "enable"],
-        ]
-        for step in steps:
-            subprocess.run(base + step, check=True, capture_output=True, timeout=30)
+        for step in etcdctl_steps(roles, passwords):
+            done = subprocess.run(base + step, capture_output=True, text=True, timeout=30)
+            if done.returncode != 0:
+                raise RuntimeError(f"etcdctl {step[0]} {step[1]}: {done.stderr.strip()}")
 
     def stop(self, sig: int | None = None) -> None:
         if self.proc is None:

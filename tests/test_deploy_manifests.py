@@ -8,17 +8,25 @@
 * the daemons, started with the manifests' own arguments (loopback addresses,
   free ports and a test etcd put in place), answer the probes' gRPC health
   checks on the probes' ports, and their /metrics export every metric the
-  Grafana dashboard queries.
+  Grafana dashboard queries;
+* least privilege (issue 25): every pod runs as a non-root user without privilege
+  escalation and without a service-account token; each daemon kind mounts only its
+  own kind's Secret (the tokens file only the controller's) and reads its own
+  settings file; etcd speaks TLS to clients and peers and requires client
+  certificates; the etcd roles script, run against a real etcd, sets up exactly the
+  roles of :func:`elasticd.coord.access.etcd_roles`. The systemd recipe likewise.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import urllib.request
 from pathlib import Path
@@ -30,10 +38,16 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from elasticd.cli import build_parser
-from elasticd.local_processes import Proc, free_port, start_process, stop_process
+from elasticd.coord.access import etcd_roles
+from elasticd.coord.etcd import EtcdClient, EtcdRefused
+from elasticd.coord.keys import Keys
+from elasticd.local_etcd import EtcdServer
+from elasticd.local_processes import Proc, etcd_binary, free_port, start_process, stop_process
 from elasticd.logs import FORMAT_ENV
 from elasticd.retry import wait_until
+from elasticd.security import Security
 from elasticd.security.config import CONFIG_ENV, ENV
+from elasticd.security.local_pki import make_local_pki
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 K8S = DEPLOY / "k8s"
@@ -68,6 +82,17 @@ def elasticd_containers() -> list[tuple[str, dict]]:
     found = [(where, c) for where, _, c in containers() if c.get("command") == ["elasticd"]]
     assert {c["args"][0] for _, c in found} == {"controller", "ps", "agent"}
     return found
+
+
+def workloads() -> list[tuple[str, dict]]:
+    """(where, pod spec) of every workload: Deployments, StatefulSets, DaemonSets, Jobs."""
+    out = []
+    for path in manifests():
+        for doc in documents(path):
+            pod = doc.get("spec", {}).get("template", {}).get("spec")
+            if pod is not None:
+                out.append((f"{path.name}: {doc['kind']} {doc['metadata']['name']}", pod))
+    return out
 
 
 def configmap() -> dict[str, str]:
@@ -212,7 +237,7 @@ def test_daemons_run_as_deployed_answer_the_probes_and_export_the_dashboards_met
             procs.append(proc)
             for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
                 if kind in c:
-                    port = c[kind]["grpc"]["port"]
+                    port = (c[kind].get("grpc") or c[kind]["tcpSocket"])["port"]
                     assert port in ports, f"{where}: {kind} port {port} is not a port it serves"
                     probes.append((where, proc, ports[port]))
             (metrics_port,) = [
@@ -245,3 +270,166 @@ def scrape(proc: Proc, url: str) -> str | None:
         return urllib.request.urlopen(url, timeout=2).read().decode()
     except OSError:
         return None
+
+
+# -- least privilege ---------------------------------------------------------------
+
+SYSTEMD = DEPLOY / "systemd"
+ROLES_SCRIPT = K8S / "etcd-roles.sh"
+# The Secret each workload mounts, and nothing else of the cluster's.
+SECRETS = {
+    "elasticd-controller": "elasticd-controller",
+    "elasticd-ps": "elasticd-ps",
+    "elasticd-agent": "elasticd-agent",
+    "elasticd-etcd": "elasticd-etcd",
+    "elasticd-etcd-roles": "elasticd-etcd-admin",
+}
+STORAGE_SECRET = "elasticd-storage"  # object storage credentials, as env (deploy/README.md)
+
+
+def workload_name(where: str) -> str:
+    return where.rsplit(" ", 1)[1]
+
+
+def test_every_pod_runs_as_a_non_root_user_without_privilege_escalation() -> None:
+    found = set()
+    for where, pod in workloads():
+        found.add(workload_name(where))
+        context = pod.get("securityContext", {})
+        assert context.get("runAsNonRoot") is True, f"{where}: runAsNonRoot"
+        assert context.get("runAsUser", 0) > 0, f"{where}: runAsUser, not root"
+        for c in pod["containers"] + pod.get("initContainers", []):
+            own = c.get("securityContext", {})
+            assert own.get("allowPrivilegeEscalation") is False, f"{where} {c['name']}"
+            assert own.get("runAsUser", context["runAsUser"]) > 0, f"{where} {c['name']}"
+            assert not own.get("privileged"), f"{where} {c['name']}"
+            assert "ALL" in own.get("capabilities", {}).get("drop", []), f"{where} {c['name']}"
+    assert found == set(SECRETS), found  # etcd and its roles Job included
+
+
+def test_no_pod_gets_a_service_account_token() -> None:
+    """The agents' pods run training processes (user code); no pod calls the API."""
+    for where, pod in workloads():
+        assert pod.get("automountServiceAccountToken") is False, where
+
+
+def secret_volumes(pod: dict) -> dict[str, dict]:
+    return {v["name"]: v["secret"] for v in pod.get("volumes", []) if "secret" in v}
+
+
+def test_each_kind_mounts_only_its_own_secret_and_reads_its_own_settings() -> None:
+    holders: dict[str, set[str]] = {}  # file of a Secret -> workloads that get it
+    for where, pod in workloads():
+        name = workload_name(where)
+        secrets = secret_volumes(pod)
+        assert {s["secretName"] for s in secrets.values()} == {SECRETS[name]}, where
+        for c in pod["containers"]:
+            refs = {r["secretRef"]["name"] for r in c.get("envFrom", []) if "secretRef" in r}
+            assert refs <= {STORAGE_SECRET}, f"{where}: secrets as environment: {refs}"
+        for secret in secrets.values():
+            assert "items" in secret, f"{where}: name the files it gets (items)"
+            for item in secret["items"]:
+                holders.setdefault(item["path"], set()).add(name)
+                mode = item.get("mode", secret.get("defaultMode", 0o644))
+                if item["path"] != "job-key.pem":  # grants nothing without a job credential
+                    assert not mode & 0o007, f"{where}: {item['path']} readable by others"
+    for kind in ("controller", "ps", "agent"):
+        assert holders[f"{kind}-key.pem"] == {f"elasticd-{kind}"}
+        assert holders[f"{kind}.yaml"] == {f"elasticd-{kind}"}
+    assert holders["tokens.yaml"] == {"elasticd-controller"}
+    assert holders["job-key.pem"] == {"elasticd-agent"}
+    assert holders["cluster-token"] == {"elasticd-controller", "elasticd-ps", "elasticd-agent"}
+    assert holders["etcd-key.pem"] == {"elasticd-etcd"}
+    assert holders["root-key.pem"] == {"elasticd-etcd-roles"}
+    for where, c in elasticd_containers():
+        kind = c["args"][0]
+        env = {e["name"]: e.get("value") for e in c.get("env", [])}
+        config = Path(env[CONFIG_ENV])
+        assert config.name == f"{kind}.yaml", where
+        mounts = {m["mountPath"] for m in c["volumeMounts"] if m["name"] == "identity"}
+        assert str(config.parent) in mounts, f"{where}: {config} is not in its Secret"
+        assert "--insecure" not in c["args"], f"{where}: plaintext and unauthenticated"
+
+
+def etcd_arguments() -> list[str]:
+    (etcd,) = [c for _, _, c in containers() if c["name"] == "etcd"]
+    return etcd["args"]
+
+
+def test_etcd_speaks_tls_to_clients_and_peers_and_requires_client_certificates() -> None:
+    args = etcd_arguments()
+    flags = {a.partition("=")[0]: a.partition("=")[2] for a in args}
+    for flag in ("--cert-file", "--key-file", "--trusted-ca-file", "--peer-cert-file",
+                 "--peer-key-file", "--peer-trusted-ca-file"):  # fmt: skip
+        assert flags.get(flag), f"etcd: {flag}"
+    assert "--client-cert-auth" in args and "--peer-client-cert-auth" in args
+    for flag in ("--listen-client-urls", "--advertise-client-urls", "--listen-peer-urls",
+                 "--initial-advertise-peer-urls", "--initial-cluster"):  # fmt: skip
+        urls = re.findall(r"\w+://", flags[flag])
+        assert urls and set(urls) == {"https://"}, f"etcd {flag}: {flags[flag]}"
+
+
+def test_the_systemd_units_run_each_kind_with_its_own_settings_and_etcd_with_tls() -> None:
+    env = (SYSTEMD / "elasticd.env").read_text()
+    assert not re.search(rf"^{CONFIG_ENV}=", env, re.M), "one settings file for all kinds"
+    for kind, unit in (("controller", "elasticd-controller.service"), ("ps", "elasticd-ps@.service"),
+                       ("agent", "elasticd-agent.service")):  # fmt: skip
+        text = (SYSTEMD / unit).read_text()
+        assert f"Environment={CONFIG_ENV}=/etc/elasticd/{kind}.yaml\n" in text, unit
+        assert "NoNewPrivileges=yes" in text and re.search(r"^User=(?!root)\w+", text, re.M)
+    etcd = (SYSTEMD / "etcd.service").read_text()
+    assert "--client-cert-auth" in etcd and "--peer-client-cert-auth" in etcd
+    assert "http://" not in etcd and re.search(r"^User=(?!root)\w+", etcd, re.M)
+    assert (SYSTEMD / "etcd-roles.sh").resolve() == ROLES_SCRIPT.resolve()
+
+
+def test_the_etcd_roles_script_sets_up_exactly_the_planned_roles(tmp_path) -> None:
+    """Run as an operator would (etcdctl, a root certificate), twice: the second run,
+    with authentication on, changes nothing."""
+    pki = make_local_pki(tmp_path / "tls", etcd_auth=False)
+    root = pki.authority.issue(pki.directory, "root", stem="root")
+    ca = str(pki.authority.cert)
+    server = EtcdServer.on_tls(tmp_path / "etcd", pki).start()
+    password = tmp_path / "client-password"
+    password.write_text("reader-secret\n")
+    prefix = "/deployed"
+    env = {
+        "PATH": f"{Path(etcd_binary()).parent}:/usr/bin:/bin",
+        "ETCDCTL_ENDPOINTS": server.client_url,
+        "ETCDCTL_CACERT": ca,
+        "ETCDCTL_CERT": str(root.cert),
+        "ETCDCTL_KEY": str(root.key),
+        "ETCD_CLIENT_PASSWORD_FILE": str(password),
+        "ELASTICD_PREFIX": prefix,
+    }
+    try:
+        for _ in range(2):
+            done = subprocess.run(
+                ["sh", str(ROLES_SCRIPT)], env=env, capture_output=True, text=True, timeout=120
+            )
+            assert done.returncode == 0, done.stderr
+        for kind, role in etcd_roles(Keys(prefix)).items():
+            got = subprocess.run(
+                ["etcdctl", "role", "get", role.user, "-w", "json"],
+                env=env, capture_output=True, text=True, timeout=30, check=True,
+            ).stdout  # fmt: skip
+            perms = json.loads(got).get("perm", [])
+            granted = {(base64.b64decode(p["key"]).decode(), p.get("permType", 0)) for p in perms}
+            planned = {(g.prefix, 2 if g.write else 0) for g in role.grants}  # READWRITE = 2
+            assert granted == planned, kind
+        reader = Security(
+            etcd_ca=ca,
+            etcd_cert=str(pki.certificates["user-admin"].cert),
+            etcd_key=str(pki.certificates["user-admin"].key),
+            etcd_user="elasticd-client",
+            etcd_password="reader-secret",
+        )
+        client = EtcdClient(server.endpoint, security=reader)
+        try:
+            client.get_prefix(Keys(prefix).election)
+            with pytest.raises(EtcdRefused):
+                client.put(Keys(prefix).assignment("n1", "j"), b"x")
+        finally:
+            client.close()
+    finally:
+        server.stop()

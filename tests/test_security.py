@@ -15,9 +15,12 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from elasticd.client import JobClient
+from elasticd.coord.access import EtcdRole, Grant
 from elasticd.coord.etcd import EtcdClient, EtcdError, EtcdRefused
 from elasticd.local import EtcdServer, LocalCluster
 from elasticd.retry import wait_until
@@ -41,7 +44,7 @@ USERS = {"root": "admin", "alice": "submit", "bob": "submit", "auditor": "read"}
 def closed(tmp_path_factory):
     """A closed local cluster: 1 controller, 1 PS, 1 agent; etcd with TLS and auth."""
     base = tmp_path_factory.mktemp("closed")
-    pki = make_local_pki(base / "tls", users=USERS, etcd_user="elasticd", etcd_password="s3cret")
+    pki = make_local_pki(base / "tls", users=USERS)
     c = LocalCluster(base / "cluster", lease_ttl=3, join_window=0.5, threads_per_worker=1, pki=pki)
     try:
         c.start(ps=1, agents=1)
@@ -132,8 +135,8 @@ def test_a_client_without_a_valid_certificate_cannot_connect(closed, tmp_path):
     stranger = make_local_pki(tmp_path / "stranger")  # a certificate from another CA
     foreign = Security(
         tls_ca=admin.tls_ca,
-        tls_cert=str(stranger.node.cert),
-        tls_key=str(stranger.node.key),
+        tls_cert=str(stranger.certificates["controller"].cert),
+        tls_key=str(stranger.certificates["controller"].key),
         token=admin.token,
     )
     channel, stub = job_stub(leader, foreign)
@@ -183,52 +186,60 @@ def test_health_is_open_and_says_serving(closed):
 
 
 def test_etcd_with_tls_and_auth_refuses_what_it_should(closed):
-    cluster = closed.pki.cluster
-    good = EtcdClient(closed.etcd, security=cluster)
+    keys = closed.keys
+    # a daemon's certificate is its etcd credential: etcd's user is its common name
+    good = EtcdClient(closed.etcd, security=closed.pki.daemon("controller"))
     try:
-        good.put(closed.prefix + "/probe", b"1")
-        assert good.get(closed.prefix + "/probe").value == b"1"
+        probe, leased = keys.assignment("probe-node", "probe"), keys.assignment("probe-node", "l")
+        good.put(probe, b"1")
+        assert good.get(probe).value == b"1"
         lease = good.grant_lease(5)
-        good.put(closed.prefix + "/leased", b"2", lease=lease)
+        good.put(leased, b"2", lease=lease)
         good.revoke_lease(lease)
-        assert good.get(closed.prefix + "/leased") is None
+        assert good.get(leased) is None
+        good.delete(probe)
     finally:
         good.close()
-    wrong = Security(**{**cluster.__dict__, "etcd_password": "wrong"})
-    with pytest.raises(EtcdRefused, match="elasticd"):
+    reader = closed.client_security("alice")
+    wrong = Security(**{**reader.__dict__, "etcd_password": "wrong"})
+    with pytest.raises(EtcdRefused, match="elasticd-client"):
         EtcdClient(closed.etcd, security=wrong)
-    anonymous = Security(
-        etcd_ca=cluster.etcd_ca, etcd_cert=cluster.etcd_cert, etcd_key=cluster.etcd_key
-    )
-    client = EtcdClient(closed.etcd, security=anonymous)
-    try:
-        with pytest.raises(EtcdRefused):
-            client.get(closed.prefix + "/probe")
-    finally:
-        client.close()
+    # a certificate that names no etcd user gets nothing: the job's, a user's
+    for stem in ("job", "user-alice"):
+        cert = closed.pki.certificates[stem]
+        anonymous = Security(
+            etcd_ca=reader.etcd_ca, etcd_cert=str(cert.cert), etcd_key=str(cert.key)
+        )
+        client = EtcdClient(closed.etcd, security=anonymous)
+        try:
+            with pytest.raises(EtcdRefused):
+                client.get(keys.election + "probe")
+        finally:
+            client.close()
     plain = EtcdClient(closed.etcd, timeout=2, security=Security())
     try:
         with pytest.raises(EtcdError):
-            plain.get(closed.prefix + "/probe")
+            plain.get(keys.election + "probe")
     finally:
         plain.close()
 
 
 def test_an_etcd_auth_token_that_expires_is_renewed(tmp_path):
-    pki = make_local_pki(tmp_path / "tls", etcd_user="elasticd", etcd_password="pw")
-    c = pki.cluster
-    server = EtcdServer(
-        tmp_path / "etcd",
-        cert_file=c.etcd_cert,
-        key_file=c.etcd_key,
-        ca_file=c.etcd_ca,
-        security=Security(etcd_ca=c.etcd_ca, etcd_cert=c.etcd_cert, etcd_key=c.etcd_key),
-        extra_args=("--auth-token-ttl", "1"),
-    )
+    pki = make_local_pki(tmp_path / "tls")
+    user, ca = pki.certificates["user-admin"], str(pki.authority.cert)
+    server = EtcdServer.on_tls(tmp_path / "etcd", pki, extra_args=("--auth-token-ttl", "1"))
     server.start()
+    c = Security(
+        etcd_ca=ca,
+        etcd_cert=str(user.cert),
+        etcd_key=str(user.key),
+        etcd_user="writer",
+        etcd_password="pw",
+    )
     client = probe = None
     try:
-        server.enable_auth("elasticd", "pw")
+        writer = EtcdRole("writer", (Grant("/", write=True),), password=True)
+        server.enable_auth({"writer": writer}, {"root": "root-pw", "writer": "pw"})
         client = EtcdClient(server.endpoint, security=c)
         probe = EtcdClient(server.endpoint, security=c)
         client.put("/k", b"1")
@@ -274,7 +285,7 @@ def token_ps(tmp_path):
         "127.0.0.1",
         0,
         [SERVICE.full_name],
-        security=pki.cluster,
+        security=pki.daemon("ps"),
     )
     try:
         yield f"127.0.0.1:{port}", pki
@@ -285,20 +296,21 @@ def token_ps(tmp_path):
 
 def test_internal_services_take_only_members(token_ps):
     address, pki = token_ps
-    tls_only = Security(tls_ca=pki.cluster.tls_ca)
+    ps = pki.daemon("ps")
+    tls_only = Security(tls_ca=ps.tls_ca)
     with open_channel(address, tls_only) as channel:
         stub = ps_pb2_grpc.ParameterServerStub(channel)
         with pytest.raises(grpc.RpcError) as info:
             stub.Stats(ps_pb2.StatsRequest(), timeout=10)
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
         # a user's token is not the cluster token
-        user = Security(tls_ca=pki.cluster.tls_ca, cluster_token=pki.tokens["admin"])
+        user = Security(tls_ca=ps.tls_ca, cluster_token=pki.tokens["admin"])
     with open_channel(address, user) as channel:
         stub = ps_pb2_grpc.ParameterServerStub(channel)
         assert code_of(lambda: stub.Stats(ps_pb2.StatsRequest(), timeout=10)) == (
             grpc.StatusCode.UNAUTHENTICATED
         )
-    member = Security(tls_ca=pki.cluster.tls_ca, cluster_token=pki.cluster.cluster_token)
+    member = Security(tls_ca=ps.tls_ca, cluster_token=ps.cluster_token)
     with open_channel(address, member) as channel:
         ps_pb2_grpc.ParameterServerStub(channel).Stats(ps_pb2.StatsRequest(), timeout=10)
         health = health_pb2_grpc.HealthStub(channel)
@@ -324,12 +336,12 @@ def test_a_daemon_on_a_public_address_without_tls_refuses_to_start(tmp_path):
 
 def test_settings_come_from_file_environment_and_flags_and_name_what_is_wrong(tmp_path):
     pki = make_local_pki(tmp_path / "tls")
-    from_file = resolve(None, {"ELASTICD_CONFIG": str(pki.directory / "cluster.yaml")})
+    from_file = resolve(None, {"ELASTICD_CONFIG": str(pki.config("controller"))})
     assert from_file.tls_client_auth and Path(from_file.tls_cert).is_file()
     assert from_file.cluster_token and from_file.cluster_token != pki.tokens["admin"]
     overridden = resolve(
         None,
-        {"ELASTICD_CONFIG": str(pki.directory / "cluster.yaml"), "ELASTICD_TLS_CLIENT_AUTH": "0"},
+        {"ELASTICD_CONFIG": str(pki.config("controller")), "ELASTICD_TLS_CLIENT_AUTH": "0"},
     )
     assert not overridden.tls_client_auth
     with pytest.raises(SecurityError, match="tls_key"):
@@ -346,3 +358,41 @@ def test_settings_come_from_file_environment_and_flags_and_name_what_is_wrong(tm
             "tokens.yaml",
         )
     assert "tokens[0].role" in str(info.value) and "tokens[1].name" in str(info.value)
+
+
+def test_each_kind_gets_its_own_certificate_and_users_only_their_own(tmp_path):
+    pki = make_local_pki(tmp_path / "tls", users=USERS)
+
+    def common_name(path: str) -> str:
+        cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
+        return cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+
+    daemons = {kind: pki.daemon(kind) for kind in ("controller", "ps", "agent")}
+    for kind, settings in daemons.items():
+        assert common_name(settings.tls_cert) == f"elasticd-{kind}"
+        assert settings.etcd_cert == settings.tls_cert  # its etcd user is its certificate's name
+        assert settings.cluster_token
+    # the tokens file is the controller's alone; the job certificate is for agents to hand on
+    assert daemons["controller"].tokens_file and not daemons["controller"].job_cert
+    assert not daemons["ps"].tokens_file and not daemons["agent"].tokens_file
+    assert common_name(daemons["agent"].job_cert) == "elasticd-job"
+    assert Path(daemons["agent"].job_key).stat().st_mode & 0o004  # grants nothing by itself
+    assert not Path(daemons["agent"].tls_key).stat().st_mode & 0o077
+    assert "tokens_file" not in yaml.safe_load(pki.config("ps").read_text())
+    # a user's settings: their own certificate and token, etcd's read-only user; no
+    # daemon's key, no cluster token, no tokens file
+    daemon_files = {Path(s.tls_key) for s in daemons.values()} | {
+        Path(pki.directory / "tokens.yaml")
+    }
+    for user in USERS:
+        client = pki.client(user)
+        assert common_name(client.tls_cert) == f"user:{user}"
+        assert client.token == pki.tokens[user]
+        assert not client.cluster_token and not client.tokens_file
+        assert client.etcd_user == "elasticd-client"
+        files = yaml.safe_load((pki.directory / f"client-{user}.yaml").read_text())
+        named = {Path(pki.directory / v) for v in files.values() if isinstance(v, str)}
+        assert not named & daemon_files
+        assert "cluster-token" not in files.values()
+    admin = yaml.safe_load(pki.client_config.read_text())
+    assert admin["token_file"] == "token-root"

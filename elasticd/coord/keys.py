@@ -11,10 +11,19 @@ clusters can share one etcd)::
     <prefix>/jobs/<job_id>/status             job state, written on events only
     <prefix>/jobs/<job_id>/generation         the sealed membership generation
     <prefix>/jobs/<job_id>/placement          which PS holds which parameter slices
-    <prefix>/jobs/<job_id>/workers/<worker>   worker process state (agent's lease)
+    <prefix>/workers/<job_id>/<worker>        worker process state (agent's lease)
     <prefix>/assign/<node_id>/<job_id>        what a node's agent must run
+    <prefix>/drain/<node_id>                  ``elasticd agent --drain`` asks a node to drain
 
 Values are JSON. Nothing under this prefix is written once per training step.
+
+Who writes where follows from the layout: etcd grants permissions on key
+ranges, so each daemon kind's writes sit under prefixes of their own
+(:func:`elasticd.coord.access.etcd_roles`), and its etcd role is read-write
+there and nowhere else.
+Worker states live under ``workers/``, not under the job's own keys, so that
+agents may write them without being able to write a job's spec, status or
+generation.
 """
 
 from __future__ import annotations
@@ -72,8 +81,13 @@ class Keys:
     def placement(self, job_id: str) -> str:
         return f"{self.job(job_id)}placement"
 
+    @property
+    def all_workers(self) -> str:
+        """Every job's worker states: written by agents, so apart from the jobs' own keys."""
+        return f"{self.prefix}/workers/"
+
     def workers(self, job_id: str) -> str:
-        return f"{self.job(job_id)}workers/"
+        return f"{self.all_workers}{job_id}/"
 
     def worker(self, job_id: str, worker_id: str) -> str:
         return f"{self.workers(job_id)}{worker_id}"

@@ -42,8 +42,8 @@ class Authority:
         self, directory: Path, name: str, hosts: tuple[str, ...] = (), stem: str = ""
     ) -> Issued:
         """A certificate for ``name`` (its common name), valid as server for ``hosts``
-        (DNS names or IP addresses) and as client; files ``<stem>.pem``, ``<stem>-key.pem``
-        (``stem`` defaults to ``name``)."""
+        (DNS names or IP addresses) and as client, in ``<stem>.pem`` and
+        ``<stem>-key.pem`` (stem: ``name``)."""
         ca_cert, ca_key = self._load()
         key = ec.generate_private_key(ec.SECP256R1())
         alt: list[x509.GeneralName] = []

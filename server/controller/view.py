@@ -29,7 +29,9 @@ class EtcdView:
         self.nodes = PrefixCache(client, keys.nodes, on_change)
         self.ps = PrefixCache(client, keys.ps_servers, on_change)
         self.jobs = PrefixCache(client, keys.jobs, on_change)
-        self._caches = (self.nodes, self.ps, self.jobs)
+        # agents write worker states under a prefix of their own (etcd roles are by prefix)
+        self.workers = PrefixCache(client, keys.all_workers, on_change)
+        self._caches = (self.nodes, self.ps, self.jobs, self.workers)
 
     def start(self) -> EtcdView:
         for cache in self._caches:
@@ -65,10 +67,11 @@ class EtcdView:
         gen_raw, gen_rev = entries.get("generation", (b"", 0))
         placement_raw, _ = entries.get("placement", (b"", 0))
         tensors_raw, _ = entries.get("tensors", (b"", 0))
+        prefix = f"{job_id}/"
         workers = {
-            k.split("/", 1)[1]: WorkerReport.from_json(v)
-            for k, (v, _) in entries.items()
-            if k.startswith("workers/")
+            k[len(prefix) :]: WorkerReport.from_json(v)
+            for k, v in self.workers.items().items()
+            if k.startswith(prefix)
         }
         status, status_rev = entries["status"]
         return JobSnapshot(

@@ -28,7 +28,7 @@ nothing more, stops each process once the controller has sealed a generation
 without it, and exits once none is left. The node's registration is
 :mod:`.registration`; hung processes are found by :mod:`.hang_watch`.
 
-Worker states go to ``<prefix>/jobs/<job>/workers/<worker>`` on the agent's
+Worker states go to ``<prefix>/workers/<job>/<worker>`` on the agent's
 lease, written when they change, so they vanish with the agent.
 """
 
