@@ -221,7 +221,7 @@ def closed_ps(tmp_path):
         "127.0.0.1",
         0,
         [SERVICE.full_name],
-        security=pki.cluster,
+        security=pki.daemon("ps"),
     )
     try:
         yield f"127.0.0.1:{port}", pki
@@ -239,8 +239,8 @@ def call_code(call) -> grpc.StatusCode:
 
 def test_a_job_credential_reaches_only_its_own_job_on_a_real_ps(closed_ps):
     address, pki = closed_ps
-    key = signing_key(pki.cluster)
-    worker_only = Security(tls_ca=pki.cluster.tls_ca)  # no cluster secret, like a worker
+    key = signing_key(pki.daemon("ps"))
+    worker_only = Security(tls_ca=pki.daemon("ps").tls_ca)  # no cluster secret, like a worker
     use_job_credential(mint(key, JobCredential("alice-job", 2, "w0", 0)))
     with open_channel(address, worker_only) as channel:
         stub = ps_pb2_grpc.ParameterServerStub(channel)
