@@ -12,18 +12,26 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import socket
+import subprocess
+import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import grpc
 import psutil
+import pytest
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from elasticd.daemon_metrics import add_metrics_arguments, start_metrics, stop_metrics
 from elasticd.retry import wait_until
 from elasticd.rpc import ps_pb2, ps_pb2_grpc
 from elasticd.security.config import Security
+from elasticd.security.local_pki import make_local_pki
+from elasticd.security.tokens import Identity, TokenBook
 from elasticd.server.ps.messages import SERVICE
 from elasticd.server.ps.metrics import PSCollector
 from elasticd.server.ps.service import ParameterServerServicer, add_to_server
@@ -137,3 +145,129 @@ def test_metrics_listen_on_loopback_unless_told_otherwise():
     finally:
         stop_metrics(server)
     servicer.close()
+
+
+# -- the tokens file -------------------------------------------------------------
+
+
+def _write_tokens(path: Path, tokens: dict[str, str]) -> None:
+    entries = [{"name": name, "role": "submit", "token": t} for name, t in tokens.items()]
+    path.write_text(yaml.safe_dump({"tokens": entries}))
+
+
+def test_a_removed_or_corrupt_tokens_file_revokes_every_token_until_restored(tmp_path):
+    path = tmp_path / "tokens.yaml"
+    book = TokenBook(str(path))  # missing at start: nothing is accepted, nothing crashes
+    assert book.identify("alice-token") is None
+
+    _write_tokens(path, {"alice": "alice-token", "bob": "bob-token"})
+    assert book.identify("alice-token") == Identity("alice", "submit")
+    assert book.identify("bob-token") == Identity("bob", "submit")
+
+    path.unlink()  # removed: everyone is revoked, not kept from the last good copy
+    assert book.identify("alice-token") is None and book.identify("bob-token") is None
+
+    _write_tokens(path, {"alice": "alice-token"})  # restored (without bob)
+    assert book.identify("alice-token") == Identity("alice", "submit")
+    assert book.identify("bob-token") is None
+
+    for corrupt in ("tokens: [{name: alice, role: submit, token:", "tokens: 7", "\x00\xff"):
+        path.write_text(corrupt)
+        assert book.identify("alice-token") is None, corrupt
+        _write_tokens(path, {"alice": "alice-token"})
+        assert book.identify("alice-token") == Identity("alice", "submit")
+
+    path.chmod(0o000)  # unreadable (root reads it anyway: then it is simply valid)
+    try:
+        readable = _readable(path)
+        assert (book.identify("alice-token") is not None) == readable
+    finally:
+        path.chmod(0o600)
+
+
+def _readable(path: Path) -> bool:
+    try:
+        path.read_bytes()
+        return True
+    except OSError:
+        return False
+
+
+# A daemon run under this hook exits 99 the moment it opens the tokens file.
+NEVER_OPENS = """
+import os, runpy, sys
+watched = os.path.realpath(sys.argv.pop(1))
+def hook(event, args):
+    if event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
+        if os.path.realpath(os.fsdecode(args[0])) == watched:
+            sys.stderr.write("opened the tokens file\\n"); sys.stderr.flush(); os._exit(99)
+sys.addaudithook(hook)
+sys.argv[0] = "elasticd"
+runpy.run_module("elasticd", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_a_ps_and_an_agent_start_without_the_tokens_file_and_never_open_it(etcd, prefix, tmp_path):
+    pki = make_local_pki(tmp_path / "tls", etcd=False)
+    settings = yaml.safe_load((pki.directory / "cluster.yaml").read_text())
+    missing = pki.directory / "no-such-tokens.yaml"
+    settings["tokens_file"] = missing.name
+    config = pki.directory / "daemons.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    common = ["--etcd", etcd.endpoint, "--prefix", prefix, "--config", str(config)]
+    daemons = {
+        "ps": ["ps", *common, "--id", "ps-nt", "--host", "0.0.0.0", "--metrics-port", "0"],
+        "agent": ["agent", *common, "--node-id", "n-nt", "--host", "127.0.0.1"],
+    }
+    procs = {}
+    try:
+        for name, argv in daemons.items():
+            procs[name] = subprocess.Popen(
+                [sys.executable, "-c", NEVER_OPENS, str(missing), *argv],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=tmp_path,
+            )
+        for name, ready in (("ps", "ps ps-nt listening on"), ("agent", "agent n-nt ready")):
+            line = procs[name].stdout.readline()
+            assert ready in line, (name, line, procs[name].poll())
+
+        # The PS serves members (mutual TLS) on every address, its metrics on loopback only.
+        ps = psutil.Process(procs["ps"].pid)
+        wait_until(
+            lambda: {ip for ip, _ in ps_listening(ps)} >= {"127.0.0.1"},
+            30,
+            "the PS's metrics listening",
+        )
+        listening = ps_listening(ps)
+        assert {ip for ip, _ in listening} <= {"0.0.0.0", "::", "127.0.0.1"}, listening
+        metrics = [port for ip, port in listening if ip == "127.0.0.1"]
+        assert metrics and _scrape("127.0.0.1", metrics[0])
+        grpc_port = next(port for ip, port in listening if ip in ("0.0.0.0", "::"))
+        with grpc.secure_channel(
+            f"127.0.0.1:{grpc_port}",
+            grpc.ssl_channel_credentials(
+                Path(pki.cluster.tls_ca).read_bytes(),
+                Path(pki.cluster.tls_key).read_bytes(),
+                Path(pki.cluster.tls_cert).read_bytes(),
+            ),
+        ) as channel:
+            reply = ps_pb2_grpc.ParameterServerStub(channel).Stats(
+                ps_pb2.StatsRequest(), timeout=10
+            )
+        assert reply.ps_id == "ps-nt"
+        for proc in procs.values():
+            assert proc.poll() is None
+    finally:
+        for proc in procs.values():
+            proc.send_signal(signal.SIGTERM)
+        errors = {name: proc.communicate(timeout=60)[1] for name, proc in procs.items()}
+    for name, proc in procs.items():
+        assert "opened the tokens file" not in errors[name], name
+        assert proc.returncode == 0, (name, errors[name][-3000:])
+
+
+def ps_listening(ps: psutil.Process) -> set[tuple[str, int]]:
+    return {(c.laddr.ip, c.laddr.port) for c in ps.net_connections() if c.status == "LISTEN"}
