@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from elasticd.retry import wait_until
 from elasticd.rpc import ps_pb2, ps_pb2_grpc
 from elasticd.security.certs import Authority, make_authority
 from elasticd.security.channels import open_channel
@@ -123,6 +125,15 @@ def test_replication_runs_over_tls_and_a_plaintext_peer_changes_nothing(
     with held.lock:
         assert held.version == before + 2
     assert_copies_equal(servers, placement)
+
+    # A stopped PS leaves no TLS channel thread behind, its open channels included.
+    for ps in servers:
+        ps_cluster.kill(ps)
+    wait_until(
+        lambda: not [t for t in threading.enumerate() if t.name.startswith("replica-")],
+        10,
+        "the channel threads to end",
+    )
 
 
 def test_a_tls_peer_that_is_not_a_ps_is_refused(tls_cluster: TLSCluster, ps_cluster: PSCluster):
