@@ -10,7 +10,9 @@ has shown that it is a parameter server of the cluster:
   (:func:`elasticd.security.identities.daemon_kinds_of`);
 - otherwise, by the cluster token: the backup sends a fresh random challenge
   inside the TLS stream and the primary answers with
-  HMAC-SHA256(token, context || challenge). The token itself never travels.
+  HMAC-SHA256(token, context || challenge). The token itself never travels;
+- with neither (a cluster that checks no members), the one-time token is the
+  only key, as it is for the gRPC service that hands it out.
 
 The primary checks the backup's certificate against the CA and the backup's
 host (or ``tls_server_name``), as a gRPC channel does. A plaintext peer never
