@@ -1,6 +1,6 @@
 """PS tier throughput: full pulls and pushes of a >= 64 MB model over 2 real PS processes.
 
-``python -m bench ps [--json] [--scale 1] [--servers 2] [--reps 15] [--server-threads N]``
+``python -m bench ps [--json] [--scale 1] [--servers 2] [--reps 15] [--server-threads N] [--tls]``
 
 Two parameter servers run in their own processes (the ParameterServer gRPC
 service without etcd: etcd plays no part in the data path). The benchmark
@@ -20,6 +20,11 @@ uses it:
 - ``socket_gbps``: the same byte count sent over one raw loopback TCP
   connection to another process (``sendall`` from the tensor's memory,
   ``recv_into`` a preallocated buffer) — the baseline.
+
+With ``--tls`` the servers and the client run as a cluster with mutual TLS
+would (certificates made for the run): gRPC and the replication channel are
+TLS, so ``replica_push_ratio`` shows what a hot replica costs when every byte
+is encrypted; the echo and socket baselines stay plaintext.
 
 Each figure is the median of ``--reps`` timed runs after one warm-up, in
 gigabits per second, and ``ratio = min(pull, push) / socket``. Client, servers
@@ -50,39 +55,49 @@ SMALL_RPC_SLICES = 6
 MODEL_SHAPES = ((8192, 1024), (4096, 1024), (2048, 1024), (2048, 1024))  # 64 MiB of float32
 
 
-def _serve(ps_id: str, conn, threads: int) -> None:
-    """A PS process: the gRPC service on a free loopback port until told to stop."""
+def _serve(ps_id: str, conn, threads: int, security=None) -> None:
+    """A PS process: the gRPC service on a free loopback port until told to stop
+    (TLS when ``security``, a :class:`elasticd.security.Security`, says so)."""
     from concurrent import futures
 
     import grpc
 
     from elasticd.rpc.limits import GRPC_OPTIONS
+    from elasticd.security.channels import server_credentials
+    from elasticd.security.config import use
     from elasticd.server.ps.service import ParameterServerServicer, add_to_server
     from elasticd.serving import GRPC_THREADS
     from elasticd.wire import retain_chunk_memory
 
     torch.set_num_threads(1)  # as `elasticd ps` does by default (--torch-threads)
     retain_chunk_memory()  # as `elasticd ps` does
+    if security is not None:
+        use(security)  # as `elasticd ps` does: its replication channel reads it
     servicer = ParameterServerServicer(ps_id)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads or GRPC_THREADS), options=GRPC_OPTIONS
     )
     add_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    if security is not None and security.tls_cert:
+        port = server.add_secure_port("127.0.0.1:0", server_credentials(security))
+    else:
+        port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     conn.send(port)
     conn.recv()  # anything: stop
     server.stop(None).wait()
 
 
-def start_servers(ctx, n: int, threads: int | None, procs: list, pipes: list) -> dict[str, str]:
+def start_servers(
+    ctx, n: int, threads: int | None, procs: list, pipes: list, security=None
+) -> dict[str, str]:
     """``n`` PS processes (``_serve``); appends each to ``procs`` and ``pipes`` for
     :func:`stop_all`, and returns ps_id -> address."""
     addresses = {}
     for i in range(n):
         ps_id = f"ps-{i}"
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_serve, args=(ps_id, child, threads), daemon=True)
+        proc = ctx.Process(target=_serve, args=(ps_id, child, threads, security), daemon=True)
         proc.start()
         procs.append(proc)
         pipes.append(parent)
@@ -234,6 +249,24 @@ def interleaved(
     }
 
 
+def _tls_settings():
+    """This process's settings for a run with mutual TLS: a throw-away CA and PS certificate."""
+    import tempfile
+    from pathlib import Path
+
+    from elasticd.security.certs import make_authority
+    from elasticd.security.config import Security, use
+
+    directory = Path(tempfile.mkdtemp(prefix="bench-ps-tls-"))
+    ca = make_authority(directory)
+    ps = ca.issue(directory, "elasticd-ps", ("127.0.0.1",))
+    security = Security(
+        tls_cert=str(ps.cert), tls_key=str(ps.key), tls_ca=str(ca.cert), tls_client_auth=True
+    )
+    use(security)  # the bench's tiers are the workers: they connect with these settings
+    return security
+
+
 def run(argv: list[str]) -> dict:
     from elasticd.placement import TensorSpec, place
     from elasticd.ps_client import PSTier
@@ -244,7 +277,9 @@ def run(argv: list[str]) -> dict:
     p.add_argument("--servers", type=int, default=2)
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--server-threads", type=int, default=None)
+    p.add_argument("--tls", action="store_true", help="mutual TLS on gRPC and replication")
     args = p.parse_args(argv)
+    security = _tls_settings() if args.tls else None
 
     torch.set_num_threads(1)
     ctx = mp.get_context("spawn")
@@ -255,7 +290,7 @@ def run(argv: list[str]) -> dict:
 
     procs, pipes = [], []
     try:
-        addresses = start_servers(ctx, args.servers, args.server_threads, procs, pipes)
+        addresses = start_servers(ctx, args.servers, args.server_threads, procs, pipes, security)
 
         specs = [TensorSpec(n, "float32", tuple(t.shape)) for n, t in params.items()]
         placement = place(specs, sorted(addresses))
@@ -345,6 +380,7 @@ def run(argv: list[str]) -> dict:
     )
     return {
         "model_mb": round(nbytes / 1e6, 1),
+        "tls": args.tls,
         "ps_servers": args.servers,
         "pull_gbps": round(pull_gbps, 3),
         "push_gbps": round(push_gbps, 3),

@@ -2,7 +2,9 @@
 :mod:`elasticd.server.ps.metrics`), served with ``--metrics-port``.
 
 Everything is read at scrape time from what the daemon already holds; nothing
-is counted twice and nothing goes through etcd. Workers' figures (step, loss,
+is counted twice and nothing goes through etcd. The endpoint is plain HTTP
+without credentials, so it listens on loopback (``--metrics-host``, default
+127.0.0.1) whatever address the daemon's gRPC port listens on. Workers' figures (step, loss,
 samples/s) reach the controller in their progress reports over gRPC, and the
 controller's metrics show them.
 
@@ -69,13 +71,23 @@ JOB_GAUGES = (
 )
 
 
+METRICS_HOST = "127.0.0.1"  # metrics are plaintext and open: loopback unless told otherwise
+
+
 def add_metrics_arguments(p) -> None:
     p.add_argument(
         "--metrics-port",
         type=int,
         default=None,
-        help="serve Prometheus metrics on http://HOST:PORT/metrics (0: any free port; "
+        help="serve Prometheus metrics on http://METRICS_HOST:PORT/metrics (0: any free port; "
         "default: off)",
+    )
+    p.add_argument(
+        "--metrics-host",
+        default=METRICS_HOST,
+        help="address the metrics listen on (default: 127.0.0.1, this host only, whatever "
+        "--host says; 0.0.0.0 lets a Prometheus elsewhere scrape them, in plaintext "
+        "and without credentials)",
     )
 
 
@@ -269,10 +281,11 @@ def start_metrics(args, collector: Collector, process: str, *more: Collector):
     registry = CollectorRegistry()
     for each in (collector, *more):
         registry.register(each)
-    server = serve_metrics(registry, args.host or "127.0.0.1", args.metrics_port)
+    host = getattr(args, "metrics_host", None) or METRICS_HOST
+    server = serve_metrics(registry, host, args.metrics_port)
     log.info(
         "event=metrics_ready process=%s url=http://%s:%d/metrics",
-        process, args.host or "127.0.0.1", server.server_port,
+        process, host, server.server_port,
     )  # fmt: skip
     return server
 

@@ -18,11 +18,17 @@ from elasticd.logs import configure_logging  # noqa: F401  (re-exported)
 from elasticd.rpc.limits import GRPC_OPTIONS
 from elasticd.security.channels import server_credentials
 from elasticd.security.config import Security, current
-from elasticd.security.gate import Gate
+from elasticd.security.gate import OPEN_SERVICES, Gate
 
 log = logging.getLogger(__name__)
 
 GRPC_THREADS = 32  # handler threads per server: one per concurrent stream
+# Streams of the open services (health Watch, reflection) served at once. They need
+# no credentials and each holds a handler thread while it is open, so they get
+# their own share of GRPC_THREADS: past it a new one is refused RESOURCE_EXHAUSTED,
+# and the other GRPC_THREADS - OPEN_STREAMS threads stay for the RPCs that do.
+# Unary health checks (probes) are not counted: they return at once.
+OPEN_STREAMS = 8
 # gRPC sets SO_REUSEPORT by default: a second server given a port another process
 # listens on would start, and the kernel would split the port's connections
 # between the two. A daemon given a port in use (a fixed --port, the port its
@@ -37,11 +43,13 @@ def start_grpc_server(
     services: Sequence[str] = (),
     security: Security | None = None,
     gate: Gate | None = None,
+    open_streams: int = OPEN_STREAMS,
 ) -> tuple[grpc.Server, int]:
     """Serve ``services`` (full names, for health checking and reflection) on host:port.
 
     TLS when ``security`` names a certificate; ``gate`` (default: one built from
-    ``security``) checks every call, unless nothing is configured to check.
+    ``security``) checks every call, unless nothing is configured to check. At most
+    ``open_streams`` health and reflection streams are served at once.
     """
     security = current() if security is None else security
     if gate is None and (security.members_checked or security.tokens_file):
@@ -49,7 +57,7 @@ def start_grpc_server(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=GRPC_THREADS, thread_name_prefix="grpc"),
         options=[*GRPC_OPTIONS, *EXCLUSIVE_PORT],
-        interceptors=[gate] if gate is not None else None,
+        interceptors=[OpenStreamLimit(open_streams), *([gate] if gate is not None else [])],
     )
     add_servicers(server)
     health_servicer = health.HealthServicer()
@@ -77,6 +85,49 @@ def start_grpc_server(
         raise OSError(f"cannot listen on {address}: the port is in use or the address not local")
     server.start()
     return server, bound
+
+
+class OpenStreamLimit(grpc.ServerInterceptor):
+    """Serves at most ``limit`` streams of the open services at once; refuses the rest.
+
+    A stream holds its handler thread until it ends, so without a limit anyone who
+    can reach the port could hold every thread with health Watch streams, and no
+    RPC would be served: the open services are open, never unlimited.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._slots = threading.BoundedSemaphore(limit)
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        service = handler_call_details.method.lstrip("/").partition("/")[0]
+        if handler is None or service not in OPEN_SERVICES:
+            return handler
+        streams = handler.unary_stream or handler.stream_stream
+        if streams is None:
+            return handler  # unary: answered at once
+        method = handler_call_details.method
+
+        def limited(request, context):
+            if not self._slots.acquire(blocking=False):
+                log.info("event=open_stream_refused method=%s peer=%s", method, context.peer())
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{method}: {self.limit} health and reflection streams are open on this "
+                    "server already; try again once one ends (unary Check is always served)",
+                )
+            try:
+                yield from streams(request, context)
+            finally:
+                self._slots.release()
+
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if handler.unary_stream
+            else grpc.stream_stream_rpc_method_handler
+        )
+        return make(limited, handler.request_deserializer, handler.response_serializer)
 
 
 def service_name(module, name: str) -> str:

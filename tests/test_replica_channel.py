@@ -17,8 +17,9 @@ import pytest
 
 from elasticd.retry import wait_until
 from elasticd.rpc import ps_pb2
-from elasticd.server.ps.replica_channel import MAGIC, TOKEN_BYTES, recv_exact
+from elasticd.server.ps.replica_channel import MAGIC, TOKEN_BYTES
 from tests.fixtures.ps import JOB, PSCluster
+from tests.fixtures.replica_wire import closed, frame, reply
 from tests.test_ps_replicas import assert_copies_equal, copies, step, two_servers
 from tests.test_ps_service import mlp
 
@@ -32,27 +33,10 @@ def open_channel(ps_cluster, backup_ps, group: str, generation: int = 1):
     )
 
 
-def reply(sock: socket.socket) -> tuple[int, str]:
-    code, n = struct.unpack("<BI", bytes(recv_exact(sock, 5)))
-    return code, bytes(recv_exact(sock, n)).decode(errors="replace")
-
-
 def connect(port: int, hello: bytes) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     sock.sendall(hello)
     return sock
-
-
-def closed(sock: socket.socket) -> bool:
-    try:
-        return sock.recv(1) == b""
-    except ConnectionResetError:
-        return True
-
-
-def frame(header: ps_pb2.ReplicateHeader, body_len: int, body: bytes = b"") -> bytes:
-    raw = header.SerializeToString()
-    return struct.pack("<IQ", len(raw), body_len) + raw + body
 
 
 def test_hostile_channel_input_is_refused_and_the_copies_stay_equal(ps_cluster: PSCluster):

@@ -12,13 +12,16 @@ The tokens file is YAML::
 
 ``admin`` may do anything; ``submit`` may submit jobs and cancel, switch,
 scale or checkpoint its own; ``read`` may only look. The file is read again
-when it changes, so tokens are added or revoked without a restart.
+when it changes, so tokens are added or revoked without a restart; a file
+removed, unreadable or not valid revokes every token until it is valid again.
+Only the controller (the JobService) reads it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -28,6 +31,8 @@ import yaml
 
 from elasticd.security.config import SecurityError
 from elasticd.security.job_credentials import JobCredential
+
+log = logging.getLogger(__name__)
 
 ROLES = ("read", "submit", "admin")  # each may do what the ones before it may
 
@@ -92,29 +97,47 @@ def parse_tokens(text: str, source: str) -> list[tuple[str, Identity]]:
 
 
 class TokenBook:
-    """Looks tokens up in the tokens file, reading it again when it changes."""
+    """Looks tokens up in the tokens file, reading it again when it changes.
+
+    The file is the only source of truth: while it is missing, unreadable or not
+    valid, no token is accepted (an operator who deletes or breaks it revokes
+    everyone, as they would expect of a revocation list); once it is back and
+    valid, its tokens are. It is first read at the first lookup, so a daemon
+    that never serves users (a PS, an agent) never opens it.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple[int, int, int] | None = None
         self._entries: list[tuple[str, Identity]] = []
-        self._reload()
+        self._problem = ""  # why no token is accepted now ("" once the file is good)
 
     def _reload(self) -> None:
-        stat = os.stat(self.path)
-        stamp = (stat.st_mtime_ns, stat.st_size)
-        if stamp == self._stamp:
+        try:
+            stat = os.stat(self.path)
+            stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+            if stamp == self._stamp:
+                return
+            entries = parse_tokens(Path(self.path).read_text(encoding="utf-8"), self.path)
+        except (OSError, SecurityError) as exc:
+            problem = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            if problem != self._problem:
+                log.warning(
+                    "event=tokens_revoked path=%s reason=%s: no token is accepted until "
+                    "the file is back and valid",
+                    self.path,
+                    problem,
+                )
+            self._entries, self._stamp, self._problem = [], None, problem
             return
-        entries = parse_tokens(Path(self.path).read_text(encoding="utf-8"), self.path)
-        self._entries, self._stamp = entries, stamp
+        if self._problem or self._stamp is None:
+            log.info("event=tokens_loaded path=%s tokens=%d", self.path, len(entries))
+        self._entries, self._stamp, self._problem = entries, stamp, ""
 
     def identify(self, token: str) -> Identity | None:
         with self._lock:
-            try:
-                self._reload()
-            except (OSError, SecurityError):
-                pass  # keep the last good file: a half-written edit locks nobody out
+            self._reload()
             entries = self._entries
         wanted = digest(token)
         found = None

@@ -86,11 +86,11 @@ def run(args: argparse.Namespace) -> int:
     address = f"{host}:{port}"
     metrics = None
     if args.metrics_port is not None:
-        metrics = serve_metrics(servicer.registry, args.host, args.metrics_port)
+        metrics = serve_metrics(servicer.registry, args.metrics_host, args.metrics_port)
         log.info(
             "event=metrics_ready ps=%s url=http://%s:%d/metrics",
             ps_id,
-            host,
+            args.metrics_host,
             metrics.server_port,
         )
     keys = Keys(args.prefix)

@@ -9,7 +9,11 @@ therefore one TCP connection per (job, group), opened like this:
    with the port of the backup's :class:`ReplicaListener` and a fresh token;
 2. the primary connects and sends ``MAGIC`` and the token. A token is good for
    one connection, to that group only, within ``TOKEN_TTL_S``: whoever may not
-   call the gRPC service cannot use the channel either;
+   call the gRPC service cannot use the channel either. When the cluster has
+   TLS, the connection is TLS and the backup first checks that the primary is a
+   PS (:mod:`.replica_tls`): it answers the handshake with a reply (below)
+   carrying a challenge, or refusing, and the primary's hello also carries its
+   answer to the challenge;
 3. each update is one frame: ``<IQ`` (header length, body length), a
    ``ReplicateHeader``, then the gradient of every tensor of the shard as raw
    bytes in the shard's order and dtypes (nothing to parse: the backup reads
@@ -43,6 +47,8 @@ import grpc
 import torch
 
 from elasticd.rpc import ps_pb2
+from elasticd.security.config import Security, current
+from elasticd.server.ps.replica_tls import PROOF_BYTES, ChannelSecurity, PeerRefused
 from elasticd.server.ps.rules import BadRequest, forwarded_contributors
 from elasticd.server.ps.shard import ParameterShard, ShardError
 
@@ -55,8 +61,17 @@ HELLO_TIMEOUT_S = 10.0  # a connection must present its token within this long
 FRAME_TIMEOUT_S = 10.0  # each read of a frame under way, once its first bytes came
 MAX_HEADER_BYTES = 1 << 16
 MAX_TOKENS = 1024  # tokens outstanding at once; the oldest is dropped past this
+HELLO_BYTES = len(MAGIC) + TOKEN_BYTES
 _PREFIX = struct.Struct("<IQ")
 _REPLY = struct.Struct("<BI")
+
+
+_STATUS_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
+
+
+def status_name(code: int) -> str:
+    """The name of the gRPC status code a reply carries."""
+    return _STATUS_NAMES.get(code, f"status {code}")
 
 
 class ChannelClosed(ConnectionError):
@@ -91,7 +106,8 @@ class ReplicaListener:
     """A backup's end: accepts channels and applies the updates they carry.
 
     ``lookup(job_id, group)`` finds a shard; ``status_of(exc)`` maps a shard error
-    to the gRPC status code the gRPC path would answer with.
+    to the gRPC status code the gRPC path would answer with. ``security`` (default:
+    this process's) says whether the channel is TLS and whom it lets in.
     """
 
     def __init__(
@@ -99,8 +115,10 @@ class ReplicaListener:
         host: str,
         lookup: Callable[[str, str], ParameterShard | None],
         status_of: Callable[[Exception], grpc.StatusCode],
+        security: Security | None = None,
     ) -> None:
         self._lookup, self._status_of = lookup, status_of
+        self._security = ChannelSecurity.of(current() if security is None else security)
         self._tokens: dict[bytes, tuple[str, str, float]] = {}  # token -> job, group, expiry
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
@@ -147,6 +165,7 @@ class ReplicaListener:
                 conn, _ = self._sock.accept()
             except OSError:
                 return  # closed
+            conn = self._security.wrap_accepted(conn)  # the handshake is the thread's
             with self._lock:
                 self._conns.add(conn)
             threading.Thread(
@@ -156,11 +175,23 @@ class ReplicaListener:
     def _serve(self, conn: socket.socket) -> None:
         where = "-"
         try:
+            peer = ":".join(str(part) for part in conn.getpeername()[:2])
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.settimeout(HELLO_TIMEOUT_S)
-            hello = recv_exact(conn, len(MAGIC) + TOKEN_BYTES)
+            try:
+                challenge = self._security.admit(conn)
+                if challenge is not None:
+                    send_reply(conn, 0, challenge)
+                hello = recv_exact(conn, HELLO_BYTES + (PROOF_BYTES if challenge else 0))
+                self._security.check_proof(challenge, bytes(hello[HELLO_BYTES:]))
+            except PeerRefused as exc:
+                log.warning("event=replica_channel_refused peer=%s reason=%s", peer, exc)
+                send_reply(conn, grpc.StatusCode.UNAUTHENTICATED.value[0], str(exc).encode())
+                return
             bound = (
-                self._redeem(bytes(hello[len(MAGIC) :])) if hello[: len(MAGIC)] == MAGIC else None
+                self._redeem(bytes(hello[len(MAGIC) : HELLO_BYTES]))
+                if hello[: len(MAGIC)] == MAGIC
+                else None
             )
             if bound is None:
                 send_reply(conn, grpc.StatusCode.UNAUTHENTICATED.value[0], b"unknown or used token")
@@ -241,17 +272,33 @@ class ReplicaListener:
 class ReplicaChannel:
     """A primary's end of one channel (not thread-safe: the shard lock serialises calls)."""
 
-    def __init__(self, host: str, port: int, token: bytes, timeout: float) -> None:
+    def __init__(
+        self, host: str, port: int, token: bytes, timeout: float, security: ChannelSecurity
+    ) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             self._sock.settimeout(timeout)
             self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._sock.connect((host, port))
-            self._sock.sendall(MAGIC + token)
+            self._sock = security.connect(self._sock, host)
+            answer = b""
+            if security.client is not None:  # a TLS backup checks who we are first
+                code, challenge = self._reply()
+                if code:
+                    raise ChannelClosed(
+                        f"the backup refused the channel ({status_name(code)}): "
+                        f"{challenge.decode(errors='replace')}"
+                    )
+                answer = security.answer(challenge)
+            self._sock.sendall(MAGIC + token + answer)
         except OSError:
             self._sock.close()
             raise
+
+    def _reply(self) -> tuple[int, bytes]:
+        code, n = _REPLY.unpack(bytes(recv_exact(self._sock, _REPLY.size)))
+        return code, bytes(recv_exact(self._sock, n))
 
     def send(self, header: ps_pb2.ReplicateHeader, grads: list[torch.Tensor]) -> tuple[int, bytes]:
         """One update; the backup's (status code, payload). Raises OSError/ChannelClosed."""
@@ -260,8 +307,7 @@ class ReplicaChannel:
         self._sock.sendall(_PREFIX.pack(len(raw), sum(len(p) for p in parts)) + raw)
         for p in parts:
             self._sock.sendall(p)
-        code, n = _REPLY.unpack(bytes(recv_exact(self._sock, _REPLY.size)))
-        return code, bytes(recv_exact(self._sock, n))
+        return self._reply()
 
     def close(self) -> None:
         _close(self._sock)

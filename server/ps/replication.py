@@ -8,7 +8,8 @@ is acknowledged only once both copies applied it (see
 push again once the controller has moved the group to live servers.
 
 Updates travel over the backup's replication channel
-(:mod:`.replica_channel`: raw bytes on a TCP connection), opened on first use
+(:mod:`.replica_channel`: raw bytes on a TCP connection, inside TLS when the
+cluster has TLS: :mod:`.replica_tls`), opened on first use
 and again after any failure; a backup without one (``OpenReplica``
 unimplemented) gets them as a gRPC ``Replicate`` stream.
 """
@@ -23,7 +24,9 @@ import torch
 from elasticd.rpc import ps_pb2
 from elasticd.rpc.limits import GRPC_OPTIONS
 from elasticd.security.channels import open_channel
-from elasticd.server.ps.replica_channel import ChannelClosed, ReplicaChannel
+from elasticd.security.config import Security, current
+from elasticd.server.ps.replica_channel import ChannelClosed, ReplicaChannel, status_name
+from elasticd.server.ps.replica_tls import ChannelSecurity
 from elasticd.server.ps.rules import Contributor
 from elasticd.server.ps.shard import ReplicaUnavailable
 from elasticd.wire import as_bytes, chunk, encode_chunk_frame, frame_serializer
@@ -32,15 +35,19 @@ log = logging.getLogger(__name__)
 
 REPLICATE_TIMEOUT_S = 10.0  # one forwarded update; the push it carries waits this long at most
 SERVICE = ps_pb2.DESCRIPTOR.services_by_name["ParameterServer"].full_name
-_CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
 class BackupLink:
-    """Forwards ``job_id``'s updates of ``group`` to the backup at ``address``."""
+    """Forwards ``job_id``'s updates of ``group`` to the backup at ``address``,
+    as the PS running with ``security`` (default: this process's settings)."""
 
-    def __init__(self, job_id: str, group: str, address: str) -> None:
+    def __init__(
+        self, job_id: str, group: str, address: str, security: Security | None = None
+    ) -> None:
         self.job_id, self.group, self.address = job_id, group, address
-        self._channel = open_channel(address, options=GRPC_OPTIONS)
+        security = current() if security is None else security
+        self._security = ChannelSecurity.of(security)
+        self._channel = open_channel(address, security, options=GRPC_OPTIONS)
         self._replicate = self._channel.stream_unary(
             f"/{SERVICE}/Replicate",
             request_serializer=frame_serializer,
@@ -91,10 +98,12 @@ class BackupLink:
                 self._grpc_only = True
                 return False
             host = self.address.rsplit(":", 1)[0].strip("[]")
-            self._socket = ReplicaChannel(host, opened.port, opened.token, REPLICATE_TIMEOUT_S)
+            self._socket = ReplicaChannel(
+                host, opened.port, opened.token, REPLICATE_TIMEOUT_S, self._security
+            )
         code, payload = self._socket.send(header, grads)
         if code:
-            self._failed(header.version, grpc.StatusCode(_CODES[code]).name, payload.decode())
+            self._failed(header.version, status_name(code), payload.decode())
         return True
 
     def _over_grpc(self, header: ps_pb2.ReplicateHeader, grads: list[torch.Tensor]) -> None:
