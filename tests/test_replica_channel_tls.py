@@ -26,6 +26,7 @@ from elasticd.rpc import ps_pb2, ps_pb2_grpc
 from elasticd.security.certs import Authority, make_authority
 from elasticd.security.channels import open_channel
 from elasticd.security.config import Security, current, use
+from elasticd.security.identities import NODE_CERT
 from elasticd.server.ps.replica_channel import MAGIC, ChannelClosed, ReplicaChannel
 from elasticd.server.ps.replica_tls import PROOF_BYTES, ChannelSecurity
 from tests.fixtures.ps import JOB, PS, PSCluster
@@ -55,7 +56,8 @@ class TLSCluster:
 def tls_cluster(request, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TLSCluster]:
     """This process runs as a PS of a cluster with TLS for the test, then as before."""
     ca = make_authority(tmp_path / "ca")
-    issued = ca.issue(tmp_path / "ps", "elasticd-ps", HOSTS)
+    # this process is every PS, their controller and the worker: a node certificate
+    issued = ca.issue(tmp_path / "ps", NODE_CERT, HOSTS)
     settings = Security(tls_cert=str(issued.cert), tls_key=str(issued.key), tls_ca=str(ca.cert))
     if request.param == "mutual":
         settings = replace(settings, tls_client_auth=True)

@@ -120,6 +120,7 @@ CASES = [
     (PS_RPC + "DropShard", Identity("elasticd-agent", "", ("agent",)), None, False),
     (PS_RPC + "OpenReplica", Identity("elasticd-ps", "", ("ps",)), None, True),
     (PS_RPC + "Push", Identity("alice", "admin"), push(), False),  # a user is not a member
+    (PS_RPC + "Push", Identity("elasticd-agent", "", ("agent",)), push(), False),
     (
         COORD + "PublishRendezvous",
         worker(rank=0),

@@ -210,7 +210,7 @@ runpy.run_module("elasticd", run_name="__main__")
 @pytest.mark.slow
 def test_a_ps_and_an_agent_start_without_the_tokens_file_and_never_open_it(etcd, prefix, tmp_path):
     pki = make_local_pki(tmp_path / "tls", etcd=False)
-    settings = yaml.safe_load((pki.directory / "cluster.yaml").read_text())
+    settings = yaml.safe_load(pki.config("controller").read_text())  # it names a tokens file
     missing = pki.directory / "no-such-tokens.yaml"
     settings["tokens_file"] = missing.name
     config = pki.directory / "daemons.yaml"
@@ -246,12 +246,13 @@ def test_a_ps_and_an_agent_start_without_the_tokens_file_and_never_open_it(etcd,
         metrics = [port for ip, port in listening if ip == "127.0.0.1"]
         assert metrics and _scrape("127.0.0.1", metrics[0])
         grpc_port = next(port for ip, port in listening if ip in ("0.0.0.0", "::"))
+        controller = pki.daemon("controller")  # Stats is the controller's (and other PS')
         with grpc.secure_channel(
             f"127.0.0.1:{grpc_port}",
             grpc.ssl_channel_credentials(
-                Path(pki.cluster.tls_ca).read_bytes(),
-                Path(pki.cluster.tls_key).read_bytes(),
-                Path(pki.cluster.tls_cert).read_bytes(),
+                Path(controller.tls_ca).read_bytes(),
+                Path(controller.tls_key).read_bytes(),
+                Path(controller.tls_cert).read_bytes(),
             ),
         ) as channel:
             reply = ps_pb2_grpc.ParameterServerStub(channel).Stats(

@@ -50,11 +50,11 @@ RULES: dict[str, tuple[str, ...]] = {
     f"{COORDINATOR}/LeaseData": ("worker",),
     f"{COORDINATOR}/LookupRendezvous": ("worker",),
     f"{COORDINATOR}/PublishRendezvous": ("rank0",),
-    # The data path: a job's own workers.
-    f"{PS}/Pull": ("worker",),
-    f"{PS}/PullOnce": ("worker",),
-    f"{PS}/Push": ("worker",),
-    f"{PS}/PushOnce": ("worker",),
+    # The data path: a job's own workers (and the controller, which may move any state).
+    f"{PS}/Pull": ("worker", "controller"),
+    f"{PS}/PullOnce": ("worker", "controller"),
+    f"{PS}/Push": ("worker", "controller"),
+    f"{PS}/PushOnce": ("worker", "controller"),
     # A job's first worker seeds its groups (user code never runs in the controller);
     # the PS keeps the first copy, so a worker can only seed its own job's groups.
     f"{PS}/InitShard": ("controller", "worker"),
