@@ -43,6 +43,7 @@ from elasticd.membership import Generation
 from elasticd.placement import ShardPlacement, TensorSpec, place, rehome
 from elasticd.ps_client import PSTier
 from elasticd.ps_errors import PSUnavailable
+from elasticd.security.storage import StorageRefused
 from elasticd.server.controller.planning import ClusterSnapshot, JobSnapshot
 from elasticd.server.controller.records import WAITING, JobRecord
 
@@ -312,6 +313,9 @@ def restore_in_seal(controller, snap, cluster, gen, record, reason: str):
     if not controller._still_leading():  # a deposed leader must not import
         raise NotLeading("leadership lost before the restore")
     try:
+        # Checked at submit; again here, as the allowed roots may have narrowed since.
+        controller.storage.check("checkpoint.url", snap.spec.checkpoint.url)
+        controller.storage.check("resume_from", snap.record.resume_from)
         placement, record = restore_for_seal(
             snap,
             controller.shapes.of(snap),
@@ -321,7 +325,7 @@ def restore_in_seal(controller, snap, cluster, gen, record, reason: str):
             controller.checkpoint_url,
             controller.progress.live(snap.record),
         )
-    except (NoSuchCheckpoint, CorruptShard, PSUnavailable) as exc:
+    except (NoSuchCheckpoint, CorruptShard, PSUnavailable, StorageRefused) as exc:
         delay = controller.restores.failed(job_id, now)
         message = f"{reason}; the restore failed, trying again in {delay:g}s: {exc}"
         waiting = snap.record.evolve(state=WAITING, message=message, updated_at=time.time())
