@@ -91,6 +91,8 @@ def test_an_open_policy_allows_anything_and_a_closed_one_names_the_field():
     assert policy.refusal("tensorboard", "/srv/ckpt/tb", local=True) is None
     assert "tensorboard: 's3://b/root/tb'" in policy.refusal("tensorboard", "s3://b/root/tb", True)
     assert StoragePolicy(("not a url::",)).refusal("checkpoint.url", "/x") is not None
+    assert "embedded null byte" in policy.refusal("checkpoint.url", "/srv/ckpt/\x00")
+    assert len(policy.refusal("checkpoint.url", "s3://x/" + "a" * 10**6)) < 400  # shown cut
 
 
 POLICIES = [  # (allowed_storage, tokens file?, roots; None: anything)
@@ -130,6 +132,12 @@ RESUMES = [  # (resume_from, caller, admin, allowed?)
     ("old-000003", "alice", False, False),  # recorded before owners were
     ("file:///not/a/checkpoint", "alice", False, True),  # names no job: locate refuses it
 ]
+
+
+def test_a_refused_resume_names_a_long_job_id_in_short():
+    with pytest.raises(NotYours) as info:
+        check_resume_owner("j" * 10**6, "alice", False, OWNERS.get)
+    assert len(str(info.value)) < 400
 
 
 @pytest.mark.parametrize(("ref", "caller", "admin", "allowed"), RESUMES)

@@ -36,6 +36,7 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.registry import known_implementations, registry
 
 LOCAL = "file"
+SHOWN_CHARS = 200  # of a refused URL, in the error (a spec may hold a URL of a megabyte)
 
 
 class StorageRefused(PermissionError):
@@ -128,7 +129,7 @@ class StoragePolicy:
         try:
             where = StorageURL.local_path(url) if local else StorageURL.parse(url)
         except ValueError as exc:
-            return f"{field_name}: {url!r}: {exc}; allowed: {', '.join(self.roots)}"
+            return f"{field_name}: {_shown(url)}: {exc}; allowed: {', '.join(self.roots)}"
         for root in self.roots:
             try:
                 if where.is_under(StorageURL.parse(root)):
@@ -136,7 +137,7 @@ class StoragePolicy:
             except ValueError:
                 continue  # a malformed root allows nothing
         return (
-            f"{field_name}: {url!r} is not under an allowed storage root "
+            f"{field_name}: {_shown(url)} is not under an allowed storage root "
             f"(allowed: {', '.join(self.roots) or 'none'})"
         )
 
@@ -145,6 +146,10 @@ class StoragePolicy:
         problem = self.refusal(field_name, url, local)
         if problem is not None:
             raise StorageRefused(problem)
+
+
+def _shown(url: str) -> str:
+    return repr(url) if len(url) <= SHOWN_CHARS else repr(url[:SHOWN_CHARS]) + "..."
 
 
 def storage_policy(allowed: tuple[str, ...], users_checked: bool, own_root: str) -> StoragePolicy:

@@ -59,6 +59,7 @@ def check_resume_owner(
     owner = owner_of(job_id)
     if owner == caller:
         return
+    job_id = job_id if len(job_id) <= 128 else job_id[:128] + "..."  # shown in the error
     if owner is None:
         problem = f"job {job_id} has no record saying whose it is: only an admin may resume from it"
     else:
