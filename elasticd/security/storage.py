@@ -64,10 +64,6 @@ class StorageURL:
     parts: tuple[str, ...]  # bucket or host first, for an object store
     literal: tuple[str, ...]  # the same, ``..`` not resolved (equal to parts for local paths)
 
-    @property
-    def local(self) -> bool:
-        return self.implementation == _LOCAL_IMPLEMENTATION
-
     @classmethod
     def parse(cls, url: str) -> StorageURL:
         """Raises ValueError for what names no single storage location."""
