@@ -118,6 +118,7 @@ def test_allreduce_checkpoints_restore_into_ps_async_and_back(cluster):
                 ({"rank": 2, "name": "rank-2"}, "not in a world of 2"),
                 ({"rank": 0, "name": "rank-1"}, "must name its shard rank-0"),
                 ({"rank": 0, "name": "rank-0", "job_id": ps}, "trains in ps-async"),
+                ({"rank": 0, "name": "rank-0", "url": "memory://x"}, "checkpoint store"),
             ):
                 with pytest.raises(grpc.RpcError) as err:
                     stub.ReportShard(job_pb2.ShardWritten(**{**good, **bad}), timeout=10)

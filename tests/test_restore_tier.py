@@ -10,6 +10,7 @@ the one restored.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from elasticd.checkpoint.locate import NoSuchCheckpoint, load_state
 from elasticd.jobspec import parse_spec
 from elasticd.membership import assign_ranks
 from elasticd.placement import place
+from elasticd.security.storage import StoragePolicy, StorageRefused
 from elasticd.server.controller import restore
 from elasticd.server.controller.checkpoints import checkpoint_ps_job
 from elasticd.server.controller.planning import JobSnapshot
@@ -138,6 +140,21 @@ def test_a_corrupt_newest_checkpoint_is_never_restored(ps_cluster, tmp_path):
 def test_nothing_to_restore_without_a_checkpoint(tmp_path):
     with pytest.raises(NoSuchCheckpoint, match="no verified checkpoint"):
         restore_source(snapshot(2), str(tmp_path / "none"))
+
+
+def test_a_restore_reads_no_storage_the_allowed_roots_no_longer_hold(tmp_path):
+    allowed = StoragePolicy((str(tmp_path / "allowed"),))
+    snap = snapshot(2)
+    elsewhere = f"file://{tmp_path}/elsewhere/{JOB}/000000000007/MANIFEST.json"
+    resumed = replace(snap, record=replace(snap.record, resume_from=elsewhere))
+    with pytest.raises(StorageRefused, match=r"^resume_from: .* is not under an allowed"):
+        restore_source(resumed, str(tmp_path / "allowed"), allowed)
+    spec = replace(SPEC, checkpoint=replace(SPEC.checkpoint, url=str(tmp_path / "elsewhere")))
+    with pytest.raises(StorageRefused, match=r"^checkpoint.url: .* is not under an allowed"):
+        restore_source(replace(snap, spec=spec), str(tmp_path / "allowed"), allowed)
+    assert not (tmp_path / "elsewhere").exists()
+    with pytest.raises(NoSuchCheckpoint, match="no verified checkpoint"):  # its own root: read
+        restore_source(snap, str(tmp_path / "allowed"), allowed)
 
 
 def test_each_ps_reads_its_own_shard_when_the_checkpoint_is_cut_for_its_placement(

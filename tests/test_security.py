@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from elasticd.client import JobClient
 from elasticd.coord.access import EtcdRole, Grant
 from elasticd.coord.etcd import EtcdClient, EtcdError, EtcdRefused
-from elasticd.local import EtcdServer, LocalCluster
+from elasticd.local import EtcdServer
 from elasticd.retry import wait_until
 from elasticd.rpc import job_pb2, job_pb2_grpc, ps_pb2, ps_pb2_grpc
 from elasticd.security import Security
@@ -33,6 +33,7 @@ from elasticd.security.tokens import parse_tokens
 from elasticd.server.ps.messages import SERVICE
 from elasticd.server.ps.service import ParameterServerServicer, add_to_server
 from elasticd.serving import start_grpc_server
+from tests.fixtures.cluster import closed_cluster
 from tests.jobs import spec_yaml
 
 pytestmark = pytest.mark.slow
@@ -44,13 +45,8 @@ USERS = {"root": "admin", "alice": "submit", "bob": "submit", "auditor": "read"}
 def closed(tmp_path_factory):
     """A closed local cluster: 1 controller, 1 PS, 1 agent; etcd with TLS and auth."""
     base = tmp_path_factory.mktemp("closed")
-    pki = make_local_pki(base / "tls", users=USERS)
-    c = LocalCluster(base / "cluster", lease_ttl=3, join_window=0.5, threads_per_worker=1, pki=pki)
-    try:
-        c.start(ps=1, agents=1)
+    with closed_cluster(base, USERS) as c:
         yield c
-    finally:
-        c.stop()
 
 
 def job_stub(address: str, security: Security) -> tuple[grpc.Channel, job_pb2_grpc.JobServiceStub]:

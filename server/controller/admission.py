@@ -11,18 +11,63 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 
-from elasticd.checkpoint.locate import NoSuchCheckpoint, check_fits, check_optimizer, locate
+from elasticd.checkpoint.locate import (
+    NoSuchCheckpoint,
+    check_fits,
+    check_optimizer,
+    locate,
+    split_checkpoint_url,
+)
 from elasticd.coord.etcd import Put
 from elasticd.coord.keys import Keys
 from elasticd.jobspec import JobSpec
 from elasticd.placement import TensorSpec
+from elasticd.security.storage import StoragePolicy
 from elasticd.server.controller.errors import Conflict
 from elasticd.server.controller.records import PENDING, JobRecord
 
 log = logging.getLogger(__name__)
 
 CONFLICT_RETRIES = 5  # a user request retries this often when the job changed under it
+
+
+class NotYours(PermissionError):
+    """A caller named another user's job or checkpoint to resume from."""
+
+
+def check_storage(policy: StoragePolicy, spec: JobSpec, resume_from: str = "") -> None:
+    """Raise StorageRefused, naming the field, if the job names storage outside ``policy``."""
+    policy.check("checkpoint.url", spec.checkpoint.url)
+    policy.check("tensorboard", spec.tensorboard, local=True)  # the controller opens a path
+    if split_checkpoint_url(resume_from.strip()) is not None:
+        policy.check("resume_from", resume_from.strip())
+    # A job id resumes from under checkpoint.url (or the controller's own root): checked above.
+
+
+def check_resume_owner(
+    resume_from: str, caller: str, admin: bool, owner_of: Callable[[str], str | None]
+) -> None:
+    """Raise NotYours unless ``caller`` owns the job ``resume_from`` names (an admin may
+    resume from any job). A checkpoint URL names the job whose id it lies under."""
+    ref = resume_from.strip()
+    parts = split_checkpoint_url(ref)
+    job_id = parts[1] if parts is not None else ref
+    if admin or not job_id or (parts is None and ("/" in ref or ":" in ref)):
+        return  # an admin; or no job named at all, which locate() refuses
+    owner = owner_of(job_id)
+    if owner == caller:
+        return
+    job_id = job_id if len(job_id) <= 128 else job_id[:128] + "..."  # shown in the error
+    if owner is None:
+        problem = f"job {job_id} has no record saying whose it is: only an admin may resume from it"
+    else:
+        problem = (
+            f"job {job_id} belongs to {owner or 'nobody'}, not to {caller}: only a job's "
+            "owner or an admin may resume from it or its checkpoints"
+        )
+    raise NotYours(f"resume_from: {problem}")
 
 
 def check_resumable(
@@ -68,8 +113,14 @@ def new_job(
     ]
 
 
-def admit(controller, spec: JobSpec, resume_from: str, owner: str) -> str:
-    """Check the job, then write it under a fresh id (another one if the id was taken)."""
+def admit(controller, spec: JobSpec, resume_from: str, owner: str, admin: bool = False) -> str:
+    """Check the job, then write it under a fresh id (another one if the id was taken).
+
+    Storage and ownership first: a refused job runs no task probe and touches no storage.
+    """
+    check_storage(controller.storage, spec, resume_from)
+    if resume_from:
+        check_resume_owner(resume_from, owner, admin, controller.owner_of)
     tensors = controller.shapes.at_submit(spec)  # a task that cannot be built is refused now
     if resume_from:
         resume_from = check_resumable(spec, tensors, resume_from, controller.checkpoint_url)

@@ -31,6 +31,7 @@ from elasticd.jobspec import JobSpec
 from elasticd.membership import Generation
 from elasticd.security import config as security
 from elasticd.security.job_credentials import JobMinter
+from elasticd.security.storage import StoragePolicy
 from elasticd.server.controller import admission, checkpoints, reports, scaling, sealing
 from elasticd.server.controller.admission import CONFLICT_RETRIES
 from elasticd.server.controller.adoption import adoption_ops
@@ -89,12 +90,14 @@ class Controller:
         election: Election | None = None,
         lease_ttl_s: float = DEFAULT_TTL_S,
         probe: ShapeProbe | None = None,
+        storage: StoragePolicy | None = None,
     ) -> None:
         self.client = client
         self.keys = keys
         self.address = address
         self.checkpoint_url = checkpoint_url
         self.mint = JobMinter.of(security.current())  # each worker's job credential
+        self.storage = storage or StoragePolicy.open()  # where jobs may name storage
         self.election = election
         self._wake = threading.Event()
         self.progress = ProgressBook()
@@ -179,11 +182,14 @@ class Controller:
 
     # -- user requests ------------------------------------------------------------
 
-    def submit(self, spec: JobSpec, resume_from: str = "", owner: str = "") -> str:
+    def submit(
+        self, spec: JobSpec, resume_from: str = "", owner: str = "", admin: bool = False
+    ) -> str:
         """Admit a job for ``owner``; ``resume_from`` names a checkpoint it starts from
-        (NoSuchCheckpoint)."""
+        (NoSuchCheckpoint), of a job ``owner`` owns unless ``admin`` (NotYours). Storage
+        outside ``self.storage`` is refused (StorageRefused)."""
         self.require_leader()
-        job_id = admission.admit(self, spec, resume_from, owner)
+        job_id = admission.admit(self, spec, resume_from, owner, admin)
         self._wake.set()
         return job_id
 

@@ -24,6 +24,7 @@ from elasticd.retry import Backoff
 from elasticd.sd_notify import Notifier
 from elasticd.security import Gate, add_security_arguments
 from elasticd.security.config import configure_daemon
+from elasticd.security.storage import storage_policy
 from elasticd.server.controller.join_window import JOIN_WINDOW_S
 from elasticd.serving import (
     configure_logging,
@@ -150,6 +151,9 @@ def run(args: argparse.Namespace) -> int:
         join_window_s=args.join_window,
         lease_ttl_s=args.lease_ttl,
         probe=ShapeProbe(args.probe_timeout, args.probe_memory),
+        storage=storage_policy(
+            security.allowed_storage, bool(security.tokens_file), args.checkpoint_url
+        ),
     )
 
     def add(server) -> None:

@@ -148,6 +148,11 @@ class RankCheckpoints:
                 f"generation {report.generation} step {report.step}: not a step of this job "
                 f"(at generation {rec.generation})"
             )
+        url = snap.spec.checkpoint.url or controller.checkpoint_url
+        if report.url != url:  # the controller writes the manifest there: the job's own store
+            raise BadShardReport(
+                f"url: {report.url[:200]!r} is not job {rec.job_id}'s checkpoint store"
+            )
         try:
             shard = ShardRecord(report.name, report.path, report.sha256, report.size)
         except CheckpointError as exc:

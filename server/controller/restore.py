@@ -43,6 +43,7 @@ from elasticd.membership import Generation
 from elasticd.placement import ShardPlacement, TensorSpec, place, rehome
 from elasticd.ps_client import PSTier
 from elasticd.ps_errors import PSUnavailable
+from elasticd.security.storage import StoragePolicy, StorageRefused
 from elasticd.server.controller.planning import ClusterSnapshot, JobSnapshot
 from elasticd.server.controller.records import WAITING, JobRecord
 
@@ -91,11 +92,16 @@ def tier_digest(placement: ShardPlacement, params: dict, named: dict) -> str:
 
 
 def restore_source(
-    snap: JobSnapshot, default_url: str
+    snap: JobSnapshot, default_url: str, storage: StoragePolicy | None = None
 ) -> tuple[CheckpointStore, CheckpointManifest]:
     """What a restore reads: the checkpoint the user named for a job's start (--resume-from),
-    else the job's own newest verified checkpoint. Raises NoSuchCheckpoint."""
+    else the job's own newest verified checkpoint. Raises NoSuchCheckpoint, and
+    StorageRefused (reading nothing) if the job names storage that ``storage`` does not
+    allow: checked at submit, and again here as the allowed roots may have narrowed since."""
     rec = snap.record
+    if storage is not None:
+        storage.check("checkpoint.url", snap.spec.checkpoint.url)
+        storage.check("resume_from", rec.resume_from)
     if snap.placement is None and rec.resume_from:
         return locate(rec.resume_from, default_url)
     url = snap.spec.checkpoint.url or default_url
@@ -225,6 +231,7 @@ def restore_for_seal(
     record: JobRecord,
     default_url: str,
     live: JobRecord,
+    storage: StoragePolicy | None = None,
 ) -> tuple[ShardPlacement, JobRecord]:
     """Restore ``snap``'s job (parameters ``tensors``) onto the live PS tier for ``gen``.
 
@@ -232,7 +239,7 @@ def restore_for_seal(
     the job restarted from and how many applied updates (after ``live.step``)
     were lost. Raises NoSuchCheckpoint when no checkpoint verifies or fits.
     """
-    store, manifest = restore_source(snap, default_url)
+    store, manifest = restore_source(snap, default_url, storage)
     check_fits(manifest, tensors)
     check_optimizer(manifest, snap.spec.optimizer.name)
     servers = {p: cluster.ps[p] for p in cluster.ps_open} or cluster.ps  # none draining
@@ -320,8 +327,9 @@ def restore_in_seal(controller, snap, cluster, gen, record, reason: str):
             record,
             controller.checkpoint_url,
             controller.progress.live(snap.record),
+            controller.storage,
         )
-    except (NoSuchCheckpoint, CorruptShard, PSUnavailable) as exc:
+    except (NoSuchCheckpoint, CorruptShard, PSUnavailable, StorageRefused) as exc:
         delay = controller.restores.failed(job_id, now)
         message = f"{reason}; the restore failed, trying again in {delay:g}s: {exc}"
         waiting = snap.record.evolve(state=WAITING, message=message, updated_at=time.time())

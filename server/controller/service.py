@@ -12,6 +12,8 @@ from elasticd.coord.etcd import EtcdError
 from elasticd.jobspec import SWITCHABLE, SpecError, load_spec_yaml
 from elasticd.rpc import job_pb2, job_pb2_grpc
 from elasticd.security.gate import caller_identity
+from elasticd.security.storage import StorageRefused
+from elasticd.server.controller.admission import NotYours
 from elasticd.server.controller.checkpoints import NotCheckpointable
 from elasticd.server.controller.controller import Controller, NotLeader, SwitchRefused
 from elasticd.server.controller.data_service import NotLeasable
@@ -69,9 +71,13 @@ class JobServiceServicer(job_pb2_grpc.JobServiceServicer):
             spec = load_spec_yaml(request.spec_yaml, request.base_dir or None)
         except SpecError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid job spec: {exc}")
+        caller = caller_identity(context)
         try:
-            owner = caller_identity(context).name
-            job_id = self.controller.submit(spec, request.resume_from, owner)
+            job_id = self.controller.submit(
+                spec, request.resume_from, caller.name, admin=caller.role == "admin"
+            )
+        except (StorageRefused, NotYours) as exc:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         except TaskError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid job spec: task: {exc}")
         except NoSuchCheckpoint as exc:
