@@ -63,6 +63,8 @@ class LocalCluster:
         threads_per_worker: int | None = None,
         pki: LocalPKI | None = None,
         metrics: bool = False,
+        agent_args: tuple[str, ...] = (),
+        agent_python: str = "",
     ) -> None:
         self.base_dir = Path(base_dir).resolve()
         self.metrics = metrics  # every daemon serves /metrics on a free port (metrics_urls)
@@ -75,6 +77,10 @@ class LocalCluster:
         self._etcd_endpoint = etcd
         self.procs: dict[str, Proc] = {}
         self.threads_per_worker = threads_per_worker
+        # More flags for every agent (``--run-as nobody``), and the interpreter agents and so
+        # their training processes run (one a run-as user may execute).
+        self.agent_args = tuple(agent_args)
+        self.agent_python = agent_python or sys.executable
         self._client: EtcdClient | None = None
 
     # -- lifecycle --------------------------------------------------------------
@@ -121,11 +127,13 @@ class LocalCluster:
     def _common(self) -> list[str]:
         return ["--etcd", self.etcd, "--prefix", self.prefix, "--lease-ttl", str(self.lease_ttl)]
 
-    def _start(self, name: str, args: list[str], env: dict | None = None) -> Proc:
+    def _start(
+        self, name: str, args: list[str], env: dict | None = None, python: str = sys.executable
+    ) -> Proc:
         """Start ``elasticd <kind> ...`` (``args[0]`` is the kind) with its kind's settings."""
         if self.metrics:
             args = [*args, "--metrics-port", "0"]
-        argv = [sys.executable, "-m", "elasticd", *args]
+        argv = [python, "-m", "elasticd", *args]
         if self.pki is not None:
             env = {**(env or {}), CONFIG_ENV: str(self.pki.config(args[0]))}
         proc = start_process(name, argv, self.base_dir / "logs" / f"{name}.log", env)
@@ -151,8 +159,9 @@ class LocalCluster:
         return self._start(
             node_id,
             ["agent", *self._common(), "--node-id", node_id, "--slots", str(slots),
-             "--host", "127.0.0.1", "--log-dir", str(self.base_dir / "logs")],
+             "--host", "127.0.0.1", "--log-dir", str(self.base_dir / "logs"), *self.agent_args],
             env,
+            self.agent_python,
         )  # fmt: skip
 
     def start(
