@@ -24,15 +24,11 @@ from elasticd.client import JobClient
 from elasticd.local_processes import start_process
 from elasticd.retry import wait_until
 from elasticd.security.config import Security
+from elasticd.security.confinement import ConfinementError, forbidden, training_environment
 from elasticd.security.identities import JOB_CERT
 from elasticd.security.local_pki import make_local_pki
 from elasticd.worker.agent.api import ProcessSpec
 from elasticd.worker.agent.launch import RUNTIME_ARGV
-from elasticd.worker.agent.sandbox import (
-    SandboxError,
-    forbidden,
-    training_environment,
-)
 from elasticd.worker.agent.supervisor import ProcessSupervisor, warm_shares
 from tests.jobs import spec_yaml
 
@@ -102,7 +98,7 @@ def test_a_training_environment_is_an_allow_list_plus_the_job_certificate():
 def test_the_operator_cannot_allow_a_secret_by_name():
     for name in (*FORBIDDEN, "ELASTICD_TLS_KEY", "ELASTICD_ETCD_CA"):
         assert forbidden(name), name
-        with pytest.raises(SandboxError, match=name):
+        with pytest.raises(ConfinementError, match=name):
             training_environment(agent_environment(), Security(), extra=[name])
 
 

@@ -23,12 +23,13 @@ from elasticd.logs import add_logging_arguments
 from elasticd.sd_notify import Notifier
 from elasticd.security import add_security_arguments
 from elasticd.security.config import Security, configure_daemon
+from elasticd.security.confinement import ConfinementError, RunAs, training_environment
 from elasticd.serving import configure_logging, wait_for_stop_signal
 from elasticd.worker.agent.agent import NodeAgent
 from elasticd.worker.agent.drain_request import add_drain_arguments, request_drain
 from elasticd.worker.agent.node_drain import DRAIN_TIMEOUT_S, drain
 from elasticd.worker.agent.registration import default_node_id
-from elasticd.worker.agent.sandbox import RunAs, Sandbox, SandboxError, training_environment
+from elasticd.worker.agent.sandbox import Sandbox, SandboxError
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     security = configure_daemon(args, host, "agent")
     try:
         sandbox = make_sandbox(args, security)
-    except (SandboxError, OSError) as exc:
+    except (ConfinementError, OSError) as exc:
         print(f"elasticd agent: {exc}", file=sys.stderr)
         return 2
     notifier = Notifier.from_environment()  # before any training process is started
