@@ -320,7 +320,8 @@ class ProcessSupervisor:
         """Tell ``on_ready`` when the process writes its ready line (EOF: it never will)."""
         line = b""
         try:
-            while not line.endswith(b"\n") and (data := sock.recv(64)):
+            # at most a line's worth: the process runs user code, which may write anything
+            while len(line) < 64 and not line.endswith(b"\n") and (data := sock.recv(64)):
                 line += data
         except OSError:
             pass
