@@ -56,7 +56,7 @@ from elasticd.worker.agent.fault_injection import FaultExecutor
 from elasticd.worker.agent.hang_watch import kill_hung
 from elasticd.worker.agent.launch import RUNTIME_ARGV, heartbeat_path, process_spec, script_imports
 from elasticd.worker.agent.registration import NodeRegistration
-from elasticd.worker.agent.sandbox import Sandbox, SandboxError
+from elasticd.worker.agent.sandbox import WORK_SUBDIR, Sandbox, SandboxError
 from elasticd.worker.agent.status_service import NodeAgentServicer
 from elasticd.worker.agent.supervisor import ProcessSupervisor
 
@@ -111,7 +111,7 @@ class NodeAgent:
         self.draining = False  # launches nothing more; leaves once nothing runs
         self._stopping = False  # exits are ours: neither restarted nor reported
         # What a training process gets: environment, user, per-job directory.
-        self.sandbox = sandbox or Sandbox.unconfined(self.log_dir.parent / "work")
+        self.sandbox = sandbox or Sandbox.unconfined(self.log_dir / WORK_SUBDIR)
         # A warm interpreter per slot (``warm``: how many; default one per slot), each of
         # one job, so a restart costs neither interpreter nor torch start-up.
         self.supervisor = ProcessSupervisor(

@@ -29,7 +29,7 @@ from elasticd.worker.agent.agent import NodeAgent
 from elasticd.worker.agent.drain_request import add_drain_arguments, request_drain
 from elasticd.worker.agent.node_drain import DRAIN_TIMEOUT_S, drain
 from elasticd.worker.agent.registration import default_node_id
-from elasticd.worker.agent.sandbox import Sandbox, SandboxError
+from elasticd.worker.agent.sandbox import WORK_SUBDIR, Sandbox, SandboxError
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="where each job gets its working directory, <work-dir>/<job> (mode 0700, the "
         "--run-as user's); the run-as user must be able to traverse its parents "
-        "(default: work/ beside --log-dir)",
+        "(default: <log-dir>/.work, writable wherever the logs are)",
     )
     p.add_argument(
         "--run-as",
@@ -115,7 +115,7 @@ def make_sandbox(args: argparse.Namespace, security: Security) -> Sandbox:
             "event=training_as_root detail=training processes run user code as root; "
             "pass --run-as USER to run them as an unprivileged user"
         )
-    work_dir = args.work_dir or os.path.join(os.path.dirname(os.path.abspath(args.log_dir)), "work")
+    work_dir = args.work_dir or os.path.join(os.path.abspath(args.log_dir), WORK_SUBDIR)
     environment = training_environment(os.environ, security, args.worker_env, run_as)
     sandbox = Sandbox(environment, Path(work_dir).absolute(), run_as)
     sandbox.check_reachable()

@@ -20,6 +20,7 @@ from elasticd.security.config import current
 from elasticd.security.confinement import ConfinementError, RunAs, training_environment
 
 WORK_DIR_MODE = 0o711  # the run-as user reaches its job's directory, lists none
+WORK_SUBDIR = ".work"  # the default work directory, in the log directory (the agent writes there)
 
 
 class SandboxError(ConfinementError):
