@@ -8,7 +8,9 @@ tokens file), and a script job that reports what it can see and read.
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import os
 import queue
 import re
@@ -29,6 +31,8 @@ from elasticd.security.identities import JOB_CERT
 from elasticd.security.local_pki import make_local_pki
 from elasticd.worker.agent.api import ProcessSpec
 from elasticd.worker.agent.launch import RUNTIME_ARGV
+from elasticd.worker.agent.main import add_arguments, make_sandbox
+from elasticd.worker.agent.sandbox import Sandbox, SandboxError
 from elasticd.worker.agent.supervisor import ProcessSupervisor, warm_shares
 from tests.jobs import spec_yaml
 
@@ -344,3 +348,46 @@ def test_an_agent_run_as_root_with_run_as_confines_its_training_processes(
     status = client.wait(job_id, timeout=120, interval=0.5)
     assert status.state == "COMPLETED", status
     client.close()
+
+
+# -- the agent's side: job directories, flags ----------------------------------------
+
+
+def test_a_job_directory_is_made_0700_for_the_run_as_user_and_never_through_a_link(
+    unprivileged, open_dir
+):
+    sandbox = Sandbox({}, open_dir / "work", unprivileged)
+    sandbox.check_reachable()
+    path = Path(sandbox.job_dir("j1"))
+    st = path.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (
+        unprivileged.uid,
+        unprivileged.gid,
+        0o700,
+    )
+    assert stat.S_IMODE((open_dir / "work").stat().st_mode) == 0o711  # no job lists another
+    (open_dir / "work" / "j2").symlink_to("/etc")
+    for bad in ("j2", "..", "a/b", ""):
+        with pytest.raises(SandboxError):
+            sandbox.job_dir(bad)
+    hidden = open_dir / "hidden"
+    hidden.mkdir(mode=0o700)
+    with pytest.raises(SandboxError, match="cannot enter"):
+        Sandbox({}, hidden / "work", unprivileged).check_reachable()
+
+
+def test_a_root_agent_without_run_as_warns_and_a_secret_cannot_be_passed(tmp_path, caplog):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--log-dir", str(tmp_path / "logs")])
+    with caplog.at_level(logging.WARNING):
+        sandbox = make_sandbox(args, Security())
+    assert sandbox.work_dir == tmp_path / "logs" / ".work"
+    assert sandbox.run_as is None
+    if os.geteuid() == 0:
+        assert "event=training_as_root" in caplog.text
+    args = parser.parse_args(["--worker-env", "ELASTICD_CLUSTER_TOKEN"])
+    with pytest.raises(ConfinementError, match="ELASTICD_CLUSTER_TOKEN"):
+        make_sandbox(args, Security())
+    with pytest.raises(ConfinementError, match="no such user"):
+        make_sandbox(parser.parse_args(["--run-as", "no-such-user-here"]), Security())
