@@ -6,6 +6,7 @@ pytest_plugins = [
     "tests.fixtures.ps",
     "tests.fixtures.controller",
     "tests.fixtures.netns",
+    "tests.fixtures.run_as",
 ]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
@@ -248,6 +249,109 @@ def test_probe_limits_are_checked() -> None:
         ShapeProbe(memory_mib=512)
     with pytest.raises(ValueError, match="positive"):
         ShapeProbe(timeout_s=0)
+
+
+# -- the probe's sandbox: nothing outlives a question, limits bind, an unprivileged user --
+
+# Forks a child that leaves the session, whose own child (a grandchild of the task,
+# orphaned at once) writes its pid and sleeps; the task then does ``{then}``.
+DETACH = """\
+import os, time
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        open({pid_file!r}, "w").write(str(os.getpid()))
+        time.sleep(600)
+    os._exit(0)
+while not os.path.exists({pid_file!r}):
+    time.sleep(0.01)
+{then}
+"""
+
+
+@pytest.mark.parametrize("then", ["time.sleep(600)", "pass"], ids=["hangs", "returns"])
+def test_a_grandchild_that_calls_setsid_does_not_outlive_the_question(
+    probe: ShapeProbe, tmp_path: Path, then: str
+) -> None:
+    pid_file = tmp_path / "grandchild.pid"
+    ref = write_task(tmp_path / "task.py", mark=DETACH.format(pid_file=str(pid_file), then=then))
+    if then == "pass":  # the task answers; what it left behind is killed
+        assert probe.shapes(ref, 8, 0) == SHAPES
+    else:  # the task hangs: killed at the timeout, with what left its session
+        with pytest.raises(TaskError, match=f"timed out after {TIMEOUT_S:g} s"):
+            probe.shapes(ref, 8, 0)
+    grandchild = int(pid_file.read_text())
+    wait_until(lambda: not _alive(grandchild), 10, f"the detached grandchild {grandchild} to go")
+
+
+def test_a_task_that_allocates_without_bound_is_stopped_by_its_limit(
+    probe: ShapeProbe, tmp_path: Path
+) -> None:
+    ref = write_task(
+        tmp_path / "task.py", mark="hog = []\nwhile True:\n    hog.append(bytearray(64 << 20))"
+    )
+    with pytest.raises(TaskError, match=f"exceeded the {MEMORY_MIB} MiB memory limit"):
+        probe.shapes(ref, 8, 0)
+
+
+# -- as an unprivileged user ----------------------------------------------------------
+
+# Records who it is, its limits, whether it can raise them, and its environment.
+REPORT = """\
+import json, os, resource
+limits = {{}}
+for name in ("RLIMIT_AS", "RLIMIT_CPU", "RLIMIT_NPROC", "RLIMIT_CORE"):
+    soft, hard = resource.getrlimit(getattr(resource, name))
+    try:
+        resource.setrlimit(getattr(resource, name), (resource.RLIM_INFINITY,) * 2)
+        raised = True
+    except (ValueError, OSError):
+        raised = False
+    limits[name] = [soft, hard, raised]
+report = dict(uid=os.getuid(), gid=os.getgid(), groups=os.getgroups(), limits=limits,
+              env=dict(os.environ), sid=os.getsid(0), pid=os.getpid())
+open({out!r}, "w").write(json.dumps(report))
+"""
+
+# Run by the test's unprivileged-capable interpreter, as root: a controller's side.
+DRIVER = """\
+import json, sys
+from elasticd.security.confinement import RunAs
+from elasticd.shape_probe.client import ShapeProbe
+p = ShapeProbe(timeout_s=30, memory_mib={memory}, run_as=RunAs.named({user!r}))
+try:
+    print(json.dumps([t.name for t in p.shapes({task!r}, 8, 0)]))
+finally:
+    p.close()
+"""
+
+
+@pytest.mark.slow
+def test_the_probe_runs_as_the_unprivileged_user_under_limits_it_cannot_raise(
+    unprivileged, unprivileged_python, open_dir: Path
+) -> None:
+    out_dir = open_dir / "out"
+    out_dir.mkdir()
+    out_dir.chmod(0o777)
+    out = out_dir / "report.json"
+    task = write_task(open_dir / "task.py", mark=REPORT.format(out=str(out)))
+    Path(task).chmod(0o644)
+    driver = DRIVER.format(memory=MEMORY_MIB, user=unprivileged.name, task=task)
+    env = {"PATH": "/usr/bin:/bin", "ELASTICD_CLUSTER_TOKEN": "member-secret"}
+    done = subprocess.run(
+        [unprivileged_python, "-c", driver], capture_output=True, text=True, timeout=180, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == [s.name for s in SHAPES]
+    report = json.loads(out.read_text())
+    assert (report["uid"], report["gid"]) == (unprivileged.uid, unprivileged.gid)
+    assert set(report["groups"]) <= {unprivileged.gid}
+    assert report["sid"] == report["pid"]  # its own session
+    for name, (soft, hard, raised) in report["limits"].items():
+        assert soft == hard != -1 and not raised, (name, soft, hard, raised)
+    assert report["limits"]["RLIMIT_AS"][1] == MEMORY_MIB << 20
+    assert not [k for k in report["env"] if k.startswith("ELASTICD_")], report["env"]
+    assert report["env"]["HOME"] == unprivileged.home
 
 
 # -- the controller ---------------------------------------------------------------------

@@ -57,7 +57,7 @@ def test_a_launch_takes_a_warm_interpreter_which_becomes_the_process(supervisor,
     warm = wait_until(lambda: sup.warm_pids(), 60, "a warm interpreter")
     assert first not in warm
 
-    sup.preload("json")  # an importable module: the warm process imports it and waits on
+    sup.preload("j", "json")  # an importable module: the warm process imports it and waits on
     pid = sup.start(spec(tmp_path, "n.1"), {"assignment": assignment("no-such-mode")})
     assert pid == warm[0]  # no new interpreter
     exited = exits.get(timeout=60)

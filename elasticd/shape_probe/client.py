@@ -24,6 +24,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from elasticd.placement import TensorSpec
+from elasticd.security.config import Security
+from elasticd.security.confinement import RunAs, training_environment
 from elasticd.shape_probe.limits import (
     LOG_TAIL,
     MIN_MEMORY_MIB,
@@ -48,15 +50,31 @@ class ProbeUnavailable(ConnectionError):
     """The probe process is not answering (not the task's fault): try again."""
 
 
+def probe_environment(run_as: RunAs | None) -> dict[str, str]:
+    """The task runs in there: it gets the allow-listed environment and none of the
+    controller's settings (the cluster token, key paths, etcd password), which would
+    make it a cluster member; it calls no service, so not even the CA."""
+    env = training_environment(os.environ, Security(), run_as=run_as)
+    env = {k: v for k, v in env.items() if not k.startswith("ELASTICD_")}
+    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    return env
+
+
 class _ProbeProcess:
-    def __init__(self, timeout_s: float, memory_mib: int) -> None:
-        argv = [sys.executable, "-m", "elasticd.shape_probe"]
-        argv += ["--timeout", f"{timeout_s:g}", "--memory-mib", str(memory_mib)]
-        # The task runs in there: it gets none of the controller's settings (the cluster
-        # token, key paths, etcd password), which would make it a cluster member.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ELASTICD_")}
-        env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-        self.proc = spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    def __init__(self, timeout_s: float, memory_mib: int, run_as: RunAs | None = None) -> None:
+        # -P: the controller's working directory is not on the probe's sys.path
+        argv = [sys.executable, *(("-P",) if sys.version_info >= (3, 11) else ()), "-m"]
+        argv += ["elasticd.shape_probe", "--timeout", f"{timeout_s:g}"]
+        argv += ["--memory-mib", str(memory_mib)]
+        user = (run_as.uid, run_as.gid) if run_as is not None else None
+        self.proc = spawn(
+            argv,
+            user=user,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=probe_environment(run_as),
+            cwd=run_as.home if run_as is not None and os.path.isdir(run_as.home) else "/",
+        )
         self.ready = threading.Event()
         self.alive = True
         self._lock = threading.Lock()
@@ -124,7 +142,10 @@ class ShapeProbe:
     """Learns a task's parameter shapes in a sandboxed process, never in this one."""
 
     def __init__(
-        self, timeout_s: float = PROBE_TIMEOUT_S, memory_mib: int = PROBE_MEMORY_MIB
+        self,
+        timeout_s: float = PROBE_TIMEOUT_S,
+        memory_mib: int = PROBE_MEMORY_MIB,
+        run_as: RunAs | None = None,
     ) -> None:
         if not timeout_s > 0:
             raise ValueError(f"probe timeout must be positive, got {timeout_s}")
@@ -134,6 +155,7 @@ class ShapeProbe:
             )
         self.timeout_s = timeout_s
         self.memory_mib = memory_mib
+        self.run_as = run_as  # the unprivileged user the probe runs as (None: ours)
         self._lock = threading.Lock()
         self._process: _ProbeProcess | None = None
         self.probes = 0  # questions asked (read by tests and logs)
@@ -145,7 +167,7 @@ class ShapeProbe:
         submit finds torch imported instead of waiting for it."""
         with self._lock:
             if self._process is None or not self._process.alive:
-                self._process = _ProbeProcess(self.timeout_s, self.memory_mib)
+                self._process = _ProbeProcess(self.timeout_s, self.memory_mib, self.run_as)
                 log.info("event=shape_probe_started pid=%d", self._process.proc.pid)
             return self._process
 

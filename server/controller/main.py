@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import threading
 
 from elasticd.addresses import add_advertise_argument, advertised_host
@@ -24,6 +25,7 @@ from elasticd.retry import Backoff
 from elasticd.sd_notify import Notifier
 from elasticd.security import Gate, add_security_arguments
 from elasticd.security.config import configure_daemon
+from elasticd.security.confinement import ConfinementError, RunAs
 from elasticd.security.storage import storage_policy
 from elasticd.server.controller.join_window import JOIN_WINDOW_S
 from elasticd.serving import (
@@ -76,6 +78,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="address space, MiB, of the task probe that builds a submitted task's model, torch "
         f"included (default {PROBE_MEMORY_MIB}, at least {MIN_MEMORY_MIB}); more: refused at submit",
     )
+    p.add_argument(
+        "--probe-run-as",
+        default=None,
+        metavar="USER",
+        help="run the task probe (which imports submitted tasks) as this unprivileged user, "
+        "its own group and no others; best one that runs nothing else, as the probe's "
+        "process limit counts every process of that user (needs a controller run as root)",
+    )
     add_metrics_arguments(p)
     add_security_arguments(p)
     add_logging_arguments(p)
@@ -95,6 +105,21 @@ def _probe_memory(text: str) -> int:
             f"must be at least {MIN_MEMORY_MIB} MiB (torch itself needs ~600), got {text}"
         )
     return value
+
+
+def probe_user(name: str | None) -> RunAs | None:
+    """The --probe-run-as user; exits with the reason if it cannot be one."""
+    if not name:
+        return None
+    try:
+        run_as = RunAs.named(name)
+    except ConfinementError as exc:
+        print(f"elasticd controller: --probe-run-as: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+    if os.geteuid() != 0:
+        print("elasticd controller: --probe-run-as needs a controller run as root", file=sys.stderr)
+        raise SystemExit(2)
+    return run_as
 
 
 LEAD_RETRY_S = (0.1, 2.0)  # backoff after a failed pass of the leader loop: first, longest
@@ -150,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
         args.checkpoint_url,
         join_window_s=args.join_window,
         lease_ttl_s=args.lease_ttl,
-        probe=ShapeProbe(args.probe_timeout, args.probe_memory),
+        probe=ShapeProbe(args.probe_timeout, args.probe_memory, probe_user(args.probe_run_as)),
         storage=storage_policy(
             security.allowed_storage, bool(security.tokens_file), args.checkpoint_url
         ),

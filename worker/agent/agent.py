@@ -56,6 +56,7 @@ from elasticd.worker.agent.fault_injection import FaultExecutor
 from elasticd.worker.agent.hang_watch import kill_hung
 from elasticd.worker.agent.launch import RUNTIME_ARGV, heartbeat_path, process_spec, script_imports
 from elasticd.worker.agent.registration import NodeRegistration
+from elasticd.worker.agent.sandbox import WORK_SUBDIR, Sandbox, SandboxError
 from elasticd.worker.agent.status_service import NodeAgentServicer
 from elasticd.worker.agent.supervisor import ProcessSupervisor
 
@@ -91,6 +92,7 @@ class NodeAgent:
         allow_chaos: bool = False,
         host: str = "",
         port: int = 0,
+        sandbox: Sandbox | None = None,
     ) -> None:
         self.host = host or address  # where the agent's gRPC service listens
         self.address = address  # what the cluster dials: registration, rendezvous host
@@ -108,14 +110,17 @@ class NodeAgent:
         self.registration = NodeRegistration(self.session, keys, node_id)
         self.draining = False  # launches nothing more; leaves once nothing runs
         self._stopping = False  # exits are ours: neither restarted nor reported
-        # A warm interpreter per slot (``warm``: how many; default one per slot), so a
-        # restart costs neither interpreter nor torch start-up.
+        # What a training process gets: environment, user, per-job directory.
+        self.sandbox = sandbox or Sandbox.unconfined(self.log_dir / WORK_SUBDIR)
+        # A warm interpreter per slot (``warm``: how many; default one per slot), each of
+        # one job, so a restart costs neither interpreter nor torch start-up.
         self.supervisor = ProcessSupervisor(
             self._on_exit,
             self._on_ready,
             warm=slots if warm is None else warm,
             warm_argv=RUNTIME_ARGV,
             warm_log_dir=str(self.log_dir / "warm"),
+            sandbox=self.sandbox,
         )
         self._slots: dict[tuple[str, str], Slot] = {}
         # restarts used per (job, worker), kept while a slot is out of a generation
@@ -162,7 +167,7 @@ class NodeAgent:
         while not stop.is_set() and not self.drain_requests.requested():
             with self._lock:
                 running = [s for s in self._slots.values() if s.state == RUNNING]
-            kill_hung(running, self.log_dir, self.supervisor.kill)
+            kill_hung(running, self._heartbeat_of, self.supervisor.kill)
             try:
                 self.reconcile()
             except EtcdError as exc:
@@ -208,10 +213,11 @@ class NodeAgent:
             for w in assignment.get("standby", ()):
                 standby[(job_id, w)] = for_worker(assignment, w)
             if assignment["spec"]["mode"] != "script":
-                self.supervisor.preload(assignment["spec"]["task"])
+                self.supervisor.preload(job_id, assignment["spec"]["task"])
             else:
                 for module in script_imports(assignment["spec"]["script"]["path"]):
-                    self.supervisor.preload(module)
+                    self.supervisor.preload(job_id, module)
+        self.supervisor.keep_jobs({job_id for job_id, _ in (*wanted, *standby)})
         with self._lock:
             for key in list(self._slots):
                 if key not in wanted and key not in standby:
@@ -269,12 +275,13 @@ class NodeAgent:
         self._slots[key] = slot
         log_path = str(self.log_dir / job_id / f"{wid}.log")
         with contextlib.suppress(FileNotFoundError):
-            os.remove(heartbeat_path(log_path))  # a new process is judged by its own beats
-        spec = process_spec(assignment, wid, restarts, log_path, self.address)
+            os.remove(self._heartbeat_of(job_id, wid))  # a new process is judged by its own beats
         try:
+            job_dir = self.sandbox.job_dir(job_id)
+            spec = process_spec(assignment, wid, restarts, log_path, self.address, job_dir)
             first = {"assignment": assignment, "standby": standby}
             pid = self.supervisor.start(spec, first_message=first)
-        except OSError as exc:
+        except (OSError, SandboxError) as exc:
             log.error("event=launch_failed job=%s worker=%s error=%s", job_id, wid, exc)
             slot.state, slot.exit_code = FAILED, -1
             self._report(slot)
@@ -292,6 +299,9 @@ class NodeAgent:
             standby,
         )
         self._report(slot, pid)
+
+    def _heartbeat_of(self, job_id: str, worker_id: str) -> str:
+        return heartbeat_path(str(self.sandbox.work_dir / job_id), worker_id)
 
     def _update(self, slot: Slot, assignment: dict) -> None:
         slot.generation = assignment["generation"]

@@ -1,6 +1,6 @@
 """Hung training processes: a heartbeat file older than the job's ``hang_timeout_s``.
 
-A ps-async or allreduce process touches ``<log>.heartbeat`` as it trains. One
+A ps-async or allreduce process touches ``<job dir>/<worker>.heartbeat`` as it trains. One
 that has beaten once and then fell silent past its job's timeout is SIGKILLed,
 and the agent handles its exit as any other (a restart, or FAILED). Start-up is
 not judged (no heartbeat yet), nor are script processes (they do not beat).
@@ -12,10 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Protocol
-
-from elasticd.worker.agent.launch import heartbeat_path
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +26,17 @@ class RunningProcess(Protocol):
 
 def kill_hung(
     running: Iterable[RunningProcess],
-    log_dir: Path,
+    heartbeat_of: Callable[[str, str], str],
     kill: Callable[[tuple[str, str]], object],
 ) -> None:
-    """``kill`` each of the ``running`` processes whose heartbeat is too old."""
+    """``kill`` each of the ``running`` processes whose heartbeat file (``heartbeat_of(job,
+    worker)``) is too old."""
     now = time.time()
     for slot in running:
         timeout = float(slot.assignment["spec"].get("hang_timeout_s", 0) or 0)
         if not timeout or slot.assignment["spec"]["mode"] == "script":
             continue
-        path = heartbeat_path(str(log_dir / slot.job_id / f"{slot.worker_id}.log"))
+        path = heartbeat_of(slot.job_id, slot.worker_id)
         try:
             silent = now - os.stat(path).st_mtime
         except FileNotFoundError:

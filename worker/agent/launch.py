@@ -7,6 +7,11 @@ script written for torchrun runs here as it is. It runs in the same runtime
 interpreter (``--script PATH ARGS``), which runs it as ``python PATH ARGS``
 would: so a warm interpreter, torch and the script's top-level imports
 already imported, can become a script process as well.
+
+The interpreter starts with ``-P``: its working directory (the job's, which
+the job's code may write) is not put on ``sys.path`` ahead of elasticd and
+torch. A script still finds its own directory first, as ``python PATH``
+would give it (``run_script``).
 """
 
 from __future__ import annotations
@@ -21,7 +26,14 @@ from elasticd.worker.agent.api import ProcessSpec
 
 # The command of every ps-async and allreduce process: the agent keeps some
 # started in advance (warm), with torch imported, waiting for an assignment.
-RUNTIME_ARGV = (sys.executable, "-m", "elasticd.worker.runtime")
+# ``-P`` (Python 3.11): no unsafe sys.path[0]. Before 3.11 a ``-c`` that drops it does the same.
+SAFE_PATH = ("-P", "-m", "elasticd.worker.runtime")
+_SAFE_PATH_310 = (
+    "-c",
+    "import runpy, sys; del sys.path[0]; "
+    "runpy.run_module('elasticd.worker.runtime', run_name='__main__', alter_sys=True)",
+)
+RUNTIME_ARGV = (sys.executable, *(SAFE_PATH if sys.version_info >= (3, 11) else _SAFE_PATH_310))
 # The interface each torch.distributed backend binds its sockets to: gloo (CPU) and
 # NCCL (its bootstrap and its socket transport between GPU hosts).
 INTERFACE_ENVS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
@@ -90,12 +102,18 @@ def socket_interfaces(node_address: str) -> dict[str, str]:
     return {name: interface for name in INTERFACE_ENVS if not os.environ.get(name)}
 
 
-def heartbeat_path(log_path: str) -> str:
-    return log_path.removesuffix(".log") + ".heartbeat"
+def heartbeat_path(job_dir: str, worker_id: str) -> str:
+    """The file a worker touches as it trains: in its job's directory, which it may write."""
+    return os.path.join(job_dir, f"{worker_id}.heartbeat")
 
 
 def process_spec(
-    assignment: dict, worker_id: str, restarts: int, log_path: str, node_address: str = ""
+    assignment: dict,
+    worker_id: str,
+    restarts: int,
+    log_path: str,
+    node_address: str = "",
+    job_dir: str = "",
 ) -> ProcessSpec:
     job_id = assignment["job_id"]
     env = {
@@ -118,5 +136,6 @@ def process_spec(
         env.update(cwd_env)
     else:
         argv = RUNTIME_ARGV
-        env["ELASTICD_HEARTBEAT_FILE"] = heartbeat_path(log_path)
+        if job_dir:
+            env["ELASTICD_HEARTBEAT_FILE"] = heartbeat_path(job_dir, worker_id)
     return ProcessSpec(job_id=job_id, worker_id=worker_id, argv=argv, env=env, log_path=log_path)

@@ -6,6 +6,8 @@ import argparse
 import logging
 import os
 import socket
+import sys
+from pathlib import Path
 
 from elasticd.addresses import add_advertise_argument, advertised_host
 from elasticd.coord.etcd import EtcdClient
@@ -20,12 +22,14 @@ from elasticd.daemon_metrics import (
 from elasticd.logs import add_logging_arguments
 from elasticd.sd_notify import Notifier
 from elasticd.security import add_security_arguments
-from elasticd.security.config import configure_daemon
+from elasticd.security.config import Security, configure_daemon
+from elasticd.security.confinement import ConfinementError, RunAs, training_environment
 from elasticd.serving import configure_logging, wait_for_stop_signal
 from elasticd.worker.agent.agent import NodeAgent
 from elasticd.worker.agent.drain_request import add_drain_arguments, request_drain
 from elasticd.worker.agent.node_drain import DRAIN_TIMEOUT_S, drain
 from elasticd.worker.agent.registration import default_node_id
+from elasticd.worker.agent.sandbox import WORK_SUBDIR, Sandbox, SandboxError
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +76,50 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=os.path.abspath(".elasticd/logs"),
         help="directory for training process logs (<log-dir>/<job>/<worker>.log)",
     )
+    p.add_argument(
+        "--work-dir",
+        default=None,
+        help="where each job gets its working directory, <work-dir>/<job> (mode 0700, the "
+        "--run-as user's); the run-as user must be able to traverse its parents "
+        "(default: <log-dir>/.work, writable wherever the logs are)",
+    )
+    p.add_argument(
+        "--run-as",
+        default=None,
+        metavar="USER",
+        help="run training processes as this unprivileged user, with its own group and no "
+        "others (an agent run as root without it logs a warning: user code would run as root)",
+    )
+    p.add_argument(
+        "--worker-env",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also pass the agent's variable NAME to training processes (repeatable; e.g. "
+        "AWS_ACCESS_KEY_ID). By default they get only locale, time zone, PATH, thread, "
+        "device and NCCL/gloo variables, and of the security settings the CA, the server "
+        "name and the job certificate; never a token, key or etcd credential",
+    )
     add_metrics_arguments(p)
     add_security_arguments(p)
     add_logging_arguments(p)
+
+
+def make_sandbox(args: argparse.Namespace, security: Security) -> Sandbox:
+    """What the agent's training processes get: environment, user, work directory."""
+    run_as = RunAs.named(args.run_as) if args.run_as else None
+    if run_as is not None and os.geteuid() != 0:
+        raise SandboxError(f"--run-as {args.run_as}: the agent must run as root to do so")
+    if run_as is None and os.geteuid() == 0:
+        log.warning(
+            "event=training_as_root detail=training processes run user code as root; "
+            "pass --run-as USER to run them as an unprivileged user"
+        )
+    work_dir = args.work_dir or os.path.join(os.path.abspath(args.log_dir), WORK_SUBDIR)
+    environment = training_environment(os.environ, security, args.worker_env, run_as)
+    sandbox = Sandbox(environment, Path(work_dir).absolute(), run_as)
+    sandbox.check_reachable()
+    return sandbox
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,7 +128,12 @@ def run(args: argparse.Namespace) -> int:
     node_id = args.node_id or default_node_id()
     configure_logging(f"agent:{node_id}", fmt=args.log_format)
     host = args.host or socket.gethostname()
-    configure_daemon(args, host, "agent")
+    security = configure_daemon(args, host, "agent")
+    try:
+        sandbox = make_sandbox(args, security)
+    except (ConfinementError, OSError) as exc:
+        print(f"elasticd agent: {exc}", file=sys.stderr)
+        return 2
     notifier = Notifier.from_environment()  # before any training process is started
     stop = wait_for_stop_signal()
     agent = NodeAgent(
@@ -98,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
         port=args.port,
         warm=args.warm,
         allow_chaos=args.allow_chaos,
+        sandbox=sandbox,
     ).start()
     stop.on_set(agent.wake)
     log.info(

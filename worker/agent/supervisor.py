@@ -2,11 +2,17 @@
 
 Each process gets its own process group (so a stop reaches everything it
 spawned), a parent-death signal (so nothing outlives the agent, even when
-the agent is SIGKILLed), its stdout and stderr in a log file, a pipe on
-stdin through which the agent sends it control messages as JSON lines, and a
-pipe back (descriptor ``ELASTICD_READY_FD``) on which it says once that it has
-started and is ready to train. A process exit is seen at once by a waiting
-thread, not by polling etcd.
+the agent is SIGKILLed), its stdout and stderr in a log file the agent
+opens, a pipe on stdin through which the agent sends it control messages as
+JSON lines, and a socket back (descriptor ``ELASTICD_READY_FD``) on which it
+says once that it has started and is ready to train. A process exit is seen
+at once by a waiting thread, not by polling etcd.
+
+What a process gets besides (its environment, user and working directory)
+is the :class:`~.sandbox.Sandbox`'s. Warm processes belong to one job: they
+start in its directory, import only its modules, and only a process of that
+job takes one, so nothing one job's code did in an interpreter reaches
+another job.
 """
 
 from __future__ import annotations
@@ -15,13 +21,15 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from elasticd.spawn import spawn
 from elasticd.worker.agent.api import Exited, ProcessSpec
+from elasticd.worker.agent.sandbox import Sandbox
 
 log = logging.getLogger(__name__)
 
@@ -33,20 +41,34 @@ WARM_RETRY_S = 1.0  # a warm process that died idle is replaced after this long
 # A warm process is started once the one just taken says it is ready, or after this
 # long: starting an interpreter meanwhile would slow the one the job waits for.
 WARM_REFILL_S = 10.0
-PRELOADS_KEPT = 8  # task modules a new warm process imports in advance
+PRELOADS_KEPT = 8  # task modules of a job its new warm processes import in advance
 
 Key = tuple[str, str]  # (job id, worker id); a warm process: ("", "warm-<n>")
+
+
+def warm_shares(jobs: list[str], live: dict[str, int], total: int) -> dict[str, int]:
+    """How many warm processes each job gets: ``jobs`` most recent first, each as many
+    as it runs processes here (at least one), until ``total`` are given out."""
+    shares: dict[str, int] = {}
+    for job in jobs:
+        share = min(total, max(1, live.get(job, 0)))
+        shares[job] = share
+        total -= share
+    return shares
 
 
 class ProcessSupervisor:
     """Runs processes by key; keeps ``warm`` processes of ``warm_argv`` started in advance.
 
-    A warm process is started before anybody needs it and waits on its control
-    pipe (the pool fills once the first such process is started). :meth:`start` of a spec with the same command takes one instead of
-    starting a new interpreter: it sends the spec's environment and log file
-    (``{"adopt": ...}``) and then the first message; another warm process
-    starts once that one says it is ready (or after WARM_REFILL_S). :meth:`preload` has warm processes import a
-    module before they are needed.
+    A warm process is started before anybody needs it, for one job, and waits on
+    its control pipe (a job's pool fills once its first such process is started).
+    :meth:`start` of a spec of that job with the same command takes one instead of
+    starting a new interpreter: it hands over the spec's log file (a descriptor,
+    on the ready socket) and sends its environment (``{"adopt": ...}``) and then
+    the first message; another warm process starts once that one says it is ready
+    (or after WARM_REFILL_S). :meth:`preload` has a job's warm processes import a
+    module before they are needed; :meth:`keep_jobs` drops the pools of jobs that
+    left the node.
     """
 
     def __init__(
@@ -56,6 +78,7 @@ class ProcessSupervisor:
         warm: int = 0,
         warm_argv: tuple[str, ...] = (),
         warm_log_dir: str = "",
+        sandbox: Sandbox | None = None,
     ) -> None:
         self._on_exit = on_exit
         self._on_ready = on_ready
@@ -65,9 +88,12 @@ class ProcessSupervisor:
         self._warm = warm if warm_argv else 0
         self._warm_argv = warm_argv
         self._warm_log_dir = warm_log_dir
+        self.sandbox = sandbox or Sandbox.unconfined(Path(warm_log_dir or ".") / "jobs")
         self._warm_started = 0  # names warm processes
-        self._warm_pending = 0  # being started
-        self._preloads: list[str] = []
+        self._warm_job: dict[str, str] = {}  # warm process name -> its job (started or pending)
+        self._jobs: list[str] = []  # jobs with a warm pool, most recently started first
+        self._preloads: dict[str, list[str]] = {}  # job -> its modules to import in advance
+        self._ready_socks: dict[int, socket.socket] = {}  # pid -> the agent's end
         # Processes are started from this one long-lived thread: the parent-death
         # signal fires when the *thread* that forked a child exits.
         self._requests: list[tuple[ProcessSpec, threading.Event | None, list]] = []
@@ -85,21 +111,29 @@ class ProcessSupervisor:
             p = self._procs.get(key)
             return p.pid if p else None
 
-    def warm_pids(self) -> list[int]:
-        """The warm processes waiting to be taken."""
+    def warm_pids(self, job_id: str | None = None) -> list[int]:
+        """The warm processes waiting to be taken (of ``job_id`` only, if given)."""
         with self._lock:
-            return [p.pid for k, p in self._procs.items() if not k[0]]
+            return [
+                p.pid
+                for k, p in self._procs.items()
+                if not k[0] and job_id in (None, self._warm_job.get(k[1]))
+            ]
 
     def start(self, spec: ProcessSpec, first_message: dict | None = None) -> int:
-        """Start (or take a warm process for) ``spec``; the first one of ``warm_argv``
-        starts the warm pool, so a node that never runs such a process keeps none."""
+        """Start (or take a warm process of its job for) ``spec``; the first one of a
+        job with ``warm_argv`` starts that job's warm pool, so a job that never runs
+        such a process here gets none."""
         n = len(self._warm_argv)
-        warmable = bool(n) and spec.argv[:n] == self._warm_argv
+        warmable = bool(n) and spec.argv[:n] == self._warm_argv and bool(self._warm)
+        if warmable:
+            with self._lock:
+                self._jobs = [spec.job_id, *(j for j in self._jobs if j != spec.job_id)]
         proc = self._take_warm(spec) if warmable else None
         if proc is not None:
-            Path(spec.log_path).parent.mkdir(parents=True, exist_ok=True)
+            self._hand_log(proc.pid, spec.log_path)
             # the rest of the command line: what a process started for ``spec`` would run
-            adopt = {"env": spec.env, "log": spec.log_path, "argv": list(spec.argv[n:])}
+            adopt = {"env": spec.env, "argv": list(spec.argv[n:])}
             self.send(spec.key, {"adopt": adopt})
             log.info(
                 "event=process_adopted job=%s worker=%s pid=%d",
@@ -124,46 +158,98 @@ class ProcessSupervisor:
             self.send(spec.key, first_message)
         return proc.pid
 
-    def preload(self, module: str) -> None:
-        """Have every warm process, and those started later, import ``module`` now."""
+    def preload(self, job_id: str, module: str) -> None:
+        """Have ``job_id``'s warm processes, and those started later, import ``module`` now."""
         with self._lock:
-            if module in self._preloads:
+            kept = self._preloads.get(job_id, [])
+            if module in kept:
                 return
-            self._preloads = [*self._preloads, module][-PRELOADS_KEPT:]
-            idle = [k for k in self._procs if not k[0]]
+            self._preloads[job_id] = [*kept, module][-PRELOADS_KEPT:]
+            idle = [k for k in self._procs if not k[0] and self._warm_job.get(k[1]) == job_id]
         for key in idle:
             self.send(key, {"preload": [module]})
+
+    def keep_jobs(self, job_ids: Iterable[str]) -> None:
+        """Forget the warm pools of jobs not in ``job_ids`` (they left this node) and stop
+        their warm processes."""
+        keep = set(job_ids)
+        with self._lock:
+            self._jobs = [j for j in self._jobs if j in keep]
+            self._preloads = {j: m for j, m in self._preloads.items() if j in keep}
+        self._trim()
 
     def _take_warm(self, spec: ProcessSpec) -> subprocess.Popen | None:
         with self._lock:
             for key, proc in list(self._procs.items()):
-                if not key[0] and proc.poll() is None:
+                mine = self._warm_job.get(key[1]) == spec.job_id
+                if not key[0] and mine and proc.poll() is None:
                     del self._procs[key]
+                    del self._warm_job[key[1]]
                     self._procs[spec.key] = proc
                     self._keys[proc.pid] = spec.key
                     return proc
         return None
 
+    def _hand_log(self, pid: int, path: str) -> None:
+        """Give a warm process the log file it writes from now on, opened here: the
+        process may run as a user who cannot open it."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "ab") as logfile, self._lock:
+            sock = self._ready_socks.get(pid)
+            try:
+                if sock is not None:
+                    socket.send_fds(sock, [b"L"], [logfile.fileno()])
+            except OSError as exc:  # it is gone: its exit is handled as any
+                log.warning("event=log_handover_failed pid=%d error=%s", pid, exc)
+
+    def _shares(self) -> dict[str, int]:
+        with self._lock:
+            live: dict[str, int] = {}
+            for job, _ in self._procs:
+                live[job] = live.get(job, 0) + 1
+            return warm_shares(self._jobs, live, self._warm)
+
+    def _trim(self) -> None:
+        """Stop the idle warm processes beyond their job's share (or of a job gone)."""
+        shares = self._shares()
+        extra: list[subprocess.Popen] = []
+        with self._lock:
+            kept: dict[str, int] = {}
+            for key, proc in self._procs.items():
+                job = self._warm_job.get(key[1], "")
+                if key[0] or not job:
+                    continue
+                kept[job] = kept.get(job, 0) + 1
+                if kept[job] > shares.get(job, 0):
+                    extra.append(proc)
+        for proc in extra:
+            _signal_group(proc, signal.SIGKILL)
+
     def _refill(self, delay: float = 0.0) -> None:
-        """Start warm processes until ``warm`` are waiting (after ``delay`` seconds)."""
+        """Start warm processes until each job has its share waiting (after ``delay`` s)."""
         if delay:
             timer = threading.Timer(delay, self._refill)
             timer.daemon = True
             timer.start()
             return
+        self._trim()
+        shares = self._shares()
         with self._cond:
             if self._closed:
                 return
             with self._lock:
-                idle = sum(1 for k in self._procs if not k[0])
-            missing = self._warm - idle - self._warm_pending
-            for _ in range(max(missing, 0)):
-                self._warm_started += 1
-                name = f"warm-{self._warm_started}"
-                path = os.path.join(self._warm_log_dir, f"{name}.log")
-                spec = ProcessSpec("", name, self._warm_argv, {"PYTHONUNBUFFERED": "1"}, path)
-                self._warm_pending += 1
-                self._requests.append((spec, None, []))
+                have: dict[str, int] = {}
+                for job in self._warm_job.values():  # waiting or being started
+                    have[job] = have.get(job, 0) + 1
+            for job, share in shares.items():
+                for _ in range(max(share - have.get(job, 0), 0)):
+                    self._warm_started += 1
+                    name = f"warm-{self._warm_started}"
+                    path = os.path.join(self._warm_log_dir, f"{name}.log")
+                    spec = ProcessSpec("", name, self._warm_argv, {"PYTHONUNBUFFERED": "1"}, path)
+                    with self._lock:
+                        self._warm_job[name] = job
+                    self._requests.append((spec, None, []))
             self._cond.notify()
 
     def _spawn_loop(self) -> None:
@@ -173,59 +259,76 @@ class ProcessSupervisor:
                 if self._closed and not self._requests:
                     return
                 spec, done, box = self._requests.pop(0)
-                if done is None and self._closed:
-                    continue  # no new warm process once stopping
+            if done is None and (self._closed or not self._wanted(spec.worker_id)):
+                continue  # no new warm process once stopping, nor for a job gone
             try:
                 box.append(self._spawn(spec))
             except OSError as exc:
                 box.append(exc)
                 if done is None:
+                    with self._lock:
+                        self._warm_job.pop(spec.worker_id, None)
                     log.error("event=warm_start_failed error=%s", exc)
-            if done is None:
-                with self._cond:
-                    self._warm_pending -= 1
-            else:
+            if done is not None:
                 done.set()
 
+    def _wanted(self, warm_name: str) -> bool:
+        """Whether the warm process ``warm_name``, about to start, is still wanted."""
+        with self._lock:
+            if self._warm_job.get(warm_name) in self._jobs:
+                return True
+            self._warm_job.pop(warm_name, None)
+            return False
+
     def _spawn(self, spec: ProcessSpec) -> subprocess.Popen:
+        warm = not spec.job_id
+        job_id = self._warm_job.get(spec.worker_id, "") if warm else spec.job_id
         Path(spec.log_path).parent.mkdir(parents=True, exist_ok=True)
         logfile = open(spec.log_path, "ab")  # noqa: SIM115 - owned by the child
-        ready_r, ready_w = os.pipe()
+        ready, theirs = socket.socketpair()
+        run_as = self.sandbox.run_as
         try:
             proc = spawn(
                 spec.argv,
-                env={**os.environ, **spec.env, READY_FD_ENV: str(ready_w)},
+                user=(run_as.uid, run_as.gid) if run_as is not None else None,
+                env={**self.sandbox.environment, **spec.env, READY_FD_ENV: str(theirs.fileno())},
+                cwd=self.sandbox.job_dir(job_id) if job_id else None,
                 stdin=subprocess.PIPE,
                 stdout=logfile,
                 stderr=subprocess.STDOUT,
-                pass_fds=(ready_w,),
+                pass_fds=(theirs.fileno(),),
             )
         except BaseException:
-            os.close(ready_r)
+            ready.close()
             raise
         finally:
             logfile.close()
-            os.close(ready_w)
+            theirs.close()
         with self._lock:
             self._procs[spec.key] = proc
             self._keys[proc.pid] = spec.key
-            warm = not spec.job_id
-            preloads = list(self._preloads) if warm else []
+            self._ready_socks[proc.pid] = ready
+            preloads = list(self._preloads.get(job_id, ())) if warm else []
         if warm:  # it warms up while it waits: a launched process has no time to spare
             self.send(spec.key, {"warm": True, "preload": preloads})
         threading.Thread(target=self._wait, args=(proc,), daemon=True).start()
-        threading.Thread(target=self._await_ready, args=(proc.pid, ready_r), daemon=True).start()
-        log.info(
-            "event=process_started job=%s worker=%s pid=%d", spec.job_id, spec.worker_id, proc.pid
-        )
+        threading.Thread(target=self._await_ready, args=(proc.pid, ready), daemon=True).start()
+        log.info("event=process_started job=%s worker=%s pid=%d", job_id, spec.worker_id, proc.pid)
         return proc
 
-    def _await_ready(self, pid: int, fd: int) -> None:
+    def _await_ready(self, pid: int, sock: socket.socket) -> None:
         """Tell ``on_ready`` when the process writes its ready line (EOF: it never will)."""
-        with open(fd, "rb", buffering=0) as pipe:
-            line = pipe.readline()
+        line = b""
+        try:
+            # at most a line's worth: the process runs user code, which may write anything
+            while len(line) < 64 and not line.endswith(b"\n") and (data := sock.recv(64)):
+                line += data
+        except OSError:
+            pass
         with self._lock:
+            self._ready_socks.pop(pid, None)
             key = self._keys.get(pid)
+        sock.close()
         if line.strip() != b"ready" or not key or not key[0]:
             return
         if self._on_ready is not None:
@@ -238,6 +341,8 @@ class ProcessSupervisor:
             key = self._keys.pop(proc.pid)
             if self._procs.get(key) is proc:
                 del self._procs[key]
+            if not key[0]:
+                self._warm_job.pop(key[1], None)
         log.info(
             "event=process_exited job=%s worker=%s pid=%d code=%d", key[0], key[1], proc.pid, code
         )

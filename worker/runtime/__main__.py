@@ -8,18 +8,22 @@ another mode, and the next one starts from the state it hands over.
 
 from __future__ import annotations
 
-import logging
-import os
-import runpy
-import sys
-from collections.abc import Callable
+from elasticd.worker.runtime.nondumpable import forbid_inspection
 
-from elasticd.optimizers import warm_up_optimizers
-from elasticd.serving import configure_logging
-from elasticd.worker.runtime import allreduce, ps_async
-from elasticd.worker.runtime.control import Assignment, ControlChannel, ScriptRun
-from elasticd.worker.runtime.handover import Handover
-from elasticd.worker.runtime.switching import Switch
+forbid_inspection()  # first: before torch's import, before the agent says anything
+
+import logging  # noqa: E402
+import os  # noqa: E402
+import runpy  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+
+from elasticd.optimizers import warm_up_optimizers  # noqa: E402
+from elasticd.serving import configure_logging  # noqa: E402
+from elasticd.worker.runtime import allreduce, ps_async  # noqa: E402
+from elasticd.worker.runtime.control import Assignment, ControlChannel, ScriptRun  # noqa: E402
+from elasticd.worker.runtime.handover import Handover  # noqa: E402
+from elasticd.worker.runtime.switching import Switch  # noqa: E402
 
 MODES: dict[str, Callable[[Assignment, ControlChannel, Handover | None], int | Switch]] = {
     "ps-async": ps_async.train,

@@ -5,8 +5,8 @@ assignment to start with, later ones a new assignment (a new generation) to
 adopt at the next step boundary. End of input means the agent is gone.
 
 A warm process (started before anybody needs it, torch already imported)
-first gets ``{"adopt": {"env": ..., "log": ...}}``, the environment and log
-file of the process it becomes, and may get ``{"preload": [module, ...]}``,
+first gets ``{"adopt": {"env": ..., "argv": ...}}``, the environment of the
+process it becomes (its log file comes as a descriptor on the ready socket), and may get ``{"preload": [module, ...]}``,
 task modules to import while it waits. An adoption whose ``argv`` is
 ``["--script", PATH, ARGS...]`` makes it a script process: :meth:`first`
 returns a :class:`ScriptRun` instead of an assignment.
@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -258,17 +259,31 @@ def announce_ready() -> None:
 
 
 def adopt(identity: dict[str, Any]) -> None:
-    """Become the process the agent is starting: its environment, its log file."""
+    """Become the process the agent is starting: its environment (the process's own
+    variables, on top of the allow-listed ones this one started with), and its log
+    file, which the agent opened and passed on the ready socket just before."""
     os.environ.update({str(k): str(v) for k, v in identity.get("env", {}).items()})
-    path = identity.get("log", "")
-    if path:
+    fd = _log_from_agent()
+    if fd is not None:
         sys.stdout.flush()
         sys.stderr.flush()
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.close(fd)
+
+
+def _log_from_agent() -> int | None:
+    ready = os.environ.get("ELASTICD_READY_FD", "")
+    if not ready:
+        return None
+    with socket.socket(fileno=os.dup(int(ready))) as sock:
+        sock.settimeout(30.0)  # it was sent before the adopt message
+        try:
+            _, fds, _, _ = socket.recv_fds(sock, 1, 1)
+        except OSError as exc:
+            print(f"no log file from the agent: {exc}", file=sys.stderr, flush=True)
+            return None
+    return fds[0] if fds else None
 
 
 def preload(module: str) -> None:
