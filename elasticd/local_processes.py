@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from elasticd.logs import open_private_log
 from elasticd.spawn import spawn
 
 STOP_GRACE_S = 15.0
@@ -85,7 +86,7 @@ class Proc:
 
 def start_process(name: str, argv: list[str], log_path: Path, env: dict | None = None) -> Proc:
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
+    with open_private_log(log_path) as log:
         popen = spawn(
             argv,
             stdout=log,

@@ -18,6 +18,7 @@ import re
 import signal
 import sys
 import time
+from typing import BinaryIO
 
 FORMATS = ("text", "json")
 FORMAT_ENV = "ELASTICD_LOG_FORMAT"
@@ -96,3 +97,10 @@ def configure_logging(process: str, level: str | None = None, fmt: str | None = 
     # `kill -USR1 PID` writes every thread's stack to stderr: how to see where a
     # daemon that will not stop or answer is stuck, without stopping it.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
+def open_private_log(path: str | os.PathLike) -> BinaryIO:
+    """``path`` opened to append, created readable by its owner only: a process's log may
+    say what another tenant's job does, and it is read through its owner's tools."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    return os.fdopen(fd, "ab")

@@ -107,14 +107,14 @@ def make_local_pki(
             CLIENT_USER: _kept_secret(d / "etcd-client-password"),
         }
     pki = LocalPKI(d, authority, certificates, tokens, mutual, etcd, passwords)
+    # Settings files name where each secret is: only their owner reads them.
     for kind in DAEMON_KINDS:
-        pki.config(kind).write_text(yaml.safe_dump(_daemon_settings(pki, kind)))
+        write_secret(pki.config(kind), yaml.safe_dump(_daemon_settings(pki, kind)))
     for name in users:
-        settings = yaml.safe_dump(_client_settings(pki, name))
-        (d / f"client-{name}.yaml").write_text(settings)
+        write_secret(d / f"client-{name}.yaml", yaml.safe_dump(_client_settings(pki, name)))
     admins = [n for n, r in users.items() if r == "admin"]
     client = _client_settings(pki, admins[0] if admins else None)
-    pki.client_config.write_text(yaml.safe_dump(client))
+    write_secret(pki.client_config, yaml.safe_dump(client))
     return pki
 
 

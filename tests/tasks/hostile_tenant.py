@@ -37,7 +37,7 @@ def read(path: str) -> str:
 
 
 report["proc_environ"] = read("/proc/self/environ")
-for path in [*target["paths"], f"/proc/{os.getppid()}/environ", f"/proc/{os.getppid()}/cmdline"]:
+for path in [*target["paths"], f"/proc/{os.getppid()}/environ"]:
     report["files"][path] = read(path)
 
 # Every credential-looking thing it could find, and no credential at all.

@@ -27,6 +27,7 @@ import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from elasticd.logs import open_private_log
 from elasticd.spawn import spawn
 from elasticd.worker.agent.api import Exited, ProcessSpec
 from elasticd.worker.agent.sandbox import Sandbox
@@ -194,7 +195,7 @@ class ProcessSupervisor:
         """Give a warm process the log file it writes from now on, opened here: the
         process may run as a user who cannot open it."""
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "ab") as logfile, self._lock:
+        with open_private_log(path) as logfile, self._lock:
             sock = self._ready_socks.get(pid)
             try:
                 if sock is not None:
@@ -284,7 +285,7 @@ class ProcessSupervisor:
         warm = not spec.job_id
         job_id = self._warm_job.get(spec.worker_id, "") if warm else spec.job_id
         Path(spec.log_path).parent.mkdir(parents=True, exist_ok=True)
-        logfile = open(spec.log_path, "ab")  # noqa: SIM115 - owned by the child
+        logfile = open_private_log(spec.log_path)  # owned by the child
         ready, theirs = socket.socketpair()
         run_as = self.sandbox.run_as
         try:
