@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import socket
 import struct
-import threading
 
 import grpc
 import pytest
 
-from elasticd.retry import wait_until
 from elasticd.rpc import ps_pb2
 from elasticd.server.ps.replica_channel import MAGIC, TOKEN_BYTES
 from tests.fixtures.ps import JOB, PSCluster
-from tests.fixtures.replica_wire import closed, frame, reply
+from tests.fixtures.replica_wire import assert_no_channel_threads_after_stop, closed, frame, reply
 from tests.test_ps_replicas import assert_copies_equal, copies, step, two_servers
 from tests.test_ps_service import mlp
 
@@ -129,10 +127,4 @@ def test_hostile_channel_input_is_refused_and_the_copies_stay_equal(ps_cluster: 
     assert_copies_equal(servers, placement)
 
     # A stopped PS leaves no channel thread behind, the primaries' open channels included.
-    for ps in servers:
-        ps_cluster.kill(ps)
-    wait_until(
-        lambda: not [t for t in threading.enumerate() if t.name.startswith("replica-")],
-        10,
-        "the channel threads to end",
-    )
+    assert_no_channel_threads_after_stop(ps_cluster, servers)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import socket
 import ssl
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,7 +20,6 @@ from pathlib import Path
 import grpc
 import pytest
 
-from elasticd.retry import wait_until
 from elasticd.rpc import ps_pb2, ps_pb2_grpc
 from elasticd.security.certs import Authority, make_authority
 from elasticd.security.channels import open_channel
@@ -30,7 +28,12 @@ from elasticd.security.identities import NODE_CERT
 from elasticd.server.ps.replica_channel import MAGIC, ChannelClosed, ReplicaChannel
 from elasticd.server.ps.replica_tls import PROOF_BYTES, ChannelSecurity
 from tests.fixtures.ps import JOB, PS, PSCluster
-from tests.fixtures.replica_wire import closed, frame, raw_reply
+from tests.fixtures.replica_wire import (
+    assert_no_channel_threads_after_stop,
+    closed,
+    frame,
+    raw_reply,
+)
 from tests.test_ps_replicas import assert_copies_equal, copies, step, two_servers
 from tests.test_ps_service import mlp
 
@@ -129,13 +132,7 @@ def test_replication_runs_over_tls_and_a_plaintext_peer_changes_nothing(
     assert_copies_equal(servers, placement)
 
     # A stopped PS leaves no TLS channel thread behind, its open channels included.
-    for ps in servers:
-        ps_cluster.kill(ps)
-    wait_until(
-        lambda: not [t for t in threading.enumerate() if t.name.startswith("replica-")],
-        10,
-        "the channel threads to end",
-    )
+    assert_no_channel_threads_after_stop(ps_cluster, servers)
 
 
 def test_a_tls_peer_that_is_not_a_ps_is_refused(tls_cluster: TLSCluster, ps_cluster: PSCluster):

@@ -21,11 +21,7 @@ from elasticd.security.config import SecurityError
 from elasticd.security.gate import Gate, Refused
 from elasticd.security.identities import DAEMON_KINDS, daemon_kinds_of, user_of
 from elasticd.security.job_credentials import JobCredential, JobMinter, mint, signing_key, verify
-from elasticd.security.local_pki import make_local_pki
 from elasticd.security.tokens import Identity
-from elasticd.server.ps.messages import SERVICE
-from elasticd.server.ps.service import ParameterServerServicer, add_to_server
-from elasticd.serving import start_grpc_server
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "security.md"
 
@@ -213,33 +209,14 @@ def test_a_token_is_not_sent_in_clear_to_another_host():
 # -- a real PS over TLS, called as a hostile training process would --------------
 
 
-@pytest.fixture
-def closed_ps(tmp_path):
-    pki = make_local_pki(tmp_path / "tls", mutual=False, etcd=False)
-    servicer = ParameterServerServicer("ps-gate")
-    server, port = start_grpc_server(
-        lambda s: add_to_server(servicer, s),
-        "127.0.0.1",
-        0,
-        [SERVICE.full_name],
-        security=pki.daemon("ps"),
-    )
-    try:
-        yield f"127.0.0.1:{port}", pki
-    finally:
-        use_job_credential("")
-        server.stop(grace=0).wait()
-        servicer.close()
-
-
 def call_code(call) -> grpc.StatusCode:
     with pytest.raises(grpc.RpcError) as info:
         call()
     return info.value.code()
 
 
-def test_a_job_credential_reaches_only_its_own_job_on_a_real_ps(closed_ps):
-    address, pki = closed_ps
+def test_a_job_credential_reaches_only_its_own_job_on_a_real_ps(token_ps):
+    address, pki = token_ps
     key = signing_key(pki.daemon("ps"))
     worker_only = Security(tls_ca=pki.daemon("ps").tls_ca)  # no cluster secret, like a worker
     use_job_credential(mint(key, JobCredential("alice-job", 2, "w0", 0)))

@@ -31,8 +31,6 @@ from elasticd.security.config import SecurityError, resolve
 from elasticd.security.local_pki import make_local_pki
 from elasticd.security.tokens import parse_tokens
 from elasticd.server.ps.messages import SERVICE
-from elasticd.server.ps.service import ParameterServerServicer, add_to_server
-from elasticd.serving import start_grpc_server
 from tests.fixtures.cluster import closed_cluster
 from tests.jobs import spec_yaml
 
@@ -269,25 +267,6 @@ def test_an_etcd_auth_token_that_expires_is_renewed(tmp_path):
 
 
 # -- in-process servers: members only, settings --------------------------------
-
-
-@pytest.fixture
-def token_ps(tmp_path):
-    """A PS whose members prove themselves with the cluster token (TLS, no mTLS)."""
-    pki = make_local_pki(tmp_path / "tls", mutual=False, etcd=False)
-    servicer = ParameterServerServicer("ps-tok")
-    server, port = start_grpc_server(
-        lambda s: add_to_server(servicer, s),
-        "127.0.0.1",
-        0,
-        [SERVICE.full_name],
-        security=pki.daemon("ps"),
-    )
-    try:
-        yield f"127.0.0.1:{port}", pki
-    finally:
-        server.stop(grace=0).wait()
-        servicer.close()
 
 
 def test_internal_services_take_only_members(token_ps):
