@@ -29,12 +29,13 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# The suite spends much of its time waiting on leases and processes (on 2 cores it kept
+# worksteal: the default scheduler handed one worker every long test (they sort first) while
+# the others sat idle. The suite spends much of its time waiting on leases and processes (on 2 cores it kept
 # 1.4 of them busy with 2 workers): a pytest-xdist worker per core, plus one (at most 4).
 WORKERS ?= $(shell $(PYTHON) -c 'import os; print(min(4, len(os.sched_getaffinity(0)) + 1))')
 
 test: install lint
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(WORKERS) --durations=15
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(WORKERS) --dist worksteal --durations=15
 
 bench: install
 	$(BIN)/pip install -q torchft numpy  # the torchft baseline of bench recovery

@@ -45,12 +45,16 @@ class StorageRefused(PermissionError):
 
 def _implementation(protocol: str) -> str:
     """The fsspec implementation behind ``protocol``: aliases (s3a, gcs, local) compare equal."""
-    known = registry.get(protocol) or known_implementations.get(protocol)
-    if known is None:
-        return protocol
-    if isinstance(known, dict):
+    # The names fsspec knows, before the classes imported so far: an imported class is spelled
+    # by its own module (s3fs.core.S3FileSystem), the table by its package (s3fs.S3FileSystem),
+    # and a protocol lands in the registry only once something opened it.
+    known = known_implementations.get(protocol)
+    if known is not None:
         return known["class"]
-    return f"{known.__module__}.{known.__qualname__}"
+    imported = registry.get(protocol)
+    if imported is None:
+        return protocol
+    return f"{imported.__module__}.{imported.__qualname__}"
 
 
 _LOCAL_IMPLEMENTATION = _implementation(LOCAL)

@@ -73,5 +73,9 @@ class JobWriter:
             if not self._still_leading():
                 raise NotLeading(f"leadership lost before a write about job {job_id}")
             raise Conflict(f"job {job_id} changed since it was read (etcd revision {revision})")
-        self._wait(revision)
+        if any(op.key.startswith(self.keys.jobs) for op in ops):
+            # The next snapshot must show this write. A write of nothing the job cache holds
+            # (a new leader's assignments only) has nothing to wait for: that cache moves
+            # only when a job's own keys change, so waiting would take the whole timeout.
+            self._wait(revision)
         return revision
