@@ -22,6 +22,7 @@ from elasticd.security.gate import Gate, Refused
 from elasticd.security.identities import DAEMON_KINDS, daemon_kinds_of, user_of
 from elasticd.security.job_credentials import JobCredential, JobMinter, mint, signing_key, verify
 from elasticd.security.tokens import Identity
+from elasticd.worker.agent.launch import for_worker
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "security.md"
 
@@ -252,3 +253,17 @@ def test_a_job_credential_reaches_only_its_own_job_on_a_real_ps(token_ps):
         assert call_code(lambda: stub.PullOnce(pull, timeout=10)) == (
             grpc.StatusCode.UNAUTHENTICATED
         )
+
+
+def test_each_process_of_a_node_gets_only_its_own_credential():
+    node_assignment = {
+        "job_id": "a",
+        "generation": 4,
+        "members": [{"worker_id": "n.0", "rank": 0}, {"worker_id": "n.1", "rank": 1}],
+        "credentials": JobMinter(KEY)("a", 4, {"n.0": 0, "n.1": 1}),
+    }
+    for worker_id, rank in (("n.0", 0), ("n.1", 1)):
+        mine = for_worker(node_assignment, worker_id)
+        assert "credentials" not in mine and mine["worker_id"] == worker_id
+        assert verify(KEY, mine["credential"]) == JobCredential("a", 4, worker_id, rank)
+    assert "credential" not in for_worker({**node_assignment, "credentials": {}}, "n.0")

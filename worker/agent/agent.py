@@ -54,7 +54,13 @@ from elasticd.worker.agent.api import FAILED, READY, RESTARTING, RUNNING, SUCCEE
 from elasticd.worker.agent.drain_request import DrainRequests
 from elasticd.worker.agent.fault_injection import FaultExecutor
 from elasticd.worker.agent.hang_watch import kill_hung
-from elasticd.worker.agent.launch import RUNTIME_ARGV, heartbeat_path, process_spec, script_imports
+from elasticd.worker.agent.launch import (
+    RUNTIME_ARGV,
+    for_worker,
+    heartbeat_path,
+    process_spec,
+    script_imports,
+)
 from elasticd.worker.agent.registration import NodeRegistration
 from elasticd.worker.agent.sandbox import WORK_SUBDIR, Sandbox, SandboxError
 from elasticd.worker.agent.status_service import NodeAgentServicer
@@ -391,14 +397,3 @@ class NodeAgent:
             log.warning(
                 "event=report_deferred job=%s worker=%s error=%s", slot.job_id, slot.worker_id, exc
             )
-
-
-def for_worker(assignment: dict, worker_id: str) -> dict:
-    """What one process of a node's assignment gets: its worker id and its own job
-    credential, never the credentials of the node's other workers."""
-    mine = {k: v for k, v in assignment.items() if k != "credentials"}
-    mine["worker_id"] = worker_id
-    credential = assignment.get("credentials", {}).get(worker_id)
-    if credential:
-        mine["credential"] = credential
-    return mine

@@ -139,3 +139,14 @@ def process_spec(
         if job_dir:
             env["ELASTICD_HEARTBEAT_FILE"] = heartbeat_path(job_dir, worker_id)
     return ProcessSpec(job_id=job_id, worker_id=worker_id, argv=argv, env=env, log_path=log_path)
+
+
+def for_worker(assignment: dict, worker_id: str) -> dict:
+    """What one process of a node's assignment gets: its worker id and its own job
+    credential, never the credentials of the node's other workers."""
+    mine = {k: v for k, v in assignment.items() if k != "credentials"}
+    mine["worker_id"] = worker_id
+    credential = assignment.get("credentials", {}).get(worker_id)
+    if credential:
+        mine["credential"] = credential
+    return mine
