@@ -65,6 +65,7 @@ class LocalCluster:
         metrics: bool = False,
         agent_args: tuple[str, ...] = (),
         agent_python: str = "",
+        startup_grace: float | None = None,
     ) -> None:
         self.base_dir = Path(base_dir).resolve()
         self.metrics = metrics  # every daemon serves /metrics on a free port (metrics_urls)
@@ -81,6 +82,7 @@ class LocalCluster:
         # their training processes run (one a run-as user may execute).
         self.agent_args = tuple(agent_args)
         self.agent_python = agent_python or sys.executable
+        self.startup_grace = startup_grace  # controllers' --startup-grace (None: their default)
         self._client: EtcdClient | None = None
 
     # -- lifecycle --------------------------------------------------------------
@@ -145,7 +147,8 @@ class LocalCluster:
         return self._start(
             name,
             ["controller", *self._common(), "--join-window", str(self.join_window),
-             "--checkpoint-url", str(self.base_dir / "checkpoints")],
+             "--checkpoint-url", str(self.base_dir / "checkpoints"),
+             *(("--startup-grace", str(self.startup_grace)) if self.startup_grace else ())],
         )  # fmt: skip
 
     def start_ps(self, ps_id: str, port: int = 0) -> Proc:

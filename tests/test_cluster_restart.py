@@ -63,7 +63,10 @@ def test_a_sigkilled_cluster_started_again_resumes_its_job(tmp_path):
     assert newest is not None and newest.step >= 80
 
     # ps-1 comes back late: the new leader waits for it rather than restore onto ps-0 alone.
-    second = LocalCluster(base, lease_ttl=LEASE_TTL_S, join_window=0.5, threads_per_worker=1)
+    # Its grace outlasts a PS start on a loaded machine: it waits for ps-1 to come back.
+    second = LocalCluster(
+        base, lease_ttl=LEASE_TTL_S, join_window=0.5, threads_per_worker=1, startup_grace=60
+    )
     second.start_etcd()
     try:
         second.start(ps=1, agents=2)

@@ -128,8 +128,10 @@ def test_sigterm_waits_for_the_step_boundary_only_in_a_step_and_not_forever(wher
 
 
 def generation_log(c: LocalCluster, job_id: str) -> KeyLog:
-    """Every generation the job sealed, from its first."""
-    return KeyLog(c, c.keys.generation(job_id), Generation.from_json, 1)
+    """Every generation the job sealed, from its first: watched from the job's admission, as
+    the session's etcd may be compacted past revision 1 by an earlier test."""
+    admitted = c.client.get(c.keys.job_spec(job_id)).create_revision
+    return KeyLog(c, c.keys.generation(job_id), Generation.from_json, admitted)
 
 
 def test_sigterm_to_an_agent_drains_its_workers_and_loses_no_step(cluster, tmp_path):

@@ -89,6 +89,7 @@ class Controller:
         join_window_s: float = JOIN_WINDOW_S,
         election: Election | None = None,
         lease_ttl_s: float = DEFAULT_TTL_S,
+        startup_grace_s: float | None = None,
         probe: ShapeProbe | None = None,
         storage: StoragePolicy | None = None,
     ) -> None:
@@ -112,7 +113,9 @@ class Controller:
         self.shapes = JobShapes(probe or ShapeProbe(), self.writer, keys)  # no task runs here
         self.joins = JoinWindow(join_window_s)  # departures seal at once, joins wait for it
         self.suspicions = PeerSuspicions(hold_s=2 * lease_ttl_s)  # nodes a survivor lost
-        self.startup_grace_s = max(2 * lease_ttl_s, 10.0)  # a new leader's restores wait for PS
+        self.startup_grace_s = (
+            max(2 * lease_ttl_s, 10.0) if startup_grace_s is None else startup_grace_s
+        )  # how long a new leader's restores wait for the PS that held a job
         self.leading_since = 0.0
         self._is_leader = False
         self.adopted: set[str] = set()  # jobs whose generation this leader sealed or adopted

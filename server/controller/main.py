@@ -52,6 +52,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="where checkpoints go when a job spec names no checkpoint.url (fsspec URL or path)",
     )
     p.add_argument(
+        "--startup-grace",
+        type=float,
+        default=None,
+        help="seconds a new leader's restores wait for the PS that held a job before restoring "
+        "onto fewer (default: twice the lease TTL, at least 10)",
+    )
+    p.add_argument(
         "--join-window",
         type=float,
         default=JOIN_WINDOW_S,
@@ -175,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
         args.checkpoint_url,
         join_window_s=args.join_window,
         lease_ttl_s=args.lease_ttl,
+        startup_grace_s=args.startup_grace,
         probe=ShapeProbe(args.probe_timeout, args.probe_memory, probe_user(args.probe_run_as)),
         storage=storage_policy(
             security.allowed_storage, bool(security.tokens_file), args.checkpoint_url

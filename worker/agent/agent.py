@@ -35,6 +35,7 @@ lease, written when they change, so they vanish with the agent.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -325,7 +326,8 @@ class NodeAgent:
 
     def _withdraw(self, key: tuple[str, str]) -> None:
         slot = self._slots.pop(key)
-        threading.Thread(target=self.supervisor.stop, args=(key,), daemon=True).start()
+        stop = functools.partial(self.supervisor.stop, key, pid=self.supervisor.pid(key))
+        threading.Thread(target=stop, daemon=True).start()
         try:
             self.session.forget(self.keys.worker(slot.job_id, slot.worker_id))
         except EtcdError:

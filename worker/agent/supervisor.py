@@ -216,12 +216,14 @@ class ProcessSupervisor:
         extra: list[subprocess.Popen] = []
         with self._lock:
             kept: dict[str, int] = {}
-            for key, proc in self._procs.items():
+            for key, proc in list(self._procs.items()):
                 job = self._warm_job.get(key[1], "")
                 if key[0] or not job:
                     continue
                 kept[job] = kept.get(job, 0) + 1
                 if kept[job] > shares.get(job, 0):
+                    # Out of the pool before it is killed: a launch meanwhile cannot take it.
+                    del self._procs[key]
                     extra.append(proc)
         for proc in extra:
             _signal_group(proc, signal.SIGKILL)
@@ -365,10 +367,12 @@ class ProcessSupervisor:
         except (BrokenPipeError, ValueError, OSError):
             return False
 
-    def stop(self, key: Key, grace: float = STOP_GRACE_S) -> None:
+    def stop(self, key: Key, grace: float = STOP_GRACE_S, pid: int | None = None) -> None:
+        """Stop ``key``'s process (only if it is still ``pid``, when given: one started for
+        the same key meanwhile is not the one meant)."""
         with self._lock:
             proc = self._procs.get(key)
-        if proc is None:
+        if proc is None or (pid is not None and proc.pid != pid):
             return
         _signal_group(proc, signal.SIGTERM)
         try:
