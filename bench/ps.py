@@ -250,16 +250,18 @@ def interleaved(
 
 
 def _tls_settings():
-    """This process's settings for a run with mutual TLS: a throw-away CA and PS certificate."""
+    """This process's settings for a run with mutual TLS: a throw-away CA and a node certificate
+    (this process is every PS and their client: it acts as any daemon kind)."""
     import tempfile
     from pathlib import Path
 
     from elasticd.security.certs import make_authority
     from elasticd.security.config import Security, use
+    from elasticd.security.identities import NODE_CERT
 
     directory = Path(tempfile.mkdtemp(prefix="bench-ps-tls-"))
     ca = make_authority(directory)
-    ps = ca.issue(directory, "elasticd-ps", ("127.0.0.1",))
+    ps = ca.issue(directory, NODE_CERT, ("127.0.0.1",))
     security = Security(
         tls_cert=str(ps.cert), tls_key=str(ps.key), tls_ca=str(ca.cert), tls_client_auth=True
     )
