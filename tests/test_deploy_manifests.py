@@ -376,7 +376,17 @@ def test_the_systemd_units_run_each_kind_with_its_own_settings_and_etcd_with_tls
                        ("agent", "elasticd-agent.service")):  # fmt: skip
         text = (SYSTEMD / unit).read_text()
         assert f"Environment={CONFIG_ENV}=/etc/elasticd/{kind}.yaml\n" in text, unit
-        assert "NoNewPrivileges=yes" in text and re.search(r"^User=(?!root)\w+", text, re.M)
+        assert "NoNewPrivileges=yes" in text, unit
+        if kind != "agent":
+            assert re.search(r"^User=(?!root)\w+", text, re.M), unit
+    # The agent starts as root only to run training processes as another user, and keeps
+    # only the capabilities that takes: user code never runs as the agent's user.
+    agent = (SYSTEMD / "elasticd-agent.service").read_text()
+    assert re.search(r"^ExecStart=.* agent .*--run-as (?!root)\S+", agent, re.M)
+    bounded = re.search(r"^CapabilityBoundingSet=(.+)$", agent, re.M)
+    assert bounded and set(bounded.group(1).split()) <= {
+        "CAP_SETUID", "CAP_SETGID", "CAP_CHOWN", "CAP_FOWNER", "CAP_KILL", "CAP_DAC_OVERRIDE"
+    }  # fmt: skip
     etcd = (SYSTEMD / "etcd.service").read_text()
     assert "--client-cert-auth" in etcd and "--peer-client-cert-auth" in etcd
     assert "http://" not in etcd and re.search(r"^User=(?!root)\w+", etcd, re.M)
