@@ -76,7 +76,6 @@ RULES: dict[str, tuple[str, ...]] = {
     f"{AGENT}/InjectFault": ("controller",),
 }
 
-DAEMON_CALLERS = ("controller", "ps", "agent")
 JOB_CALLERS = ("worker", "rank0")
 
 
